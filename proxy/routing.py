@@ -1,0 +1,306 @@
+"""The routing table: compiled once per config load, immutable, swapped atomically.
+
+Everything that can be decided at load time is decided here, so that the per-request work in
+``Route.pick_version`` is a few dict lookups, byte comparisons and at most one hash per version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import re
+import uuid
+from bisect import bisect_right
+from collections.abc import Callable, Iterable
+from itertools import accumulate
+from typing import Protocol
+from urllib.parse import unquote_to_bytes
+
+from .config import Config, RuleMatch, Service, StringMatch
+
+# Why a request went to its version; shown in access logs and metrics.
+REASON_RULE = "rule"
+REASON_STICKY = "sticky"
+REASON_WEIGHT = "weight"
+
+_HOST_CACHE_LIMIT = 4096
+
+
+class RoutedRequest(Protocol):
+    """What routing reads from a request: lower-cased header names to raw values, and the URL."""
+
+    hmap: dict[bytes, bytes]
+    url: bytes
+
+
+class Balancer(Protocol):
+    """An upstream set for one version; owned by the data plane, looked up by address list."""
+
+    def pick(self) -> object: ...
+
+
+BytesPredicate = Callable[[bytes], bool]
+
+
+def compile_string_match(match: StringMatch) -> BytesPredicate:
+    if match.exact is not None:
+        exact = match.exact.encode("latin-1")
+        return exact.__eq__
+    if match.prefix is not None:
+        prefix = match.prefix.encode("latin-1")
+        return lambda value: value.startswith(prefix)
+    assert match.regex is not None
+    pattern = re.compile(match.regex.encode("latin-1"))
+    return lambda value: pattern.search(value) is not None
+
+
+def parse_cookies(header: bytes | None) -> dict[bytes, bytes]:
+    cookies: dict[bytes, bytes] = {}
+    if header:
+        for part in header.split(b";"):
+            name, sep, value = part.partition(b"=")
+            if sep:
+                cookies.setdefault(name.strip(), value.strip().strip(b'"'))
+    return cookies
+
+
+def parse_query(url: bytes) -> dict[bytes, bytes]:
+    _, sep, query = url.partition(b"?")
+    params: dict[bytes, bytes] = {}
+    if sep:
+        for part in query.split(b"#", 1)[0].split(b"&"):
+            name, _, value = part.partition(b"=")
+            if name:
+                params.setdefault(unquote_to_bytes(name.replace(b"+", b" ")),
+                                  unquote_to_bytes(value.replace(b"+", b" ")))
+    return params
+
+
+def request_path(url: bytes) -> bytes:
+    """The path of an origin-form or absolute-form request target, without the query."""
+    if url.startswith((b"http://", b"https://")):
+        slash = url.find(b"/", url.find(b"//") + 2)
+        url = url[slash:] if slash >= 0 else b"/"
+    return url.split(b"?", 1)[0]
+
+
+class CompiledRule:
+    __slots__ = ("cookies", "headers", "path", "query", "version")
+
+    def __init__(self, rule_match: RuleMatch, version: VersionTarget) -> None:
+        self.headers = tuple((name.lower().encode("latin-1"), compile_string_match(m))
+                             for name, m in rule_match.headers.items())
+        self.cookies = tuple((name.encode("latin-1"), compile_string_match(m))
+                             for name, m in rule_match.cookies.items())
+        self.query = tuple((name.encode("latin-1"), compile_string_match(m))
+                           for name, m in rule_match.query.items())
+        self.path = compile_string_match(rule_match.path) if rule_match.path else None
+        self.version = version
+
+    def matches(self, request: RoutedRequest) -> bool:
+        hmap = request.hmap
+        for name, test in self.headers:
+            value = hmap.get(name)
+            if value is None or not test(value):
+                return False
+        if self.cookies:
+            cookies = parse_cookies(hmap.get(b"cookie"))
+            for name, test in self.cookies:
+                value = cookies.get(name)
+                if value is None or not test(value):
+                    return False
+        if self.query:
+            params = parse_query(request.url)
+            for name, test in self.query:
+                value = params.get(name)
+                if value is None or not test(value):
+                    return False
+        return self.path is None or self.path(request_path(request.url))
+
+
+class VersionTarget:
+    """One version of one service as the data plane sees it."""
+
+    __slots__ = ("balancer", "name", "response_header", "service", "sticky_seed", "upstreams")
+
+    def __init__(self, service: str, name: str, upstreams: tuple[str, ...],
+                 balancer: Balancer, emit_header: bool) -> None:
+        self.service = service
+        self.name = name
+        self.upstreams = upstreams
+        self.balancer = balancer
+        self.response_header = (b"x-weir-version: " + name.encode() + b"\r\n"
+                                if emit_header else b"")
+        # Rendezvous hashing seeds each version separately; see Route._sticky_pick.
+        self.sticky_seed = f"weir\x00{service}\x00{name}\x00".encode()
+
+
+def sticky_score(seed: bytes, user_key: bytes, weight: int) -> float:
+    """Weighted rendezvous score: the version with the lowest score wins.
+
+    ``-ln(u) / w`` with ``u`` uniform in (0, 1) from a keyed blake2b of the user key. Raising one
+    version's weight lowers only its own score, so users on it never leave as it grows; every
+    process computes the same number because blake2b (unlike ``hash()``) is not salted.
+    """
+    digest = hashlib.blake2b(seed + user_key, digest_size=8).digest()
+    u = (int.from_bytes(digest, "big") + 0.5) / 18446744073709551616.0
+    return -math.log(u) / weight
+
+
+class StickyPolicy:
+    __slots__ = ("cookie", "cookie_max_age", "header", "mint_cookie")
+
+    def __init__(self, header: str | None, cookie: str | None, mint_cookie: bool,
+                 cookie_max_age: float) -> None:
+        self.header = header.lower().encode("latin-1") if header else None
+        self.cookie = cookie.encode("latin-1") if cookie else None
+        self.mint_cookie = mint_cookie
+        self.cookie_max_age = int(cookie_max_age)
+
+    def user_key(self, request: RoutedRequest) -> bytes | None:
+        if self.header is not None:
+            value = request.hmap.get(self.header)
+            if value:
+                return value
+        if self.cookie is not None:
+            raw = request.hmap.get(b"cookie")
+            if raw and self.cookie in raw:
+                return parse_cookies(raw).get(self.cookie) or None
+        return None
+
+    def new_cookie(self) -> tuple[bytes, bytes]:
+        """A fresh user key for an anonymous user, and the Set-Cookie header line that keeps it."""
+        key = uuid.uuid4().hex.encode()
+        assert self.cookie is not None
+        line = (b"set-cookie: " + self.cookie + b"=" + key
+                + b"; Path=/; Max-Age=%d; HttpOnly; SameSite=Lax\r\n" % self.cookie_max_age)
+        return key, line
+
+
+class Route:
+    """A compiled service: which requests it takes and how it picks a version for each."""
+
+    __slots__ = ("_cumulative", "_only", "_total", "_weighted", "hosts", "name", "path_prefix",
+                 "rules", "sticky", "versions", "weights")
+
+    def __init__(self, service: Service, weights: dict[str, int],
+                 versions: dict[str, VersionTarget]) -> None:
+        self.name = service.name
+        self.hosts = tuple(service.match.hosts)
+        self.path_prefix = service.match.path_prefix.encode()
+        self.versions = versions
+        self.weights = dict(weights)
+        self.rules = tuple(CompiledRule(r.match, versions[r.version]) for r in service.rules)
+        sticky = service.sticky
+        self.sticky = (StickyPolicy(sticky.header, sticky.cookie, sticky.mint_cookie,
+                                    sticky.cookie_max_age) if sticky else None)
+        self._weighted = tuple((versions[n], w) for n, w in weights.items() if w > 0)
+        self._cumulative = list(accumulate(w for _, w in self._weighted))
+        self._total = self._cumulative[-1] if self._cumulative else 0
+        self._only = self._weighted[0][0] if len(self._weighted) == 1 else None
+
+    def pick_version(self, request: RoutedRequest) -> tuple[VersionTarget | None, str, bytes]:
+        """(version, reason, extra response header lines such as a minted sticky cookie)."""
+        for rule in self.rules:
+            if rule.matches(request):
+                return rule.version, REASON_RULE, b""
+        if self._only is not None:
+            return self._only, REASON_WEIGHT, b""
+        sticky = self.sticky
+        if sticky is not None:
+            key = sticky.user_key(request)
+            extra = b""
+            if key is None and sticky.mint_cookie:
+                key, extra = sticky.new_cookie()
+            if key is not None:
+                return self._sticky_pick(key), REASON_STICKY, extra
+        if not self._total:
+            return None, REASON_WEIGHT, b""
+        index = bisect_right(self._cumulative, random.random() * self._total)
+        return self._weighted[index][0], REASON_WEIGHT, b""
+
+    def _sticky_pick(self, user_key: bytes) -> VersionTarget | None:
+        best: VersionTarget | None = None
+        best_score = math.inf
+        for target, weight in self._weighted:
+            score = sticky_score(target.sticky_seed, user_key, weight)
+            if score < best_score:
+                best, best_score = target, score
+        return best
+
+    def specificity(self) -> tuple[int, int]:
+        return (1 if self.hosts else 0, len(self.path_prefix))
+
+
+def effective_weights(service: Service) -> dict[str, int]:
+    """Weights as configured; versions left out get 0; no weights at all → first version 100."""
+    if service.weights is None:
+        first = next(iter(service.versions))
+        return {name: (100 if name == first else 0) for name in service.versions}
+    return {name: service.weights.get(name, 0) for name in service.versions}
+
+
+class RouteTable:
+    """Immutable after construction. ``find_route`` maps (host, path) to a Route."""
+
+    __slots__ = ("_by_host", "_cache", "_default", "_wildcards", "generation", "routes")
+
+    def __init__(self, routes: Iterable[Route], generation: int = 1) -> None:
+        ordered = sorted(routes, key=lambda r: -len(r.path_prefix))
+        self.routes = tuple(ordered)
+        self.generation = generation
+        self._by_host: dict[str, list[Route]] = {}
+        self._wildcards: list[tuple[str, Route]] = []
+        self._default = tuple(r for r in ordered if not r.hosts)
+        for route in ordered:
+            for host in route.hosts:
+                if host.startswith("*."):
+                    self._wildcards.append((host[1:], route))
+                else:
+                    self._by_host.setdefault(host, []).append(route)
+        self._wildcards.sort(key=lambda item: -len(item[0]))
+        self._cache: dict[str, tuple[Route, ...]] = {}
+
+    def _candidates(self, host: str) -> tuple[Route, ...]:
+        found = self._cache.get(host)
+        if found is None:
+            found = tuple(self._by_host.get(host, ()))
+            found += tuple(r for suffix, r in self._wildcards if host.endswith(suffix))
+            found += self._default
+            if len(self._cache) < _HOST_CACHE_LIMIT:
+                self._cache[host] = found
+        return found
+
+    def find_route(self, host: bytes, url: bytes) -> Route | None:
+        """Most specific host first (exact, then wildcard, then any), then longest prefix."""
+        name = host.decode("latin-1").lower()
+        if name.startswith("["):
+            name = name.split("]", 1)[0] + "]"
+        else:
+            name = name.rsplit(":", 1)[0] if ":" in name else name
+        if url.startswith((b"http://", b"https://")):
+            url = request_path(url)
+        for route in self._candidates(name):
+            if url.startswith(route.path_prefix):
+                return route
+        return None
+
+
+def build_route_table(config: Config, balancer_for: Callable[[tuple[str, ...]], Balancer],
+                      weights_override: dict[str, dict[str, int]] | None = None,
+                      generation: int = 1) -> RouteTable:
+    """Compile a validated config. ``balancer_for`` hands out upstream sets so that pooled
+    connections survive a reload; ``weights_override`` carries runtime weight changes."""
+    routes = []
+    for service in config.services:
+        versions = {
+            name: VersionTarget(service.name, name, tuple(v.upstreams),
+                                balancer_for(tuple(v.upstreams)), config.version_header)
+            for name, v in service.versions.items()
+        }
+        weights = effective_weights(service)
+        if weights_override and service.name in weights_override:
+            weights = {n: weights_override[service.name].get(n, 0) for n in service.versions}
+        routes.append(Route(service, weights, versions))
+    return RouteTable(routes, generation)

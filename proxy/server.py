@@ -1,0 +1,701 @@
+"""The data plane: an asyncio.Protocol per client connection, one Exchange per request.
+
+A client connection parses requests with httptools. Each request becomes an ``Exchange``
+that picks a version from the current route table, takes a pooled upstream connection (or
+opens one), and streams bytes both ways with backpressure: when one side's transport stops
+accepting writes, the other side stops reading. Requests pipelined behind the active one wait,
+parsed and buffered, with the client's reading paused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections import deque
+from typing import TYPE_CHECKING
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+
+from .http11 import (
+    CONNECTION_CLOSE,
+    CONNECTION_KEEP_ALIVE,
+    CONTINUE,
+    CRLF,
+    IDEMPOTENT_METHODS,
+    LAST_CHUNK,
+    REQUEST_REWRITTEN,
+    RESPONSE_REWRITTEN,
+    TRANSFER_CHUNKED,
+    VIA,
+    connection_tokens,
+    simple_response,
+    status_line,
+)
+from .routing import Route, VersionTarget
+
+if TYPE_CHECKING:
+    from .app import ProxyServer
+    from .config import Config
+    from .upstream import UpstreamConnection, UpstreamPool
+
+log = logging.getLogger("weir.server")
+
+# Body bytes held per exchange while its upstream connection is being opened.
+BUFFER_HIGH_WATER = 256 * 1024
+
+PAUSE_QUEUE = 1      # a pipelined request waits behind the active one
+PAUSE_UPSTREAM = 2   # the upstream's write buffer is full
+PAUSE_BUFFER = 4     # body bytes are piling up while we connect
+PAUSE_CLOSING = 8    # we will close after the active exchange: read no more requests
+
+
+class DataPlaneSettings:
+    """Per-config values the hot path reads, resolved once at load time."""
+
+    __slots__ = ("connect_timeout", "header_timeout", "idle_timeout", "max_body_bytes",
+                 "max_header_bytes", "read_timeout", "trusted_networks")
+
+    def __init__(self, config: Config) -> None:
+        self.max_header_bytes = config.limits.max_header_bytes
+        self.max_body_bytes = config.limits.max_body_bytes
+        self.header_timeout = config.limits.header_timeout
+        self.idle_timeout = config.limits.idle_timeout
+        self.read_timeout = config.upstream.timeouts.read
+        self.connect_timeout = config.upstream.timeouts.connect
+        self.trusted_networks = tuple(ipaddress.ip_network(n, strict=False)
+                                      for n in config.trusted_proxies)
+
+    def is_trusted(self, ip: str) -> bool:
+        if not self.trusted_networks:
+            return False
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(address in net for net in self.trusted_networks)
+
+
+class Exchange:
+    """One request and its response."""
+
+    __slots__ = (
+        "body_buffer", "body_received", "buffered", "chunked", "client", "connecting",
+        "content_length", "dup_host", "extra_headers", "finished", "has_body", "head_request",
+        "headers", "hmap", "http10", "keep_alive", "keep_client", "method", "out_chunked",
+        "pool", "reason", "request_complete", "response_done", "response_started", "retried",
+        "route", "status", "target", "until_eof", "upgrade", "upstream", "upstream_keep_alive",
+        "url",
+    )
+
+    def __init__(self, client: ClientConnection) -> None:
+        self.client = client
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes, bytes]] = []
+        self.hmap: dict[bytes, bytes] = {}
+        self.dup_host = False
+        self.method = b""
+        self.http10 = False
+        self.keep_alive = True
+        self.keep_client = True
+        self.upgrade = False
+        self.head_request = False
+        self.chunked = False
+        self.has_body = False
+        self.content_length = 0
+        self.body_buffer: list[bytes] = []
+        self.buffered = 0
+        self.body_received = 0
+        self.request_complete = False
+        self.route: Route | None = None
+        self.target: VersionTarget | None = None
+        self.reason = ""
+        self.extra_headers = b""
+        self.pool: UpstreamPool | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.connecting: asyncio.Task[None] | None = None
+        self.retried = False
+        self.status = 0
+        self.upstream_keep_alive = False
+        self.response_started = False
+        self.response_done = False
+        self.out_chunked = False
+        self.until_eof = False
+        self.finished = False
+
+    # --- request side ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Headers are in: route, check limits, then get an upstream connection."""
+        client = self.client
+        settings = client.settings
+        hmap = self.hmap
+        host = hmap.get(b"host")
+        if self.dup_host or (host is None and not self.http10):
+            self.respond_local(400, "a request needs exactly one Host header")
+            return
+        if self.method == b"CONNECT":
+            self.respond_local(405, "CONNECT is not supported by a reverse proxy")
+            return
+        route = client.server.table.find_route(host or b"", self.url)
+        if route is None:
+            self.respond_local(404, "no service matches this host and path")
+            return
+        target, self.reason, self.extra_headers = route.pick_version(self)
+        if target is None:
+            self.respond_local(503, f"service {route.name!r} has no version with traffic")
+            return
+        self.route = route
+        self.target = target
+        limit = settings.max_body_bytes
+        if limit is not None and self.content_length > limit:
+            self.respond_local(413, f"request body is larger than {limit} bytes")
+            return
+        if self.has_body and hmap.get(b"expect", b"").lower() == b"100-continue":
+            client.transport.write(CONTINUE)
+        pool = self.pool = target.balancer.pick()  # type: ignore[assignment]
+        pool.inflight += 1
+        conn = pool.take_idle()
+        if conn is not None:
+            self.attach(conn)
+        else:
+            self.connecting = client.loop.create_task(self.connect(pool))
+
+    async def connect(self, pool: UpstreamPool) -> None:
+        try:
+            conn = await pool.connect(self.client.settings.connect_timeout)
+        except TimeoutError:
+            self.connecting = None
+            self.upstream_failed(504, f"connecting to upstream {pool.address} timed out")
+            return
+        except OSError as exc:
+            self.connecting = None
+            self.upstream_failed(502, f"cannot connect to upstream {pool.address}: "
+                                      f"{exc.strerror or exc}")
+            return
+        self.connecting = None
+        if self.finished:
+            pool.release(conn)
+            return
+        self.attach(conn)
+
+    def attach(self, conn: UpstreamConnection) -> None:
+        self.upstream = conn
+        data = self.request_head()
+        if self.body_buffer:
+            body = self.body_buffer
+            self.body_buffer = []
+            self.buffered = 0
+            if self.chunked:
+                data += b"".join(b"%x\r\n%b\r\n" % (len(c), c) for c in body)
+            else:
+                data += b"".join(body)
+            self.client.set_pause(PAUSE_BUFFER, False)
+        if self.request_complete and self.chunked:
+            data += LAST_CHUNK
+        conn.send(self, data, self.client.settings.read_timeout)
+        if self.client.write_paused and conn.transport is not None:
+            conn.transport.pause_reading()
+
+    def request_head(self) -> bytes:
+        client = self.client
+        hmap = self.hmap
+        parts = [self.method, b" ", self.url, b" HTTP/1.1\r\n"]
+        skip = REQUEST_REWRITTEN
+        connection = hmap.get(b"connection")
+        if connection is not None:
+            extra = connection_tokens(connection)
+            if extra:
+                skip = skip | extra
+        for lname, name, value in self.headers:
+            if lname not in skip:
+                parts += (name, b": ", value, CRLF)
+        if client.trusted:
+            forwarded = hmap.get(b"x-forwarded-for")
+            xff = forwarded + b", " + client.peer_bytes if forwarded else client.peer_bytes
+            proto = hmap.get(b"x-forwarded-proto", b"http")
+            fhost = hmap.get(b"x-forwarded-host") or hmap.get(b"host", b"")
+            parts += (b"x-forwarded-for: ", xff, b"\r\nx-forwarded-proto: ", proto,
+                      b"\r\nx-forwarded-host: ", fhost, CRLF)
+        else:
+            parts += (client.forwarded_for, b"x-forwarded-host: ", hmap.get(b"host", b""), CRLF)
+        if self.chunked:
+            parts.append(TRANSFER_CHUNKED)
+        if self.upgrade:
+            parts += (b"connection: upgrade\r\nupgrade: ", hmap.get(b"upgrade", b""), CRLF)
+        parts.append(VIA)
+        parts.append(CRLF)
+        return b"".join(parts)
+
+    def on_request_body(self, body: bytes) -> None:
+        self.body_received += len(body)
+        limit = self.client.settings.max_body_bytes
+        if limit is not None and self.body_received > limit:
+            self.body_over_limit(limit)
+            return
+        if self.response_done or self.finished:
+            return  # the response went out early; the rest of the body is read and dropped
+        conn = self.upstream
+        if conn is not None:
+            transport = conn.transport
+            assert transport is not None
+            if self.chunked:
+                transport.writelines((b"%x\r\n" % len(body), body, CRLF))
+            else:
+                transport.write(body)
+            conn.last_activity = conn.loop.time()
+        else:
+            self.body_buffer.append(body)
+            self.buffered += len(body)
+            if self.buffered > BUFFER_HIGH_WATER:
+                self.client.set_pause(PAUSE_BUFFER, True)
+
+    def body_over_limit(self, limit: int) -> None:
+        message = f"request body is larger than {limit} bytes"
+        if self.response_started:
+            self.client.abort()
+            return
+        self.drop_upstream()
+        self.respond_local(413, message, close=True)
+
+    def on_request_complete(self) -> None:
+        self.request_complete = True
+        conn = self.upstream
+        if conn is not None and self.chunked and not self.response_done:
+            assert conn.transport is not None
+            conn.transport.write(LAST_CHUNK)
+        self.maybe_finish()
+
+    # --- response side (called by UpstreamConnection) -------------------------------------
+
+    def on_upstream_head(self, status: int, reason: bytes,
+                         headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
+        client = self.client
+        self.status = status
+        self.upstream_keep_alive = keep_alive
+        chunked_in = has_length = False
+        drop: set[bytes] = set()
+        upgrade_to = b""
+        kept = []
+        for name, value in headers:
+            lname = name.lower()
+            if lname in RESPONSE_REWRITTEN:
+                if lname == b"transfer-encoding":
+                    chunked_in = True
+                elif lname == b"connection":
+                    drop = connection_tokens(value)
+                elif lname == b"upgrade":
+                    upgrade_to = value
+                continue
+            if lname == b"content-length":
+                has_length = True
+            kept.append((lname, name, value))
+        keep = self.keep_alive and not client.closing
+        framing = b""
+        if status == 101:
+            framing = b"connection: upgrade\r\nupgrade: " + upgrade_to + CRLF
+        elif self.upgrade:
+            keep = False  # the upstream refused the upgrade; the client may already be sending
+        if status == 101 or self.head_request or status in (204, 304):
+            pass
+        elif chunked_in or not has_length:
+            drop.add(b"content-length")  # chunked wins over a length (RFC 9112 6.3)
+            self.until_eof = not chunked_in
+            if self.http10:
+                keep = False  # HTTP/1.0 has no chunked encoding: closing ends the body
+            else:
+                self.out_chunked = True
+                framing = TRANSFER_CHUNKED
+        self.keep_client = keep or status == 101
+        parts = [status_line(status, reason)]
+        for lname, name, value in kept:
+            if lname not in drop:
+                parts += (name, b": ", value, CRLF)
+        if status != 101:
+            if not keep:
+                parts.append(CONNECTION_CLOSE)
+            elif self.http10:
+                parts.append(CONNECTION_KEEP_ALIVE)
+        target = self.target
+        assert target is not None
+        parts += (framing, target.response_header, self.extra_headers, VIA, CRLF)
+        self.response_started = True
+        client.transport.write(b"".join(parts))
+        if status == 101:
+            client.start_tunnel(self)
+
+    def on_upstream_body(self, data: bytes) -> None:
+        if self.out_chunked:
+            self.client.transport.writelines((b"%x\r\n" % len(data), data, CRLF))
+        else:
+            self.client.transport.write(data)
+
+    def on_upstream_complete(self) -> None:
+        if self.out_chunked:
+            self.client.transport.write(LAST_CHUNK)
+        self.response_done = True
+        conn, self.upstream = self.upstream, None
+        self.release_pool_slot()
+        if conn is not None:
+            if self.upstream_keep_alive and self.request_complete and not self.until_eof:
+                conn.pool.release(conn)
+            else:
+                conn.close()
+        self.maybe_finish()
+
+    def on_upstream_tunnel_data(self, data: bytes) -> None:
+        self.client.transport.write(data)
+
+    def on_upstream_failed(self, status: int, reason: str, got_bytes: bool) -> None:
+        self.upstream = None
+        self.upstream_failed(status, reason)
+
+    def on_upstream_closed(self) -> None:
+        conn, self.upstream = self.upstream, None
+        if self.finished:
+            return
+        if self.response_started:
+            if self.client.tunnel is self:
+                self.release_pool_slot()
+                self.client.close()
+            elif self.until_eof:
+                self.on_upstream_complete()
+            else:
+                self.release_pool_slot()
+                self.client.abort()  # truncated body: the client must not take it as whole
+            return
+        if (conn is not None and conn.reused and not conn.got_bytes and not self.retried
+                and not self.has_body and self.method in IDEMPOTENT_METHODS
+                and self.pool is not None):
+            # A pooled connection the upstream had already closed: try once on a fresh one.
+            self.retried = True
+            self.connecting = self.client.loop.create_task(self.connect(self.pool))
+            return
+        self.upstream_failed(502, "upstream closed the connection before answering")
+
+    def pause_client_reading(self, paused: bool) -> None:
+        self.client.set_pause(PAUSE_UPSTREAM, paused)
+
+    # --- endings --------------------------------------------------------------------------
+
+    def upstream_failed(self, status: int, reason: str) -> None:
+        self.release_pool_slot()
+        if self.finished:
+            return
+        log.warning("%s %s: %s", self.method.decode(), self.url[:200].decode("latin-1"), reason)
+        if self.response_started:
+            self.client.abort()
+        else:
+            self.respond_local(status, reason)
+
+    def respond_local(self, status: int, message: str, close: bool = False) -> None:
+        """Answer from Weir itself. Unread request body bytes mean the connection must close."""
+        client = self.client
+        keep = (self.keep_alive and not close and not client.closing
+                and (self.request_complete or not self.has_body) and not self.upgrade)
+        self.keep_client = keep
+        self.status = status
+        target = self.target
+        extra = target.response_header if target is not None else b""
+        client.transport.write(simple_response(status, message, not keep, extra))
+        self.response_started = True
+        self.response_done = True
+        self.maybe_finish()
+
+    def maybe_finish(self) -> None:
+        if self.response_done and not self.finished and (
+                self.request_complete or not self.keep_client):
+            self.finished = True
+            self.client.exchange_finished(self)
+
+    def release_pool_slot(self) -> None:
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.inflight -= 1
+
+    def drop_upstream(self) -> None:
+        conn, self.upstream = self.upstream, None
+        if conn is not None:
+            conn.detach()
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+        self.release_pool_slot()
+
+    def abandon(self) -> None:
+        """The client went away: stop everything this exchange holds."""
+        self.finished = True
+        self.drop_upstream()
+
+
+class ClientConnection(asyncio.Protocol):
+    """One downstream connection; runs its exchanges one at a time, in order."""
+
+    __slots__ = (
+        "active", "closing", "current", "deadline", "forwarded_for", "head_bytes", "in_head",
+        "loop", "parser", "pause_flags", "peer", "peer_bytes", "queue", "server", "settings",
+        "timer", "timer_at", "transport", "trusted", "tunnel", "tunnel_pending", "write_paused",
+    )
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.settings = server.settings
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser = HttpRequestParser(self)
+        self.current: Exchange | None = None
+        self.active: Exchange | None = None
+        self.queue: deque[Exchange] = deque()
+        self.in_head = False
+        self.head_bytes = 0
+        self.pause_flags = 0
+        self.write_paused = False
+        self.closing = False
+        self.tunnel: Exchange | None = None
+        self.tunnel_pending: list[bytes] = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
+        self.deadline: float | None = None
+        self.peer = ""
+        self.peer_bytes = b""
+        self.trusted = False
+        self.forwarded_for = b""
+
+    # --- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else "unix"
+        self.peer_bytes = self.peer.encode()
+        self.trusted = self.settings.is_trusted(self.peer)
+        self.forwarded_for = (b"x-forwarded-for: " + self.peer_bytes
+                              + b"\r\nx-forwarded-proto: http\r\n")
+        self.server.connections.add(self)
+        self.set_deadline(self.settings.header_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            upstream = self.tunnel.upstream
+            if upstream is not None and upstream.transport is not None:
+                upstream.transport.write(data)
+            return
+        if self.active is not None and self.active.upgrade:
+            # Bytes after an upgrade request, before the upstream's 101: hold them.
+            self.tunnel_pending.append(data)
+            self.transport.pause_reading()
+            return
+        if self.current is None or self.in_head:
+            self.head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            rest = data[exc.args[0]:]
+            if rest:
+                self.tunnel_pending.append(rest)
+            self.transport.pause_reading()
+        except HttpParserError as exc:
+            message = str(exc) or type(exc).__name__
+            self.protocol_error(400, f"malformed request: {message}")
+            return
+        if self.in_head and self.head_bytes > self.settings.max_header_bytes:
+            self.protocol_error(431, "request line and headers are too large")
+
+    def eof_received(self) -> bool | None:
+        # A client that half-closes after its request still gets its response.
+        if self.active is not None and self.tunnel is None:
+            self.closing = True
+            return True
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self.cancel_timer()
+        for ex in (self.active, *self.queue):
+            if ex is not None:
+                ex.abandon()
+        self.active = None
+        self.queue.clear()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        ex = self.active
+        if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
+            ex.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        ex = self.active
+        if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
+            ex.upstream.transport.resume_reading()
+
+    # --- httptools callbacks --------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.current = Exchange(self)
+        self.in_head = True
+        if self.active is None:
+            self.set_deadline(self.settings.header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self.current.url += url  # type: ignore[union-attr]
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ex = self.current
+        assert ex is not None
+        lname = name.lower()
+        ex.headers.append((lname, name, value))
+        hmap = ex.hmap
+        if lname in hmap:
+            if lname == b"host":
+                ex.dup_host = True
+            hmap[lname] += (b"; " if lname == b"cookie" else b", ") + value
+        else:
+            hmap[lname] = value
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.head_bytes = 0
+        ex = self.current
+        assert ex is not None
+        parser = self.parser
+        ex.method = method = parser.get_method()
+        ex.head_request = method == b"HEAD"
+        ex.http10 = parser.get_http_version() == "1.0"
+        ex.keep_alive = parser.should_keep_alive()
+        ex.upgrade = parser.should_upgrade() and method != b"CONNECT"
+        hmap = ex.hmap
+        if b"transfer-encoding" in hmap:
+            ex.chunked = ex.has_body = True
+        else:
+            length = hmap.get(b"content-length")
+            if length:
+                ex.content_length = int(length)  # llhttp has checked it is a number
+                ex.has_body = ex.content_length > 0
+        if self.active is None:
+            self.active = ex
+            self.deadline = None
+            ex.start()
+        else:
+            self.queue.append(ex)
+            self.set_pause(PAUSE_QUEUE, True)
+
+    def on_body(self, body: bytes) -> None:
+        self.current.on_request_body(body)  # type: ignore[union-attr]
+
+    def on_message_complete(self) -> None:
+        ex, self.current = self.current, None
+        if ex is not None:
+            ex.on_request_complete()
+
+    # --- exchange lifecycle ---------------------------------------------------------------
+
+    def exchange_finished(self, ex: Exchange) -> None:
+        if ex is not self.active:
+            return
+        self.active = None
+        self.set_pause(PAUSE_UPSTREAM | PAUSE_BUFFER, False)
+        if not ex.keep_client or self.transport.is_closing():
+            self.close()
+            return
+        if self.queue:
+            nxt = self.queue.popleft()
+            if not self.queue:
+                self.set_pause(PAUSE_QUEUE, False)
+            self.active = nxt
+            nxt.start()
+            return
+        if self.closing:
+            self.close()
+            return
+        self.set_deadline(self.settings.idle_timeout)
+
+    def start_tunnel(self, ex: Exchange) -> None:
+        """After a 101: bytes flow raw both ways until either side closes."""
+        self.tunnel = ex
+        self.cancel_timer()
+        pending, self.tunnel_pending = self.tunnel_pending, []
+        upstream = ex.upstream
+        if upstream is not None and upstream.transport is not None:
+            for chunk in pending:
+                upstream.transport.write(chunk)
+        self.transport.resume_reading()
+
+    def protocol_error(self, status: int, message: str) -> None:
+        """The client broke HTTP: answer once and close, after any response in progress."""
+        self.in_head = False
+        if self.active is not None and not self.active.response_started:
+            self.active.abandon()
+            self.active = None
+        if self.active is None:
+            self.transport.write(simple_response(status, message, close=True))
+            self.close()
+        else:
+            # Let the response in progress finish; then close instead of reading more.
+            self.closing = True
+            self.queue.clear()
+            self.active.keep_client = False
+            self.set_pause(PAUSE_CLOSING, True)
+
+    def set_pause(self, flag: int, paused: bool) -> None:
+        before = self.pause_flags
+        after = before | flag if paused else before & ~flag
+        if (before == 0) == (after == 0):
+            self.pause_flags = after
+            return
+        self.pause_flags = after
+        if self.transport.is_closing():
+            return
+        if after:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    # --- timers ---------------------------------------------------------------------------
+
+    def set_deadline(self, seconds: float) -> None:
+        """One lazily re-armed timer per connection for the idle and header timeouts."""
+        now = self.loop.time()
+        self.deadline = deadline = now + seconds
+        if self.timer is None or deadline < self.timer_at:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer_at = deadline
+            self.timer = self.loop.call_at(deadline, self.on_timer)
+
+    def on_timer(self) -> None:
+        self.timer = None
+        deadline = self.deadline
+        if deadline is None or self.active is not None or self.tunnel is not None:
+            return
+        now = self.loop.time()
+        if deadline > now:
+            self.timer_at = deadline
+            self.timer = self.loop.call_at(deadline, self.on_timer)
+            return
+        if self.in_head:
+            self.transport.write(simple_response(408, "request headers took too long", True))
+        self.close()
+
+    def cancel_timer(self) -> None:
+        self.deadline = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    # --- closing --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.cancel_timer()
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.cancel_timer()
+        self.transport.abort()
+
+    def shutdown(self) -> None:
+        """Finish the request in progress, if any, then close."""
+        self.closing = True
+        if self.active is None and self.current is None and self.tunnel is None:
+            self.close()
