@@ -36,6 +36,16 @@ class ProxyServer:
         self.draining = False
         self._sweeper: asyncio.TimerHandle | None = None
 
+    def apply_config(self, config: Config,
+                     weights_override: dict[str, dict[str, int]] | None = None) -> None:
+        """Swap in a new config: compiled off to the side, then replaced in one assignment."""
+        self.pools.apply(config.upstream)
+        table = build_route_table(config, self.pools.balancer_for, weights_override,
+                                  generation=self.table.generation + 1)
+        self.config = config
+        self.settings = DataPlaneSettings(config)
+        self.table = table
+
     def protocol(self) -> ClientConnection:
         return ClientConnection(self)
 

@@ -72,7 +72,7 @@ def parse_address(value: Any) -> str:
     """'host:port' (IPv6 as '[::1]:port'); returned unchanged once checked."""
     text = str(value).strip()
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"expected host:port, like 127.0.0.1:9001, got {value!r}")
     return text
 

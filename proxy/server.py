@@ -50,6 +50,10 @@ PAUSE_BUFFER = 4     # body bytes are piling up while we connect
 PAUSE_CLOSING = 8    # we will close after the active exchange: read no more requests
 
 
+class HeadTooLarge(Exception):
+    """Raised inside a parser callback; httptools reports it as the context of its error."""
+
+
 class DataPlaneSettings:
     """Per-config values the hot path reads, resolved once at load time."""
 
@@ -132,10 +136,10 @@ class Exchange:
         hmap = self.hmap
         host = hmap.get(b"host")
         if self.dup_host or (host is None and not self.http10):
-            self.respond_local(400, "a request needs exactly one Host header")
+            self.respond_local(400, "a request needs exactly one Host header", close=True)
             return
         if self.method == b"CONNECT":
-            self.respond_local(405, "CONNECT is not supported by a reverse proxy")
+            self.respond_local(405, "CONNECT is not supported by a reverse proxy", close=True)
             return
         route = client.server.table.find_route(host or b"", self.url)
         if route is None:
@@ -219,6 +223,8 @@ class Exchange:
                       b"\r\nx-forwarded-host: ", fhost, CRLF)
         else:
             parts += (client.forwarded_for, b"x-forwarded-host: ", hmap.get(b"host", b""), CRLF)
+        if b"host" not in hmap and self.pool is not None:
+            parts += (b"host: ", self.pool.address.encode(), CRLF)  # HTTP/1.0 clients
         if self.chunked:
             parts.append(TRANSFER_CHUNKED)
         if self.upgrade:
@@ -485,8 +491,6 @@ class ClientConnection(asyncio.Protocol):
             self.tunnel_pending.append(data)
             self.transport.pause_reading()
             return
-        if self.current is None or self.in_head:
-            self.head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -495,10 +499,12 @@ class ClientConnection(asyncio.Protocol):
                 self.tunnel_pending.append(rest)
             self.transport.pause_reading()
         except HttpParserError as exc:
-            message = str(exc) or type(exc).__name__
-            self.protocol_error(400, f"malformed request: {message}")
+            if isinstance(exc.__context__, HeadTooLarge):
+                self.protocol_error(431, "request line and headers are too large")
+            else:
+                self.protocol_error(400, f"malformed request: {exc or type(exc).__name__}")
             return
-        if self.in_head and self.head_bytes > self.settings.max_header_bytes:
+        if self.in_head and self.parser_buffered_too_much(len(data)):
             self.protocol_error(431, "request line and headers are too large")
 
     def eof_received(self) -> bool | None:
@@ -531,20 +537,29 @@ class ClientConnection(asyncio.Protocol):
 
     # --- httptools callbacks --------------------------------------------------------------
 
+    def parser_buffered_too_much(self, received: int) -> bool:
+        """A head still incomplete: httptools holds the header being read, which the
+        callbacks have not counted yet, so count raw bytes while a head is open."""
+        self.head_bytes += received
+        return self.head_bytes > 2 * self.settings.max_header_bytes
+
     def on_message_begin(self) -> None:
         self.current = Exchange(self)
+        self.head_bytes = 0
         self.in_head = True
         if self.active is None:
             self.set_deadline(self.settings.header_timeout)
 
     def on_url(self, url: bytes) -> None:
         self.current.url += url  # type: ignore[union-attr]
+        self.head_bytes += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.current
         assert ex is not None
         lname = name.lower()
         ex.headers.append((lname, name, value))
+        self.head_bytes += len(name) + len(value) + 4
         hmap = ex.hmap
         if lname in hmap:
             if lname == b"host":
@@ -555,9 +570,11 @@ class ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        self.head_bytes = 0
         ex = self.current
         assert ex is not None
+        if self.head_bytes > self.settings.max_header_bytes:
+            raise HeadTooLarge
+        self.head_bytes = 0
         parser = self.parser
         ex.method = method = parser.get_method()
         ex.head_request = method == b"HEAD"

@@ -129,6 +129,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._informational = True
             return
         self._head_done = True
+        if status == 101:
+            self.tunnel = True  # llhttp still reports a message end; it is not one
         sink = self.sink
         if sink is None:
             return
@@ -149,6 +151,8 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._informational:
             self._informational = False
+            return
+        if self.tunnel:
             return
         sink = self.sink
         if sink is not None and not self._reset_parser:

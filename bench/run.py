@@ -1,0 +1,923 @@
+#!/usr/bin/env python3
+"""Throughput/latency benchmark: Weir vs nginx vs HAProxy on one core.
+
+One nginx backend (pinned to the load CPU) answers ``200 hello world`` for every
+path. Three reverse proxies sit in front of it, each a single process pinned to
+the proxy CPU with keep-alive to the upstream: nginx, HAProxy and Weir (with
+routing rules and sticky hashing enabled). wrk, pinned to the load CPU, drives
+each proxy in turn (interleaved, rotated per round) and the backend directly as
+a baseline. Results are the median per target over ``--rounds`` rounds.
+
+Stdlib only. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+INSTALL_HINT = "apt-get install -y nginx haproxy wrk"
+HOST = "127.0.0.1"
+PROXIES: tuple[str, ...] = ("nginx", "haproxy", "weir")
+BASELINE = "baseline"
+REFERENCE = "nginx"
+N_USERS = 1000
+EXPECTED_BODY = b"hello world\n"
+SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+class BenchError(Exception):
+    """A setup or run failure with a message meant for the user."""
+
+
+# --------------------------------------------------------------------------
+# Process management
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    """A long-running server process started by this script."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log_tail(self, max_chars: int = 2000) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return text[-max_chars:].strip() or "(log empty)"
+
+
+def _proc_stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the ``(comm)`` field, or None."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def group_members(pgid: int) -> list[int]:
+    """PIDs whose process group and session are both ``pgid``.
+
+    Every server is started with ``start_new_session=True``, so its pid is
+    both the session id and the process-group id of it and all its children
+    (e.g. Weir's worker processes).
+    """
+    members: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _proc_stat_fields(int(entry))
+        # fields: 0 state, 1 ppid, 2 pgrp, 3 session, ..., 11 utime, 12 stime
+        if fields and int(fields[2]) == pgid and int(fields[3]) == pgid:
+            members.append(int(entry))
+    return members
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """Total user+system CPU seconds used by live members of the group."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in group_members(pgid):
+        fields = _proc_stat_fields(pid)
+        if fields:
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+class ProcessManager:
+    """Starts server processes and guarantees they are all stopped."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[Proc] = []
+
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Proc:
+        log = self.workdir / f"{name}.log"
+        with log.open("wb") as out:
+            popen = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+            )
+        proc = Proc(name=name, popen=popen, log=log)
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self, grace: float = 5.0) -> None:
+        """SIGTERM every process group, then SIGKILL whatever is left."""
+        for proc in self.procs:
+            if proc.popen.poll() is None:
+                _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.procs:
+            remaining = max(0.0, deadline - time.monotonic())
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(timeout=remaining)
+        for proc in self.procs:
+            # Leader still alive (pgid certainly ours) or stray group members.
+            if proc.popen.poll() is None or group_members(proc.pid):
+                _signal_group(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(timeout=2.0)
+        self.procs.clear()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _raise_on_signal(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+# --------------------------------------------------------------------------
+# Readiness checks
+# --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _check_alive(proc: Proc) -> None:
+    code = proc.popen.poll()
+    if code is not None:
+        raise BenchError(
+            f"{proc.name} exited with code {code} during startup; "
+            f"its output ends:\n{proc.log_tail()}"
+        )
+
+
+def wait_for_port(proc: Proc, port: int, timeout: float) -> None:
+    """Poll until ``port`` accepts a TCP connection (or fail at the deadline)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        _check_alive(proc)
+        try:
+            with socket.create_connection((HOST, port), timeout=0.5):
+                return
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            raise BenchError(
+                f"{proc.name} did not accept connections on {HOST}:{port} "
+                f"within {timeout:.0f}s; its output ends:\n{proc.log_tail()}"
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def wait_for_http_ok(
+    proc: Proc, port: int, timeout: float, headers: dict[str, str] | None = None
+) -> None:
+    """Poll until ``GET /`` through ``port`` returns 200 with the backend body."""
+    deadline = time.monotonic() + timeout
+    last = "no attempt"
+    delay = 0.01
+    while True:
+        _check_alive(proc)
+        conn = http.client.HTTPConnection(HOST, port, timeout=2.0)
+        try:
+            conn.request("GET", "/bench-check", headers=headers or {})
+            resp = conn.getresponse()
+            body = resp.read()
+            if resp.status == 200 and body == EXPECTED_BODY:
+                return
+            last = f"status {resp.status}, body {body[:80]!r}"
+        except (OSError, http.client.HTTPException) as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        finally:
+            conn.close()
+        if time.monotonic() >= deadline:
+            raise BenchError(
+                f"{proc.name} on port {port} did not answer GET / with 200 "
+                f"{EXPECTED_BODY!r} within {timeout:.0f}s (last: {last}); "
+                f"its output ends:\n{proc.log_tail()}"
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+# --------------------------------------------------------------------------
+# Config generation
+# --------------------------------------------------------------------------
+
+
+def _nginx_common(prefix: Path) -> str:
+    return f"""daemon off;
+master_process off;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{
+    worker_connections 4096;
+}}
+"""
+
+
+def _nginx_http_common(prefix: Path) -> str:
+    tmp = prefix / "tmp"
+    return f"""    access_log off;
+    keepalive_timeout 75s;
+    keepalive_requests 1000000;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+"""
+
+
+def nginx_backend_conf(prefix: Path, port: int) -> str:
+    return (
+        _nginx_common(prefix)
+        + "http {\n"
+        + _nginx_http_common(prefix)
+        + f"""    server {{
+        listen {HOST}:{port} backlog=4096;
+        location / {{
+            default_type text/plain;
+            return 200 "hello world\\n";
+        }}
+    }}
+}}
+"""
+    )
+
+
+def nginx_proxy_conf(prefix: Path, port: int, backend_port: int) -> str:
+    return (
+        _nginx_common(prefix)
+        + "http {\n"
+        + _nginx_http_common(prefix)
+        + f"""    upstream backend {{
+        server {HOST}:{backend_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen {HOST}:{port} backlog=4096;
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+    )
+
+
+def haproxy_conf(port: int, backend_port: int) -> str:
+    return f"""global
+    nbthread 1
+    maxconn 4096
+
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    timeout http-keep-alive 30s
+
+frontend fe
+    bind {HOST}:{port}
+    default_backend be
+
+backend be
+    server s1 {HOST}:{backend_port}
+"""
+
+
+def weir_conf(port: int, admin_port: int, backend_port: int) -> str:
+    upstream = f'["{HOST}:{backend_port}"]'
+    return f"""listen: {HOST}:{port}
+admin: {{listen: {HOST}:{admin_port}}}
+services:
+  - name: bench
+    versions:
+      stable: {{upstreams: {upstream}}}
+      canary: {{upstreams: {upstream}}}
+    weights: {{stable: 90, canary: 10}}
+    sticky: {{header: x-user-id}}
+    rules:
+      - match: {{headers: {{x-beta: "yes"}}}}
+        version: canary
+"""
+
+
+def wrk_user_script(n_users: int) -> str:
+    """wrk script cycling through pre-formatted requests with x-user-id set.
+
+    The requests are built once in ``init`` so the per-request Lua cost is a
+    table lookup; the same script is used for every target so the load
+    generator does identical work everywhere.
+    """
+    return f"""-- generated by bench/run.py
+local requests = {{}}
+local n = {n_users}
+local i = 0
+
+function init(args)
+   for u = 1, n do
+      requests[u] = wrk.format("GET", "/", {{["x-user-id"] = "user-" .. u}})
+   end
+   i = math.random(0, n - 1)
+end
+
+function request()
+   i = i % n + 1
+   return requests[i]
+end
+"""
+
+
+# --------------------------------------------------------------------------
+# wrk
+# --------------------------------------------------------------------------
+
+_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+_RE_RPS = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)
+_RE_PCT = re.compile(r"^\s*(\d+(?:\.\d+)?)%\s+([\d.]+)(us|ms|s|m|h)\s*$", re.M)
+_RE_TOTAL = re.compile(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m|h)", re.M)
+_RE_SOCK = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+_RE_NON2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
+
+
+def to_ms(value: str, unit: str) -> float:
+    return round(float(value) * _UNIT_MS[unit], 6)
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    non_2xx: int = 0
+    socket_errors: dict[str, int] = field(default_factory=dict)
+    cpu_pct: float | None = None
+
+    @property
+    def errors(self) -> int:
+        return self.non_2xx + sum(self.socket_errors.values())
+
+
+def parse_wrk(output: str) -> WrkResult:
+    """Parse wrk ``--latency`` output; raises BenchError if it is incomplete."""
+    rps = _RE_RPS.search(output)
+    pcts = {float(p): to_ms(v, u) for p, v, u in _RE_PCT.findall(output)}
+    if rps is None or 50.0 not in pcts or 99.0 not in pcts:
+        raise BenchError(f"could not parse wrk output:\n{output}")
+    total = _RE_TOTAL.search(output)
+    sock = _RE_SOCK.search(output)
+    non2xx = _RE_NON2XX.search(output)
+    names = ("connect", "read", "write", "timeout")
+    counts = map(int, sock.groups()) if sock else (0,) * len(names)
+    socket_errors = dict(zip(names, counts, strict=True))
+    return WrkResult(
+        rps=float(rps.group(1)),
+        p50_ms=pcts[50.0],
+        p99_ms=pcts[99.0],
+        requests=int(total.group(1)) if total else 0,
+        non_2xx=int(non2xx.group(1)) if non2xx else 0,
+        socket_errors=socket_errors,
+    )
+
+
+def run_wrk(
+    wrk: str,
+    taskset: str,
+    cpus: str,
+    url: str,
+    *,
+    duration: float,
+    connections: int,
+    threads: int,
+    script: Path | None,
+) -> str:
+    argv = [taskset, "-c", cpus, wrk, f"-t{threads}", f"-c{connections}"]
+    argv += [f"-d{max(1, round(duration))}s", "--latency"]
+    if script is not None:
+        argv += ["-s", str(script)]
+    argv.append(url)
+    try:
+        done = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=duration + 60,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"wrk hung: {shlex.join(argv)}") from exc
+    if done.returncode != 0:
+        raise BenchError(
+            f"wrk failed ({done.returncode}): {shlex.join(argv)}\n{done.stdout}{done.stderr}"
+        )
+    return done.stdout
+
+
+# --------------------------------------------------------------------------
+# Orchestration
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    proc: Proc
+
+
+def find_tool(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    return shutil.which(name, path=os.pathsep.join(SBIN_DIRS))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="bench/run.py",
+        description=(
+            "Benchmark Weir against nginx and HAProxy (single core, "
+            "keep-alive upstream, shared nginx backend)."
+        ),
+    )
+    p.add_argument(
+        "--duration", type=float, default=10.0, help="seconds per measured wrk run (default 10)"
+    )
+    p.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
+    p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=2.0,
+        help="seconds of wrk before each measured run, 0 = off (default 2)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="interleaved rounds; the median per target is reported (default 1)",
+    )
+    p.add_argument(
+        "--only",
+        default=",".join(PROXIES),
+        help=f"comma-separated proxies to run, from {','.join(PROXIES)} (default: all)",
+    )
+    p.add_argument(
+        "--no-baseline", action="store_true", help="skip the direct-to-backend reference run"
+    )
+    p.add_argument(
+        "--weir-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument(s) for `python -m proxy run`; "
+        "repeatable, shell-split, e.g. --weir-arg '--workers 2' "
+        "or --weir-arg=--workers --weir-arg=2",
+    )
+    p.add_argument("--proxy-cpus", default="0", help="taskset CPU list for the proxies (default 0)")
+    p.add_argument(
+        "--load-cpus", default="1", help="taskset CPU list for wrk and the backend (default 1)"
+    )
+    p.add_argument(
+        "--users",
+        type=int,
+        default=N_USERS,
+        help=f"distinct x-user-id values sent (default {N_USERS})",
+    )
+    p.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=20.0,
+        help="seconds to wait for each server to come up (default 20)",
+    )
+    p.add_argument(
+        "--json", type=Path, metavar="FILE", help="also write the results as JSON to FILE"
+    )
+    p.add_argument(
+        "--keep-tmp", action="store_true", help="keep the temp dir (configs, logs) for debugging"
+    )
+    args = p.parse_args(argv)
+
+    only = [n.strip().lower() for n in args.only.split(",") if n.strip()]
+    unknown = sorted(set(only) - set(PROXIES))
+    if unknown or not only:
+        p.error(f"--only takes a subset of {','.join(PROXIES)}; got {args.only!r}")
+    args.only = [n for n in PROXIES if n in only]
+    if args.duration < 1 or args.connections < 1 or args.threads < 1:
+        p.error("--duration, --connections and --threads must be >= 1")
+    if args.connections < args.threads:
+        p.error("--connections must be >= --threads")
+    if args.rounds < 1 or args.users < 1 or args.warmup < 0:
+        p.error("--rounds and --users must be >= 1, --warmup >= 0")
+    args.weir_args = [a for chunk in args.weir_arg for a in shlex.split(chunk)]
+    return args
+
+
+def _check_cpus(spec: str, flag: str) -> None:
+    allowed = os.sched_getaffinity(0)
+    wanted: set[int] = set()
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            wanted.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError as exc:
+        raise BenchError(f"{flag}: bad CPU list {spec!r}") from exc
+    if not wanted or not wanted <= allowed:
+        raise BenchError(
+            f"{flag} {spec!r} is not within the CPUs available to this process ({sorted(allowed)})"
+        )
+
+
+def start_servers(
+    args: argparse.Namespace,
+    pm: ProcessManager,
+    tools: dict[str, str],
+    workdir: Path,
+) -> tuple[Target, list[Target]]:
+    taskset = tools["taskset"]
+    timeout = args.startup_timeout
+    sticky = {"x-user-id": "user-1"}
+
+    def pinned(cpus: str, *cmd: str) -> list[str]:
+        return [taskset, "-c", cpus, *cmd]
+
+    def nginx(name: str, port: int, upstream_port: int | None) -> Proc:
+        """nginx as the backend (no upstream) or as a proxy to upstream_port."""
+        prefix = workdir / name
+        for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (prefix / "tmp" / sub).mkdir(parents=True, exist_ok=True)
+        if upstream_port is None:
+            text, cpus = nginx_backend_conf(prefix, port), args.load_cpus
+        else:
+            text = nginx_proxy_conf(prefix, port, upstream_port)
+            cpus = args.proxy_cpus
+        conf = prefix / "nginx.conf"
+        conf.write_text(text)
+        return pm.start(
+            name,
+            pinned(
+                cpus,
+                tools["nginx"],
+                "-p",
+                f"{prefix}/",
+                "-e",
+                str(prefix / "error.log"),
+                "-c",
+                str(conf),
+            ),
+        )
+
+    backend_port = free_port()
+    proc = nginx("backend", backend_port, None)
+    wait_for_port(proc, backend_port, timeout)
+    wait_for_http_ok(proc, backend_port, timeout)
+    backend = Target(BASELINE, backend_port, proc)
+    print(f"backend nginx on {HOST}:{backend_port} (cpu {args.load_cpus})", file=sys.stderr)
+
+    targets: list[Target] = []
+    for name in args.only:
+        port = free_port()
+        headers: dict[str, str] | None = None
+        if name == "nginx":
+            proc = nginx("nginx", port, backend_port)
+        elif name == "haproxy":
+            conf = workdir / "haproxy.cfg"
+            conf.write_text(haproxy_conf(port, backend_port))
+            proc = pm.start(
+                "haproxy", pinned(args.proxy_cpus, tools["haproxy"], "-db", "-f", str(conf))
+            )
+        else:
+            admin_port = free_port()
+            conf = workdir / "weir.yaml"
+            conf.write_text(weir_conf(port, admin_port, backend_port))
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
+            )
+            proc = pm.start(
+                "weir",
+                pinned(
+                    args.proxy_cpus,
+                    sys.executable,
+                    "-m",
+                    "proxy",
+                    "run",
+                    "-c",
+                    str(conf),
+                    *args.weir_args,
+                ),
+                cwd=REPO_ROOT,
+                env=env,
+            )
+            headers = sticky
+        wait_for_port(proc, port, timeout)
+        wait_for_http_ok(proc, port, timeout, headers)
+        print(f"{name} on {HOST}:{port} (cpu {args.proxy_cpus})", file=sys.stderr)
+        targets.append(Target(name, port, proc))
+    return backend, targets
+
+
+def measure(
+    args: argparse.Namespace,
+    tools: dict[str, str],
+    target: Target,
+    script: Path,
+) -> WrkResult:
+    url = f"http://{HOST}:{target.port}/"
+    common = {
+        "connections": args.connections,
+        "threads": args.threads,
+        "script": script,
+    }
+    if args.warmup > 0:
+        run_wrk(tools["wrk"], tools["taskset"], args.load_cpus, url, duration=args.warmup, **common)
+    _check_alive(target.proc)
+    cpu0 = group_cpu_seconds(target.proc.pid)
+    t0 = time.monotonic()
+    out = run_wrk(
+        tools["wrk"], tools["taskset"], args.load_cpus, url, duration=args.duration, **common
+    )
+    wall = time.monotonic() - t0
+    cpu1 = group_cpu_seconds(target.proc.pid)
+    _check_alive(target.proc)
+    result = parse_wrk(out)
+    result.cpu_pct = 100.0 * (cpu1 - cpu0) / wall if wall > 0 else None
+    return result
+
+
+@dataclass
+class Summary:
+    name: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    cpu_pct: float | None
+    runs: list[WrkResult]
+    rps_vs_nginx: float | None = None
+    p99_vs_nginx: float | None = None
+
+
+def summarize(name: str, runs: list[WrkResult]) -> Summary:
+    cpus = [r.cpu_pct for r in runs if r.cpu_pct is not None]
+    return Summary(
+        name=name,
+        rps=statistics.median(r.rps for r in runs),
+        p50_ms=statistics.median(r.p50_ms for r in runs),
+        p99_ms=statistics.median(r.p99_ms for r in runs),
+        errors=sum(r.errors for r in runs),
+        cpu_pct=statistics.median(cpus) if cpus else None,
+        runs=runs,
+    )
+
+
+def _fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def render_table(summaries: list[Summary]) -> str:
+    header = ("target", "req/s", "p50 ms", "p99 ms", "rps/nginx", "p99/nginx", "errors", "cpu%")
+    rows = [header]
+    for s in summaries:
+        rows.append(
+            (
+                s.name,
+                f"{s.rps:,.0f}",
+                f"{s.p50_ms:.3f}",
+                f"{s.p99_ms:.3f}",
+                _fmt_ratio(s.rps_vs_nginx),
+                _fmt_ratio(s.p99_vs_nginx),
+                str(s.errors),
+                "-" if s.cpu_pct is None else f"{s.cpu_pct:.0f}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])]
+        cells += [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        lines.append("  ".join(cells))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _versions(tools: dict[str, str]) -> dict[str, str]:
+    def first_line(argv: list[str]) -> str:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+        lines = (done.stdout + done.stderr).strip().splitlines()
+        return lines[0] if lines else "?"
+
+    return {
+        "nginx": first_line([tools["nginx"], "-v"]),
+        "haproxy": first_line([tools["haproxy"], "-v"]),
+        "wrk": first_line([tools["wrk"], "--version"]),
+        "python": sys.version.split()[0],
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    tools: dict[str, str] = {}
+    missing = []
+    for name in ("nginx", "haproxy", "wrk", "taskset"):
+        path = find_tool(name)
+        if path is None:
+            missing.append(name)
+        else:
+            tools[name] = path
+    if missing:
+        print(
+            f"error: missing {', '.join(missing)}; install with:\n"
+            f"    {INSTALL_HINT}"
+            + ("\n(taskset is in util-linux)" if "taskset" in missing else ""),
+            file=sys.stderr,
+        )
+        return 2
+    if "weir" in args.only and not (REPO_ROOT / "proxy").is_dir():
+        print(
+            f"error: Weir package not found at {REPO_ROOT / 'proxy'}; "
+            "run with --only nginx,haproxy to skip it",
+            file=sys.stderr,
+        )
+        return 2
+    _check_cpus(args.proxy_cpus, "--proxy-cpus")
+    _check_cpus(args.load_cpus, "--load-cpus")
+
+    workdir = Path(tempfile.mkdtemp(prefix="weir-bench-"))
+    pm = ProcessManager(workdir)
+    try:
+        script = workdir / "users.lua"
+        script.write_text(wrk_user_script(args.users))
+        backend, proxies = start_servers(args, pm, tools, workdir)
+
+        runs: dict[str, list[WrkResult]] = {t.name: [] for t in proxies}
+        if not args.no_baseline:
+            runs[BASELINE] = []
+        per_run = args.warmup + args.duration
+        n_runs = len(runs) * args.rounds
+        print(
+            f"{n_runs} runs of {args.duration:g}s (+{args.warmup:g}s warm-up), "
+            f"~{n_runs * per_run:.0f}s total",
+            file=sys.stderr,
+        )
+        for rnd in range(args.rounds):
+            # Rotate the proxy order each round so none is always first/last.
+            k = rnd % len(proxies)
+            order = proxies[k:] + proxies[:k]
+            if not args.no_baseline:
+                order = [backend, *order]
+            for target in order:
+                res = measure(args, tools, target, script)
+                runs[target.name].append(res)
+                cpu = "-" if res.cpu_pct is None else f"{res.cpu_pct:.0f}%"
+                print(
+                    f"[round {rnd + 1}/{args.rounds}] {target.name:<8} "
+                    f"{res.rps:>10,.0f} req/s  p50 {res.p50_ms:.3f} ms  "
+                    f"p99 {res.p99_ms:.3f} ms  errors {res.errors}  cpu {cpu}",
+                    file=sys.stderr,
+                )
+    finally:
+        # A second Ctrl-C must not interrupt the cleanup.
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            pm.stop_all()
+            if args.keep_tmp:
+                print(f"kept temp dir {workdir}", file=sys.stderr)
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
+        finally:
+            signal.signal(signal.SIGINT, old)
+
+    names = [n for n in (BASELINE, *PROXIES) if n in runs]
+    summaries = [summarize(n, runs[n]) for n in names]
+    ref = next((s for s in summaries if s.name == REFERENCE), None)
+    for s in summaries:
+        if ref is not None and ref.rps > 0:
+            s.rps_vs_nginx = s.rps / ref.rps
+        if ref is not None and ref.p99_ms > 0:
+            s.p99_vs_nginx = s.p99_ms / ref.p99_ms
+
+    stat = "median of" if args.rounds > 1 else "single run,"
+    print()
+    print(
+        f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s "
+        f"({stat} {args.rounds} round(s)); proxies on cpu {args.proxy_cpus}, "
+        f"wrk+backend on cpu {args.load_cpus}"
+    )
+    print(render_table(summaries))
+    for s in summaries:
+        if s.name != BASELINE and s.cpu_pct is not None and s.cpu_pct < 90:
+            print(
+                f"note: {s.name} used only {s.cpu_pct:.0f}% of a CPU, so it was not the "
+                "bottleneck (busy machine, or the wrk+backend CPU saturated); "
+                "treat its numbers with care"
+            )
+    print(
+        "errors = socket errors + non-2xx/3xx responses, summed over rounds; "
+        "cpu% = CPU used by the target's processes during the run"
+    )
+
+    if args.json is not None:
+        doc = {
+            "settings": {
+                "duration_s": args.duration,
+                "connections": args.connections,
+                "threads": args.threads,
+                "warmup_s": args.warmup,
+                "rounds": args.rounds,
+                "statistic": "median",
+                "users": args.users,
+                "proxy_cpus": args.proxy_cpus,
+                "load_cpus": args.load_cpus,
+                "weir_args": args.weir_args,
+                "versions": _versions(tools),
+            },
+            "results": {
+                s.name: {
+                    "rps": s.rps,
+                    "p50_ms": s.p50_ms,
+                    "p99_ms": s.p99_ms,
+                    "rps_vs_nginx": s.rps_vs_nginx,
+                    "p99_vs_nginx": s.p99_vs_nginx,
+                    "errors": s.errors,
+                    "cpu_pct": s.cpu_pct,
+                    "runs": [asdict(r) | {"errors": r.errors} for r in s.runs],
+                }
+                for s in summaries
+            },
+        }
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_on_signal)
+    signal.signal(signal.SIGHUP, _raise_on_signal)
+    try:
+        return run(args)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if not args.keep_tmp:
+            print("(rerun with --keep-tmp to keep configs and logs)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Shared fixtures: real backends (aiohttp apps and raw asyncio servers) and a real proxy, all
+on 127.0.0.1 with ports picked by the kernel."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import uvloop
+from aiohttp import web
+
+from proxy.app import ProxyServer
+from proxy.config import Config, parse_config
+
+
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
+    # The proxy runs on uvloop in production; test it there too.
+    return {"uvloop": uvloop.new_event_loop}
+
+
+# --- backends -------------------------------------------------------------------------------
+
+
+@dataclass
+class Backend:
+    name: str
+    port: int
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    peers: set[tuple[str, int]] = field(default_factory=set)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def backend_app(backend: Backend) -> web.Application:
+    async def echo(request: web.Request) -> web.StreamResponse:
+        digest = hashlib.sha256()
+        size = 0
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            size += len(chunk)
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if peer:
+            backend.peers.add(tuple(peer[:2]))
+        record = {
+            "backend": backend.name,
+            "method": request.method,
+            "path": request.path_qs,
+            "headers": {k.lower(): v for k, v in request.headers.items()},
+            "header_list": [k.lower() for k in request.headers],
+            "body_size": size,
+            "body_sha256": digest.hexdigest(),
+            "peer_port": peer[1] if peer else None,
+        }
+        backend.requests.append(record)
+        status = int(request.query.get("status", "200"))
+        if status in (204, 304):
+            return web.Response(status=status, headers={"x-backend": backend.name})
+        return web.json_response(record, status=status, headers={"x-backend": backend.name})
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.query.get("delay", "1")))
+        return web.Response(text="slow done", headers={"x-backend": backend.name})
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        """A chunked (or, with ?length=1, a sized) download of `size` bytes of a pattern."""
+        size = int(request.query.get("size", "100000"))
+        chunk = bytes(range(256)) * 256  # 64 KiB
+        response = web.StreamResponse(headers={"x-backend": backend.name})
+        if request.query.get("length"):
+            response.content_length = size
+        else:
+            response.enable_chunked_encoding()
+        await response.prepare(request)
+        sent = 0
+        while sent < size:
+            piece = chunk[: min(len(chunk), size - sent)]
+            await response.write(piece)
+            sent += len(piece)
+        await response.write_eof()
+        return response
+
+    async def hop(request: web.Request) -> web.Response:
+        return web.Response(text="hop", headers={
+            "Connection": "x-secret", "X-Secret": "drop-me", "Keep-Alive": "timeout=5",
+            "X-Kept": "yes"})
+
+    async def websocket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == web.WSMsgType.TEXT:
+                await ws.send_str(f"{backend.name}:{msg.data}")
+            elif msg.type == web.WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+        return ws
+
+    app = web.Application(client_max_size=2**40)
+    app.add_routes([
+        web.get("/slow", slow),
+        web.get("/stream", stream),
+        web.get("/hop", hop),
+        web.get("/ws", websocket),
+        web.route("*", "/{tail:.*}", echo),
+    ])
+    return app
+
+
+@pytest.fixture
+async def start_backend() -> AsyncIterator[Callable[[str], Awaitable[Backend]]]:
+    runners: list[web.AppRunner] = []
+
+    async def start(name: str = "backend") -> Backend:
+        backend = Backend(name, 0)
+        runner = web.AppRunner(backend_app(backend), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        backend.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return backend
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@pytest.fixture
+async def raw_backend() -> AsyncIterator[Callable[[RawHandler], Awaitable[int]]]:
+    """A hand-written upstream for shapes aiohttp will not produce; returns its port."""
+    servers: list[asyncio.Server] = []
+
+    async def start(handler: RawHandler) -> int:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+# --- the proxy ------------------------------------------------------------------------------
+
+
+def make_config(services: list[dict[str, Any]], **top: Any) -> Config:
+    data: dict[str, Any] = {"listen": "127.0.0.1:0", "admin": {"listen": "127.0.0.1:0"},
+                            "services": services}
+    data.update(top)
+    return parse_config(data, "<test>")
+
+
+@pytest.fixture
+async def start_proxy() -> AsyncIterator[Callable[..., Awaitable[ProxyServer]]]:
+    proxies: list[ProxyServer] = []
+
+    async def start(services: list[dict[str, Any]], **top: Any) -> ProxyServer:
+        proxy = ProxyServer(make_config(services, **top), asyncio.get_running_loop())
+        await proxy.start()
+        proxies.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in proxies:
+        await proxy.shutdown(timeout=1.0)
+
+
+def one_service(*upstreams: str, **extra: Any) -> list[dict[str, Any]]:
+    return [{"name": "app", "versions": {"stable": {"upstreams": list(upstreams)}}, **extra}]
+
+
+# --- a raw HTTP client ----------------------------------------------------------------------
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def read_response(reader: asyncio.StreamReader, head_request: bool = False,
+                        ) -> RawResponse:
+    """Read one response, framed as RFC 9112 says (length, chunked, or until close)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = [tuple(x.strip() for x in line.split(":", 1)) for line in lines[1:] if line]
+    response = RawResponse(status, headers, b"")  # type: ignore[arg-type]
+    if head_request or status in (204, 304) or 100 <= status < 200:
+        return response
+    if (response.header("transfer-encoding") or "").lower() == "chunked":
+        body = bytearray()
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                break
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+        response.body = bytes(body)
+    elif response.header("content-length") is not None:
+        response.body = await reader.readexactly(int(response.header("content-length") or 0))
+    else:
+        response.body = await reader.read()
+    return response
+
+
+async def exchange(port: int, request: bytes, count: int = 1, head_request: bool = False,
+                   timeout: float = 5.0) -> list[RawResponse]:
+    """Send raw bytes, read `count` responses, close."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(timeout):
+            return [await read_response(reader, head_request) for _ in range(count)]
+    finally:
+        writer.close()
+
+
+async def read_until_closed(reader: asyncio.StreamReader, timeout: float = 5.0) -> bytes:
+    async with asyncio.timeout(timeout):
+        return await reader.read()
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0,
+                   interval: float = 0.01) -> None:
+    """Wait on a condition with a deadline (never a bare sleep)."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(interval)

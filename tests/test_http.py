@@ -1,0 +1,419 @@
+"""HTTP/1.1 behaviour of the data plane, over real loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+import websockets
+
+from .conftest import exchange, one_service, read_response, read_until_closed, wait_for
+
+
+def get(path: str = "/", host: str = "app.test", extra: str = "") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode()
+
+
+async def test_proxies_and_labels_version(start_backend, start_proxy):
+    backend = await start_backend("b1")
+    proxy = await start_proxy(one_service(backend.address))
+    [response] = await exchange(proxy.port, get("/hello?x=1"))
+    assert response.status == 200
+    assert response.header("x-weir-version") == "stable"
+    assert response.header("via") == "1.1 weir"
+    assert response.json()["path"] == "/hello?x=1"
+    assert response.json()["headers"]["host"] == "app.test"
+
+
+async def test_version_header_can_be_turned_off(start_backend, start_proxy):
+    backend = await start_backend()
+    proxy = await start_proxy(one_service(backend.address), version_header=False)
+    [response] = await exchange(proxy.port, get())
+    assert response.status == 200
+    assert response.header("x-weir-version") is None
+
+
+async def test_client_keep_alive_and_pooled_upstream(start_backend, start_proxy):
+    backend = await start_backend()
+    proxy = await start_proxy(one_service(backend.address))
+    responses = await exchange(proxy.port, get("/a") + get("/b") + get("/c"), count=3)
+    assert [r.json()["path"] for r in responses] == ["/a", "/b", "/c"]
+    # Sequential requests over one client connection reuse one upstream connection.
+    for _ in range(5):
+        await exchange(proxy.port, get("/again"))
+    assert len(backend.peers) == 1
+
+
+async def test_idle_upstream_connections_are_closed(start_backend, start_proxy):
+    backend = await start_backend()
+    proxy = await start_proxy(one_service(backend.address),
+                              upstream={"idle_timeout": "200ms"})
+    await exchange(proxy.port, get())
+    pool = proxy.pools.pools[backend.address]
+    assert len(pool.idle) == 1
+    await wait_for(lambda: not pool.idle, timeout=3)
+    await exchange(proxy.port, get())
+    assert len(backend.peers) == 2  # a fresh connection after the idle one was closed
+
+
+async def test_stale_pooled_connection_is_retried_for_idempotent(raw_backend, start_proxy):
+    """An upstream that drops a kept-alive connection on its second request (the classic
+    keep-alive race): GET is retried on a fresh connection, POST is not."""
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")  # a second request on this connection...
+        writer.close()  # ...is dropped unanswered
+
+    port = await raw_backend(handler)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    [first] = await exchange(proxy.port, get())
+    assert first.status == 200
+    [second] = await exchange(proxy.port, get())
+    assert second.status == 200 and second.body == b"ok"
+    assert connections == 2
+    [post] = await exchange(proxy.port, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+    assert post.status == 502
+
+
+async def test_chunked_request_and_response(start_backend, start_proxy):
+    backend = await start_backend()
+    proxy = await start_proxy(one_service(backend.address))
+    body = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    request = (b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+    [response] = await exchange(proxy.port, request)
+    assert response.json()["body_size"] == 11
+    [streamed] = await exchange(proxy.port, get("/stream?size=300000"))
+    assert streamed.header("transfer-encoding") == "chunked"
+    assert len(streamed.body) == 300000
+    [sized] = await exchange(proxy.port, get("/stream?size=70000&length=1"))
+    assert sized.header("content-length") == "70000" and len(sized.body) == 70000
+
+
+async def test_head_204_304_have_no_body_and_connection_stays_usable(start_backend, start_proxy):
+    backend = await start_backend()
+    proxy = await start_proxy(one_service(backend.address))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(b"HEAD /stream?size=5000&length=1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        head = await asyncio.wait_for(read_response(reader, head_request=True), 5)
+        assert head.status == 200 and head.header("content-length") == "5000"
+        for status in (204, 304):
+            writer.write(get(f"/?status={status}"))
+            response = await asyncio.wait_for(read_response(reader), 5)
+            assert response.status == status and response.body == b""
+        writer.write(get("/after"))
+        after = await asyncio.wait_for(read_response(reader), 5)
+        assert after.json()["path"] == "/after"
+    finally:
+        writer.close()
+    # The upstream connection that answered HEAD was reused, not poisoned.
+    assert len(backend.peers) == 1
+
+
+async def test_expect_100_continue(start_backend, start_proxy):
+    backend = await start_backend()
+    proxy = await start_proxy(one_service(backend.address), limits={"max_body_bytes": 1000})
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(b"PUT /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim.startswith(b"HTTP/1.1 100 Continue")
+        writer.write(b"hello")
+        response = await asyncio.wait_for(read_response(reader), 5)
+        assert response.status == 200 and response.json()["body_size"] == 5
+        assert "expect" not in response.json()["headers"]
+    finally:
+        writer.close()
+    # Too large: refused before the client sends the body.
+    [refused] = await exchange(proxy.port, b"PUT /x HTTP/1.1\r\nHost: a\r\n"
+                               b"Content-Length: 5000\r\nExpect: 100-continue\r\n\r\n")
+    assert refused.status == 413
+
+
+async def test_hop_by_hop_headers_removed(start_backend, start_proxy):
+    backend = await start_backend()
+    proxy = await start_proxy(one_service(backend.address))
+    [response] = await exchange(proxy.port, get(extra=(
+        "Connection: keep-alive, X-Private\r\nX-Private: secret\r\nKeep-Alive: timeout=5\r\n"
+        "TE: trailers\r\nProxy-Authorization: Basic eA==\r\nX-Normal: ok\r\n")))
+    seen = response.json()["headers"]
+    for name in ("x-private", "keep-alive", "te", "proxy-authorization"):
+        assert name not in seen, name
+    assert seen["x-normal"] == "ok"
+    [hop] = await exchange(proxy.port, get("/hop"))
+    assert hop.header("x-secret") is None and hop.header("keep-alive") is None
+    assert hop.header("x-kept") == "yes"
+
+
+async def test_forwarding_headers_untrusted_client(start_backend, start_proxy):
+    backend = await start_backend()
+    proxy = await start_proxy(one_service(backend.address))
+    [response] = await exchange(proxy.port, get(extra=(
+        "X-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil\r\n")))
+    seen = response.json()["headers"]
+    assert seen["x-forwarded-for"] == "127.0.0.1"
+    assert seen["x-forwarded-proto"] == "http"
+    assert seen["x-forwarded-host"] == "app.test"
+    assert seen["via"] == "1.1 weir"
+
+
+async def test_forwarding_headers_trusted_proxy(start_backend, start_proxy):
+    backend = await start_backend()
+    proxy = await start_proxy(one_service(backend.address), trusted_proxies=["127.0.0.0/8"])
+    [response] = await exchange(proxy.port, get(extra=(
+        "X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\n"
+        "X-Forwarded-Host: shop.example.com\r\n")))
+    seen = response.json()["headers"]
+    assert seen["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
+    assert seen["x-forwarded-proto"] == "https"
+    assert seen["x-forwarded-host"] == "shop.example.com"
+
+
+async def test_websocket_is_tunnelled_to_chosen_version(start_backend, start_proxy):
+    stable = await start_backend("stable")
+    canary = await start_backend("canary")
+    proxy = await start_proxy([{
+        "name": "app",
+        "versions": {"stable": {"upstreams": [stable.address]},
+                     "canary": {"upstreams": [canary.address]}},
+        "weights": {"stable": 100, "canary": 0},
+        "rules": [{"match": {"headers": {"x-beta": "1"}}, "version": "canary"}],
+    }])
+    uri = f"ws://127.0.0.1:{proxy.port}/ws"
+    async with websockets.connect(uri, additional_headers={"x-beta": "1"}) as ws:
+        assert ws.response.headers["x-weir-version"] == "canary"
+        for i in range(3):
+            await ws.send(f"hi{i}")
+            assert await asyncio.wait_for(ws.recv(), 5) == f"canary:hi{i}"
+        payload = bytes(range(256)) * 1000
+        await ws.send(payload)
+        assert await asyncio.wait_for(ws.recv(), 5) == payload
+    async with websockets.connect(uri) as ws:
+        await ws.send("x")
+        assert await asyncio.wait_for(ws.recv(), 5) == "stable:x"
+
+
+@pytest.mark.parametrize("request_bytes", [
+    # Content-Length and Transfer-Encoding together: the classic CL.TE smuggling shape.
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"0\r\n\r\n",
+    # Two different lengths.
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+    # Duplicate identical lengths are still ambiguous to some servers.
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+    # Not a number.
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1x\r\n\r\nabc",
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n",
+    # A chunk size that is not hex.
+    b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    # Transfer-Encoding that does not end in chunked.
+    b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+    # Obsolete line folding and whitespace before the colon.
+    b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n 2\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+    # Two Host headers, and none at all in HTTP/1.1.
+    b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"GET / HTTP/1.1\r\n\r\n",
+    # Garbage.
+    b"\x00\x01\x02 nonsense\r\n\r\n",
+])
+async def test_malformed_and_smuggling_requests_get_400(start_backend, start_proxy,
+                                                        request_bytes):
+    backend = await start_backend()
+    proxy = await start_proxy(one_service(backend.address))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(request_bytes)
+    data = await read_until_closed(reader)  # 400, then the proxy closes the connection
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 400 "), data[:80]
+    assert backend.requests == []
+
+
+async def test_oversized_headers_get_431(start_backend, start_proxy):
+    backend = await start_backend()
+    proxy = await start_proxy(one_service(backend.address), limits={"max_header_bytes": 4096})
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 10000 + b"\r\n\r\n")
+    data = await read_until_closed(reader)
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 431 ")
+    # Under the limit still works.
+    [ok] = await exchange(proxy.port, get(extra="X-Small: " + "a" * 1000 + "\r\n"))
+    assert ok.status == 200
+
+
+async def test_body_over_limit_gets_413(start_backend, start_proxy):
+    backend = await start_backend()
+    proxy = await start_proxy(one_service(backend.address), limits={"max_body_bytes": "1KiB"})
+    [sized] = await exchange(proxy.port, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2000"
+                             b"\r\n\r\n" + b"x" * 2000)
+    assert sized.status == 413
+    chunk = b"400\r\n" + b"y" * 1024 + b"\r\n"
+    [chunked] = await exchange(proxy.port, b"POST / HTTP/1.1\r\nHost: a\r\n"
+                               b"Transfer-Encoding: chunked\r\n\r\n" + chunk * 3 + b"0\r\n\r\n")
+    assert chunked.status == 413
+    [fits] = await exchange(proxy.port, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1024"
+                            b"\r\n\r\n" + b"z" * 1024)
+    assert fits.status == 200 and fits.json()["body_size"] == 1024
+
+
+async def test_unknown_host_without_catch_all_is_404(start_backend, start_proxy):
+    backend = await start_backend()
+    proxy = await start_proxy(one_service(backend.address, match={"hosts": ["shop.test"]}))
+    [miss] = await exchange(proxy.port, get(host="other.test"))
+    assert miss.status == 404
+    [hit] = await exchange(proxy.port, get(host="shop.test:8080"))
+    assert hit.status == 200
+
+
+async def test_upstream_refused_is_502(start_proxy, unused_tcp_port):
+    proxy = await start_proxy(one_service(f"127.0.0.1:{unused_tcp_port}"))
+    [response] = await exchange(proxy.port, get())
+    assert response.status == 502
+    assert response.header("x-weir-version") == "stable"
+
+
+async def test_upstream_read_timeout_is_504(start_backend, start_proxy):
+    backend = await start_backend()
+    proxy = await start_proxy(one_service(backend.address),
+                              upstream={"timeouts": {"read": "300ms"}})
+    started = asyncio.get_running_loop().time()
+    [response] = await exchange(proxy.port, get("/slow?delay=3"))
+    assert response.status == 504
+    assert asyncio.get_running_loop().time() - started < 2
+    [fast] = await exchange(proxy.port, get("/slow?delay=0.01"))
+    assert fast.status == 200
+
+
+async def test_upstream_connect_timeout_is_504(start_proxy):
+    # A listener whose accept queue is full drops new SYNs: connects hang like a dead host.
+    import socket
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(0)
+    port = blocker.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            fillers.append(s)
+        proxy = await start_proxy(one_service(f"127.0.0.1:{port}"),
+                                  upstream={"timeouts": {"connect": "300ms"}})
+        [response] = await exchange(proxy.port, get())
+        assert response.status == 504
+    finally:
+        for s in fillers:
+            s.close()
+        blocker.close()
+
+
+async def test_slow_header_client_is_cut_off(start_backend, start_proxy):
+    backend = await start_backend()
+    proxy = await start_proxy(one_service(backend.address), limits={"header_timeout": "300ms"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ")
+    started = asyncio.get_running_loop().time()
+    data = await read_until_closed(reader, timeout=3)
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 408 ")
+    assert asyncio.get_running_loop().time() - started < 2
+
+
+async def test_idle_client_connection_is_closed(start_backend, start_proxy):
+    backend = await start_backend()
+    proxy = await start_proxy(one_service(backend.address), limits={"idle_timeout": "200ms"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(get())
+    first = await asyncio.wait_for(read_response(reader), 5)
+    assert first.status == 200
+    assert await read_until_closed(reader, timeout=3) == b""
+    writer.close()
+
+
+async def test_http10_client(start_backend, start_proxy):
+    backend = await start_backend()
+    proxy = await start_proxy(one_service(backend.address))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET /stream?size=1000 HTTP/1.0\r\n\r\n")
+    data = await read_until_closed(reader)
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b" 200 " in head.split(b"\r\n")[0]
+    assert b"transfer-encoding" not in head.lower()  # HTTP/1.0 gets a close-delimited body
+    assert len(body) == 1000
+    [kept] = await exchange(proxy.port, b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    assert kept.header("connection") == "keep-alive"
+
+
+async def test_response_delimited_by_close_is_rechunked(raw_backend, start_proxy):
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil-close body")
+        await writer.drain()
+        writer.close()
+
+    port = await raw_backend(handler)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    [first, second] = await exchange(proxy.port, get() + get(), count=2)
+    assert first.header("transfer-encoding") == "chunked"
+    assert first.body == second.body == b"until-close body"
+
+
+async def test_truncated_upstream_response_is_not_passed_off_as_whole(raw_backend, start_proxy):
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-part")
+        await writer.drain()
+        writer.close()
+
+    port = await raw_backend(handler)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(get())
+    data = await read_until_closed(reader)
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"only-part")
+
+
+async def test_pipelined_requests_answered_in_order(start_backend, start_proxy):
+    backend = await start_backend()
+    proxy = await start_proxy(one_service(backend.address))
+    requests = b"".join(
+        b"POST /p%d HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc" % i for i in range(5))
+    responses = await exchange(proxy.port, requests + get("/last"), count=6)
+    assert [r.json()["path"] for r in responses] == [f"/p{i}" for i in range(5)] + ["/last"]
+    assert all(r.json()["body_size"] == 3 for r in responses[:5])
+
+
+async def test_invalid_upstream_response_is_502(raw_backend, start_proxy):
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        await writer.drain()
+
+    port = await raw_backend(handler)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    [response] = await exchange(proxy.port, get())
+    assert response.status == 502
+
+
+async def test_aiohttp_client_through_proxy(start_backend, start_proxy):
+    backend = await start_backend()
+    proxy = await start_proxy(one_service(backend.address))
+    async with aiohttp.ClientSession() as session:
+        for i in range(20):
+            async with session.post(f"http://127.0.0.1:{proxy.port}/n{i}",
+                                    data=b"q" * (i * 1000)) as response:
+                assert response.status == 200
+                assert (await response.json())["body_size"] == i * 1000
