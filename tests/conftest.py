@@ -6,16 +6,23 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 import uvloop
+import yaml
 from aiohttp import web
 
 from proxy.app import ProxyServer
 from proxy.config import Config, parse_config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
@@ -248,3 +255,60 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0,
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(interval)
+
+
+# --- Weir as a real process -----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class WeirProcess:
+    process: subprocess.Popen[bytes]
+    port: int
+    admin_port: int
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.process.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+
+@pytest.fixture
+async def weir_process(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[WeirProcess]]]:
+    started: list[subprocess.Popen[bytes]] = []
+
+    async def start(services: list[dict[str, Any]], **top: Any) -> WeirProcess:
+        port, admin_port = free_port(), free_port()
+        config = {"listen": f"127.0.0.1:{port}", "admin": {"listen": f"127.0.0.1:{admin_port}"},
+                  "services": services, **top}
+        path = tmp_path / f"weir-{len(started)}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        process = subprocess.Popen([sys.executable, "-m", "proxy", "run", "-c", str(path)],
+                                   cwd=REPO_ROOT, stderr=subprocess.PIPE)
+        started.append(process)
+        await wait_for(lambda: port_open(port) or process.poll() is not None, timeout=15,
+                       interval=0.05)
+        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        return WeirProcess(process, port, admin_port)
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
