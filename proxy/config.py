@@ -7,6 +7,7 @@ value and what was expected, so it can be fixed without reading this file.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from pathlib import Path
@@ -46,8 +47,8 @@ def parse_duration(value: Any) -> float:
         if not match:
             raise ValueError(f"expected a duration like 500ms, 30s or 5m, got {value!r}")
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    if seconds < 0:
-        raise ValueError(f"a duration cannot be negative, got {value!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"a duration must be finite and not negative, got {value!r}")
     return seconds
 
 
@@ -68,13 +69,22 @@ def parse_size(value: Any) -> int:
     return size
 
 
-def parse_address(value: Any) -> str:
+_HOST_RE = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]*|\[[0-9A-Fa-f:.]+\])$")
+
+
+def parse_address(value: Any, lowest_port: int = 1) -> str:
     """'host:port' (IPv6 as '[::1]:port'); returned unchanged once checked."""
     text = str(value).strip()
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+    if (not sep or not _HOST_RE.match(host) or not port.isdigit()
+            or not lowest_port <= int(port) < 65536):
         raise ValueError(f"expected host:port, like 127.0.0.1:9001, got {value!r}")
     return text
+
+
+def parse_listen_address(value: Any) -> str:
+    """Like an upstream address, but port 0 (any free port) is allowed."""
+    return parse_address(value, lowest_port=0)
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -97,6 +107,11 @@ Address = Annotated[
     BeforeValidator(parse_address),
     WithJsonSchema({"type": "string", "examples": ["127.0.0.1:9001"]}),
 ]
+ListenAddress = Annotated[
+    str,
+    BeforeValidator(parse_listen_address),
+    WithJsonSchema({"type": "string", "examples": ["127.0.0.1:8080"]}),
+]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
 
 
@@ -117,7 +132,11 @@ class StringMatch(Strict):
     @model_validator(mode="before")
     @classmethod
     def _bare_string_is_exact(cls, value: Any) -> Any:
-        return {"exact": value} if isinstance(value, str) else value
+        if isinstance(value, bool):
+            return {"exact": str(value).lower()}  # YAML's `yes` arrives as True
+        if isinstance(value, str | int | float):
+            return {"exact": str(value)}
+        return value
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StringMatch:
@@ -187,7 +206,14 @@ class ServiceMatch(Strict):
 
     @field_validator("hosts")
     @classmethod
-    def _lower_hosts(cls, value: list[str]) -> list[str]:
+    def _plain_hosts(cls, value: list[str]) -> list[str]:
+        for host in value:
+            if host == "*":
+                raise ValueError("leave hosts out (or empty) to match any host, not '*'")
+            if ":" in host.strip("[]") and not host.startswith("["):
+                raise ValueError(f"hosts are matched without the port, got {host!r}")
+            if "*" in host and not (host.startswith("*.") and "*" not in host[1:]):
+                raise ValueError(f"a wildcard host must look like '*.example.com', got {host!r}")
         return [h.lower() for h in value]
 
 
@@ -224,7 +250,7 @@ class Service(Strict):
 
 
 class Admin(Strict):
-    listen: Address = "127.0.0.1:9901"
+    listen: ListenAddress = "127.0.0.1:9901"
     token: str | None = None
 
 
@@ -242,7 +268,7 @@ class UpstreamSettings(Strict):
 
 
 class Config(Strict):
-    listen: Address = "127.0.0.1:8080"
+    listen: ListenAddress = "127.0.0.1:8080"
     admin: Admin = Admin()
     state_file: str | None = None
     trusted_proxies: list[str] = []
@@ -294,10 +320,11 @@ def _expand_env(node: Any, path: str, errors: list[str]) -> Any:
 
     def substitute(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
-        if name in os.environ:
-            return os.environ[name]
-        if default is not None:
-            return default
+        value = os.environ.get(name)
+        if default is not None and not value:
+            return default  # like sh: ':-' covers unset and empty
+        if value is not None:
+            return value
         errors.append(f"{path or '<root>'}: environment variable {name} is not set "
                       f"(write ${{{name}:-}} to allow it to be empty)")
         return ""
@@ -325,51 +352,70 @@ def _format_pydantic(exc: ValidationError) -> list[str]:
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
         message = err["msg"].removeprefix("Value error, ")
         value = err.get("input")
-        shown = "" if isinstance(value, dict | list) else f" (got {value!r})"
+        shown = ("" if isinstance(value, dict | list) or repr(value) in message
+                 else f" (got {value!r})")
         lines.append(f"{format_location(loc)}: {message}{shown}")
     return lines
 
 
-def _semantic_errors(config: Config) -> list[str]:
-    """Checks that span fields: references to versions, weights that can route traffic."""
+def _semantic_errors(data: dict[str, Any]) -> list[str]:
+    """Checks that span fields (references to versions, weights that can route traffic).
+
+    They read the raw data, tolerating wrong types that pydantic reports on its own, so that
+    one run shows field errors and cross-field errors together.
+    """
     errors: list[str] = []
+    services = data.get("services")
+    if not isinstance(services, list):
+        return errors
     seen: set[str] = set()
-    for i, svc in enumerate(config.services):
+    for i, svc in enumerate(services):
+        if not isinstance(svc, dict):
+            continue
         where = f"services[{i}]"
-        if svc.name in seen:
-            errors.append(f"{where}.name: duplicate service name {svc.name!r}")
-        seen.add(svc.name)
-        known = ", ".join(svc.versions)
-        for name in svc.weights or {}:
-            if name not in svc.versions:
-                errors.append(f"{where}.weights.{name}: no such version (versions: {known})")
-        if svc.weights is not None and not any(svc.weights.values()):
-            errors.append(f"{where}.weights: at least one version needs a weight above 0")
-        for j, rule in enumerate(svc.rules):
-            if rule.version not in svc.versions:
-                errors.append(f"{where}.rules[{j}].version: no such version {rule.version!r} "
-                              f"(versions: {known})")
-        for j, mirror in enumerate(svc.mirror):
-            if mirror.version not in svc.versions:
-                errors.append(f"{where}.mirror[{j}].version: no such version "
-                              f"{mirror.version!r} (versions: {known})")
+        name = svc.get("name")
+        if isinstance(name, str):
+            if name in seen:
+                errors.append(f"{where}.name: duplicate service name {name!r}")
+            seen.add(name)
+        versions = svc.get("versions")
+        if not isinstance(versions, dict) or not versions:
+            continue
+        known = ", ".join(map(str, versions))
+        weights = svc.get("weights")
+        if isinstance(weights, dict):
+            for version in weights:
+                if version not in versions:
+                    errors.append(f"{where}.weights.{version}: no such version "
+                                  f"(versions: {known})")
+            values = list(weights.values())
+            if values and all(isinstance(w, int) and w == 0 for w in values):
+                errors.append(f"{where}.weights: at least one version needs a weight above 0")
+        for key in ("rules", "mirror"):
+            items = svc.get(key)
+            for j, item in enumerate(items if isinstance(items, list) else []):
+                version = item.get("version") if isinstance(item, dict) else None
+                if isinstance(version, str) and version not in versions:
+                    errors.append(f"{where}.{key}[{j}].version: no such version {version!r} "
+                                  f"(versions: {known})")
     return errors
 
 
 def parse_config(data: Any, source: str = "<config>") -> Config:
-    """Validate already-parsed YAML; raises ConfigError listing every problem."""
+    """Validate already-parsed YAML; raises ConfigError listing every problem at once."""
     if not isinstance(data, dict):
         raise ConfigError(source, [f"<root>: expected a mapping of settings, got {data!r}"])
-    env_errors: list[str] = []
-    data = _expand_env(data, "", env_errors)
-    if env_errors:
-        raise ConfigError(source, env_errors)
+    errors: list[str] = []
+    data = _expand_env(data, "", errors)
+    env_paths = {line.split(":", 1)[0] for line in errors}
+    config: Config | None = None
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, _format_pydantic(exc)) from None
-    errors = _semantic_errors(config)
-    if errors:
+        # A field whose variable was unset already has its error; don't report it twice.
+        errors += [e for e in _format_pydantic(exc) if e.split(":", 1)[0] not in env_paths]
+    errors += _semantic_errors(data)
+    if errors or config is None:
         raise ConfigError(source, errors)
     return config
 
@@ -380,6 +426,8 @@ def load_config(path: str | Path) -> Config:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(source, [f"cannot read file: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, [f"not UTF-8 text: {exc}"]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

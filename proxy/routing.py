@@ -80,9 +80,15 @@ def parse_query(url: bytes) -> dict[bytes, bytes]:
 def request_path(url: bytes) -> bytes:
     """The path of an origin-form or absolute-form request target, without the query."""
     if url.startswith((b"http://", b"https://")):
-        slash = url.find(b"/", url.find(b"//") + 2)
-        url = url[slash:] if slash >= 0 else b"/"
-    return url.split(b"?", 1)[0]
+        authority_end = len(url)
+        for delimiter in (b"/", b"?", b"#"):
+            found = url.find(delimiter, url.find(b"//") + 2)
+            if 0 <= found < authority_end:
+                authority_end = found
+        url = url[authority_end:]
+        if not url.startswith(b"/"):
+            url = b"/" + url
+    return url.split(b"?", 1)[0].split(b"#", 1)[0]
 
 
 class CompiledRule:
@@ -205,16 +211,20 @@ class Route:
         for rule in self.rules:
             if rule.matches(request):
                 return rule.version, REASON_RULE, b""
-        if self._only is not None:
-            return self._only, REASON_WEIGHT, b""
         sticky = self.sticky
         if sticky is not None:
             key = sticky.user_key(request)
             extra = b""
             if key is None and sticky.mint_cookie:
+                # Minted even while one version has all the traffic, so that the user is
+                # already keyed when a split begins.
                 key, extra = sticky.new_cookie()
             if key is not None:
+                if self._only is not None:
+                    return self._only, REASON_WEIGHT, extra
                 return self._sticky_pick(key), REASON_STICKY, extra
+        if self._only is not None:
+            return self._only, REASON_WEIGHT, b""
         if not self._total:
             return None, REASON_WEIGHT, b""
         index = bisect_right(self._cumulative, random.random() * self._total)

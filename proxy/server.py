@@ -134,6 +134,8 @@ class Exchange:
         client = self.client
         settings = client.settings
         hmap = self.hmap
+        if self.url[:1] != b"/" and self.url.startswith((b"http://", b"https://")):
+            self.use_absolute_form()
         host = hmap.get(b"host")
         if self.dup_host or (host is None and not self.http10):
             self.respond_local(400, "a request needs exactly one Host header", close=True)
@@ -164,6 +166,22 @@ class Exchange:
             self.attach(conn)
         else:
             self.connecting = client.loop.create_task(self.connect(pool))
+
+    def use_absolute_form(self) -> None:
+        """RFC 9112 3.2.2: the authority of an absolute-form target replaces Host, and the
+        upstream gets the origin form."""
+        rest = self.url.split(b"//", 1)[1]
+        end = len(rest)
+        for delimiter in (b"/", b"?", b"#"):
+            found = rest.find(delimiter)
+            if 0 <= found < end:
+                end = found
+        authority, target = rest[:end].rpartition(b"@")[2], rest[end:]
+        self.url = target if target.startswith(b"/") else b"/" + target
+        self.hmap[b"host"] = authority
+        self.headers = [h for h in self.headers if h[0] != b"host"]
+        self.headers.insert(0, (b"host", b"Host", authority))
+        self.dup_host = False
 
     async def connect(self, pool: UpstreamPool) -> None:
         try:

@@ -417,3 +417,14 @@ async def test_aiohttp_client_through_proxy(start_backend, start_proxy):
                                     data=b"q" * (i * 1000)) as response:
                 assert response.status == 200
                 assert (await response.json())["body_size"] == i * 1000
+
+
+async def test_absolute_form_target_sets_host_and_goes_out_in_origin_form(start_backend,
+                                                                           start_proxy):
+    backend = await start_backend()
+    proxy = await start_proxy(one_service(backend.address, match={"hosts": ["shop.test"]}))
+    [response] = await exchange(proxy.port, b"GET http://shop.test/cart?id=1 HTTP/1.1\r\n"
+                                b"Host: ignored.test\r\n\r\n")
+    assert response.status == 200
+    assert response.json()["path"] == "/cart?id=1"
+    assert response.json()["headers"]["host"] == "shop.test"

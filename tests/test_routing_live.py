@@ -109,9 +109,9 @@ async def test_matching_rule_routes_all_requests(start_backend, start_proxy):
     assert set(cookie) == {"canary"}
     others = await fetch_versions(proxy.port, [{"x-user-group": "public"}] * 200)
     assert set(others) == {"stable"}  # blue/green style 100/0: weight 0 gets nothing
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://127.0.0.1:{proxy.port}/x?preview=true") as response:
-            assert response.headers["x-weir-version"] == "canary"
+    url = f"http://127.0.0.1:{proxy.port}/x?preview=true"
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        assert response.headers["x-weir-version"] == "canary"
 
 
 async def test_least_inflight_balances_across_upstreams(start_backend, start_proxy):
