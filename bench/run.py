@@ -19,6 +19,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -40,6 +41,7 @@ BASELINE = "baseline"
 REFERENCE = "nginx"
 N_USERS = 1000
 EXPECTED_BODY = b"hello world\n"
+OTHER_CPU_WARN = 10.0  # % of one core used by unrelated processes during a run
 SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
 
@@ -110,6 +112,30 @@ def group_cpu_seconds(pgid: int) -> float:
     return total / ticks
 
 
+def parse_cpu_list(spec: str) -> set[int]:
+    """``"0"``, ``"0,1"`` or ``"0-3"`` as a set of CPU numbers (taskset's syntax)."""
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def cpu_ticks(cpus: set[int] | None = None) -> tuple[int, int]:
+    """(idle+iowait, total) jiffies of the given CPUs (None: all), from /proc/stat."""
+    idle = total = 0
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *values = line.split()
+            if not (name.startswith("cpu") and name[3:].isdigit()):
+                continue
+            if cpus is None or int(name[3:]) in cpus:
+                nums = [int(v) for v in values[:8]]  # user..steal; guest is in user
+                idle += nums[3] + nums[4]
+                total += sum(nums)
+    return idle, total
+
+
 class ProcessManager:
     """Starts server processes and guarantees they are all stopped."""
 
@@ -162,6 +188,15 @@ class ProcessManager:
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def own_cpu_seconds(pm: ProcessManager) -> float:
+    """CPU seconds of everything this benchmark runs: the servers, this script, and the
+    finished children it waited for (wrk)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    return total + sum(group_cpu_seconds(p.pid) for p in pm.procs)
 
 
 def _raise_on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -400,6 +435,8 @@ class WrkResult:
     non_2xx: int = 0
     socket_errors: dict[str, int] = field(default_factory=dict)
     cpu_pct: float | None = None
+    pinned_cpu_idle_pct: float | None = None
+    other_cpu_pct: float | None = None
 
     @property
     def errors(self) -> int:
@@ -564,11 +601,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _check_cpus(spec: str, flag: str) -> None:
     allowed = os.sched_getaffinity(0)
-    wanted: set[int] = set()
     try:
-        for part in spec.split(","):
-            lo, _, hi = part.partition("-")
-            wanted.update(range(int(lo), int(hi or lo) + 1))
+        wanted = parse_cpu_list(spec)
     except ValueError as exc:
         raise BenchError(f"{flag}: bad CPU list {spec!r}") from exc
     if not wanted or not wanted <= allowed:
@@ -669,6 +703,7 @@ def start_servers(
 def measure(
     args: argparse.Namespace,
     tools: dict[str, str],
+    pm: ProcessManager,
     target: Target,
     script: Path,
 ) -> WrkResult:
@@ -681,16 +716,29 @@ def measure(
     if args.warmup > 0:
         run_wrk(tools["wrk"], tools["taskset"], args.load_cpus, url, duration=args.warmup, **common)
     _check_alive(target.proc)
+    pinned = parse_cpu_list(args.load_cpus if target.name == BASELINE else args.proxy_cpus)
     cpu0 = group_cpu_seconds(target.proc.pid)
+    idle0, total0 = cpu_ticks(pinned)
+    all_idle0, all_total0 = cpu_ticks()
+    own0 = own_cpu_seconds(pm)
     t0 = time.monotonic()
     out = run_wrk(
         tools["wrk"], tools["taskset"], args.load_cpus, url, duration=args.duration, **common
     )
     wall = time.monotonic() - t0
     cpu1 = group_cpu_seconds(target.proc.pid)
+    idle1, total1 = cpu_ticks(pinned)
+    all_idle1, all_total1 = cpu_ticks()
+    own1 = own_cpu_seconds(pm)
     _check_alive(target.proc)
     result = parse_wrk(out)
     result.cpu_pct = 100.0 * (cpu1 - cpu0) / wall if wall > 0 else None
+    if total1 > total0:
+        result.pinned_cpu_idle_pct = 100.0 * (idle1 - idle0) / (total1 - total0)
+    if wall > 0:
+        ticks = os.sysconf("SC_CLK_TCK")
+        busy = ((all_total1 - all_total0) - (all_idle1 - all_idle0)) / ticks
+        result.other_cpu_pct = max(0.0, 100.0 * (busy - (own1 - own0)) / wall)
     return result
 
 
@@ -702,6 +750,8 @@ class Summary:
     p99_ms: float
     errors: int
     cpu_pct: float | None
+    pinned_cpu_idle_pct: float | None
+    other_cpu_pct: float | None
     runs: list[WrkResult]
     rps_vs_nginx: float | None = None
     p99_vs_nginx: float | None = None
@@ -709,6 +759,8 @@ class Summary:
 
 def summarize(name: str, runs: list[WrkResult]) -> Summary:
     cpus = [r.cpu_pct for r in runs if r.cpu_pct is not None]
+    idles = [r.pinned_cpu_idle_pct for r in runs if r.pinned_cpu_idle_pct is not None]
+    others = [r.other_cpu_pct for r in runs if r.other_cpu_pct is not None]
     return Summary(
         name=name,
         rps=statistics.median(r.rps for r in runs),
@@ -716,8 +768,33 @@ def summarize(name: str, runs: list[WrkResult]) -> Summary:
         p99_ms=statistics.median(r.p99_ms for r in runs),
         errors=sum(r.errors for r in runs),
         cpu_pct=statistics.median(cpus) if cpus else None,
+        pinned_cpu_idle_pct=statistics.median(idles) if idles else None,
+        other_cpu_pct=statistics.median(others) if others else None,
         runs=runs,
     )
+
+
+def cpu_note(s: Summary, proxy_cpus: str, load_cpus: str) -> str | None:
+    """Why a target's numbers may not show the proxy's own limit, if they may not."""
+    if s.other_cpu_pct is not None and s.other_cpu_pct >= OTHER_CPU_WARN:
+        return (
+            f"{s.name}: other processes used {s.other_cpu_pct:.0f}% of a core during the "
+            "run, so its numbers are unreliable (rerun on a quiet machine)"
+        )
+    if s.name == BASELINE or s.cpu_pct is None or s.cpu_pct >= 90:
+        return None
+    idle = s.pinned_cpu_idle_pct
+    if idle is not None and idle >= 10:
+        return (
+            f"{s.name} used {s.cpu_pct:.0f}% of a core and cpu {proxy_cpus} was {idle:.0f}% "
+            f"idle: the load side (wrk + backend on cpu {load_cpus}) was the limit, so "
+            f"{s.name}'s req/s is a lower bound"
+        )
+    return f"{s.name} used only {s.cpu_pct:.0f}% of a core although cpu {proxy_cpus} was busy"
+
+
+def _fmt_pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}%"
 
 
 def _fmt_ratio(value: float | None) -> str:
@@ -725,7 +802,17 @@ def _fmt_ratio(value: float | None) -> str:
 
 
 def render_table(summaries: list[Summary]) -> str:
-    header = ("target", "req/s", "p50 ms", "p99 ms", "rps/nginx", "p99/nginx", "errors", "cpu%")
+    header = (
+        "target",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "rps/nginx",
+        "p99/nginx",
+        "errors",
+        "cpu%",
+        "other%",
+    )
     rows = [header]
     for s in summaries:
         rows.append(
@@ -738,6 +825,7 @@ def render_table(summaries: list[Summary]) -> str:
                 _fmt_ratio(s.p99_vs_nginx),
                 str(s.errors),
                 "-" if s.cpu_pct is None else f"{s.cpu_pct:.0f}",
+                "-" if s.other_cpu_pct is None else f"{s.other_cpu_pct:.0f}",
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -819,13 +907,16 @@ def run(args: argparse.Namespace) -> int:
             if not args.no_baseline:
                 order = [backend, *order]
             for target in order:
-                res = measure(args, tools, target, script)
+                res = measure(args, tools, pm, target, script)
                 runs[target.name].append(res)
                 cpu = "-" if res.cpu_pct is None else f"{res.cpu_pct:.0f}%"
+                idle = _fmt_pct(res.pinned_cpu_idle_pct)
+                other = _fmt_pct(res.other_cpu_pct)
                 print(
                     f"[round {rnd + 1}/{args.rounds}] {target.name:<8} "
                     f"{res.rps:>10,.0f} req/s  p50 {res.p50_ms:.3f} ms  "
-                    f"p99 {res.p99_ms:.3f} ms  errors {res.errors}  cpu {cpu}",
+                    f"p99 {res.p99_ms:.3f} ms  errors {res.errors}  cpu {cpu} "
+                    f"(its cpu idle {idle}, other processes {other})",
                     file=sys.stderr,
                 )
     finally:
@@ -858,15 +949,14 @@ def run(args: argparse.Namespace) -> int:
     )
     print(render_table(summaries))
     for s in summaries:
-        if s.name != BASELINE and s.cpu_pct is not None and s.cpu_pct < 90:
-            print(
-                f"note: {s.name} used only {s.cpu_pct:.0f}% of a CPU, so it was not the "
-                "bottleneck (busy machine, or the wrk+backend CPU saturated); "
-                "treat its numbers with care"
-            )
+        note = cpu_note(s, args.proxy_cpus, args.load_cpus)
+        if note:
+            print(f"note: {note}")
     print(
         "errors = socket errors + non-2xx/3xx responses, summed over rounds; "
-        "cpu% = CPU used by the target's processes during the run"
+        "cpu% = CPU used by the target's processes during the run; "
+        "other% = CPU used meanwhile by processes this benchmark did not start "
+        "(should be ~0)"
     )
 
     if args.json is not None:
@@ -893,6 +983,8 @@ def run(args: argparse.Namespace) -> int:
                     "p99_vs_nginx": s.p99_vs_nginx,
                     "errors": s.errors,
                     "cpu_pct": s.cpu_pct,
+                    "pinned_cpu_idle_pct": s.pinned_cpu_idle_pct,
+                    "other_cpu_pct": s.other_cpu_pct,
                     "runs": [asdict(r) | {"errors": r.errors} for r in s.runs],
                 }
                 for s in summaries
