@@ -25,6 +25,7 @@ REASON_STICKY = "sticky"
 REASON_WEIGHT = "weight"
 
 _HOST_CACHE_LIMIT = 4096
+_STICKY_CACHE_LIMIT = 65536
 
 
 class RoutedRequest(Protocol):
@@ -187,8 +188,8 @@ class StickyPolicy:
 class Route:
     """A compiled service: which requests it takes and how it picks a version for each."""
 
-    __slots__ = ("_cumulative", "_only", "_total", "_weighted", "hosts", "name", "path_prefix",
-                 "rules", "sticky", "versions", "weights")
+    __slots__ = ("_cumulative", "_only", "_sticky_cache", "_total", "_weighted", "hosts",
+                 "name", "path_prefix", "rules", "sticky", "versions", "weights")
 
     def __init__(self, service: Service, weights: dict[str, int],
                  versions: dict[str, VersionTarget]) -> None:
@@ -205,6 +206,8 @@ class Route:
         self._cumulative = list(accumulate(w for _, w in self._weighted))
         self._total = self._cumulative[-1] if self._cumulative else 0
         self._only = self._weighted[0][0] if len(self._weighted) == 1 else None
+        # Weights are fixed for the life of a Route, so a user's version can be remembered.
+        self._sticky_cache: dict[bytes, VersionTarget | None] = {}
 
     def pick_version(self, request: RoutedRequest) -> tuple[VersionTarget | None, str, bytes]:
         """(version, reason, extra response header lines such as a minted sticky cookie)."""
@@ -231,6 +234,16 @@ class Route:
         return self._weighted[index][0], REASON_WEIGHT, b""
 
     def _sticky_pick(self, user_key: bytes) -> VersionTarget | None:
+        cache = self._sticky_cache
+        best = cache.get(user_key)
+        if best is None:
+            best = self._sticky_hash(user_key)
+            if len(cache) >= _STICKY_CACHE_LIMIT:
+                cache.clear()
+            cache[user_key] = best
+        return best
+
+    def _sticky_hash(self, user_key: bytes) -> VersionTarget | None:
         best: VersionTarget | None = None
         best_score = math.inf
         for target, weight in self._weighted:
@@ -270,28 +283,31 @@ class RouteTable:
                 else:
                     self._by_host.setdefault(host, []).append(route)
         self._wildcards.sort(key=lambda item: -len(item[0]))
-        self._cache: dict[str, tuple[Route, ...]] = {}
+        self._cache: dict[bytes, tuple[Route, ...]] = {}
 
-    def _candidates(self, host: str) -> tuple[Route, ...]:
-        found = self._cache.get(host)
-        if found is None:
-            found = tuple(self._by_host.get(host, ()))
-            found += tuple(r for suffix, r in self._wildcards if host.endswith(suffix))
-            found += self._default
-            if len(self._cache) < _HOST_CACHE_LIMIT:
-                self._cache[host] = found
+    def _candidates(self, raw_host: bytes) -> tuple[Route, ...]:
+        """Routes that may take this Host header value, most specific first; cached by the
+        raw value so that the usual request costs one dict lookup."""
+        host = raw_host.decode("latin-1").lower()
+        if host.startswith("["):
+            host = host.split("]", 1)[0] + "]"
+        elif ":" in host:
+            host = host.rsplit(":", 1)[0]
+        found = tuple(self._by_host.get(host, ()))
+        found += tuple(r for suffix, r in self._wildcards if host.endswith(suffix))
+        found += self._default
+        if len(self._cache) < _HOST_CACHE_LIMIT:
+            self._cache[raw_host] = found
         return found
 
     def find_route(self, host: bytes, url: bytes) -> Route | None:
         """Most specific host first (exact, then wildcard, then any), then longest prefix."""
-        name = host.decode("latin-1").lower()
-        if name.startswith("["):
-            name = name.split("]", 1)[0] + "]"
-        else:
-            name = name.rsplit(":", 1)[0] if ":" in name else name
-        if url.startswith((b"http://", b"https://")):
+        candidates = self._cache.get(host)
+        if candidates is None:
+            candidates = self._candidates(host)
+        if url[:1] != b"/":
             url = request_path(url)
-        for route in self._candidates(name):
+        for route in candidates:
             if url.startswith(route.path_prefix):
                 return route
         return None

@@ -87,6 +87,7 @@ class Exchange:
         "body_buffer", "body_received", "buffered", "chunked", "client", "connecting",
         "content_length", "dup_host", "extra_headers", "finished", "has_body", "head_request",
         "headers", "hmap", "http10", "keep_alive", "keep_client", "method", "out_chunked",
+        "outbuf",
         "pool", "reason", "request_complete", "response_done", "response_started", "retried",
         "route", "status", "target", "until_eof", "upgrade", "upstream", "upstream_keep_alive",
         "url",
@@ -124,6 +125,7 @@ class Exchange:
         self.response_started = False
         self.response_done = False
         self.out_chunked = False
+        self.outbuf: list[bytes] = []
         self.until_eof = False
         self.finished = False
 
@@ -298,22 +300,22 @@ class Exchange:
         self.status = status
         self.upstream_keep_alive = keep_alive
         chunked_in = has_length = False
-        drop: set[bytes] = set()
+        drop: set[bytes] | None = None
         upgrade_to = b""
-        kept = []
+        parts = [status_line(status, reason)]
         for name, value in headers:
             lname = name.lower()
             if lname in RESPONSE_REWRITTEN:
                 if lname == b"transfer-encoding":
                     chunked_in = True
                 elif lname == b"connection":
-                    drop = connection_tokens(value)
+                    drop = connection_tokens(value) or None
                 elif lname == b"upgrade":
                     upgrade_to = value
                 continue
             if lname == b"content-length":
                 has_length = True
-            kept.append((lname, name, value))
+            parts += (name, b": ", value, CRLF)
         keep = self.keep_alive and not client.closing
         framing = b""
         if status == 101:
@@ -323,18 +325,17 @@ class Exchange:
         if status == 101 or self.head_request or status in (204, 304):
             pass
         elif chunked_in or not has_length:
-            drop.add(b"content-length")  # chunked wins over a length (RFC 9112 6.3)
+            if has_length:
+                drop = (drop or set()) | {b"content-length"}  # chunked wins (RFC 9112 6.3)
             self.until_eof = not chunked_in
             if self.http10:
                 keep = False  # HTTP/1.0 has no chunked encoding: closing ends the body
             else:
                 self.out_chunked = True
                 framing = TRANSFER_CHUNKED
+        if drop:
+            parts = without_headers(parts, drop)
         self.keep_client = keep or status == 101
-        parts = [status_line(status, reason)]
-        for lname, name, value in kept:
-            if lname not in drop:
-                parts += (name, b": ", value, CRLF)
         if status != 101:
             if not keep:
                 parts.append(CONNECTION_CLOSE)
@@ -344,19 +345,29 @@ class Exchange:
         assert target is not None
         parts += (framing, target.response_header, self.extra_headers, VIA, CRLF)
         self.response_started = True
-        client.transport.write(b"".join(parts))
+        # Held until the upstream read is fully parsed, so that head and body leave in one
+        # write: one syscall per response instead of two.
+        self.outbuf.append(b"".join(parts))
         if status == 101:
+            self.flush()
             client.start_tunnel(self)
 
     def on_upstream_body(self, data: bytes) -> None:
         if self.out_chunked:
-            self.client.transport.writelines((b"%x\r\n" % len(data), data, CRLF))
+            self.outbuf += (b"%x\r\n" % len(data), data, CRLF)
         else:
-            self.client.transport.write(data)
+            self.outbuf.append(data)
+
+    def flush(self) -> None:
+        out = self.outbuf
+        if out:
+            self.outbuf = []
+            self.client.transport.writelines(out)
 
     def on_upstream_complete(self) -> None:
         if self.out_chunked:
-            self.client.transport.write(LAST_CHUNK)
+            self.outbuf.append(LAST_CHUNK)
+        self.flush()
         self.response_done = True
         conn, self.upstream = self.upstream, None
         self.release_pool_slot()
@@ -450,6 +461,16 @@ class Exchange:
         """The client went away: stop everything this exchange holds."""
         self.finished = True
         self.drop_upstream()
+
+
+def without_headers(parts: list[bytes], names: set[bytes]) -> list[bytes]:
+    """Drop header lines from a head being built as [status line, name, ": ", value, CRLF, …]
+    (the rare case of headers named in Connection, or a length beside chunked)."""
+    kept = [parts[0]]
+    for i in range(1, len(parts), 4):
+        if parts[i].lower() not in names:
+            kept += parts[i:i + 4]
+    return kept
 
 
 class ClientConnection(asyncio.Protocol):
@@ -561,14 +582,14 @@ class ClientConnection(asyncio.Protocol):
         self.head_bytes += received
         return self.head_bytes > 2 * self.settings.max_header_bytes
 
-    def on_message_begin(self) -> None:
-        self.current = Exchange(self)
-        self.head_bytes = 0
-        self.in_head = True
-        if self.active is None:
-            self.set_deadline(self.settings.header_timeout)
-
     def on_url(self, url: bytes) -> None:
+        # The first callback of every request (on_message_begin would be one more call).
+        if not self.in_head:
+            self.current = Exchange(self)
+            self.head_bytes = 0
+            self.in_head = True
+            if self.active is None:
+                self.set_deadline(self.settings.header_timeout)
         self.current.url += url  # type: ignore[union-attr]
         self.head_bytes += len(url)
 
@@ -596,8 +617,11 @@ class ClientConnection(asyncio.Protocol):
         parser = self.parser
         ex.method = method = parser.get_method()
         ex.head_request = method == b"HEAD"
-        ex.http10 = parser.get_http_version() == "1.0"
-        ex.keep_alive = parser.should_keep_alive()
+        ex.keep_alive = keep_alive = parser.should_keep_alive()
+        # HTTP/1.0 keeps a connection only when asked in a Connection header, so the common
+        # case needs no call to get_http_version (which formats a string).
+        ex.http10 = ((not keep_alive or b"connection" in ex.hmap)
+                     and parser.get_http_version() == "1.0")
         ex.upgrade = parser.should_upgrade() and method != b"CONNECT"
         hmap = ex.hmap
         if b"transfer-encoding" in hmap:

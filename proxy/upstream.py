@@ -30,13 +30,14 @@ class ResponseSink(Protocol):
     def on_upstream_tunnel_data(self, data: bytes) -> None: ...
     def on_upstream_failed(self, status: int, reason: str, got_bytes: bool) -> None: ...
     def on_upstream_closed(self) -> None: ...
+    def flush(self) -> None: ...
     def pause_client_reading(self, paused: bool) -> None: ...
 
 
 class UpstreamConnection(asyncio.Protocol):
-    __slots__ = ("_head_done", "_headers", "_informational", "_reason", "_reset_parser",
+    __slots__ = ("_head_done", "_headers", "_informational", "_reset_parser",
                  "closed", "got_bytes", "idle_since", "last_activity", "loop", "parser",
-                 "pool", "reused", "sink", "timer", "transport", "tunnel")
+                 "pool", "read_timeout", "reused", "sink", "timer", "transport", "tunnel")
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -50,9 +51,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = False
         self.idle_since = 0.0
         self.last_activity = 0.0
+        self.read_timeout = 60.0
         self.timer: asyncio.TimerHandle | None = None
         self._headers: list[tuple[bytes, bytes]] = []
-        self._reason = b""
         self._informational = False
         self._head_done = False
         self._reset_parser = False
@@ -84,6 +85,8 @@ class UpstreamConnection(asyncio.Protocol):
             log.warning("invalid response from %s: %s", self.pool.address, exc)
             self._fail(502, "upstream sent an invalid response")
             return
+        if sink is self.sink or self.sink is None:
+            sink.flush()
         if self._reset_parser:
             # A response to HEAD ends with its head; httptools cannot be told so, so the
             # parser that is waiting for a body is replaced before the connection is reused.
@@ -111,18 +114,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- httptools callbacks --------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self._headers = []
-        self._head_done = False
-
-    def on_status(self, reason: bytes) -> None:
-        self._reason = reason
-
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
+        headers, self._headers = self._headers, []
         if 100 <= status < 200 and status != 101:
             # Interim responses (100 Continue, 103) are not relayed: Weir answers
             # Expect: 100-continue itself, and the final response follows on this connection.
@@ -134,8 +131,9 @@ class UpstreamConnection(asyncio.Protocol):
         sink = self.sink
         if sink is None:
             return
-        sink.on_upstream_head(status, self._reason, self._headers,
-                              self.parser.should_keep_alive())
+        # The reason phrase is not read (no on_status callback): like Envoy, Weir sends the
+        # standard phrase for the code, which clients ignore anyway (RFC 9112 4).
+        sink.on_upstream_head(status, b"", headers, self.parser.should_keep_alive())
         if sink.head_request and self.sink is sink:
             self._reset_parser = True
             self.finish_response(sink)
@@ -161,8 +159,7 @@ class UpstreamConnection(asyncio.Protocol):
     # --- used by the exchange -------------------------------------------------------------
 
     def finish_response(self, sink: ResponseSink) -> None:
-        self._cancel_timer()
-        self.sink = None
+        self.sink = None  # the read timer stays armed; it finds no sink and lapses
         sink.on_upstream_complete()
 
     def send(self, sink: ResponseSink, data: bytes, read_timeout: float) -> None:
@@ -173,21 +170,21 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_done = False
         self._informational = False
         self.last_activity = self.loop.time()
+        self.read_timeout = read_timeout
         assert self.transport is not None
         self.transport.write(data)
-        self.timer = self.loop.call_later(read_timeout, self._check_timeout, read_timeout)
+        if self.timer is None:
+            self.timer = self.loop.call_later(read_timeout, self._check_timeout)
 
-    def _check_timeout(self, read_timeout: float) -> None:
-        """One timer per exchange, re-armed lazily: cheaper than resetting it on every read."""
+    def _check_timeout(self) -> None:
+        """A lazily re-armed timer that outlives exchanges: on a busy connection it fires once
+        per read_timeout instead of being set and cancelled for every request."""
         self.timer = None
-        if self.sink is None or self.closed:
-            return
-        if self.tunnel:
-            return  # tunnels are closed by their peers or by draining, not by read timeouts
+        if self.sink is None or self.closed or self.tunnel:
+            return  # idle in the pool, or a tunnel (closed by its peers, not by time)
         idle = self.loop.time() - self.last_activity
-        if idle < read_timeout:
-            self.timer = self.loop.call_later(read_timeout - idle, self._check_timeout,
-                                              read_timeout)
+        if idle < self.read_timeout:
+            self.timer = self.loop.call_later(self.read_timeout - idle, self._check_timeout)
             return
         self._fail(504, "upstream did not answer in time")
 
