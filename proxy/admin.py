@@ -1,55 +1,149 @@
-"""The admin listener (aiohttp.web): health, readiness and a read-only status for now."""
+"""The admin listener (aiohttp.web): the JSON admin API, /metrics, /healthz and /readyz.
+
+Reads are open; every mutation needs ``Authorization: Bearer <admin.token>``. Errors are JSON
+``{"error": "..."}`` with 400 (bad body), 401 (token), 404 (unknown service or version).
+"""
 
 from __future__ import annotations
 
+import hmac
+import json
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from .config import split_address
+from .config import ConfigError, split_address
+from .control import UnknownName
 
 if TYPE_CHECKING:
-    from .app import ProxyServer
+    from .control import ControlPlane
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except UnknownName as exc:
+        return error(404, str(exc.args[0]))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error(exc.status, exc.reason)
 
 
 class AdminServer:
-    def __init__(self, proxy: ProxyServer) -> None:
-        self.proxy = proxy
-        self.app = web.Application()
+    def __init__(self, control: ControlPlane) -> None:
+        self.control = control
+        self.app = web.Application(middlewares=[json_errors], client_max_size=1 << 20)
         self.app.add_routes([
             web.get("/healthz", self.healthz),
             web.get("/readyz", self.readyz),
+            web.get("/metrics", self.metrics),
             web.get("/api/status", self.status),
+            web.put("/api/services/{name}/weights", self.set_weights),
+            web.post("/api/services/{name}/switch", self.switch),
+            web.post("/api/reload", self.reload),
         ])
         self.runner: web.AppRunner | None = None
+        self.site: web.TCPSite | None = None
 
     async def start(self) -> None:
-        host, port = split_address(self.proxy.config.admin.listen)
-        self.runner = web.AppRunner(self.app, access_log=None)
+        host, port = split_address(self.control.config.admin.listen)
+        self.runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
         await self.runner.setup()
-        await web.TCPSite(self.runner, host, port).start()
+        self.site = web.TCPSite(self.runner, host, port)
+        await self.site.start()
+
+    @property
+    def port(self) -> int:
+        assert self.site is not None and self.site._server is not None
+        return int(self.site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
 
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
 
+    # --- helpers --------------------------------------------------------------------------
+
+    def authorize(self, request: web.Request) -> None:
+        token = self.control.config.admin.token
+        if token is None:
+            raise web.HTTPUnauthorized(reason="mutations are disabled: set admin.token in "
+                                              "the config to enable them")
+        given = request.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(),
+                                                                 token.encode()):
+            raise web.HTTPUnauthorized(reason="missing or wrong bearer token")
+
+    async def body(self, request: web.Request) -> dict[str, Any]:
+        try:
+            data = await request.json(loads=json.loads)
+        except (ValueError, UnicodeDecodeError):
+            raise web.HTTPBadRequest(reason="the body must be a JSON object") from None
+        if not isinstance(data, dict):
+            raise web.HTTPBadRequest(reason="the body must be a JSON object")
+        return data
+
+    # --- handlers -------------------------------------------------------------------------
+
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        if self.proxy.draining:
+        if self.control.proxy.draining:
             return web.json_response({"status": "draining"}, status=503)
         return web.json_response({"status": "ready"})
 
+    async def metrics(self, request: web.Request) -> web.Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return web.Response(body=self.control.metrics.exposition(),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     async def status(self, request: web.Request) -> web.Response:
-        table = self.proxy.table
-        services: list[dict[str, Any]] = []
-        for route in sorted(table.routes, key=lambda r: r.name):
-            services.append({
-                "name": route.name,
-                "weights": route.weights,
-                "versions": {name: {"upstreams": list(t.upstreams),
-                                    "inflight": sum(p.inflight for p in t.balancer.pools)}
-                             for name, t in route.versions.items()},
-            })
-        return web.json_response({"generation": table.generation, "services": services})
+        return web.json_response(self.control.status())
+
+    async def set_weights(self, request: web.Request) -> web.Response:
+        self.authorize(request)
+        name = request.match_info["name"]
+        self.control.service(name)  # 404 before 400 for an unknown service
+        weights = (await self.body(request)).get("weights")
+        if not isinstance(weights, dict) or not weights:
+            raise web.HTTPBadRequest(reason='expected {"weights": {"<version>": <int>, ...}}')
+        for version, weight in weights.items():
+            if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
+                raise web.HTTPBadRequest(reason=f"weight of {version!r} must be an integer "
+                                                f">= 0, got {weight!r}")
+        if not any(weights.values()):
+            raise web.HTTPBadRequest(reason="at least one version needs a weight above 0")
+        applied = await self.control.set_weights(name, weights)
+        return web.json_response({"service": name, "weights": applied})
+
+    async def switch(self, request: web.Request) -> web.Response:
+        self.authorize(request)
+        name = request.match_info["name"]
+        self.control.service(name)
+        to = (await self.body(request)).get("to")
+        if not isinstance(to, str) or not to:
+            raise web.HTTPBadRequest(reason='expected {"to": "<version>"}')
+        applied = await self.control.switch(name, to)
+        return web.json_response({"service": name, "weights": applied})
+
+    async def reload(self, request: web.Request) -> web.Response:
+        self.authorize(request)
+        try:
+            result = await self.control.reload("api")
+        except ConfigError as exc:
+            return error(409, "; ".join(exc.errors))
+        if result["outcome"] != "success":
+            return web.json_response({"error": "the config file is invalid; nothing changed",
+                                      **result}, status=422)
+        return web.json_response(result)

@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
 from .admin import AdminServer
 from .config import Config, ConfigError, load_config, split_address
+from .control import ControlPlane
 from .routing import RouteTable, build_route_table
 from .server import ClientConnection, DataPlaneSettings
-from .upstream import PoolRegistry
+from .upstream import PoolRegistry, UpstreamPool
 
 log = logging.getLogger("weir")
 
@@ -26,27 +28,40 @@ class ProxyServer:
     of each request, so replacing either is atomic from their point of view."""
 
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop,
-                 config_path: Path | None = None) -> None:
+                 weights_override: dict[str, dict[str, int]] | None = None) -> None:
         self.loop = loop
         self.config = config
-        self.config_path = config_path
         self.settings = DataPlaneSettings(config)
         self.pools = PoolRegistry(config.upstream, loop)
-        self.table: RouteTable = build_route_table(config, self.pools.balancer_for)
+        self.table: RouteTable = build_route_table(config, self.pools.balancer_for,
+                                                   weights_override)
         self.connections: set[ClientConnection] = set()
         self.listeners: list[asyncio.Server] = []
         self.draining = False
         self._sweeper: asyncio.TimerHandle | None = None
 
     def apply_config(self, config: Config,
-                     weights_override: dict[str, dict[str, int]] | None = None) -> None:
-        """Swap in a new config: compiled off to the side, then replaced in one assignment."""
+                     weights_override: dict[str, dict[str, int]] | None = None,
+                     generation: int | None = None) -> RouteTable:
+        """Swap in a new config: compiled off to the side, then replaced in one assignment.
+        Upstreams that lose all their traffic start draining; those that regain it stop."""
         self.pools.apply(config.upstream)
         table = build_route_table(config, self.pools.balancer_for, weights_override,
-                                  generation=self.table.generation + 1)
+                                  generation or self.table.generation + 1)
+        old_config, old_live = self.config, live_pools(self.table)
+        new_live = live_pools(table)
         self.config = config
         self.settings = DataPlaneSettings(config)
         self.table = table
+        drain_timeouts = {s.name: s.drain.timeout for s in old_config.services}
+        drain_timeouts.update({s.name: s.drain.timeout for s in config.services})
+        for pool, label in old_live.items():
+            if pool not in new_live:
+                pool.start_draining(drain_timeouts.get(label[0], 30.0), label)
+        for pool in new_live:
+            if pool.draining:
+                pool.stop_draining()
+        return table
 
     def protocol(self) -> ClientConnection:
         return ClientConnection(self)
@@ -67,21 +82,41 @@ class ProxyServer:
         self.pools.sweep()
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
+    def stop_listening(self) -> None:
+        """New connections are refused from here on; open ones carry on."""
+        for server in self.listeners:
+            server.close()
+
     async def shutdown(self, timeout: float) -> None:
         """Stop accepting, let requests in flight finish up to ``timeout``, then close."""
         self.draining = True
-        for server in self.listeners:
-            server.close()
+        self.stop_listening()
         for conn in list(self.connections):
             conn.shutdown()
         deadline = self.loop.time() + timeout
         while self.connections and self.loop.time() < deadline:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
+        if self.connections:
+            log.warning("shutdown timeout: closing %d connection(s) still open",
+                        len(self.connections))
         for conn in list(self.connections):
             conn.abort()
         if self._sweeper is not None:
             self._sweeper.cancel()
         self.pools.close_all()
+
+
+def live_pools(table: RouteTable) -> dict[UpstreamPool, tuple[str, str]]:
+    """Upstream pools that can receive traffic under ``table`` (a weight above 0 or a rule
+    pointing at their version), each with a (service, version) that uses it."""
+    live: dict[UpstreamPool, tuple[str, str]] = {}
+    for route in table.routes:
+        names = {name for name, weight in route.weights.items() if weight > 0}
+        names.update(rule.version.name for rule in route.rules)
+        for name in names:
+            for pool in route.versions[name].balancer.pools:
+                live.setdefault(pool, (route.name, name))
+    return live
 
 
 def settle_garbage_collector() -> None:
@@ -93,27 +128,39 @@ def settle_garbage_collector() -> None:
     gc.set_threshold(GC_THRESHOLD, 20, 20)
 
 
-def shutdown_timeout(config: Config) -> float:
-    return max((s.drain.timeout for s in config.services), default=30.0)
-
-
-async def serve(config: Config, config_path: Path | None = None) -> None:
+async def serve(config_path: Path, config: Config) -> int:
     loop = asyncio.get_running_loop()
-    proxy = ProxyServer(config, loop, config_path)
-    admin = AdminServer(proxy)
-    await proxy.start()
+    control = ControlPlane(config_path, config, loop)
+    admin = AdminServer(control)
+    await control.proxy.start()
     await admin.start()
-    log.info("weir listening on %s (admin on %s), %d service(s)", config.listen,
-             config.admin.listen, len(config.services))
+    control.start_watching()
+    log.info("weir listening on %s (admin on %s), %d service(s), config generation %d",
+             config.listen, config.admin.listen, len(config.services), control.generation)
     settle_garbage_collector()
+
     stop = asyncio.Event()
+
+    def on_term() -> None:
+        if stop.is_set():
+            log.warning("second termination signal: exiting now")
+            os._exit(1)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_term)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(control.reload("signal")))
     await stop.wait()
-    log.info("shutting down: finishing requests in flight")
-    await proxy.shutdown(shutdown_timeout(config))
+
+    shutdown = control.config.shutdown
+    log.info("shutting down: /readyz is 503; closing the listener in %.1fs", shutdown.delay)
+    control.proxy.draining = True
+    await asyncio.sleep(shutdown.delay)
+    await control.stop_watching()
+    await control.proxy.shutdown(shutdown.timeout)
     await admin.stop()
     log.info("stopped")
+    return 0
 
 
 def install_event_loop() -> None:
@@ -133,10 +180,10 @@ def run(config_path: str) -> int:
         return 2
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # we log reloads ourselves
     install_event_loop()
     try:
-        asyncio.run(serve(config, Path(config_path)))
+        return asyncio.run(serve(Path(config_path), config))
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1
-    return 0

@@ -253,6 +253,11 @@ class Admin(Strict):
     listen: ListenAddress = "127.0.0.1:9901"
     token: str | None = None
 
+    @field_validator("token")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value or None  # `token: ${WEIR_ADMIN_TOKEN:-}` with the variable unset
+
 
 class Limits(Strict):
     max_header_bytes: ByteSize = Field(default=64 * 1024, ge=1024)
@@ -267,10 +272,20 @@ class UpstreamSettings(Strict):
     max_idle_per_upstream: int = Field(default=128, ge=0)
 
 
+class Shutdown(Strict):
+    """SIGTERM: /readyz turns 503, then after ``delay`` the listener closes; requests in flight
+    get up to ``timeout`` to finish."""
+
+    delay: Duration = 0.0
+    timeout: Duration = 30.0
+
+
 class Config(Strict):
     listen: ListenAddress = "127.0.0.1:8080"
     admin: Admin = Admin()
     state_file: str | None = None
+    watch: bool = True
+    shutdown: Shutdown = Shutdown()
     trusted_proxies: list[str] = []
     version_header: bool = True
     limits: Limits = Limits()

@@ -162,7 +162,7 @@ class Exchange:
         if self.has_body and hmap.get(b"expect", b"").lower() == b"100-continue":
             client.transport.write(CONTINUE)
         pool = self.pool = target.balancer.pick()  # type: ignore[assignment]
-        pool.inflight += 1
+        pool.active.add(self)
         conn = pool.take_idle()
         if conn is not None:
             self.attach(conn)
@@ -446,7 +446,7 @@ class Exchange:
     def release_pool_slot(self) -> None:
         pool, self.pool = self.pool, None
         if pool is not None:
-            pool.inflight -= 1
+            pool.active.discard(self)
 
     def drop_upstream(self) -> None:
         conn, self.upstream = self.upstream, None
@@ -456,6 +456,12 @@ class Exchange:
             self.connecting.cancel()
             self.connecting = None
         self.release_pool_slot()
+
+    def close_for_drain(self) -> None:
+        """Its version lost its traffic and the drain timeout has passed."""
+        self.finished = True
+        self.drop_upstream()
+        self.client.close()  # a FIN after what was already sent, not a reset
 
     def abandon(self) -> None:
         """The client went away: stop everything this exchange holds."""

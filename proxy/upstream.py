@@ -34,6 +34,10 @@ class ResponseSink(Protocol):
     def pause_client_reading(self, paused: bool) -> None: ...
 
 
+class Closable(Protocol):
+    def close_for_drain(self) -> None: ...
+
+
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("_head_done", "_headers", "_informational", "_reset_parser",
                  "closed", "got_bytes", "idle_since", "last_activity", "loop", "parser",
@@ -229,8 +233,8 @@ class UpstreamConnection(asyncio.Protocol):
 class UpstreamPool:
     """Keep-alive connections to one upstream address, most recently used first."""
 
-    __slots__ = ("address", "connect_timeout", "host", "idle", "idle_timeout", "inflight",
-                 "loop", "max_idle", "port")
+    __slots__ = ("_drain_timer", "active", "address", "connect_timeout", "drain_label",
+                 "draining", "host", "idle", "idle_timeout", "loop", "max_idle", "port")
 
     def __init__(self, address: str, settings: UpstreamSettings,
                  loop: asyncio.AbstractEventLoop) -> None:
@@ -238,8 +242,17 @@ class UpstreamPool:
         self.host, self.port = split_address(address)
         self.loop = loop
         self.idle: list[UpstreamConnection] = []
-        self.inflight = 0
+        # Exchanges using this upstream (requests in flight, streams, tunnels): the balancer
+        # counts them, and draining closes those still open when its time is up.
+        self.active: set[Closable] = set()
+        self.draining = False
+        self.drain_label: tuple[str, str] = ("", "")
+        self._drain_timer: asyncio.TimerHandle | None = None
         self.apply(settings)
+
+    @property
+    def inflight(self) -> int:
+        return len(self.active)
 
     def apply(self, settings: UpstreamSettings) -> None:
         self.connect_timeout = settings.timeouts.connect
@@ -264,7 +277,7 @@ class UpstreamPool:
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
-        if conn.closed or len(self.idle) >= self.max_idle:
+        if conn.closed or self.draining or len(self.idle) >= self.max_idle:
             conn.close()
             return
         conn.idle_since = self.loop.time()
@@ -283,6 +296,32 @@ class UpstreamPool:
     def close_idle(self) -> None:
         while self.idle:
             self.idle.pop().close()
+
+    def start_draining(self, timeout: float, label: tuple[str, str]) -> None:
+        """This upstream lost its traffic: idle connections close now, requests in flight
+        finish, and whatever is still open after ``timeout`` (streams, WebSockets) is closed."""
+        if self.draining:
+            return
+        self.draining = True
+        self.drain_label = label
+        self.close_idle()
+        log.info("draining %s (%s/%s): %d open, %.0fs to finish", self.address, *label,
+                 len(self.active), timeout)
+        self._drain_timer = self.loop.call_later(timeout, self._drain_expired)
+
+    def stop_draining(self) -> None:
+        self.draining = False
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+
+    def _drain_expired(self) -> None:
+        self._drain_timer = None
+        if self.active:
+            log.info("drain of %s over: closing %d stream(s) still open", self.address,
+                     len(self.active))
+        for exchange in list(self.active):
+            exchange.close_for_drain()
 
 
 class Balancer:
@@ -304,7 +343,7 @@ class Balancer:
         best = pools[start]
         for offset in range(1, count):
             pool = pools[(start + offset) % count]
-            if pool.inflight < best.inflight:
+            if len(pool.active) < len(best.active):
                 best = pool
         return best
 

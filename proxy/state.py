@@ -1,0 +1,123 @@
+"""Runtime state: the changes made through the admin API (and, later, by the controller) that
+must survive a restart, kept apart from the config file and merged with it field by field.
+
+The merge rule is "last writer wins, per field": an API change to a service's weights records
+what the file said at that moment. While the file still says that, the API value stands, even
+across reloads that change other fields. Once the file's weights for that service change, the
+file is the newer writer and the API value is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .routing import effective_weights
+
+log = logging.getLogger("weir.state")
+
+STATE_FORMAT = 1
+SOURCE_FILE = "file"
+SOURCE_API = "api"
+
+
+@dataclass
+class WeightOverride:
+    weights: dict[str, int]
+    source: str                   # who set it: "api" or "controller"
+    file_weights: dict[str, int]  # what the config file said when it was set
+    changed_at: float
+
+
+class RuntimeState:
+    """Owns the overrides and their file. Not thread-safe; lives on the event loop."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.weights: dict[str, WeightOverride] = {}
+
+    # --- persistence ----------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Read the state file if there is one. A damaged file is set aside, not fatal."""
+        if self.path is None or not self.path.exists():
+            return
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            services = data.get("services", {})
+            self.weights = {
+                name: WeightOverride(**entry["weights"])
+                for name, entry in services.items() if "weights" in entry
+            }
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            aside = self.path.with_suffix(self.path.suffix + ".corrupt")
+            log.error("state file %s is unreadable (%s); moved it to %s and starting from "
+                      "the config file alone", self.path, exc, aside)
+            self.weights = {}
+            os.replace(self.path, aside)
+
+    def save(self) -> None:
+        """Write atomically: a temp file in the same directory, fsync, then rename."""
+        if self.path is None:
+            return
+        data: dict[str, Any] = {
+            "format": STATE_FORMAT,
+            "services": {name: {"weights": asdict(o)} for name, o in self.weights.items()},
+        }
+        directory = self.path.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(data, handle, indent=2, sort_keys=True)
+                handle.write("\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    # --- merging with the config file -----------------------------------------------------
+
+    def reconcile(self, config: Config) -> list[str]:
+        """Drop overrides the file has since overwritten (or that no longer fit it).
+        Returns the names of services whose override was dropped."""
+        dropped = []
+        services = {s.name: s for s in config.services}
+        for name, override in list(self.weights.items()):
+            service = services.get(name)
+            reason = None
+            if service is None:
+                reason = "the service is gone from the config file"
+            elif set(override.weights) - set(service.versions):
+                reason = "it names a version that is gone from the config file"
+            elif effective_weights(service) != override.file_weights:
+                reason = "the config file's weights for it changed since"
+            if reason:
+                log.info("service %s: dropping the %s weights %s: %s", name, override.source,
+                         override.weights, reason)
+                del self.weights[name]
+                dropped.append(name)
+        return dropped
+
+    def weights_override(self) -> dict[str, dict[str, int]]:
+        return {name: dict(o.weights) for name, o in self.weights.items()}
+
+    def set_weights(self, config: Config, service: str, weights: dict[str, int],
+                    source: str = SOURCE_API) -> None:
+        svc = next(s for s in config.services if s.name == service)
+        self.weights[service] = WeightOverride(
+            weights={v: weights.get(v, 0) for v in svc.versions}, source=source,
+            file_weights=effective_weights(svc), changed_at=time.time())
+
+    def weights_source(self, service: str) -> str:
+        override = self.weights.get(service)
+        return override.source if override else SOURCE_FILE
