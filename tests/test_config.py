@@ -281,7 +281,7 @@ def test_env_default_used_when_unset(monkeypatch: pytest.MonkeyPatch) -> None:
         admin={"token": "${WEIR_TEST_TOKEN:-}"},
     ))
     assert cfg.listen == "127.0.0.2:8181"
-    assert cfg.admin.token == ""
+    assert cfg.admin.token is None  # an empty token means "no token": mutations refused
 
 
 def test_env_value_wins_over_default(monkeypatch: pytest.MonkeyPatch) -> None:
