@@ -15,6 +15,7 @@ from .config import Config, ConfigError, load_config, split_address
 from .control import ControlPlane
 from .routing import RouteTable, build_route_table
 from .server import ClientConnection, DataPlaneSettings
+from .stats import StatsRegistry
 from .upstream import PoolRegistry, UpstreamPool
 
 log = logging.getLogger("weir")
@@ -33,8 +34,9 @@ class ProxyServer:
         self.config = config
         self.settings = DataPlaneSettings(config)
         self.pools = PoolRegistry(config.upstream, loop)
+        self.stats = StatsRegistry()
         self.table: RouteTable = build_route_table(config, self.pools.balancer_for,
-                                                   weights_override)
+                                                   weights_override, stats=self.stats)
         self.connections: set[ClientConnection] = set()
         self.listeners: list[asyncio.Server] = []
         self.draining = False
@@ -47,7 +49,7 @@ class ProxyServer:
         Upstreams that lose all their traffic start draining; those that regain it stop."""
         self.pools.apply(config.upstream)
         table = build_route_table(config, self.pools.balancer_for, weights_override,
-                                  generation or self.table.generation + 1)
+                                  generation or self.table.generation + 1, self.stats)
         old_config, old_live = self.config, live_pools(self.table)
         new_live = live_pools(table)
         self.config = config

@@ -7,7 +7,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -36,7 +41,59 @@ class LiveStateCollector(Collector):
     def __init__(self, proxy: ProxyServer) -> None:
         self.proxy = proxy
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
+        yield from self.collect_requests()
+        yield from self.collect_upstreams()
+        yield from self.collect_versions()
+
+    def collect_requests(self) -> Iterator[Metric]:
+        stats = self.proxy.stats
+        requests = CounterMetricFamily(
+            "http_requests", "Requests answered, by service, version, method and status.",
+            labels=["service", "version", "method", "status"])
+        durations = HistogramMetricFamily(
+            "http_request_duration_seconds",
+            "Time from a request's head arriving to its response's end.",
+            labels=["service", "version"])
+        for (service, version), vs in sorted(stats.versions.items()):
+            for (method, status), count in sorted(vs.requests.items()):
+                requests.add_metric([service, version, method.decode(), str(status)], count)
+            durations.add_metric([service, version], vs.cumulative_buckets(),
+                                 vs.duration_sum)
+        unrouted = CounterMetricFamily(
+            "weir_unrouted_requests", "Requests answered by Weir itself before any version "
+            "was chosen (no matching service, malformed), by status.", labels=["status"])
+        for status, count in sorted(stats.unrouted.items()):
+            unrouted.add_metric([str(status)], count)
+        yield requests
+        yield durations
+        yield unrouted
+
+    def collect_upstreams(self) -> Iterator[Metric]:
+        labels = ["upstream"]
+        families = {
+            "connect_errors": CounterMetricFamily(
+                "weir_upstream_connect_errors", "Failed connection attempts.", labels=labels),
+            "timeouts": CounterMetricFamily(
+                "weir_upstream_timeouts", "Connect or read timeouts.", labels=labels),
+            "retries": CounterMetricFamily(
+                "weir_upstream_retries", "Requests retried on a fresh connection after a "
+                "pooled one turned out closed.", labels=labels),
+        }
+        idle = GaugeMetricFamily("weir_upstream_pool_idle",
+                                 "Idle keep-alive connections in the pool.", labels=labels)
+        active = GaugeMetricFamily("weir_upstream_pool_active",
+                                   "Requests and streams in flight.", labels=labels)
+        for address, pool in sorted(self.proxy.pools.pools.items()):
+            for attribute, family in families.items():
+                family.add_metric([address], getattr(pool, attribute))
+            idle.add_metric([address], len(pool.idle))
+            active.add_metric([address], pool.inflight)
+        yield from families.values()
+        yield idle
+        yield active
+
+    def collect_versions(self) -> Iterator[Metric]:
         labels = ["service", "version"]
         weight = GaugeMetricFamily("weir_traffic_weight",
                                    "Configured weight of each version.", labels=labels)
@@ -70,5 +127,5 @@ class LiveStateCollector(Collector):
         yield draining
         yield generation
 
-    def describe(self) -> Iterator[GaugeMetricFamily]:
+    def describe(self) -> Iterator[Metric]:
         return iter(())

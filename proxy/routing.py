@@ -18,6 +18,7 @@ from typing import Protocol
 from urllib.parse import unquote_to_bytes
 
 from .config import Config, RuleMatch, Service, StringMatch
+from .stats import StatsRegistry, VersionStats
 
 # Why a request went to its version; shown in access logs and metrics.
 REASON_RULE = "rule"
@@ -129,11 +130,13 @@ class CompiledRule:
 class VersionTarget:
     """One version of one service as the data plane sees it."""
 
-    __slots__ = ("balancer", "name", "response_header", "service", "sticky_seed", "upstreams")
+    __slots__ = ("balancer", "name", "response_header", "service", "stats", "sticky_seed",
+                 "upstreams")
 
     def __init__(self, service: str, name: str, upstreams: tuple[str, ...],
-                 balancer: Balancer, emit_header: bool) -> None:
+                 balancer: Balancer, emit_header: bool, stats: VersionStats | None = None) -> None:
         self.service = service
+        self.stats = stats if stats is not None else VersionStats(service, name)
         self.name = name
         self.upstreams = upstreams
         self.balancer = balancer
@@ -315,14 +318,17 @@ class RouteTable:
 
 def build_route_table(config: Config, balancer_for: Callable[[tuple[str, ...]], Balancer],
                       weights_override: dict[str, dict[str, int]] | None = None,
-                      generation: int = 1) -> RouteTable:
+                      generation: int = 1, stats: StatsRegistry | None = None) -> RouteTable:
     """Compile a validated config. ``balancer_for`` hands out upstream sets so that pooled
-    connections survive a reload; ``weights_override`` carries runtime weight changes."""
+    connections survive a reload, as ``stats`` does for counters; ``weights_override``
+    carries runtime weight changes."""
+    stats = stats if stats is not None else StatsRegistry()
     routes = []
     for service in config.services:
         versions = {
             name: VersionTarget(service.name, name, tuple(v.upstreams),
-                                balancer_for(tuple(v.upstreams)), config.version_header)
+                                balancer_for(tuple(v.upstreams)), config.version_header,
+                                stats.for_version(service.name, name))
             for name, v in service.versions.items()
         }
         weights = effective_weights(service)

@@ -13,6 +13,7 @@ import asyncio
 import ipaddress
 import logging
 from collections import deque
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
@@ -89,8 +90,8 @@ class Exchange:
         "headers", "hmap", "http10", "keep_alive", "keep_client", "method", "out_chunked",
         "outbuf",
         "pool", "reason", "request_complete", "response_done", "response_started", "retried",
-        "route", "status", "target", "until_eof", "upgrade", "upstream", "upstream_keep_alive",
-        "url",
+        "route", "started", "status", "target", "until_eof", "upgrade", "upstream",
+        "upstream_keep_alive", "url",
     )
 
     def __init__(self, client: ClientConnection) -> None:
@@ -128,6 +129,7 @@ class Exchange:
         self.outbuf: list[bytes] = []
         self.until_eof = False
         self.finished = False
+        self.started = 0.0
 
     # --- request side ---------------------------------------------------------------------
 
@@ -190,10 +192,12 @@ class Exchange:
             conn = await pool.connect(self.client.settings.connect_timeout)
         except TimeoutError:
             self.connecting = None
+            pool.timeouts += 1
             self.upstream_failed(504, f"connecting to upstream {pool.address} timed out")
             return
         except OSError as exc:
             self.connecting = None
+            pool.connect_errors += 1
             self.upstream_failed(502, f"cannot connect to upstream {pool.address}: "
                                       f"{exc.strerror or exc}")
             return
@@ -404,6 +408,7 @@ class Exchange:
                 and self.pool is not None):
             # A pooled connection the upstream had already closed: try once on a fresh one.
             self.retried = True
+            self.pool.retries += 1
             self.connecting = self.client.loop.create_task(self.connect(self.pool))
             return
         self.upstream_failed(502, "upstream closed the connection before answering")
@@ -441,7 +446,16 @@ class Exchange:
         if self.response_done and not self.finished and (
                 self.request_complete or not self.keep_client):
             self.finished = True
+            self.record(self.status)
             self.client.exchange_finished(self)
+
+    def record(self, status: int) -> None:
+        """Count the exchange once, when it ends, against the version that served it."""
+        target = self.target
+        if target is None:
+            self.client.server.stats.count_unrouted(status)
+            return
+        target.stats.observe(self.method, status, perf_counter() - self.started)
 
     def release_pool_slot(self) -> None:
         pool, self.pool = self.pool, None
@@ -459,14 +473,20 @@ class Exchange:
 
     def close_for_drain(self) -> None:
         """Its version lost its traffic and the drain timeout has passed."""
-        self.finished = True
+        self.end_early()
         self.drop_upstream()
         self.client.close()  # a FIN after what was already sent, not a reset
 
     def abandon(self) -> None:
         """The client went away: stop everything this exchange holds."""
-        self.finished = True
+        self.end_early()
         self.drop_upstream()
+
+    def end_early(self) -> None:
+        if not self.finished:
+            self.finished = True
+            # 499 (nginx's "client closed request") when no response had started.
+            self.record(self.status if self.response_started else 499)
 
 
 def without_headers(parts: list[bytes], names: set[bytes]) -> list[bytes]:
@@ -621,6 +641,7 @@ class ClientConnection(asyncio.Protocol):
             raise HeadTooLarge
         self.head_bytes = 0
         parser = self.parser
+        ex.started = perf_counter()  # uvloop's loop.time() only has millisecond resolution
         ex.method = method = parser.get_method()
         ex.head_request = method == b"HEAD"
         ex.keep_alive = keep_alive = parser.should_keep_alive()

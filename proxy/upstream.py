@@ -190,6 +190,7 @@ class UpstreamConnection(asyncio.Protocol):
         if idle < self.read_timeout:
             self.timer = self.loop.call_later(self.read_timeout - idle, self._check_timeout)
             return
+        self.pool.timeouts += 1
         self._fail(504, "upstream did not answer in time")
 
     def touch(self) -> None:
@@ -233,8 +234,9 @@ class UpstreamConnection(asyncio.Protocol):
 class UpstreamPool:
     """Keep-alive connections to one upstream address, most recently used first."""
 
-    __slots__ = ("_drain_timer", "active", "address", "connect_timeout", "drain_label",
-                 "draining", "host", "idle", "idle_timeout", "loop", "max_idle", "port")
+    __slots__ = ("_drain_timer", "active", "address", "connect_errors", "connect_timeout",
+                 "drain_label", "draining", "host", "idle", "idle_timeout", "loop", "max_idle",
+                 "port", "retries", "timeouts")
 
     def __init__(self, address: str, settings: UpstreamSettings,
                  loop: asyncio.AbstractEventLoop) -> None:
@@ -248,6 +250,10 @@ class UpstreamPool:
         self.draining = False
         self.drain_label: tuple[str, str] = ("", "")
         self._drain_timer: asyncio.TimerHandle | None = None
+        # Counters for /metrics: failed connects, timeouts (connect or read), retries.
+        self.connect_errors = 0
+        self.timeouts = 0
+        self.retries = 0
         self.apply(settings)
 
     @property
