@@ -109,12 +109,13 @@ class ProxyServer:
 
 
 def live_pools(table: RouteTable) -> dict[UpstreamPool, tuple[str, str]]:
-    """Upstream pools that can receive traffic under ``table`` (a weight above 0 or a rule
-    pointing at their version), each with a (service, version) that uses it."""
+    """Upstream pools that can receive traffic under ``table`` (a weight above 0, or a rule
+    or a mirror pointing at their version), each with a (service, version) that uses it."""
     live: dict[UpstreamPool, tuple[str, str]] = {}
     for route in table.routes:
         names = {name for name, weight in route.weights.items() if weight > 0}
         names.update(rule.version.name for rule in route.rules)
+        names.update(mirror.target.name for mirror in route.mirrors)
         for name in names:
             for pool in route.versions[name].balancer.pools:
                 live.setdefault(pool, (route.name, name))

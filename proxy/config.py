@@ -222,9 +222,22 @@ class Drain(Strict):
 
 
 class Mirror(Strict):
+    """Copy a share of requests to a shadow version and throw its answers away."""
+
     version: str
     percent: float = Field(default=100.0, ge=0, le=100)
-    methods: list[str] = ["GET", "HEAD", "OPTIONS"]
+    methods: list[str] = ["GET", "HEAD", "OPTIONS"]  # idempotent by default
+    max_body_bytes: ByteSize = 64 * 1024    # larger request bodies are not mirrored
+    max_concurrent: int = Field(default=64, ge=1)
+    max_queued_bytes: ByteSize = 8 * 1024 * 1024
+    timeout: Duration = 5.0
+    host_suffix: bool = False               # send Host as "<host>-shadow"
+    compare: bool = False                   # compare status and body digest with the primary
+
+    @field_validator("methods")
+    @classmethod
+    def _upper(cls, value: list[str]) -> list[str]:
+        return [m.upper() for m in value]
 
 
 class Timeouts(Strict):

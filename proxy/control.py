@@ -193,6 +193,12 @@ class ControlPlane:
 
     # --- reporting ------------------------------------------------------------------------
 
+    def _mirror_status(self, service: str, version: str, percent: float) -> dict[str, Any]:
+        stats = self.proxy.stats.for_mirror(service, version)
+        return {"version": version, "percent": percent, "outcomes": dict(stats.outcomes),
+                "comparisons": dict(stats.comparisons),
+                "last_mismatches": list(stats.mismatches)}
+
     def status(self) -> dict[str, Any]:
         table = self.proxy.table
         services = []
@@ -217,6 +223,8 @@ class ControlPlane:
                 "versions": versions,
                 "rules": len(service.rules),
                 "sticky": service.sticky is not None,
+                "mirror": [self._mirror_status(service.name, m.version, m.percent)
+                           for m in service.mirror],
             })
         draining = [{"upstream": p.address, "service": p.drain_label[0],
                      "version": p.drain_label[1], "open": p.inflight}

@@ -65,9 +65,23 @@ class LiveStateCollector(Collector):
             "was chosen (no matching service, malformed), by status.", labels=["status"])
         for status, count in sorted(stats.unrouted.items()):
             unrouted.add_metric([str(status)], count)
+        mirrors = CounterMetricFamily(
+            "weir_mirror_requests", "Shadow copies by outcome: success (answered, whatever "
+            "the status), error, timeout, dropped (over a limit, or the shadow backing off).",
+            labels=["service", "version", "outcome"])
+        comparisons = CounterMetricFamily(
+            "weir_mirror_comparisons", "Shadow answers compared with the primary's (status "
+            "and body digest).", labels=["service", "version", "result"])
+        for (service, version), ms in sorted(stats.mirrors.items()):
+            for outcome, count in ms.outcomes.items():
+                mirrors.add_metric([service, version, outcome], count)
+            for result, count in ms.comparisons.items():
+                comparisons.add_metric([service, version, result], count)
         yield requests
         yield durations
         yield unrouted
+        yield mirrors
+        yield comparisons
 
     def collect_upstreams(self) -> Iterator[Metric]:
         labels = ["upstream"]

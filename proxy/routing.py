@@ -18,6 +18,7 @@ from typing import Protocol
 from urllib.parse import unquote_to_bytes
 
 from .config import Config, RuleMatch, Service, StringMatch
+from .mirror import MirrorPolicy
 from .stats import StatsRegistry, VersionStats
 
 # Why a request went to its version; shown in access logs and metrics.
@@ -192,16 +193,20 @@ class Route:
     """A compiled service: which requests it takes and how it picks a version for each."""
 
     __slots__ = ("_cumulative", "_only", "_sticky_cache", "_total", "_weighted", "hosts",
-                 "name", "path_prefix", "rules", "sticky", "versions", "weights")
+                 "mirrors", "name", "path_prefix", "rules", "sticky", "versions", "weights")
 
     def __init__(self, service: Service, weights: dict[str, int],
-                 versions: dict[str, VersionTarget]) -> None:
+                 versions: dict[str, VersionTarget], stats: StatsRegistry | None = None) -> None:
         self.name = service.name
         self.hosts = tuple(service.match.hosts)
         self.path_prefix = service.match.path_prefix.encode()
         self.versions = versions
         self.weights = dict(weights)
         self.rules = tuple(CompiledRule(r.match, versions[r.version]) for r in service.rules)
+        stats = stats if stats is not None else StatsRegistry()
+        self.mirrors = tuple(
+            MirrorPolicy(m, versions[m.version], stats.for_mirror(service.name, m.version))
+            for m in service.mirror if m.percent > 0)
         sticky = service.sticky
         self.sticky = (StickyPolicy(sticky.header, sticky.cookie, sticky.mint_cookie,
                                     sticky.cookie_max_age) if sticky else None)
@@ -334,5 +339,5 @@ def build_route_table(config: Config, balancer_for: Callable[[tuple[str, ...]], 
         weights = effective_weights(service)
         if weights_override and service.name in weights_override:
             weights = {n: weights_override[service.name].get(n, 0) for n in service.versions}
-        routes.append(Route(service, weights, versions))
+        routes.append(Route(service, weights, versions, stats))
     return RouteTable(routes, generation)

@@ -10,11 +10,12 @@ parsed and buffered, with the client's reading paused.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import logging
 from collections import deque
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
@@ -33,6 +34,7 @@ from .http11 import (
     simple_response,
     status_line,
 )
+from .mirror import MirrorCopy, MirrorPolicy
 from .routing import Route, VersionTarget
 
 if TYPE_CHECKING:
@@ -87,9 +89,9 @@ class Exchange:
     __slots__ = (
         "body_buffer", "body_received", "buffered", "chunked", "client", "connecting",
         "content_length", "dup_host", "extra_headers", "finished", "has_body", "head_request",
-        "headers", "hmap", "http10", "keep_alive", "keep_client", "method", "out_chunked",
-        "outbuf",
-        "pool", "reason", "request_complete", "response_done", "response_started", "retried",
+        "headers", "hmap", "http10", "keep_alive", "keep_client", "method", "mirrors",
+        "out_chunked", "outbuf", "pool", "primary_digest", "reason", "request_complete",
+        "response_done", "response_started", "retried",
         "route", "started", "status", "target", "until_eof", "upgrade", "upstream",
         "upstream_keep_alive", "url",
     )
@@ -130,6 +132,8 @@ class Exchange:
         self.until_eof = False
         self.finished = False
         self.started = 0.0
+        self.mirrors: list[MirrorCopy] | None = None
+        self.primary_digest: Any = None  # a hashlib object when a mirror compares bodies
 
     # --- request side ---------------------------------------------------------------------
 
@@ -157,6 +161,8 @@ class Exchange:
             return
         self.route = route
         self.target = target
+        if route.mirrors:
+            self.start_mirrors(route.mirrors)
         limit = settings.max_body_bytes
         if limit is not None and self.content_length > limit:
             self.respond_local(413, f"request body is larger than {limit} bytes")
@@ -170,6 +176,16 @@ class Exchange:
             self.attach(conn)
         else:
             self.connecting = client.loop.create_task(self.connect(pool))
+
+    def start_mirrors(self, policies: tuple[MirrorPolicy, ...]) -> None:
+        method = self.method
+        for policy in policies:
+            if policy.wants(method):
+                if self.mirrors is None:
+                    self.mirrors = []
+                self.mirrors.append(MirrorCopy(policy, self))
+                if policy.compare and self.primary_digest is None:
+                    self.primary_digest = hashlib.sha256()
 
     def use_absolute_form(self) -> None:
         """RFC 9112 3.2.2: the authority of an absolute-form target replaces Host, and the
@@ -226,15 +242,20 @@ class Exchange:
             conn.transport.pause_reading()
 
     def request_head(self) -> bytes:
+        return self.build_head(REQUEST_REWRITTEN, TRANSFER_CHUNKED if self.chunked else b"")
+
+    def build_head(self, skip: frozenset[bytes], extra: bytes) -> bytes:
+        """The request head as forwarded: hop-by-hop headers out, forwarding headers in.
+        ``skip`` names more headers to leave out, ``extra`` adds header lines (mirrors use
+        both to set their own Host and Content-Length)."""
         client = self.client
         hmap = self.hmap
         parts = [self.method, b" ", self.url, b" HTTP/1.1\r\n"]
-        skip = REQUEST_REWRITTEN
         connection = hmap.get(b"connection")
         if connection is not None:
-            extra = connection_tokens(connection)
-            if extra:
-                skip = skip | extra
+            named = connection_tokens(connection)
+            if named:
+                skip = skip | named
         for lname, name, value in self.headers:
             if lname not in skip:
                 parts += (name, b": ", value, CRLF)
@@ -249,16 +270,16 @@ class Exchange:
             parts += (client.forwarded_for, b"x-forwarded-host: ", hmap.get(b"host", b""), CRLF)
         if b"host" not in hmap and self.pool is not None:
             parts += (b"host: ", self.pool.address.encode(), CRLF)  # HTTP/1.0 clients
-        if self.chunked:
-            parts.append(TRANSFER_CHUNKED)
         if self.upgrade:
             parts += (b"connection: upgrade\r\nupgrade: ", hmap.get(b"upgrade", b""), CRLF)
-        parts.append(VIA)
-        parts.append(CRLF)
+        parts += (extra, VIA, CRLF)
         return b"".join(parts)
 
     def on_request_body(self, body: bytes) -> None:
         self.body_received += len(body)
+        if self.mirrors is not None:
+            for copy in self.mirrors:
+                copy.add_body(body)
         limit = self.client.settings.max_body_bytes
         if limit is not None and self.body_received > limit:
             self.body_over_limit(limit)
@@ -290,6 +311,9 @@ class Exchange:
 
     def on_request_complete(self) -> None:
         self.request_complete = True
+        if self.mirrors is not None:
+            for copy in self.mirrors:
+                copy.send()
         conn = self.upstream
         if conn is not None and self.chunked and not self.response_done:
             assert conn.transport is not None
@@ -357,6 +381,8 @@ class Exchange:
             client.start_tunnel(self)
 
     def on_upstream_body(self, data: bytes) -> None:
+        if self.primary_digest is not None:
+            self.primary_digest.update(data)
         if self.out_chunked:
             self.outbuf += (b"%x\r\n" % len(data), data, CRLF)
         else:
@@ -451,11 +477,23 @@ class Exchange:
 
     def record(self, status: int) -> None:
         """Count the exchange once, when it ends, against the version that served it."""
+        if self.mirrors is not None:
+            self.settle_mirrors(status)
         target = self.target
         if target is None:
             self.client.server.stats.count_unrouted(status)
             return
         target.stats.observe(self.method, status, perf_counter() - self.started)
+
+    def settle_mirrors(self, status: int) -> None:
+        """Copies not yet sent (the request never completed) are dropped; copies that compare
+        get the primary's status and body digest."""
+        digest = self.primary_digest.hexdigest() if self.primary_digest is not None else ""
+        for copy in self.mirrors or ():
+            if copy.pool is None and not copy.done and not self.request_complete:
+                copy.finish("dropped")
+            elif copy.digest is not None:
+                copy.primary_finished(status, digest)
 
     def release_pool_slot(self) -> None:
         pool, self.pool = self.pool, None

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from bisect import bisect_left
 
+from .mirror import MirrorStats
+
 # Upper bounds (seconds) of the request duration histogram; a proxy's interesting range
 # starts well under the default client buckets.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -49,6 +51,14 @@ class StatsRegistry:
     def __init__(self) -> None:
         self.versions: dict[tuple[str, str], VersionStats] = {}
         self.unrouted: dict[int, int] = {}  # status → count, for requests no service took
+        self.mirrors: dict[tuple[str, str], MirrorStats] = {}
+
+    def for_mirror(self, service: str, version: str) -> MirrorStats:
+        key = (service, version)
+        stats = self.mirrors.get(key)
+        if stats is None:
+            stats = self.mirrors[key] = MirrorStats(service, version)
+        return stats
 
     def for_version(self, service: str, version: str) -> VersionStats:
         key = (service, version)
