@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from .config import ConfigError, split_address
+from .config import MAX_WEIGHT, ConfigError, split_address
 from .control import UnknownName
 
 if TYPE_CHECKING:
@@ -79,8 +79,8 @@ class AdminServer:
                                               "the config to enable them")
         given = request.headers.get("Authorization", "")
         scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(),
-                                                                 token.encode()):
+        presented = value.strip().encode("utf-8", "surrogateescape")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented, token.encode()):
             raise web.HTTPUnauthorized(reason="missing or wrong bearer token")
 
     async def body(self, request: web.Request) -> dict[str, Any]:
@@ -119,9 +119,10 @@ class AdminServer:
         if not isinstance(weights, dict) or not weights:
             raise web.HTTPBadRequest(reason='expected {"weights": {"<version>": <int>, ...}}')
         for version, weight in weights.items():
-            if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
+            if (isinstance(weight, bool) or not isinstance(weight, int)
+                    or not 0 <= weight <= MAX_WEIGHT):
                 raise web.HTTPBadRequest(reason=f"weight of {version!r} must be an integer "
-                                                f">= 0, got {weight!r}")
+                                                f"from 0 to {MAX_WEIGHT}, got {weight!r}")
         if not any(weights.values()):
             raise web.HTTPBadRequest(reason="at least one version needs a weight above 0")
         applied = await self.control.set_weights(name, weights)

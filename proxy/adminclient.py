@@ -40,7 +40,7 @@ class AdminError(Exception):
 
 def normalize_url(url: str) -> str:
     """'127.0.0.1:9901' → 'http://127.0.0.1:9901'; raises ValueError for what can't be one."""
-    text = url.strip().rstrip("/")
+    text = url.strip()
     if not text:
         raise ValueError("the admin URL is empty")
     if "://" not in text:
@@ -54,7 +54,9 @@ def normalize_url(url: str) -> str:
         raise ValueError(f"bad port in the admin URL {url!r}") from None
     if not parts.hostname or port == 0:
         raise ValueError(f"expected an admin URL like {DEFAULT_ADMIN_URL}, got {url!r}")
-    return text
+    if parts.query or parts.fragment:
+        raise ValueError(f"the admin URL takes no query or fragment, got {url!r}")
+    return text.rstrip("/")
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -105,7 +107,7 @@ class AdminClient:
 
     # --- transport ------------------------------------------------------------------------
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
+    def request(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
         headers = {"Accept": "application/json", "User-Agent": "weir-cli"}
         data = None
         if body is not None:
@@ -132,15 +134,18 @@ class AdminClient:
             # reset mid-response, not HTTP at all, ...
             raise self._unreachable(_describe(exc)) from None
         try:
-            return json.loads(raw) if raw.strip() else {}
+            data = json.loads(raw) if raw.strip() else {}
         except ValueError:
+            data = None
+        if not isinstance(data, dict):
             raise AdminError(f"{method} {self.url}{path} answered with something that is not "
-                             f"JSON ({_snippet(raw)}); is {self.url} Weir's admin "
-                             f"address?") from None
+                             f"a JSON object ({_snippet(raw)}); is {self.url} Weir's admin "
+                             f"address?")
+        return data
 
     def _unreachable(self, why: str) -> AdminError:
-        return AdminError(f"cannot reach the admin API at {self.url}: {why} (set --admin or "
-                          f"{URL_ENV} to the admin.listen address)")
+        return AdminError(f"cannot reach the admin API at {self.url}: {why} (is Weir running? "
+                          f"--admin or ${URL_ENV} must be its admin.listen address)")
 
     def _http_error(self, method: str, path: str, status: int, reason: str,
                     raw: bytes) -> AdminError:
@@ -153,15 +158,20 @@ class AdminClient:
             pass
         message = body.get("error")
         if not isinstance(message, str) or not message:
-            message = _snippet(raw) if raw.strip() else (reason or "request failed")
+            # Not the admin API's error shape: say what came back and where from.
+            shown = f": {_snippet(raw)}" if raw.strip() else ""
+            return AdminError(f"{method} {self.url}{path} failed with HTTP {status} {reason}"
+                              f"{shown}; is {self.url} Weir's admin address?", status=status,
+                              body=body)
         if status in (404, 405) and message.strip().lower() in (
                 "not found", "method not allowed", str(reason).lower()):
             # The route itself is missing: the server predates this command.
             message = (f"the admin API at {self.url} has no {method} {path}; is the running "
                        f"Weir older than this command line?")
-        elif status == 401 and not self.token:
-            message += f" (set {TOKEN_ENV} to the admin token)"
-        return AdminError(f"{message} (HTTP {status})", status=status, body=body)
+        message = f"{message} (HTTP {status})"
+        if status == 401 and not self.token:
+            message += f"; set {TOKEN_ENV} to the admin token"
+        return AdminError(message, status=status, body=body)
 
 
 def _seg(value: str) -> str:
@@ -180,7 +190,7 @@ def _read_quietly(exc: urllib.error.HTTPError) -> bytes:
 
 def _describe(reason: object) -> str:
     if isinstance(reason, ConnectionRefusedError):
-        return "connection refused (is Weir running?)"
+        return "connection refused"
     if isinstance(reason, socket.gaierror):
         return f"unknown host ({reason.strerror or reason})"
     if isinstance(reason, OSError) and reason.strerror:

@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+from .accesslog import AccessLog
 from .admin import AdminServer
 from .config import Config, ConfigError, load_config, split_address
 from .control import ControlPlane
@@ -35,6 +36,7 @@ class ProxyServer:
         self.settings = DataPlaneSettings(config)
         self.pools = PoolRegistry(config.upstream, loop)
         self.stats = StatsRegistry()
+        self.access_log = AccessLog(config.access_log) if config.access_log else None
         self.table: RouteTable = build_route_table(config, self.pools.balancer_for,
                                                    weights_override, stats=self.stats)
         self.connections: set[ClientConnection] = set()
@@ -55,6 +57,10 @@ class ProxyServer:
         self.config = config
         self.settings = DataPlaneSettings(config)
         self.table = table
+        if config.access_log != old_config.access_log:
+            if self.access_log is not None:
+                self.access_log.close()
+            self.access_log = AccessLog(config.access_log) if config.access_log else None
         drain_timeouts = {s.name: s.drain.timeout for s in old_config.services}
         drain_timeouts.update({s.name: s.drain.timeout for s in config.services})
         for pool, label in old_live.items():
@@ -82,6 +88,8 @@ class ProxyServer:
 
     def _sweep(self) -> None:
         self.pools.sweep()
+        if self.access_log is not None:
+            self.access_log.flush()
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     def stop_listening(self) -> None:
@@ -106,6 +114,8 @@ class ProxyServer:
         if self._sweeper is not None:
             self._sweeper.cancel()
         self.pools.close_all()
+        if self.access_log is not None:
+            self.access_log.close()
 
 
 def live_pools(table: RouteTable) -> dict[UpstreamPool, tuple[str, str]]:

@@ -115,6 +115,10 @@ ListenAddress = Annotated[
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
 
 
+# Weights are relative; a bound keeps the arithmetic of weighted picks in range.
+MAX_WEIGHT = 1_000_000
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -249,7 +253,7 @@ class Service(Strict):
     name: Name
     match: ServiceMatch = ServiceMatch()
     versions: dict[Name, VersionConfig] = Field(min_length=1)
-    weights: dict[str, Annotated[int, Field(ge=0)]] | None = None
+    weights: dict[str, Annotated[int, Field(ge=0, le=MAX_WEIGHT)]] | None = None
     sticky: Sticky | None = None
     rules: list[Rule] = []
     mirror: list[Mirror] = []
@@ -304,6 +308,7 @@ class Config(Strict):
     limits: Limits = Limits()
     upstream: UpstreamSettings = UpstreamSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: str | None = None  # a file path, or "-" for stdout; JSON lines
     services: list[Service] = Field(min_length=1)
 
     @field_validator("trusted_proxies")

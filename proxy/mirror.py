@@ -23,6 +23,7 @@ from .config import Mirror
 from .http11 import REQUEST_REWRITTEN
 
 if TYPE_CHECKING:
+    from .accesslog import AccessLog
     from .routing import VersionTarget
     from .server import Exchange
     from .upstream import UpstreamConnection, UpstreamPool
@@ -83,13 +84,17 @@ class MirrorPolicy:
 class MirrorCopy:
     """The copy of one request; it implements what UpstreamConnection reports to."""
 
-    __slots__ = ("body", "body_size", "conn", "digest", "done", "exchange", "head_request",
-                 "keep_alive", "policy", "pool", "primary", "shadow_status", "too_large")
+    __slots__ = ("access_log", "body", "body_size", "conn", "digest", "done", "exchange",
+                 "head_request", "keep_alive", "method", "path", "policy", "pool", "primary",
+                 "shadow_status", "too_large")
 
     def __init__(self, policy: MirrorPolicy, exchange: Exchange) -> None:
         self.policy = policy
         self.exchange: Exchange | None = exchange
         self.head_request = exchange.head_request
+        self.method = exchange.method
+        self.path = exchange.url
+        self.access_log: AccessLog | None = exchange.client.server.access_log
         self.body: list[bytes] = []
         self.body_size = 0
         self.too_large = False
@@ -236,6 +241,8 @@ class MirrorCopy:
             self.pool = None
         if outcome == "success" and self.digest is not None:
             self.compare_when_ready()
+        if self.access_log is not None:
+            self.access_log.mirror(self, outcome, self.path, self.method)
 
     def primary_finished(self, status: int, digest: str) -> None:
         self.primary = (status, digest)

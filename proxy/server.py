@@ -87,13 +87,14 @@ class Exchange:
     """One request and its response."""
 
     __slots__ = (
-        "body_buffer", "body_received", "buffered", "chunked", "client", "connecting",
+        "body_buffer", "body_received", "buffered", "bytes_out", "chunked", "client",
+        "connecting",
         "content_length", "dup_host", "extra_headers", "finished", "has_body", "head_request",
         "headers", "hmap", "http10", "keep_alive", "keep_client", "method", "mirrors",
         "out_chunked", "outbuf", "pool", "primary_digest", "reason", "request_complete",
         "response_done", "response_started", "retried",
         "route", "started", "status", "target", "until_eof", "upgrade", "upstream",
-        "upstream_keep_alive", "url",
+        "upstream_address", "upstream_keep_alive", "url",
     )
 
     def __init__(self, client: ClientConnection) -> None:
@@ -132,6 +133,8 @@ class Exchange:
         self.until_eof = False
         self.finished = False
         self.started = 0.0
+        self.bytes_out = 0
+        self.upstream_address: str | None = None
         self.mirrors: list[MirrorCopy] | None = None
         self.primary_digest: Any = None  # a hashlib object when a mirror compares bodies
 
@@ -170,6 +173,7 @@ class Exchange:
         if self.has_body and hmap.get(b"expect", b"").lower() == b"100-continue":
             client.transport.write(CONTINUE)
         pool = self.pool = target.balancer.pick()  # type: ignore[assignment]
+        self.upstream_address = pool.address
         pool.active.add(self)
         conn = pool.take_idle()
         if conn is not None:
@@ -381,6 +385,7 @@ class Exchange:
             client.start_tunnel(self)
 
     def on_upstream_body(self, data: bytes) -> None:
+        self.bytes_out += len(data)
         if self.primary_digest is not None:
             self.primary_digest.update(data)
         if self.out_chunked:
@@ -480,10 +485,14 @@ class Exchange:
         if self.mirrors is not None:
             self.settle_mirrors(status)
         target = self.target
+        server = self.client.server
+        seconds = perf_counter() - self.started
         if target is None:
-            self.client.server.stats.count_unrouted(status)
-            return
-        target.stats.observe(self.method, status, perf_counter() - self.started)
+            server.stats.count_unrouted(status)
+        else:
+            target.stats.observe(self.method, status, seconds)
+        if server.access_log is not None:
+            server.access_log.exchange(self, status, seconds)
 
     def settle_mirrors(self, status: int) -> None:
         """Copies not yet sent (the request never completed) are dropped; copies that compare
@@ -602,8 +611,14 @@ class ClientConnection(asyncio.Protocol):
                 self.tunnel_pending.append(rest)
             self.transport.pause_reading()
         except HttpParserError as exc:
-            if isinstance(exc.__context__, HeadTooLarge):
+            cause = exc.__context__
+            if isinstance(cause, HeadTooLarge):
                 self.protocol_error(431, "request line and headers are too large")
+            elif cause is not None:
+                # One of our callbacks raised: a bug of ours, not a bad request.
+                log.error("internal error handling a request from %s", self.peer,
+                          exc_info=cause)
+                self.protocol_error(500, "internal proxy error")
             else:
                 self.protocol_error(400, f"malformed request: {exc or type(exc).__name__}")
             return

@@ -290,12 +290,16 @@ async def weir_process(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[
                   "services": services, **top}
         path = tmp_path / f"weir-{len(started)}.yaml"
         path.write_text(yaml.safe_dump(config))
-        process = subprocess.Popen([sys.executable, "-m", "proxy", "run", "-c", str(path)],
-                                   cwd=REPO_ROOT, stderr=subprocess.PIPE)
+        # The log goes to a file: an unread pipe could fill up and block the process.
+        log_path = tmp_path / f"weir-{len(started)}.log"
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "proxy", "run", "-c", str(path)],
+                cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT)
         started.append(process)
         await wait_for(lambda: port_open(port) or process.poll() is not None, timeout=15,
                        interval=0.05)
-        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        assert process.poll() is None, log_path.read_text()
         return WeirProcess(process, port, admin_port)
 
     yield start
