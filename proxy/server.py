@@ -834,7 +834,8 @@ class ClientConnection(asyncio.Protocol):
         self.transport.abort()
 
     def shutdown(self) -> None:
-        """Finish the request in progress, if any, then close."""
+        """Finish the request in progress, if any, then close. A connection that is idle, or
+        still sending a request head, is closed now: nothing of it has reached an upstream."""
         self.closing = True
-        if self.active is None and self.current is None and self.tunnel is None:
+        if self.active is None and self.tunnel is None:
             self.close()
