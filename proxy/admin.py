@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from .config import MAX_WEIGHT, ConfigError, split_address
-from .control import UnknownName
+from .control import StateWriteError, UnknownName
 
 if TYPE_CHECKING:
     from .control import ControlPlane
+
+log = logging.getLogger("weir.admin")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -32,10 +35,16 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return await handler(request)
     except UnknownName as exc:
         return error(404, str(exc.args[0]))
+    except StateWriteError as exc:
+        log.error("%s", exc)
+        return error(500, str(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         return error(exc.status, exc.reason)
+    except Exception:
+        log.exception("admin API error on %s %s", request.method, request.path)
+        return error(500, "internal error; see the log")
 
 
 class AdminServer:

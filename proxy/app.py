@@ -143,6 +143,24 @@ def settle_garbage_collector() -> None:
 
 async def serve(config_path: Path, config: Config) -> int:
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    control: ControlPlane | None = None
+
+    def on_term() -> None:
+        if stop.is_set():
+            log.warning("second termination signal: exiting now")
+            os._exit(1)
+        stop.set()
+
+    def on_hup() -> None:
+        if control is not None:
+            control.reload_soon("signal")
+
+    # Handlers first: a signal must never find the process on its default action (exit).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_term)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+
     control = ControlPlane(config_path, config, loop)
     admin = AdminServer(control)
     await control.proxy.start()
@@ -151,18 +169,6 @@ async def serve(config_path: Path, config: Config) -> int:
     log.info("weir listening on %s (admin on %s), %d service(s), config generation %d",
              config.listen, config.admin.listen, len(config.services), control.generation)
     settle_garbage_collector()
-
-    stop = asyncio.Event()
-
-    def on_term() -> None:
-        if stop.is_set():
-            log.warning("second termination signal: exiting now")
-            os._exit(1)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_term)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(control.reload("signal")))
     await stop.wait()
 
     shutdown = control.config.shutdown

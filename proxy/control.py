@@ -33,6 +33,10 @@ class UnknownName(LookupError):
     """A service or version the config does not have (the admin API answers 404)."""
 
 
+class StateWriteError(RuntimeError):
+    """A runtime change that could not be persisted, and so was not made (500)."""
+
+
 class ControlPlane:
     def __init__(self, config_path: Path | None, config: Config,
                  loop: asyncio.AbstractEventLoop) -> None:
@@ -56,6 +60,7 @@ class ControlPlane:
         self._reload_lock = asyncio.Lock()
         self._state_lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._stop_watch = asyncio.Event()
 
     # --- config reloads -------------------------------------------------------------------
@@ -85,9 +90,12 @@ class ControlPlane:
                           trigger, self.generation, exc)
                 return self.last_reload
             self._warn_about_restart_only_changes(config)
-            dropped = self.state.reconcile(config)
-            if dropped:
-                await self._save_state()
+            if self.state.reconcile(config):
+                try:
+                    await self._save_state()
+                except OSError as exc:
+                    # On restart the same reconciliation drops the same overrides again.
+                    log.error("could not write the state file %s: %s", self.state.path, exc)
             self.generation += 1
             self.config = config
             self.proxy.apply_config(config, self.state.weights_override(), self.generation)
@@ -96,6 +104,12 @@ class ControlPlane:
                                 "trigger": trigger, "at": time.time(), "errors": []}
             log.info("config reloaded (%s): generation %d", trigger, self.generation)
             return self.last_reload
+
+    def reload_soon(self, trigger: str) -> None:
+        """Reload from a signal handler, which cannot await."""
+        task = self.loop.create_task(self.reload(trigger))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _warn_about_restart_only_changes(self, config: Config) -> None:
         running = self.proxy.config
@@ -106,7 +120,9 @@ class ControlPlane:
 
     def start_watching(self) -> None:
         if self.config_path is not None and self.config.watch:
-            self._watcher = self.loop.create_task(self._watch(self.config_path.resolve()))
+            # Not resolved: a Kubernetes ConfigMap mounts the file through a '..data' symlink
+            # that is swapped on update, so the directory to watch is the one the path names.
+            self._watcher = self.loop.create_task(self._watch(self.config_path.absolute()))
 
     async def stop_watching(self) -> None:
         self._stop_watch.set()
@@ -131,31 +147,17 @@ class ControlPlane:
             log.exception("config file watcher stopped; SIGHUP and POST /api/reload still work")
 
     async def _reload_when_settled(self) -> None:
-        """Reload after a change, but only once the file has stopped changing: an editor
-        that saves in two steps must not produce a failed reload for the first step."""
+        """Reload after a change, but only once the file has stopped changing: an editor that
+        saves in two steps must not get its first step applied, nor reported as a failure."""
         text = self._read_text()
-        while text != self._last_text:
-            if text is not None and self._parses(text):
-                break
+        while True:
             await asyncio.sleep(SETTLE_SECONDS)
             again = self._read_text()
             if again == text:
-                break  # stable, and still invalid: report it, once
+                break
             text = again
-        else:
-            return  # touched but unchanged
-        await self.reload("file")
-
-    def _parses(self, text: str) -> bool:
-        import yaml
-
-        from .config import parse_config
-
-        try:
-            parse_config(yaml.safe_load(text), str(self.config_path))
-        except (ConfigError, yaml.YAMLError):
-            return False
-        return True
+        if text != self._last_text:
+            await self.reload("file")
 
     # --- runtime changes ------------------------------------------------------------------
 
@@ -173,9 +175,18 @@ class ControlPlane:
         if unknown:
             raise UnknownName(f"service {name!r} has no version {unknown[0]!r} "
                               f"(versions: {', '.join(service.versions)})")
+        previous = self.state.weights.get(name)
         self.state.set_weights(self.config, name, weights, source)
+        try:
+            await self._save_state()  # persisted first: a change that would not survive a
+        except OSError as exc:        # restart is refused rather than silently applied
+            if previous is None:
+                del self.state.weights[name]
+            else:
+                self.state.weights[name] = previous
+            raise StateWriteError(f"could not write the state file {self.state.path}: "
+                                  f"{exc.strerror or exc}; nothing changed") from exc
         self.proxy.apply_config(self.config, self.state.weights_override(), self.generation)
-        await self._save_state()
         applied = self.state.weights[name].weights
         log.info("service %s: weights set to %s by %s", name, applied, source)
         return applied

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Config
+from .config import MAX_WEIGHT, Config
 from .routing import effective_weights
 
 log = logging.getLogger("weir.state")
@@ -34,6 +34,23 @@ class WeightOverride:
     source: str                   # who set it: "api" or "controller"
     file_weights: dict[str, int]  # what the config file said when it was set
     changed_at: float
+
+
+def parse_override(entry: dict[str, Any]) -> WeightOverride:
+    """A WeightOverride from the state file, checked as strictly as the admin API checks one;
+    raises ValueError (the file is then set aside as corrupt)."""
+    override = WeightOverride(**entry)
+
+    def valid_weights(weights: object) -> bool:
+        return (isinstance(weights, dict) and bool(weights)
+                and all(isinstance(k, str) for k in weights)
+                and all(type(w) is int and 0 <= w <= MAX_WEIGHT for w in weights.values()))
+
+    if not (valid_weights(override.weights) and any(override.weights.values())
+            and valid_weights(override.file_weights) and isinstance(override.source, str)
+            and isinstance(override.changed_at, int | float)):
+        raise ValueError(f"invalid weights entry {entry!r}")
+    return override
 
 
 class RuntimeState:
@@ -53,7 +70,7 @@ class RuntimeState:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             services = data.get("services", {})
             self.weights = {
-                name: WeightOverride(**entry["weights"])
+                name: parse_override(entry["weights"])
                 for name, entry in services.items() if "weights" in entry
             }
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
