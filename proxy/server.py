@@ -348,7 +348,9 @@ class Exchange:
             if lname == b"content-length":
                 has_length = True
             parts += (name, b": ", value, CRLF)
-        keep = self.keep_alive and not client.closing
+        # While draining for shutdown, clients are told to reconnect (to another instance)
+        # rather than reuse a connection that is about to be closed under them.
+        keep = self.keep_alive and not client.closing and not client.server.draining
         framing = b""
         if status == 101:
             framing = b"connection: upgrade\r\nupgrade: " + upgrade_to + CRLF
@@ -463,6 +465,7 @@ class Exchange:
         """Answer from Weir itself. Unread request body bytes mean the connection must close."""
         client = self.client
         keep = (self.keep_alive and not close and not client.closing
+                and not client.server.draining
                 and (self.request_complete or not self.has_body) and not self.upgrade)
         self.keep_client = keep
         self.status = status
