@@ -17,7 +17,7 @@ from itertools import accumulate
 from typing import Protocol
 from urllib.parse import unquote_to_bytes
 
-from .config import Config, RuleMatch, Service, StringMatch
+from .config import Config, RuleMatch, Service, StringMatch, Timeouts
 from .mirror import MirrorPolicy
 from .stats import StatsRegistry, VersionStats
 
@@ -192,12 +192,18 @@ class StickyPolicy:
 class Route:
     """A compiled service: which requests it takes and how it picks a version for each."""
 
-    __slots__ = ("_cumulative", "_only", "_sticky_cache", "_total", "_weighted", "hosts",
-                 "mirrors", "name", "path_prefix", "rules", "sticky", "versions", "weights")
+    __slots__ = ("_cumulative", "_only", "_sticky_cache", "_total", "_weighted",
+                 "connect_timeout", "hosts", "mirrors", "name", "path_prefix", "read_timeout",
+                 "rules", "sticky", "versions", "weights")
 
     def __init__(self, service: Service, weights: dict[str, int],
-                 versions: dict[str, VersionTarget], stats: StatsRegistry | None = None) -> None:
+                 versions: dict[str, VersionTarget], stats: StatsRegistry | None = None,
+                 timeouts: Timeouts | None = None) -> None:
         self.name = service.name
+        # The service's own timeouts, else the process-wide upstream ones.
+        timeouts = service.timeouts or timeouts or Timeouts()
+        self.connect_timeout = timeouts.connect
+        self.read_timeout = timeouts.read
         self.hosts = tuple(service.match.hosts)
         self.path_prefix = service.match.path_prefix.encode()
         self.versions = versions
@@ -339,5 +345,5 @@ def build_route_table(config: Config, balancer_for: Callable[[tuple[str, ...]], 
         weights = effective_weights(service)
         if weights_override and service.name in weights_override:
             weights = {n: weights_override[service.name].get(n, 0) for n in service.versions}
-        routes.append(Route(service, weights, versions, stats))
+        routes.append(Route(service, weights, versions, stats, config.upstream.timeouts))
     return RouteTable(routes, generation)

@@ -60,16 +60,14 @@ class HeadTooLarge(Exception):
 class DataPlaneSettings:
     """Per-config values the hot path reads, resolved once at load time."""
 
-    __slots__ = ("connect_timeout", "header_timeout", "idle_timeout", "max_body_bytes",
-                 "max_header_bytes", "read_timeout", "trusted_networks")
+    __slots__ = ("header_timeout", "idle_timeout", "max_body_bytes", "max_header_bytes",
+                 "trusted_networks")
 
     def __init__(self, config: Config) -> None:
         self.max_header_bytes = config.limits.max_header_bytes
         self.max_body_bytes = config.limits.max_body_bytes
         self.header_timeout = config.limits.header_timeout
         self.idle_timeout = config.limits.idle_timeout
-        self.read_timeout = config.upstream.timeouts.read
-        self.connect_timeout = config.upstream.timeouts.connect
         self.trusted_networks = tuple(ipaddress.ip_network(n, strict=False)
                                       for n in config.trusted_proxies)
 
@@ -209,7 +207,7 @@ class Exchange:
 
     async def connect(self, pool: UpstreamPool) -> None:
         try:
-            conn = await pool.connect(self.client.settings.connect_timeout)
+            conn = await pool.connect(self.route.connect_timeout)  # type: ignore[union-attr]
         except TimeoutError:
             self.connecting = None
             pool.timeouts += 1
@@ -241,7 +239,7 @@ class Exchange:
             self.client.set_pause(PAUSE_BUFFER, False)
         if self.request_complete and self.chunked:
             data += LAST_CHUNK
-        conn.send(self, data, self.client.settings.read_timeout)
+        conn.send(self, data, self.route.read_timeout)  # type: ignore[union-attr]
         if self.client.write_paused and conn.transport is not None:
             conn.transport.pause_reading()
 
@@ -629,8 +627,10 @@ class ClientConnection(asyncio.Protocol):
             self.protocol_error(431, "request line and headers are too large")
 
     def eof_received(self) -> bool | None:
-        # A client that half-closes after its request still gets its response.
-        if self.active is not None and self.tunnel is None:
+        # A client that half-closes after a complete request still gets its response; one
+        # that stops in the middle of its request has given up on it.
+        active = self.active
+        if active is not None and self.tunnel is None and active.request_complete:
             self.closing = True
             return True
         return None
@@ -770,6 +770,7 @@ class ClientConnection(asyncio.Protocol):
             self.active.abandon()
             self.active = None
         if self.active is None:
+            self.server.stats.count_unrouted(status)
             self.transport.write(simple_response(status, message, close=True))
             self.close()
         else:

@@ -428,3 +428,13 @@ async def test_absolute_form_target_sets_host_and_goes_out_in_origin_form(start_
     assert response.status == 200
     assert response.json()["path"] == "/cart?id=1"
     assert response.json()["headers"]["host"] == "shop.test"
+
+
+async def test_service_timeouts_override_the_global_ones(start_backend, start_proxy):
+    backend = await start_backend()
+    proxy = await start_proxy(one_service(backend.address, timeouts={"read": "300ms"}),
+                              upstream={"timeouts": {"read": "60s"}})
+    started = asyncio.get_running_loop().time()
+    [response] = await exchange(proxy.port, get("/slow?delay=3"))
+    assert response.status == 504
+    assert asyncio.get_running_loop().time() - started < 2
