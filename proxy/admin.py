@@ -16,6 +16,7 @@ from aiohttp import web
 
 from .config import MAX_WEIGHT, ConfigError, split_address
 from .control import StateWriteError, UnknownName
+from .rollout import RolloutError
 
 if TYPE_CHECKING:
     from .control import ControlPlane
@@ -35,6 +36,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return await handler(request)
     except UnknownName as exc:
         return error(404, str(exc.args[0]))
+    except RolloutError as exc:
+        return error(409, str(exc))
     except StateWriteError as exc:
         log.error("%s", exc)
         return error(500, str(exc))
@@ -59,6 +62,8 @@ class AdminServer:
             web.put("/api/services/{name}/weights", self.set_weights),
             web.post("/api/services/{name}/switch", self.switch),
             web.post("/api/reload", self.reload),
+            web.get("/api/services/{name}/rollout", self.rollout_status),
+            web.post("/api/services/{name}/rollout/{action}", self.rollout_action),
         ])
         self.runner: web.AppRunner | None = None
         self.site: web.TCPSite | None = None
@@ -157,3 +162,25 @@ class AdminServer:
             return web.json_response({"error": "the config file is invalid; nothing changed",
                                       **result}, status=422)
         return web.json_response(result)
+
+    async def rollout_status(self, request: web.Request) -> web.Response:
+        rollout = self.control.rollouts.get(request.match_info["name"])
+        return web.json_response(rollout.status())
+
+    async def rollout_action(self, request: web.Request) -> web.Response:
+        self.authorize(request)
+        rollout = self.control.rollouts.get(request.match_info["name"])
+        action = request.match_info["action"]
+        if action == "promote":
+            full = False
+            if request.can_read_body:
+                full = (await self.body(request)).get("full", False)
+                if not isinstance(full, bool):
+                    raise web.HTTPBadRequest(reason='"full" must be true or false')
+            await rollout.promote(full=full)
+        elif action in ("start", "abort", "pause", "resume", "retry"):
+            await getattr(rollout, action)()
+        else:
+            raise web.HTTPNotFound(reason=f"no rollout action {action!r} (start, promote, "
+                                          f"abort, pause, resume, retry)")
+        return web.json_response(rollout.status())

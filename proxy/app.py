@@ -46,12 +46,13 @@ class ProxyServer:
 
     def apply_config(self, config: Config,
                      weights_override: dict[str, dict[str, int]] | None = None,
-                     generation: int | None = None) -> RouteTable:
+                     generation: int | None = None,
+                     previews: dict[str, tuple[str, str]] | None = None) -> RouteTable:
         """Swap in a new config: compiled off to the side, then replaced in one assignment.
         Upstreams that lose all their traffic start draining; those that regain it stop."""
         self.pools.apply(config.upstream)
         table = build_route_table(config, self.pools.balancer_for, weights_override,
-                                  generation or self.table.generation + 1, self.stats)
+                                  generation or self.table.generation + 1, self.stats, previews)
         old_config, old_live = self.config, live_pools(self.table)
         new_live = live_pools(table)
         self.config = config
@@ -166,6 +167,7 @@ async def serve(config_path: Path, config: Config) -> int:
     await control.proxy.start()
     await admin.start()
     control.start_watching()
+    control.rollouts.start()
     log.info("weir listening on %s (admin on %s), %d service(s), config generation %d",
              config.listen, config.admin.listen, len(config.services), control.generation)
     settle_garbage_collector()
@@ -176,6 +178,7 @@ async def serve(config_path: Path, config: Config) -> int:
     control.proxy.draining = True
     await asyncio.sleep(shutdown.delay)
     await control.stop_watching()
+    await control.rollouts.stop()
     await control.proxy.shutdown(shutdown.timeout)
     await admin.stop()
     log.info("stopped")

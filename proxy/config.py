@@ -244,6 +244,109 @@ class Mirror(Strict):
         return [m.upper() for m in value]
 
 
+class AnalysisChecks(Strict):
+    """Absolute limits on the canary, or limits relative to stable in the same window."""
+
+    max_error_rate: float | None = Field(default=None, ge=0, le=1)
+    max_error_rate_increase: float | None = Field(default=None, ge=0, le=1)
+    max_p99: Duration | None = None
+    max_p99_ratio: float | None = Field(default=None, gt=0)
+    max_p95: Duration | None = None
+    max_p50: Duration | None = None
+
+
+class Analysis(Strict):
+    """Judge the canary from Weir's own per-version counts, every ``interval``.
+
+    Argo's meaning: the analysis fails once more than ``failure_limit`` measurements failed,
+    and a rollout with more than ``inconclusive_limit`` inconclusive ones (fewer than
+    ``min_requests`` in a window) pauses for a human instead of rolling back."""
+
+    interval: Duration = 30.0
+    min_requests: int = Field(default=100, ge=1)
+    failure_limit: int = Field(default=0, ge=0)
+    inconclusive_limit: int = Field(default=0, ge=0)
+    start_step: int = Field(default=0, ge=0)  # background analysis runs from this step on
+    checks: AnalysisChecks = AnalysisChecks()
+
+    @field_validator("interval")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("interval must be above 0")
+        return value
+
+
+class Pause(Strict):
+    duration: Duration | None = None  # none: until promoted
+
+
+class Step(Strict):
+    """One of: set_weight, pause, analysis (a check run once, inline)."""
+
+    set_weight: int | None = Field(default=None, ge=0, le=100)
+    pause: Pause | None = None
+    analysis: Analysis | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Step:
+        given = [k for k in ("set_weight", "pause", "analysis") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a step is exactly one of set_weight, pause or analysis "
+                             f"(got {given or 'none'})")
+        return self
+
+
+class SmokeCheck(Strict):
+    """Blue/green pre-promotion check: ``count`` requests to each preview upstream."""
+
+    path: str = "/"
+    method: str = "GET"
+    status: int = Field(default=200, ge=100, le=599)
+    count: int = Field(default=1, ge=1, le=1000)
+    timeout: Duration = 5.0
+
+
+class Promotion(Strict):
+    auto: bool = False
+    delay: Duration = 0.0
+
+
+class Webhooks(Strict):
+    """URLs that get a JSON POST on these events."""
+
+    pre_rollout: str | None = None   # a failure (non-2xx) aborts the rollout
+    promoted: str | None = None
+    rollback: str | None = None
+    timeout: Duration = 5.0
+
+
+class Rollout(Strict):
+    strategy: Literal["canary", "blue_green"] = "canary"
+    # canary
+    stable: str = "stable"
+    canary: str = "canary"
+    steps: list[Step] = []
+    # blue/green
+    active: str = "blue"
+    preview: str = "green"
+    preview_header: str = "x-weir-preview"  # requests with it set to "1" see the preview
+    checks: list[SmokeCheck] = []
+    promotion: Promotion = Promotion()
+    post_promotion_window: Duration = 0.0   # analysis after a blue/green switch
+    # both
+    analysis: Analysis | None = None
+    rollback_ramp: list[Annotated[int, Field(ge=0, le=100)]] = []  # canary weights on abort
+    rollback_ramp_interval: Duration = 5.0
+    auto_start: bool = True  # start when the new version's upstreams or revision change
+    webhooks: Webhooks = Webhooks()
+
+    def versions_used(self) -> tuple[str, str]:
+        if self.strategy == "canary":
+            return self.stable, self.canary
+        return self.active, self.preview
+
+
 class Timeouts(Strict):
     connect: Duration = 5.0
     read: Duration = 60.0
@@ -259,8 +362,7 @@ class Service(Strict):
     mirror: list[Mirror] = []
     drain: Drain = Drain()
     timeouts: Timeouts | None = None
-    # The rollout controller arrives in its own change; its block is accepted and kept as is.
-    rollout: dict[str, Any] | None = None
+    rollout: Rollout | None = None
 
 
 # --- process ------------------------------------------------------------------------------
@@ -424,6 +526,19 @@ def _semantic_errors(data: dict[str, Any]) -> list[str]:
             values = list(weights.values())
             if values and all(isinstance(w, int) and w == 0 for w in values):
                 errors.append(f"{where}.weights: at least one version needs a weight above 0")
+        rollout = svc.get("rollout")
+        if isinstance(rollout, dict):
+            blue_green = rollout.get("strategy") == "blue_green"
+            keys = ("active", "preview") if blue_green else ("stable", "canary")
+            defaults = {"stable": "stable", "canary": "canary", "active": "blue",
+                        "preview": "green"}
+            names = [rollout.get(k, defaults[k]) for k in keys]
+            for key, version in zip(keys, names, strict=True):
+                if isinstance(version, str) and version not in versions:
+                    errors.append(f"{where}.rollout.{key}: no such version {version!r} "
+                                  f"(versions: {known})")
+            if names[0] == names[1]:
+                errors.append(f"{where}.rollout: {keys[0]} and {keys[1]} must differ")
         for key in ("rules", "mirror"):
             items = svc.get(key)
             for j, item in enumerate(items if isinstance(items, list) else []):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import Config, ConfigError, load_config
 from .metrics import Metrics
+from .rollout import RolloutController
 from .state import SOURCE_API, RuntimeState
 
 if TYPE_CHECKING:
@@ -51,8 +52,13 @@ class ControlPlane:
         if self.state.reconcile(config):
             self.state.save()
         self.generation = 1
+        self.previews: dict[str, tuple[str, str]] = {}  # blue/green preview routes
         self.proxy: ProxyServer = ProxyServer(config, loop, self.state.weights_override())
         self.metrics.attach(self.proxy)
+        self.rollouts = RolloutController(self)
+        self.metrics.attach_rollouts(self.rollouts)
+        if self.previews:
+            self.apply()
         self.last_reload: dict[str, Any] = {"generation": 1, "outcome": "success",
                                             "trigger": "start", "at": time.time(),
                                             "errors": []}
@@ -92,18 +98,24 @@ class ControlPlane:
             self._warn_about_restart_only_changes(config)
             if self.state.reconcile(config):
                 try:
-                    await self._save_state()
+                    await self.save_state()
                 except OSError as exc:
                     # On restart the same reconciliation drops the same overrides again.
                     log.error("could not write the state file %s: %s", self.state.path, exc)
             self.generation += 1
             self.config = config
-            self.proxy.apply_config(config, self.state.weights_override(), self.generation)
+            self.rollouts.sync()
+            self.apply()
             self.metrics.config_reloads.labels("success").inc()
             self.last_reload = {"generation": self.generation, "outcome": "success",
                                 "trigger": trigger, "at": time.time(), "errors": []}
             log.info("config reloaded (%s): generation %d", trigger, self.generation)
             return self.last_reload
+
+    def apply(self) -> None:
+        """Compile the config with the runtime changes and hand it to the data plane."""
+        self.proxy.apply_config(self.config, self.state.weights_override(), self.generation,
+                                self.previews)
 
     def reload_soon(self, trigger: str) -> None:
         """Reload from a signal handler, which cannot await."""
@@ -178,7 +190,7 @@ class ControlPlane:
         previous = self.state.weights.get(name)
         self.state.set_weights(self.config, name, weights, source)
         try:
-            await self._save_state()  # persisted first: a change that would not survive a
+            await self.save_state()  # persisted first: a change that would not survive a
         except OSError as exc:        # restart is refused rather than silently applied
             if previous is None:
                 del self.state.weights[name]
@@ -186,7 +198,7 @@ class ControlPlane:
                 self.state.weights[name] = previous
             raise StateWriteError(f"could not write the state file {self.state.path}: "
                                   f"{exc.strerror or exc}; nothing changed") from exc
-        self.proxy.apply_config(self.config, self.state.weights_override(), self.generation)
+        self.apply()
         applied = self.state.weights[name].weights
         log.info("service %s: weights set to %s by %s", name, applied, source)
         return applied
@@ -198,7 +210,7 @@ class ControlPlane:
                               f"(versions: {', '.join(service.versions)})")
         return await self.set_weights(name, {version: 100}, source)
 
-    async def _save_state(self) -> None:
+    async def save_state(self) -> None:
         async with self._state_lock:
             await asyncio.to_thread(self.state.save)
 
@@ -236,6 +248,8 @@ class ControlPlane:
                 "sticky": service.sticky is not None,
                 "mirror": [self._mirror_status(service.name, m.version, m.percent)
                            for m in service.mirror],
+                "rollout": (self.rollouts.rollouts[service.name].status()
+                            if service.name in self.rollouts.rollouts else None),
             })
         draining = [{"upstream": p.address, "service": p.drain_label[0],
                      "version": p.drain_label[1], "open": p.inflight}

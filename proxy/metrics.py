@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from .app import ProxyServer
+    from .rollout import RolloutController
 
 
 class Metrics:
@@ -30,6 +31,9 @@ class Metrics:
 
     def attach(self, proxy: ProxyServer) -> None:
         self.registry.register(LiveStateCollector(proxy))
+
+    def attach_rollouts(self, rollouts: RolloutController) -> None:
+        self.registry.register(RolloutCollector(rollouts))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -140,6 +144,37 @@ class LiveStateCollector(Collector):
         yield inflight
         yield draining
         yield generation
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+class RolloutCollector(Collector):
+    """The controller's phase and step per service, and its analysis outcomes."""
+
+    def __init__(self, rollouts: RolloutController) -> None:
+        self.rollouts = rollouts
+
+    def collect(self) -> Iterator[Metric]:
+        from .rollout import PHASES
+
+        step = GaugeMetricFamily("weir_rollout_step", "Current step of the rollout.",
+                                 labels=["service"])
+        phase = GaugeMetricFamily("weir_rollout_phase", "1 for the rollout's current phase.",
+                                  labels=["service", "phase"])
+        analyses = CounterMetricFamily(
+            "weir_analysis_runs", "Analysis measurements by outcome (success, failure, "
+            "inconclusive).", labels=["service", "outcome"])
+        for name, rollout in sorted(self.rollouts.rollouts.items()):
+            step.add_metric([name], rollout.record.step)
+            for value in PHASES:
+                phase.add_metric([name, value], 1 if rollout.record.phase == value else 0)
+            for outcome in ("success", "failure", "inconclusive"):
+                analyses.add_metric([name, outcome],
+                                    self.rollouts.analysis_outcomes.get((name, outcome), 0))
+        yield step
+        yield phase
+        yield analyses
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

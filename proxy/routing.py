@@ -198,7 +198,8 @@ class Route:
 
     def __init__(self, service: Service, weights: dict[str, int],
                  versions: dict[str, VersionTarget], stats: StatsRegistry | None = None,
-                 timeouts: Timeouts | None = None) -> None:
+                 timeouts: Timeouts | None = None,
+                 preview: tuple[str, str] | None = None) -> None:
         self.name = service.name
         # The service's own timeouts, else the process-wide upstream ones.
         timeouts = service.timeouts or timeouts or Timeouts()
@@ -208,7 +209,13 @@ class Route:
         self.path_prefix = service.match.path_prefix.encode()
         self.versions = versions
         self.weights = dict(weights)
-        self.rules = tuple(CompiledRule(r.match, versions[r.version]) for r in service.rules)
+        rules = [CompiledRule(r.match, versions[r.version]) for r in service.rules]
+        if preview is not None:
+            # Blue/green: "<header>: 1" reaches the idle colour before it takes traffic.
+            header, version = preview
+            match = RuleMatch(headers={header: StringMatch(exact="1")})
+            rules.insert(0, CompiledRule(match, versions[version]))
+        self.rules = tuple(rules)
         stats = stats if stats is not None else StatsRegistry()
         self.mirrors = tuple(
             MirrorPolicy(m, versions[m.version], stats.for_mirror(service.name, m.version))
@@ -329,7 +336,8 @@ class RouteTable:
 
 def build_route_table(config: Config, balancer_for: Callable[[tuple[str, ...]], Balancer],
                       weights_override: dict[str, dict[str, int]] | None = None,
-                      generation: int = 1, stats: StatsRegistry | None = None) -> RouteTable:
+                      generation: int = 1, stats: StatsRegistry | None = None,
+                      previews: dict[str, tuple[str, str]] | None = None) -> RouteTable:
     """Compile a validated config. ``balancer_for`` hands out upstream sets so that pooled
     connections survive a reload, as ``stats`` does for counters; ``weights_override``
     carries runtime weight changes."""
@@ -345,5 +353,6 @@ def build_route_table(config: Config, balancer_for: Callable[[tuple[str, ...]], 
         weights = effective_weights(service)
         if weights_override and service.name in weights_override:
             weights = {n: weights_override[service.name].get(n, 0) for n in service.versions}
-        routes.append(Route(service, weights, versions, stats, config.upstream.timeouts))
+        routes.append(Route(service, weights, versions, stats, config.upstream.timeouts,
+                            (previews or {}).get(service.name)))
     return RouteTable(routes, generation)

@@ -59,6 +59,9 @@ class RuntimeState:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.weights: dict[str, WeightOverride] = {}
+        # The rollout controller's record per service (phase, step, analyses); it owns the
+        # content, this class only keeps it with the rest.
+        self.rollouts: dict[str, dict[str, Any]] = {}
 
     # --- persistence ----------------------------------------------------------------------
 
@@ -73,21 +76,26 @@ class RuntimeState:
                 name: parse_override(entry["weights"])
                 for name, entry in services.items() if "weights" in entry
             }
+            self.rollouts = {name: dict(entry["rollout"]) for name, entry in services.items()
+                             if isinstance(entry.get("rollout"), dict)}
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
             aside = self.path.with_suffix(self.path.suffix + ".corrupt")
             log.error("state file %s is unreadable (%s); moved it to %s and starting from "
                       "the config file alone", self.path, exc, aside)
             self.weights = {}
+            self.rollouts = {}
             os.replace(self.path, aside)
 
     def save(self) -> None:
         """Write atomically: a temp file in the same directory, fsync, then rename."""
         if self.path is None:
             return
-        data: dict[str, Any] = {
-            "format": STATE_FORMAT,
-            "services": {name: {"weights": asdict(o)} for name, o in self.weights.items()},
-        }
+        services: dict[str, dict[str, Any]] = {}
+        for name, override in self.weights.items():
+            services.setdefault(name, {})["weights"] = asdict(override)
+        for name, rollout in self.rollouts.items():
+            services.setdefault(name, {})["rollout"] = rollout
+        data: dict[str, Any] = {"format": STATE_FORMAT, "services": services}
         directory = self.path.parent
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=directory)

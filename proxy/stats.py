@@ -8,40 +8,95 @@ from bisect import bisect_left
 
 from .mirror import MirrorStats
 
-# Upper bounds (seconds) of the request duration histogram; a proxy's interesting range
-# starts well under the default client buckets.
+# Upper bounds (seconds) of the exported request duration histogram; a proxy's interesting
+# range starts well under the default client buckets.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                     10.0)
+
+# What is counted is finer: bounds 10% apart from 0.1 ms to 60 s, plus the exported ones, so
+# the controller's percentiles are within a few percent; exported buckets are sums of these.
+FINE_BUCKETS = tuple(sorted({round(0.0001 * 1.1 ** i, 7) for i in range(141)}
+                            | set(DURATION_BUCKETS)))
+_EXPORTED_INDEX = tuple(FINE_BUCKETS.index(b) for b in DURATION_BUCKETS)
+
+
+class Window:
+    """Counts between two snapshots of a VersionStats: what analysis judges."""
+
+    __slots__ = ("buckets", "errors", "requests")
+
+    def __init__(self, requests: int, errors: int, buckets: list[int]) -> None:
+        self.requests = requests
+        self.errors = errors
+        self.buckets = buckets
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+    def quantile(self, q: float) -> float:
+        """Like PromQL's histogram_quantile: linear within the bucket holding the rank."""
+        total = sum(self.buckets)
+        if not total:
+            return 0.0
+        rank = q * total
+        seen = 0
+        lower = 0.0
+        for index, count in enumerate(self.buckets):
+            upper = FINE_BUCKETS[index] if index < len(FINE_BUCKETS) else lower
+            if count and seen + count >= rank:
+                return lower + (upper - lower) * (rank - seen) / count
+            seen += count
+            lower = upper
+        return lower
 
 
 class VersionStats:
     """Requests by (method, status) and a duration histogram for one service version."""
 
-    __slots__ = ("buckets", "duration_sum", "requests", "service", "version")
+    __slots__ = ("buckets", "duration_sum", "errors", "requests", "service", "total",
+                 "version")
 
     def __init__(self, service: str, version: str) -> None:
         self.service = service
         self.version = version
         self.requests: dict[tuple[bytes, int], int] = {}
-        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
+        self.buckets = [0] * (len(FINE_BUCKETS) + 1)  # the last one is +Inf
         self.duration_sum = 0.0
+        self.total = 0
+        self.errors = 0  # 5xx, including Weir's own 502 and 504 for upstream failures
 
     def observe(self, method: bytes, status: int, seconds: float) -> None:
         key = (method, status)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
+        self.total += 1
+        if status >= 500:
+            self.errors += 1
         # bisect_left: a duration equal to a bound belongs to that bound's bucket ("le").
-        self.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.buckets[bisect_left(FINE_BUCKETS, seconds)] += 1
         self.duration_sum += seconds
 
+    def snapshot(self) -> tuple[int, int, list[int]]:
+        return self.total, self.errors, list(self.buckets)
+
+    def since(self, snapshot: tuple[int, int, list[int]]) -> Window:
+        total, errors, buckets = snapshot
+        return Window(self.total - total, self.errors - errors,
+                      [now - then for now, then in zip(self.buckets, buckets, strict=True)])
+
     def cumulative_buckets(self) -> list[tuple[str, int]]:
-        total = 0
-        result = []
-        for bound, count in zip((*map(str, DURATION_BUCKETS), "+Inf"), self.buckets,
-                                strict=True):
-            total += count
-            result.append((bound, total))
-        return result
+        """The exported (coarse) buckets, cumulative, as Prometheus wants them."""
+        cumulative = []
+        running = 0
+        fine = self.buckets
+        start = 0
+        for bound, index in zip(DURATION_BUCKETS, _EXPORTED_INDEX, strict=True):
+            running += sum(fine[start:index + 1])
+            start = index + 1
+            cumulative.append((str(bound), running))
+        cumulative.append(("+Inf", running + sum(fine[start:])))
+        return cumulative
 
 
 class StatsRegistry:

@@ -128,8 +128,10 @@ def test_interface_example_validates(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert shop.mirror[0].percent == 100
     assert shop.drain.timeout == 30.0
     assert shop.rollout is not None
-    assert shop.rollout["strategy"] == "canary"
-    assert len(shop.rollout["steps"]) == 5
+    assert shop.rollout.strategy == "canary"
+    assert len(shop.rollout.steps) == 5
+    assert shop.rollout.steps[1].pause is not None and shop.rollout.steps[1].pause.duration == 300
+    assert shop.rollout.analysis is not None and shop.rollout.analysis.failure_limit == 2
 
 
 def test_interface_example_without_token_names_field_and_variable(

@@ -1,0 +1,644 @@
+"""The embedded rollout controller: canary steps and blue/green promotion, judged from Weir's
+own per-version counts, with automatic rollback.
+
+One ``ServiceRollout`` per service with a ``rollout`` block. It is driven by a one-second tick
+(or faster when an analysis interval is shorter), and everything it decides goes through the
+control plane (weights with source "controller") and into the state file, so a restart resumes
+at the same step without repeating it.
+
+Phases, as Argo Rollouts names them: ``idle`` (nothing to do), ``progressing``, ``paused``
+(by a step, a person, or inconclusive analysis), ``completed`` and ``aborted``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Coroutine
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .config import Analysis, Rollout, Service
+from .stats import VersionStats, Window
+
+if TYPE_CHECKING:
+    from .control import ControlPlane
+
+log = logging.getLogger("weir.rollout")
+
+IDLE, PROGRESSING, PAUSED, COMPLETED, ABORTED = (
+    "idle", "progressing", "paused", "completed", "aborted")
+PHASES = (IDLE, PROGRESSING, PAUSED, COMPLETED, ABORTED)
+ANALYSES_KEPT = 20
+
+
+class RolloutError(Exception):
+    """An action that does not fit the rollout's phase (the admin API answers 409)."""
+
+
+@dataclass
+class RolloutRecord:
+    """What survives a restart, for one service."""
+
+    phase: str = IDLE
+    step: int = 0
+    step_started_at: float = 0.0
+    paused_by: str | None = None        # "step", "user" or "inconclusive"
+    revision: str = ""                  # fingerprint of the new version's upstreams/revision
+    aborted_revision: str | None = None
+    reason: str | None = None
+    failures: int = 0
+    inconclusives: int = 0
+    active: str | None = None           # blue/green: the colour with the traffic
+    promoted_at: float | None = None
+    started_at: float | None = None
+    updated_at: float = 0.0
+    analyses: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RolloutRecord:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        record = cls(**known)
+        if record.phase not in PHASES:
+            raise ValueError(f"unknown phase {record.phase!r}")
+        return record
+
+
+def fingerprint(service: Service, version: str) -> str:
+    config = service.versions[version]
+    text = "\n".join([*sorted(config.upstreams), config.revision or ""])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def judge(analysis: Analysis, canary: Window, stable: Window | None) -> dict[str, Any]:
+    """One measurement: success, failure or inconclusive, with the numbers behind it."""
+    checks = analysis.checks
+    values: dict[str, Any] = {
+        "canary_requests": canary.requests, "canary_error_rate": round(canary.error_rate, 5),
+        "canary_p50": round(canary.quantile(0.50), 5),
+        "canary_p95": round(canary.quantile(0.95), 5),
+        "canary_p99": round(canary.quantile(0.99), 5),
+    }
+    if stable is not None:
+        values.update({"stable_requests": stable.requests,
+                       "stable_error_rate": round(stable.error_rate, 5),
+                       "stable_p99": round(stable.quantile(0.99), 5)})
+    thresholds = {k: v for k, v in checks.model_dump().items() if v is not None}
+    result: dict[str, Any] = {"at": time.time(), "values": values, "thresholds": thresholds,
+                              "min_requests": analysis.min_requests, "failed_checks": []}
+    if canary.requests < analysis.min_requests:
+        result["outcome"] = "inconclusive"
+        result["why"] = f"{canary.requests} canary requests, fewer than {analysis.min_requests}"
+        return result
+    relative = (checks.max_error_rate_increase is not None or checks.max_p99_ratio is not None)
+    failed = result["failed_checks"]
+    if checks.max_error_rate is not None and canary.error_rate > checks.max_error_rate:
+        failed.append("max_error_rate")
+    if checks.max_p99 is not None and values["canary_p99"] > checks.max_p99:
+        failed.append("max_p99")
+    if checks.max_p95 is not None and values["canary_p95"] > checks.max_p95:
+        failed.append("max_p95")
+    if checks.max_p50 is not None and values["canary_p50"] > checks.max_p50:
+        failed.append("max_p50")
+    if relative:
+        if stable is None or stable.requests < analysis.min_requests:
+            if not failed:
+                result["outcome"] = "inconclusive"
+                result["why"] = "too few stable requests to compare with"
+                return result
+        else:
+            increase = canary.error_rate - stable.error_rate
+            values["error_rate_increase"] = round(increase, 5)
+            if (checks.max_error_rate_increase is not None
+                    and increase > checks.max_error_rate_increase):
+                failed.append("max_error_rate_increase")
+            stable_p99 = stable.quantile(0.99)
+            ratio = values["canary_p99"] / stable_p99 if stable_p99 > 0 else 1.0
+            values["p99_ratio"] = round(ratio, 4)
+            if checks.max_p99_ratio is not None and ratio > checks.max_p99_ratio:
+                failed.append("max_p99_ratio")
+    result["outcome"] = "failure" if failed else "success"
+    return result
+
+
+class MeasurementWindow:
+    """Counts of the canary (and its baseline) from a start time to now."""
+
+    def __init__(self, canary: VersionStats, stable: VersionStats | None,
+                 interval: float) -> None:
+        self.canary = canary
+        self.stable = stable
+        self.canary_start = canary.snapshot()
+        self.stable_start = stable.snapshot() if stable is not None else None
+        self.ends_at = time.monotonic() + interval
+
+    def due(self) -> bool:
+        return time.monotonic() >= self.ends_at
+
+    def measure(self, analysis: Analysis) -> dict[str, Any]:
+        stable = (self.stable.since(self.stable_start)
+                  if self.stable is not None and self.stable_start is not None else None)
+        return judge(analysis, self.canary.since(self.canary_start), stable)
+
+
+class ServiceRollout:
+    """The controller for one service."""
+
+    def __init__(self, controller: RolloutController, service: Service) -> None:
+        self.controller = controller
+        self.control = controller.control
+        self.name = service.name
+        self.service = service
+        self.record = RolloutRecord()
+        self.step_window: MeasurementWindow | None = None
+        self.background: MeasurementWindow | None = None
+        self.ramp: asyncio.Task[None] | None = None
+
+    @property
+    def spec(self) -> Rollout:
+        assert self.service.rollout is not None
+        return self.service.rollout
+
+    # --- persistence and config -----------------------------------------------------------
+
+    def restore(self, data: dict[str, Any] | None) -> None:
+        if data:
+            try:
+                self.record = RolloutRecord.from_dict(data)
+            except (TypeError, ValueError) as exc:
+                log.error("service %s: ignoring unreadable rollout state (%s)", self.name, exc)
+        if not self.record.revision:
+            self.record.revision = fingerprint(self.service, self.new_version)
+        if self.spec.strategy == "blue_green":
+            self.record.active = self.record.active or self.spec.active
+            self.update_preview()
+
+    def save(self) -> None:
+        self.record.updated_at = time.time()
+        self.control.state.rollouts[self.name] = asdict(self.record)
+        self.controller.save_soon()
+
+    @property
+    def new_version(self) -> str:
+        """The version a rollout brings in: the canary, or the idle blue/green colour."""
+        if self.spec.strategy == "canary":
+            return self.spec.canary
+        return self.idle_colour
+
+    @property
+    def old_version(self) -> str:
+        return self.spec.stable if self.spec.strategy == "canary" else self.active_colour
+
+    @property
+    def active_colour(self) -> str:
+        return self.record.active or self.spec.active
+
+    @property
+    def idle_colour(self) -> str:
+        spec = self.spec
+        return spec.preview if self.active_colour == spec.active else spec.active
+
+    def config_changed(self, service: Service) -> None:
+        """A reload: start a rollout if the new version's upstreams or revision changed."""
+        self.service = service
+        revision = fingerprint(service, self.new_version)
+        if revision == self.record.revision:
+            return
+        self.record.revision = revision
+        if self.spec.auto_start and revision != self.record.aborted_revision:
+            log.info("service %s: %s changed; starting a rollout", self.name, self.new_version)
+            self.controller.spawn(self.start("config change"))
+        else:
+            self.save()
+
+    def update_preview(self) -> None:
+        if self.spec.strategy == "blue_green":
+            self.control.previews[self.name] = (self.spec.preview_header, self.idle_colour)
+
+    # --- actions --------------------------------------------------------------------------
+
+    async def start(self, why: str = "api") -> None:
+        record = self.record
+        if record.phase in (PROGRESSING, PAUSED) and why == "api":
+            raise RolloutError(f"a rollout of {self.name} is already {record.phase}")
+        self.cancel_ramp()
+        record.phase = PROGRESSING
+        record.step = 0
+        record.step_started_at = time.time()
+        record.paused_by = None
+        record.reason = None
+        record.failures = record.inconclusives = 0
+        record.started_at = time.time()
+        record.promoted_at = None
+        record.aborted_revision = None
+        self.step_window = self.background = None
+        self.save()
+        log.info("service %s: rollout started (%s)", self.name, why)
+        if not await self.webhook("pre_rollout", required=True):
+            await self.abort("the pre_rollout webhook failed")
+            return
+        if self.spec.strategy == "blue_green":
+            self.controller.spawn(self.run_smoke_checks())
+
+    async def promote(self, full: bool = False) -> None:
+        record = self.record
+        if record.phase not in (PROGRESSING, PAUSED):
+            raise RolloutError(f"no rollout of {self.name} in progress (phase {record.phase})")
+        if self.spec.strategy == "blue_green":
+            await self.switch_colours()
+            return
+        if full:
+            await self.complete("promoted in full")
+            return
+        steps = self.spec.steps
+        if record.step < len(steps) and steps[record.step].pause is not None:
+            await self.next_step()
+        elif record.phase == PAUSED:
+            record.phase, record.paused_by = PROGRESSING, None
+            record.inconclusives = 0
+            self.save()
+
+    async def abort(self, reason: str = "aborted by a person") -> None:
+        record = self.record
+        if record.phase not in (PROGRESSING, PAUSED):
+            raise RolloutError(f"no rollout of {self.name} in progress (phase {record.phase})")
+        record.phase = ABORTED
+        record.reason = reason
+        record.aborted_revision = record.revision
+        self.step_window = self.background = None
+        self.save()
+        log.warning("service %s: rollout aborted: %s", self.name, reason)
+        await self.roll_back()
+        await self.webhook("rollback")
+
+    async def roll_back(self) -> None:
+        """All traffic back to the old version: at once, or along rollback_ramp."""
+        old, new = self.old_version, self.new_version
+        if self.spec.strategy == "blue_green" and self.record.promoted_at is not None:
+            # Promoted already: the previous colour is the rollback target.
+            old, new = new, old
+            self.record.active = old
+            self.update_preview()
+            self.save()
+        ramp = [w for w in self.spec.rollback_ramp if w > 0]
+        if not ramp:
+            await self.set_weights({old: 100, new: 0})
+            return
+
+        async def walk() -> None:
+            for weight in ramp:
+                await self.set_weights({old: 100 - weight, new: weight})
+                await asyncio.sleep(self.spec.rollback_ramp_interval)
+            await self.set_weights({old: 100, new: 0})
+
+        self.ramp = self.controller.spawn(walk())
+
+    def cancel_ramp(self) -> None:
+        if self.ramp is not None:
+            self.ramp.cancel()
+            self.ramp = None
+
+    async def pause(self) -> None:
+        record = self.record
+        if record.phase != PROGRESSING:
+            raise RolloutError(f"no progressing rollout of {self.name} (phase {record.phase})")
+        record.phase, record.paused_by = PAUSED, "user"
+        self.save()
+
+    async def resume(self) -> None:
+        record = self.record
+        if record.phase != PAUSED:
+            raise RolloutError(f"the rollout of {self.name} is not paused (phase {record.phase})")
+        steps = self.spec.steps
+        if (record.paused_by == "step" and record.step < len(steps)
+                and steps[record.step].pause is not None):
+            await self.next_step()
+            return
+        record.phase, record.paused_by = PROGRESSING, None
+        record.inconclusives = 0
+        self.save()
+
+    async def retry(self) -> None:
+        if self.record.phase != ABORTED:
+            raise RolloutError(f"only an aborted rollout can be retried "
+                               f"(phase {self.record.phase})")
+        await self.start("retry")
+
+    # --- the engine -----------------------------------------------------------------------
+
+    async def tick(self) -> None:
+        record = self.record
+        if record.phase not in (PROGRESSING, PAUSED):
+            return
+        await self.run_background_analysis()
+        if record.phase != PROGRESSING:
+            return
+        if self.spec.strategy == "blue_green":
+            await self.tick_blue_green()
+            return
+        steps = self.spec.steps
+        if record.step >= len(steps):
+            await self.complete("all steps done")
+            return
+        step = steps[record.step]
+        if step.set_weight is not None:
+            new = step.set_weight
+            await self.set_weights({self.spec.stable: 100 - new, self.spec.canary: new})
+            await self.next_step()
+        elif step.pause is not None:
+            duration = step.pause.duration
+            if duration is None:
+                record.phase, record.paused_by = PAUSED, "step"
+                self.save()
+            elif time.time() - record.step_started_at >= duration:
+                await self.next_step()
+        elif step.analysis is not None:
+            await self.run_step_analysis(step.analysis)
+
+    async def next_step(self) -> None:
+        record = self.record
+        record.step += 1
+        record.step_started_at = time.time()
+        record.phase, record.paused_by = PROGRESSING, None
+        self.step_window = None
+        self.save()
+        log.info("service %s: rollout at step %d", self.name, record.step)
+
+    async def complete(self, why: str) -> None:
+        record = self.record
+        if self.spec.strategy == "canary":
+            await self.set_weights({self.spec.stable: 0, self.spec.canary: 100})
+            record.step = len(self.spec.steps)
+        record.phase, record.paused_by, record.reason = COMPLETED, None, why
+        record.promoted_at = record.promoted_at or time.time()
+        self.step_window = self.background = None
+        self.save()
+        log.info("service %s: rollout completed (%s)", self.name, why)
+        await self.webhook("promoted")
+
+    def windows(self, interval: float) -> MeasurementWindow:
+        stats = self.control.proxy.stats
+        canary = stats.for_version(self.name, self.new_version)
+        baseline: VersionStats | None = stats.for_version(self.name, self.old_version)
+        if self.spec.strategy == "blue_green" and self.record.promoted_at is not None:
+            canary = stats.for_version(self.name, self.active_colour)
+            baseline = None  # after a switch the old colour has no traffic to compare with
+        return MeasurementWindow(canary, baseline, interval)
+
+    async def run_step_analysis(self, analysis: Analysis) -> None:
+        if self.step_window is None:
+            self.step_window = self.windows(analysis.interval)
+            return
+        if not self.step_window.due():
+            return
+        result = self.step_window.measure(analysis)
+        self.step_window = None
+        if await self.decide(analysis, result, "step") and result["outcome"] == "success":
+            await self.next_step()
+
+    async def run_background_analysis(self) -> None:
+        analysis = self.spec.analysis
+        record = self.record
+        if analysis is None or record.step < analysis.start_step:
+            return
+        if self.spec.strategy == "blue_green" and record.promoted_at is None:
+            return  # judged after the switch, on real traffic
+        if record.phase == PAUSED and record.paused_by != "step":
+            self.background = None  # held by a person or for inconclusive: not judging
+            return
+        if self.background is None:
+            self.background = self.windows(analysis.interval)
+            return
+        if not self.background.due():
+            return
+        result = self.background.measure(analysis)
+        self.background = self.windows(analysis.interval)
+        await self.decide(analysis, result, "background")
+
+    async def decide(self, analysis: Analysis, result: dict[str, Any], kind: str) -> bool:
+        """Count a measurement; abort or pause past the limits. False if the rollout stopped."""
+        record = self.record
+        result["kind"] = kind
+        result["step"] = record.step
+        record.analyses = [*record.analyses, result][-ANALYSES_KEPT:]
+        self.controller.count_analysis(self.name, result["outcome"])
+        log.info("service %s: analysis %s: %s %s", self.name, kind, result["outcome"],
+                 result.get("failed_checks") or result.get("why") or "")
+        if result["outcome"] == "failure":
+            record.failures += 1
+            if record.failures > analysis.failure_limit:
+                failed = ", ".join(result["failed_checks"])
+                await self.abort(f"analysis failed {record.failures} time(s) "
+                                 f"(failure_limit {analysis.failure_limit}): {failed}")
+                return False
+        elif result["outcome"] == "inconclusive":
+            record.inconclusives += 1
+            if record.inconclusives > analysis.inconclusive_limit:
+                record.phase, record.paused_by = PAUSED, "inconclusive"
+                record.reason = (f"analysis inconclusive {record.inconclusives} time(s): "
+                                 f"{result.get('why')}; resume or promote to go on")
+                self.save()
+                log.warning("service %s: rollout paused: %s", self.name, record.reason)
+                return False
+        self.save()
+        return True
+
+    # --- blue/green -----------------------------------------------------------------------
+
+    async def run_smoke_checks(self) -> None:
+        """Pre-promotion checks against every upstream of the preview colour."""
+        preview = self.idle_colour
+        failures = []
+        for check in self.spec.checks:
+            for upstream in self.service.versions[preview].upstreams:
+                url = f"http://{upstream}{check.path}"
+                for _ in range(check.count):
+                    status = await self.controller.probe(check.method, url, check.timeout)
+                    if status != check.status:
+                        failures.append(f"{check.method} {url} gave {status or 'no answer'}, "
+                                        f"expected {check.status}")
+                        break
+        self.record.analyses = [*self.record.analyses, {
+            "at": time.time(), "kind": "smoke", "outcome": "failure" if failures else "success",
+            "failures": failures[:10]}][-ANALYSES_KEPT:]
+        if failures:
+            await self.abort("pre-promotion checks failed: " + "; ".join(failures[:3]))
+            return
+        self.record.step = 1  # checks passed; waiting for promotion
+        self.record.step_started_at = time.time()
+        if not self.spec.promotion.auto:
+            self.record.phase, self.record.paused_by = PAUSED, "step"
+        self.save()
+
+    async def tick_blue_green(self) -> None:
+        record = self.record
+        if record.promoted_at is None:
+            promotion = self.spec.promotion
+            if (record.step >= 1 and promotion.auto
+                    and time.time() - record.step_started_at >= promotion.delay):
+                await self.switch_colours()
+            return
+        if time.time() - record.promoted_at >= self.spec.post_promotion_window:
+            await self.complete("post-promotion analysis passed")
+
+    async def switch_colours(self) -> None:
+        record = self.record
+        if record.step < 1 and self.spec.checks:
+            raise RolloutError("the pre-promotion checks have not passed yet")
+        new = self.idle_colour
+        await self.set_weights({new: 100, self.active_colour: 0})
+        record.active = new
+        record.promoted_at = time.time()
+        record.step = 2
+        record.phase, record.paused_by = PROGRESSING, None
+        self.background = None
+        self.update_preview()
+        self.control.apply()
+        self.save()
+        log.info("service %s: switched to %s", self.name, new)
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    async def set_weights(self, weights: dict[str, int]) -> None:
+        await self.control.set_weights(self.name, weights, source="controller")
+
+    async def webhook(self, event: str, required: bool = False) -> bool:
+        url = getattr(self.spec.webhooks, event)
+        if not url:
+            return True
+        payload = {"event": event, "service": self.name, "rollout": asdict(self.record)}
+        ok = await self.controller.post_json(url, payload, self.spec.webhooks.timeout)
+        if not ok:
+            log.warning("service %s: %s webhook to %s failed", self.name, event, url)
+        return ok or not required
+
+    def status(self) -> dict[str, Any]:
+        spec = self.spec
+        data = asdict(self.record)
+        data["strategy"] = spec.strategy
+        data["steps"] = [s.model_dump(exclude_none=True) for s in spec.steps]
+        data["versions"] = {"old": self.old_version, "new": self.new_version}
+        return data
+
+
+class RolloutController:
+    """All the services' rollouts, their clock, and the off-path HTTP client they share."""
+
+    def __init__(self, control: ControlPlane) -> None:
+        self.control = control
+        self.rollouts: dict[str, ServiceRollout] = {}
+        self.analysis_outcomes: dict[tuple[str, str], int] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._clock: asyncio.Task[None] | None = None
+        self._session: Any = None
+        self._save_pending = False
+        self.sync(initial=True)
+
+    def sync(self, initial: bool = False) -> None:
+        """Match the set of rollouts to the config (at start and after each reload)."""
+        services = {s.name: s for s in self.control.config.services if s.rollout is not None}
+        for name in list(self.rollouts):
+            if name not in services:
+                del self.rollouts[name]
+                self.control.previews.pop(name, None)
+        for name, service in services.items():
+            rollout = self.rollouts.get(name)
+            if rollout is None or rollout.spec.strategy != service.rollout.strategy:  # type: ignore[union-attr]
+                rollout = self.rollouts[name] = ServiceRollout(self, service)
+                rollout.restore(self.control.state.rollouts.get(name))
+                if not initial:
+                    rollout.save()
+            else:
+                rollout.config_changed(service)
+            rollout.update_preview()
+
+    def get(self, name: str) -> ServiceRollout:
+        from .control import UnknownName
+
+        self.control.service(name)
+        rollout = self.rollouts.get(name)
+        if rollout is None:
+            raise UnknownName(f"service {name!r} has no rollout configured")
+        return rollout
+
+    def start(self) -> None:
+        self._clock = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        for task in [self._clock, *self._tasks]:
+            if task is not None:
+                task.cancel()
+        if self._session is not None:
+            await self._session.close()
+
+    def tick_interval(self) -> float:
+        intervals = [1.0]
+        for rollout in self.rollouts.values():
+            spec = rollout.spec
+            analyses = [spec.analysis] + [s.analysis for s in spec.steps]
+            intervals += [a.interval / 4 for a in analyses if a is not None]
+            intervals += [s.pause.duration / 4 for s in spec.steps
+                          if s.pause is not None and s.pause.duration]
+        return max(0.05, min(intervals))
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_interval())
+            for rollout in list(self.rollouts.values()):
+                try:
+                    await rollout.tick()
+                except Exception:  # one service's rollout must not stop the others
+                    log.exception("service %s: rollout tick failed", rollout.name)
+            if self._save_pending:
+                self._save_pending = False
+                try:
+                    await self.control.save_state()
+                except OSError as exc:
+                    log.error("could not write the state file: %s", exc)
+
+    def save_soon(self) -> None:
+        self._save_pending = True
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def count_analysis(self, service: str, outcome: str) -> None:
+        key = (service, outcome)
+        self.analysis_outcomes[key] = self.analysis_outcomes.get(key, 0) + 1
+
+    async def client(self) -> Any:
+        if self._session is None:
+            import aiohttp
+
+            self._session = aiohttp.ClientSession(
+                auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
+        return self._session
+
+    async def probe(self, method: str, url: str, timeout: float) -> int:
+        import aiohttp
+
+        session = await self.client()
+        try:
+            async with session.request(method, url, allow_redirects=False,
+                                       timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                await resp.read()
+                return int(resp.status)
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return 0
+
+    async def post_json(self, url: str, payload: dict[str, Any], timeout: float) -> bool:
+        import aiohttp
+
+        session = await self.client()
+        try:
+            async with session.post(url, json=payload,
+                                    timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                return 200 <= resp.status < 300
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
