@@ -130,7 +130,7 @@ class MirrorCopy:
             self.finish("dropped")
             return
         head = self.build_head(exchange)
-        self.exchange = exchange if policy.compare else None
+        self.exchange = None  # no reference cycle with the exchange: refcounting frees both
         payload = head + b"".join(self.body)
         self.body = []
         policy.inflight += 1
@@ -232,6 +232,7 @@ class MirrorCopy:
         if self.done:
             return
         self.done = True
+        self.exchange = None
         policy = self.policy
         policy.count(outcome)
         if self.pool is not None:
@@ -252,7 +253,6 @@ class MirrorCopy:
     def compare_when_ready(self) -> None:
         if self.primary is None or self.digest is None:
             return
-        exchange, self.exchange = self.exchange, None
         status, digest = self.primary
         shadow_digest = self.digest.hexdigest()
         self.digest = None
@@ -262,8 +262,8 @@ class MirrorCopy:
             return
         stats.comparisons["mismatch"] += 1
         stats.mismatches.append({
-            "method": exchange.method.decode() if exchange else "",
-            "path": exchange.url[:200].decode("latin-1") if exchange else "",
+            "method": self.method.decode(),
+            "path": self.path[:200].decode("latin-1"),
             "primary_status": status,
             "shadow_status": self.shadow_status,
             "same_body": digest == shadow_digest,

@@ -504,6 +504,7 @@ class Exchange:
                 copy.finish("dropped")
             elif copy.digest is not None:
                 copy.primary_finished(status, digest)
+        self.mirrors = None  # the copies no longer need the exchange, nor it them
 
     def release_pool_slot(self) -> None:
         pool, self.pool = self.pool, None

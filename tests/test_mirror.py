@@ -515,3 +515,38 @@ async def test_access_log_is_flushed_at_shutdown(
     assert proc.process.returncode == 0
     paths = [e["path"] for e in read_log(log_path)]
     assert paths == [f"/bye/{i}" for i in range(5)]
+
+
+async def test_exchanges_and_copies_are_freed_without_the_cycle_collector(start_backend,
+                                                                          start_proxy):
+    """Reference cycles per request would make the cyclic GC run often and long, which shows
+    up as latency spikes (measured: 5-29 ms pauses with mirroring before this was fixed)."""
+    import gc
+
+    from proxy.mirror import MirrorCopy
+    from proxy.server import Exchange
+
+    from .conftest import exchange as raw_exchange
+
+    stable, shadow = await start_backend("stable"), await start_backend("shadow")
+    proxy = await start_proxy([{
+        "name": "app",
+        "versions": {"stable": {"upstreams": [stable.address]},
+                     "shadow": {"upstreams": [shadow.address]}},
+        "weights": {"stable": 100},
+        # max_concurrent 1: most copies are dropped, the path that used to leak a cycle.
+        "mirror": [{"version": "shadow", "percent": 100, "max_concurrent": 1,
+                    "compare": True}],
+    }])
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        request = b"GET /x HTTP/1.1\r\nHost: app\r\n\r\n"
+        for _ in range(10):
+            await raw_exchange(proxy.port, request * 5, count=5)
+        gc.collect()
+        cyclic = [o for o in gc.garbage if isinstance(o, Exchange | MirrorCopy)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert cyclic == []
