@@ -280,6 +280,8 @@ class ServiceRollout:
             # Promoted already: the previous colour is the rollback target.
             old, new = new, old
             self.record.active = old
+            self.record.revision = fingerprint(self.service, self.idle_colour)
+            self.record.aborted_revision = self.record.revision
             self.update_preview()
             self.save()
         ramp = [w for w in self.spec.rollback_ramp if w > 0]
@@ -490,6 +492,8 @@ class ServiceRollout:
         new = self.idle_colour
         await self.set_weights({new: 100, self.active_colour: 0})
         record.active = new
+        # The colour just vacated is the next rollout's; a change to it starts one.
+        record.revision = fingerprint(self.service, self.idle_colour)
         record.promoted_at = time.time()
         record.step = 2
         record.phase, record.paused_by = PROGRESSING, None
