@@ -28,7 +28,6 @@ import http.client
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import statistics
@@ -538,16 +537,7 @@ def run(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
     finally:
-        # A second Ctrl-C must not interrupt the cleanup.
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            pm.stop_all()
-            if args.keep_tmp:
-                print(f"kept temp dir {workdir}", file=sys.stderr)
-            else:
-                shutil.rmtree(workdir, ignore_errors=True)
-        finally:
-            signal.signal(signal.SIGINT, old)
+        bench.cleanup(pm, workdir, args.keep_tmp)
 
     summaries = [summarize(name, runs[name]) for name in CONFIGS]
     base = summaries[0]

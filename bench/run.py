@@ -199,6 +199,20 @@ def own_cpu_seconds(pm: ProcessManager) -> float:
     return total + sum(group_cpu_seconds(p.pid) for p in pm.procs)
 
 
+def cleanup(pm: ProcessManager, workdir: Path, keep_tmp: bool) -> None:
+    """Stop every process started and remove the temp dir (unless asked to keep it)."""
+    # A second Ctrl-C must not interrupt the cleanup.
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        pm.stop_all()
+        if keep_tmp:
+            print(f"kept temp dir {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def _raise_on_signal(signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
@@ -920,16 +934,7 @@ def run(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
     finally:
-        # A second Ctrl-C must not interrupt the cleanup.
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            pm.stop_all()
-            if args.keep_tmp:
-                print(f"kept temp dir {workdir}", file=sys.stderr)
-            else:
-                shutil.rmtree(workdir, ignore_errors=True)
-        finally:
-            signal.signal(signal.SIGINT, old)
+        cleanup(pm, workdir, args.keep_tmp)
 
     names = [n for n in (BASELINE, *PROXIES) if n in runs]
     summaries = [summarize(n, runs[n]) for n in names]
