@@ -18,6 +18,7 @@ from typing import Protocol
 from urllib.parse import unquote_to_bytes
 
 from .config import Config, RuleMatch, Service, StringMatch, Timeouts
+from .http11 import split_absolute_form
 from .mirror import MirrorPolicy
 from .stats import StatsRegistry, VersionStats
 
@@ -83,14 +84,7 @@ def parse_query(url: bytes) -> dict[bytes, bytes]:
 def request_path(url: bytes) -> bytes:
     """The path of an origin-form or absolute-form request target, without the query."""
     if url.startswith((b"http://", b"https://")):
-        authority_end = len(url)
-        for delimiter in (b"/", b"?", b"#"):
-            found = url.find(delimiter, url.find(b"//") + 2)
-            if 0 <= found < authority_end:
-                authority_end = found
-        url = url[authority_end:]
-        if not url.startswith(b"/"):
-            url = b"/" + url
+        url = split_absolute_form(url)[1]
     return url.split(b"?", 1)[0].split(b"#", 1)[0]
 
 

@@ -32,6 +32,7 @@ from .http11 import (
     VIA,
     connection_tokens,
     simple_response,
+    split_absolute_form,
     status_line,
 )
 from .mirror import MirrorCopy, MirrorPolicy
@@ -192,14 +193,7 @@ class Exchange:
     def use_absolute_form(self) -> None:
         """RFC 9112 3.2.2: the authority of an absolute-form target replaces Host, and the
         upstream gets the origin form."""
-        rest = self.url.split(b"//", 1)[1]
-        end = len(rest)
-        for delimiter in (b"/", b"?", b"#"):
-            found = rest.find(delimiter)
-            if 0 <= found < end:
-                end = found
-        authority, target = rest[:end].rpartition(b"@")[2], rest[end:]
-        self.url = target if target.startswith(b"/") else b"/" + target
+        authority, self.url = split_absolute_form(self.url)
         self.hmap[b"host"] = authority
         self.headers = [h for h in self.headers if h[0] != b"host"]
         self.headers.insert(0, (b"host", b"Host", authority))
