@@ -183,4 +183,5 @@ class AdminServer:
         else:
             raise web.HTTPNotFound(reason=f"no rollout action {action!r} (start, promote, "
                                           f"abort, pause, resume, retry)")
+        await self.control.save_state()  # acknowledged means persisted
         return web.json_response(rollout.status())

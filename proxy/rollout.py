@@ -155,6 +155,7 @@ class ServiceRollout:
         self.step_window: MeasurementWindow | None = None
         self.background: MeasurementWindow | None = None
         self.ramp: asyncio.Task[None] | None = None
+        self.pending_start = False
 
     @property
     def spec(self) -> Rollout:
@@ -169,11 +170,14 @@ class ServiceRollout:
                 self.record = RolloutRecord.from_dict(data)
             except (TypeError, ValueError) as exc:
                 log.error("service %s: ignoring unreadable rollout state (%s)", self.name, exc)
-        if not self.record.revision:
-            self.record.revision = fingerprint(self.service, self.new_version)
         if self.spec.strategy == "blue_green":
             self.record.active = self.record.active or self.spec.active
             self.update_preview()
+        current = fingerprint(self.service, self.new_version)
+        if self.record.revision and self.record.revision != current:
+            # The new version changed while Weir was down: as if the file had been edited.
+            self.pending_start = self.spec.auto_start and current != self.record.aborted_revision
+        self.record.revision = current
 
     def save(self) -> None:
         self.record.updated_at = time.time()
@@ -236,6 +240,12 @@ class ServiceRollout:
         self.step_window = self.background = None
         self.save()
         log.info("service %s: rollout started (%s)", self.name, why)
+        if self.spec.strategy == "canary":
+            # From the first step's weight at once: a new canary revision must not inherit
+            # the traffic share the previous one had reached.
+            steps = self.spec.steps
+            first = steps[0].set_weight if steps and steps[0].set_weight is not None else 0
+            await self.set_weights({self.spec.stable: 100 - first, self.spec.canary: first})
         if not await self.webhook("pre_rollout", required=True):
             await self.abort("the pre_rollout webhook failed")
             return
@@ -247,7 +257,10 @@ class ServiceRollout:
         if record.phase not in (PROGRESSING, PAUSED):
             raise RolloutError(f"no rollout of {self.name} in progress (phase {record.phase})")
         if self.spec.strategy == "blue_green":
-            await self.switch_colours()
+            if record.promoted_at is not None:
+                await self.complete("promoted past the post-promotion window")
+            else:
+                await self.switch_colours()
             return
         if full:
             await self.complete("promoted in full")
@@ -296,6 +309,13 @@ class ServiceRollout:
             await self.set_weights({old: 100, new: 0})
 
         self.ramp = self.controller.spawn(walk())
+
+    def rollback_unfinished(self) -> bool:
+        """An aborted canary that still has traffic: a restart cut its rollback ramp short."""
+        if self.spec.strategy != "canary" or self.record.phase != ABORTED:
+            return False
+        route = next((r for r in self.control.proxy.table.routes if r.name == self.name), None)
+        return route is not None and route.weights.get(self.spec.canary, 0) > 0
 
     def cancel_ramp(self) -> None:
         if self.ramp is not None:
@@ -568,12 +588,23 @@ class RolloutController:
         return rollout
 
     def start(self) -> None:
+        """Start the clock, and pick up what a restart interrupted."""
         self._clock = asyncio.get_running_loop().create_task(self._run())
+        for rollout in self.rollouts.values():
+            if rollout.pending_start:
+                rollout.pending_start = False
+                self.spawn(rollout.start("the new version changed while Weir was stopped"))
+            elif rollout.rollback_unfinished():
+                log.info("service %s: finishing an interrupted rollback", rollout.name)
+                self.spawn(rollout.roll_back())
 
     async def stop(self) -> None:
         for task in [self._clock, *self._tasks]:
             if task is not None:
                 task.cancel()
+        if self._save_pending:
+            self._save_pending = False
+            await self.control.save_state()
         if self._session is not None:
             await self._session.close()
 
