@@ -213,9 +213,22 @@ class ServiceRollout:
         self.record.revision = revision
         if self.spec.auto_start and revision != self.record.aborted_revision:
             log.info("service %s: %s changed; starting a rollout", self.name, self.new_version)
+            self.preset_first_weight()
             self.controller.spawn(self.start("config change"))
         else:
             self.save()
+
+    def first_weights(self) -> dict[str, int]:
+        steps = self.spec.steps
+        first = steps[0].set_weight if steps and steps[0].set_weight is not None else 0
+        return {self.spec.stable: 100 - first, self.spec.canary: first}
+
+    def preset_first_weight(self) -> None:
+        """Before a reload's table is applied: new canary upstreams start at the first step's
+        weight in that very table, not at the share the previous canary had reached."""
+        if self.spec.strategy == "canary":
+            self.control.state.set_weights(self.control.config, self.name,
+                                           self.first_weights(), "controller")
 
     def update_preview(self) -> None:
         if self.spec.strategy == "blue_green":
@@ -243,9 +256,7 @@ class ServiceRollout:
         if self.spec.strategy == "canary":
             # From the first step's weight at once: a new canary revision must not inherit
             # the traffic share the previous one had reached.
-            steps = self.spec.steps
-            first = steps[0].set_weight if steps and steps[0].set_weight is not None else 0
-            await self.set_weights({self.spec.stable: 100 - first, self.spec.canary: first})
+            await self.set_weights(self.first_weights())
         if not await self.webhook("pre_rollout", required=True):
             await self.abort("the pre_rollout webhook failed")
             return
@@ -571,9 +582,10 @@ class RolloutController:
             rollout = self.rollouts.get(name)
             if rollout is None or rollout.spec.strategy != service.rollout.strategy:  # type: ignore[union-attr]
                 rollout = self.rollouts[name] = ServiceRollout(self, service)
-                rollout.restore(self.control.state.rollouts.get(name))
-                if not initial:
-                    rollout.save()
+                saved = self.control.state.rollouts.get(name)
+                rollout.restore(saved)
+                if not initial or saved is None:
+                    rollout.save()  # the revision is on record from now on
             else:
                 rollout.config_changed(service)
             rollout.update_preview()
