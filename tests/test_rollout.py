@@ -431,7 +431,8 @@ async def test_healthy_canary_walks_every_step_to_full_traffic(backends, weir):
     api = live.api
     assert (await api.rollout())["phase"] == "idle"
 
-    canary_weights: list[int] = []
+    # The weight before the start, read before the watcher races the start request.
+    canary_weights: list[int] = [(await api.weights())["canary"]]
 
     async def watch_weights() -> None:
         while True:
