@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import uvloop
 import yaml
@@ -119,18 +121,24 @@ def backend_app(backend: Backend) -> web.Application:
     return app
 
 
+async def serve_on_loopback(app: web.Application,
+                            shutdown_timeout: float = 60.0) -> tuple[web.AppRunner, int]:
+    """Serve an aiohttp app on 127.0.0.1 at a port the kernel picks."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+
+
 @pytest.fixture
 async def start_backend() -> AsyncIterator[Callable[[str], Awaitable[Backend]]]:
     runners: list[web.AppRunner] = []
 
     async def start(name: str = "backend") -> Backend:
         backend = Backend(name, 0)
-        runner = web.AppRunner(backend_app(backend), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
+        runner, backend.port = await serve_on_loopback(backend_app(backend))
         runners.append(runner)
-        backend.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return backend
 
     yield start
@@ -316,3 +324,67 @@ async def weir_process(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[
 def port_open(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+class RestartableWeir:
+    """`python -m proxy run -c PATH`, restartable with the same config and state file."""
+
+    def __init__(self, path: Path, admin_port: int, log: Path) -> None:
+        self.path = path
+        self.admin_port = admin_port
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "proxy", "run", "-c", str(self.path)],
+                cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        process = self.process
+
+        async def answering() -> bool:
+            try:
+                async with session.get(f"http://127.0.0.1:{self.admin_port}/healthz") as r:
+                    return r.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        async with asyncio.timeout(15):
+            while not await answering():
+                assert process.poll() is None, self.output()
+                await asyncio.sleep(0.05)
+        # The signal handlers are installed a moment after the listeners open; a SIGHUP
+        # before that would kill the process, so wait until both are caught.
+        wanted = (1 << (signal.SIGHUP - 1)) | (1 << (signal.SIGTERM - 1))
+        await wait_for(lambda: caught_signals(process.pid) & wanted == wanted, timeout=5)
+
+    def send(self, sig: signal.Signals) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    async def stop(self) -> int:
+        """SIGTERM, then wait for the exit; returns the exit code."""
+        assert self.process is not None
+        process = self.process
+        process.send_signal(signal.SIGTERM)
+        await wait_for(lambda: process.poll() is not None, timeout=15, interval=0.02)
+        return process.returncode
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def caught_signals(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("SigCgt:"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0

@@ -31,7 +31,7 @@ from proxy.admin import AdminServer
 from proxy.config import ConfigError, load_config, parse_config
 from proxy.control import ControlPlane
 
-from .conftest import REPO_ROOT, Backend, free_port, wait_for
+from .conftest import REPO_ROOT, Backend, RestartableWeir, free_port, wait_for
 
 TOKEN = "t0ken-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -224,73 +224,9 @@ def inotify_watched_inodes(pid: str = "self") -> set[int]:
 # --- Weir as a subprocess ---------------------------------------------------------------------
 
 
-class WeirRun:
-    """`python -m proxy run -c PATH`, restartable with the same config and state file."""
-
-    def __init__(self, path: Path, admin_port: int, log: Path) -> None:
-        self.path = path
-        self.admin_port = admin_port
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def stderr(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    async def start(self, session: aiohttp.ClientSession) -> None:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "run", "-c", str(self.path)],
-                cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=log)
-        process = self.process
-
-        async def answering() -> bool:
-            try:
-                async with session.get(f"http://127.0.0.1:{self.admin_port}/healthz") as r:
-                    return r.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        async with asyncio.timeout(15):
-            while not await answering():
-                assert process.poll() is None, self.stderr()
-                await asyncio.sleep(0.05)
-        # The signal handlers are installed a moment after the listeners open; a SIGHUP
-        # before that would kill the process, so wait until both are caught.
-        wanted = (1 << (signal.SIGHUP - 1)) | (1 << (signal.SIGTERM - 1))
-        await wait_for(lambda: caught_signals(process.pid) & wanted == wanted, timeout=5)
-
-    def send(self, sig: signal.Signals) -> None:
-        assert self.process is not None
-        self.process.send_signal(sig)
-
-    async def stop(self) -> int:
-        """SIGTERM, then wait for the exit; returns the exit code."""
-        assert self.process is not None
-        process = self.process
-        process.send_signal(signal.SIGTERM)
-        await wait_for(lambda: process.poll() is not None, timeout=10, interval=0.02)
-        return process.returncode
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
-def caught_signals(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("SigCgt:"):
-                    return int(line.split()[1], 16)
-    except OSError:
-        pass
-    return 0
-
-
 @dataclass
 class Sub:
-    run: WeirRun
+    run: RestartableWeir
     port: int
     api: Api
     session: aiohttp.ClientSession
@@ -299,7 +235,7 @@ class Sub:
 @pytest.fixture
 async def weir_run(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Sub]]]:
     """Write a config with fixed ports to tmp_path and run Weir on it as a subprocess."""
-    runs: list[WeirRun] = []
+    runs: list[RestartableWeir] = []
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
 
     async def start(data: dict[str, Any]) -> Sub:
@@ -308,7 +244,7 @@ async def weir_run(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Sub]
                 "admin": {**data["admin"], "listen": f"127.0.0.1:{admin_port}"}}
         path = tmp_path / f"weir-{len(runs)}.yaml"
         write_config(path, data)
-        run = WeirRun(path, admin_port, tmp_path / f"weir-{len(runs)}.log")
+        run = RestartableWeir(path, admin_port, tmp_path / f"weir-{len(runs)}.log")
         runs.append(run)
         await run.start(session)
         return Sub(run, port, Api(session, f"http://127.0.0.1:{admin_port}"), session)
@@ -860,7 +796,7 @@ async def test_sighup_reloads_a_running_weir(start_backend, weir_run):
             await asyncio.sleep(0.02)
     assert code == 503
     await wait_for(lambda: process.poll() is not None, timeout=10)
-    assert process.returncode == 0, weir.run.stderr()
+    assert process.returncode == 0, weir.run.output()
 
 
 def wait_port_open(port: int, process: subprocess.Popen[bytes], timeout: float) -> None:
@@ -931,7 +867,7 @@ async def test_runtime_state_survives_restarts_and_merges_per_field(start_backen
     assert not list(tmp_path.glob("*.tmp"))  # the atomic write left nothing behind
 
     # Restart: the API weights come back.
-    assert await weir.run.stop() == 0, weir.run.stderr()
+    assert await weir.run.stop() == 0, weir.run.output()
     await weir.run.start(weir.session)
     shop = await weir.api.service()
     assert (shop["weights"], shop["weights_source"]) == ({"blue": 0, "green": 100}, "api")
@@ -965,7 +901,7 @@ async def test_runtime_state_survives_restarts_and_merges_per_field(start_backen
     assert "shop" not in read_state(state).get("services", {})
 
     # ...and that survives another restart.
-    assert await weir.run.stop() == 0, weir.run.stderr()
+    assert await weir.run.stop() == 0, weir.run.output()
     await weir.run.start(weir.session)
     shop = await weir.api.service()
     assert (shop["weights"], shop["weights_source"]) == ({"blue": 70, "green": 30}, "file")

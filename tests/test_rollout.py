@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -33,7 +31,7 @@ from proxy.admin import AdminServer
 from proxy.config import load_config
 from proxy.control import ControlPlane
 
-from .conftest import REPO_ROOT, free_port, wait_for
+from .conftest import RestartableWeir, free_port, serve_on_loopback, wait_for
 
 TOKEN = "rollout-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -91,12 +89,8 @@ async def backends() -> AsyncIterator[Callable[..., Awaitable[App]]]:
 
     async def start(name: str, **behaviour: Any) -> App:
         backend = App(name, **behaviour)
-        runner = web.AppRunner(app_for(backend), access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
+        runner, backend.port = await serve_on_loopback(app_for(backend), shutdown_timeout=0.5)
         runners.append(runner)
-        backend.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return backend
 
     yield start
@@ -750,53 +744,9 @@ async def test_blue_green_post_promotion_failure_switches_back(backends, weir):
 # === restart mid-rollout =======================================================================
 
 
-class WeirProcess:
-    """`python -m proxy run -c PATH`, restartable on the same config and state file."""
-
-    def __init__(self, path: Path, port: int, admin_port: int, log: Path) -> None:
-        self.path = path
-        self.port = port
-        self.admin_port = admin_port
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    async def start(self, session: aiohttp.ClientSession) -> None:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "run", "-c", str(self.path)],
-                cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-        process = self.process
-        deadline = time.monotonic() + 15
-        while True:
-            assert process.poll() is None, self.output()
-            try:
-                async with session.get(f"http://127.0.0.1:{self.admin_port}/readyz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            assert time.monotonic() < deadline, self.output()
-            await asyncio.sleep(0.05)
-
-    async def terminate(self) -> int:
-        assert self.process is not None
-        process = self.process
-        process.send_signal(signal.SIGTERM)
-        await wait_for(lambda: process.poll() is not None, timeout=15, interval=0.02)
-        return process.returncode
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
 @dataclass
 class Proc:
-    process: WeirProcess
+    process: RestartableWeir
     api: Api
     port: int
     path: Path
@@ -804,7 +754,7 @@ class Proc:
 
     async def restart(self) -> None:
         """SIGTERM, a clean exit, and the same command on the same files again."""
-        assert await self.process.terminate() == 0, self.process.output()
+        assert await self.process.stop() == 0, self.process.output()
         await self.process.start(self.api.session)
 
     async def saved_rollout(self) -> dict[str, Any]:
@@ -825,7 +775,7 @@ async def weir_proc(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Pro
                     admin={"listen": f"127.0.0.1:{admin_port}", "token": TOKEN})
         path = tmp_path / f"weir-{len(procs)}.yaml"
         write_config(path, data)
-        process = WeirProcess(path, port, admin_port, tmp_path / f"weir-{len(procs)}.log")
+        process = RestartableWeir(path, admin_port, tmp_path / f"weir-{len(procs)}.log")
         proc = Proc(process, Api(session, f"http://127.0.0.1:{admin_port}"), port, path,
                     state_path)
         procs.append(proc)
