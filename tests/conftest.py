@@ -20,6 +20,7 @@ import pytest
 import uvloop
 import yaml
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import ProxyServer
 from proxy.config import Config, parse_config
@@ -388,3 +389,12 @@ def caught_signals(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def sample(exposition: str, name: str, **labels: str) -> float | None:
+    """One sample's value from a Prometheus exposition, or None if it is not there."""
+    for family in text_string_to_metric_families(exposition):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return None

@@ -25,13 +25,12 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.admin import AdminServer
 from proxy.config import ConfigError, load_config, parse_config
 from proxy.control import ControlPlane
 
-from .conftest import REPO_ROOT, Backend, RestartableWeir, free_port, wait_for
+from .conftest import REPO_ROOT, Backend, RestartableWeir, free_port, sample, wait_for
 
 TOKEN = "t0ken-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -126,14 +125,6 @@ class Api:
                 if predicate(status):
                     return status
                 await asyncio.sleep(0.02)
-
-
-def sample(exposition: str, name: str, **labels: str) -> float | None:
-    for family in text_string_to_metric_families(exposition):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return float(s.value)
-    return None
 
 
 def reloads(exposition: str, outcome: str) -> float:

@@ -25,13 +25,12 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.admin import AdminServer
 from proxy.config import load_config
 from proxy.control import ControlPlane
 
-from .conftest import RestartableWeir, free_port, serve_on_loopback, wait_for
+from .conftest import RestartableWeir, free_port, sample, serve_on_loopback, wait_for
 
 TOKEN = "rollout-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -249,14 +248,6 @@ async def poll(fetch: Callable[[], Awaitable[Any]], predicate: Callable[[Any], b
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {value}")
         await asyncio.sleep(0.03)
-
-
-def sample(exposition: str, name: str, **labels: str) -> float | None:
-    for family in text_string_to_metric_families(exposition):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return float(s.value)
-    return None
 
 
 # --- Weir in this event loop --------------------------------------------------------------------
