@@ -479,9 +479,15 @@ async def test_healthy_canary_walks_every_step_to_full_traffic(backends, weir):
     assert sample(metrics, "weir_analysis_runs_total", service="app", outcome="failure") == 0
     assert sample(metrics, "weir_traffic_weight", service="app", version="canary") == 100
 
-    # The state file has it all, for a restart.
-    state = json.loads(Path(live.control.state.path).read_text())  # type: ignore[arg-type]
-    assert state["services"]["app"]["rollout"]["phase"] == "completed"
+    # The state file has it all, for a restart. The controller writes a phase change at the end
+    # of its tick, so the API can show "completed" a moment before the file does.
+    state_path = Path(live.control.state.path)  # type: ignore[arg-type]
+
+    def saved_phase() -> str:
+        return json.loads(state_path.read_text())["services"]["app"]["rollout"]["phase"]
+
+    await wait_for(lambda: saved_phase() == "completed", timeout=5)
+    state = json.loads(state_path.read_text())
     assert state["services"]["app"]["weights"]["weights"] == {"stable": 0, "canary": 100}
 
 
