@@ -17,6 +17,8 @@ REQUEST_REWRITTEN = HOP_BY_HOP | {
 
 # Response headers Weir frames or sets itself.
 RESPONSE_REWRITTEN = HOP_BY_HOP | {b"x-weir-version"}
+# Response headers the data plane must look at: the rewritten ones and the body's length.
+RESPONSE_NOTED = RESPONSE_REWRITTEN | {b"content-length"}
 
 # Headers whose listing in Connection must not make us drop them.
 CONNECTION_OPTIONS_IGNORED = frozenset({b"close", b"keep-alive", b"upgrade"})

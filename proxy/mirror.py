@@ -185,8 +185,8 @@ class MirrorCopy:
 
     # --- what the shadow's connection reports ---------------------------------------------
 
-    def on_upstream_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
-                         keep_alive: bool) -> None:
+    def on_upstream_head(self, status: int, lines: list[bytes],
+                         noted: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
         self.shadow_status = status
         self.keep_alive = keep_alive
 

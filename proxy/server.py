@@ -27,7 +27,6 @@ from .http11 import (
     IDEMPOTENT_METHODS,
     LAST_CHUNK,
     REQUEST_REWRITTEN,
-    RESPONSE_REWRITTEN,
     TRANSFER_CHUNKED,
     VIA,
     connection_tokens,
@@ -88,8 +87,8 @@ class Exchange:
     __slots__ = (
         "body_buffer", "body_received", "buffered", "bytes_out", "chunked", "client",
         "connecting",
-        "content_length", "dup_host", "extra_headers", "finished", "has_body", "head_request",
-        "headers", "hmap", "http10", "keep_alive", "keep_client", "method", "mirrors",
+        "content_length", "dup_host", "extra_headers", "finished", "forward", "has_body",
+        "head_request", "hmap", "http10", "keep_alive", "keep_client", "method", "mirrors",
         "out_chunked", "outbuf", "pool", "primary_digest", "reason", "request_complete",
         "response_done", "response_started", "retried",
         "route", "started", "status", "target", "until_eof", "upgrade", "upstream",
@@ -99,7 +98,9 @@ class Exchange:
     def __init__(self, client: ClientConnection) -> None:
         self.client = client
         self.url = b""
-        self.headers: list[tuple[bytes, bytes, bytes]] = []
+        # The request headers to pass on as they came, flat and ready to join:
+        # [name, b": ", value, CRLF, ...]; the ones Weir rewrites are only in hmap.
+        self.forward: list[bytes] = []
         self.hmap: dict[bytes, bytes] = {}
         self.dup_host = False
         self.method = b""
@@ -195,8 +196,7 @@ class Exchange:
         upstream gets the origin form."""
         authority, self.url = split_absolute_form(self.url)
         self.hmap[b"host"] = authority
-        self.headers = [h for h in self.headers if h[0] != b"host"]
-        self.headers.insert(0, (b"host", b"Host", authority))
+        self.forward = [b"Host", b": ", authority, CRLF, *without_headers(self.forward, {b"host"})]
         self.dup_host = False
 
     async def connect(self, pool: UpstreamPool) -> None:
@@ -248,13 +248,11 @@ class Exchange:
         hmap = self.hmap
         parts = [self.method, b" ", self.url, b" HTTP/1.1\r\n"]
         connection = hmap.get(b"connection")
-        if connection is not None:
-            named = connection_tokens(connection)
-            if named:
-                skip = skip | named
-        for lname, name, value in self.headers:
-            if lname not in skip:
-                parts += (name, b": ", value, CRLF)
+        named = connection_tokens(connection) if connection is not None else None
+        if named or skip is not REQUEST_REWRITTEN:
+            parts += without_headers(self.forward, skip | named if named else skip)
+        else:
+            parts += self.forward  # the usual case: nothing more to leave out
         if client.trusted:
             forwarded = hmap.get(b"x-forwarded-for")
             xff = forwarded + b", " + client.peer_bytes if forwarded else client.peer_bytes
@@ -318,28 +316,25 @@ class Exchange:
 
     # --- response side (called by UpstreamConnection) -------------------------------------
 
-    def on_upstream_head(self, status: int, reason: bytes,
-                         headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
+    def on_upstream_head(self, status: int, lines: list[bytes],
+                         noted: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
+        """``lines`` holds the headers to pass on ([name, b": ", value, CRLF, ...]);
+        ``noted`` the ones that frame the response or that Weir sets (see UpstreamConnection)."""
         client = self.client
         self.status = status
         self.upstream_keep_alive = keep_alive
         chunked_in = has_length = False
         drop: set[bytes] | None = None
         upgrade_to = b""
-        parts = [status_line(status, reason)]
-        for name, value in headers:
-            lname = name.lower()
-            if lname in RESPONSE_REWRITTEN:
-                if lname == b"transfer-encoding":
-                    chunked_in = True
-                elif lname == b"connection":
-                    drop = connection_tokens(value) or None
-                elif lname == b"upgrade":
-                    upgrade_to = value
-                continue
+        for lname, value in noted:
             if lname == b"content-length":
                 has_length = True
-            parts += (name, b": ", value, CRLF)
+            elif lname == b"transfer-encoding":
+                chunked_in = True
+            elif lname == b"connection":
+                drop = connection_tokens(value) or None
+            elif lname == b"upgrade":
+                upgrade_to = value
         # While draining for shutdown, clients are told to reconnect (to another instance)
         # rather than reuse a connection that is about to be closed under them.
         keep = self.keep_alive and not client.closing and not client.server.draining
@@ -359,8 +354,8 @@ class Exchange:
             else:
                 self.out_chunked = True
                 framing = TRANSFER_CHUNKED
-        if drop:
-            parts = without_headers(parts, drop)
+        parts = [status_line(status)]
+        parts += without_headers(lines, drop) if drop else lines
         self.keep_client = keep or status == 101
         if status != 101:
             if not keep:
@@ -394,12 +389,17 @@ class Exchange:
             self.client.transport.writelines(out)
 
     def on_upstream_complete(self) -> None:
+        out = self.outbuf
         if self.out_chunked:
-            self.outbuf.append(LAST_CHUNK)
-        self.flush()
+            out.append(LAST_CHUNK)
+        if out:
+            self.outbuf = []
+            self.client.transport.writelines(out)
         self.response_done = True
         conn, self.upstream = self.upstream, None
-        self.release_pool_slot()
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.active.discard(self)
         if conn is not None:
             if self.upstream_keep_alive and self.request_complete and not self.until_eof:
                 conn.pool.release(conn)
@@ -532,13 +532,12 @@ class Exchange:
             self.record(self.status if self.response_started else 499)
 
 
-def without_headers(parts: list[bytes], names: set[bytes]) -> list[bytes]:
-    """Drop header lines from a head being built as [status line, name, ": ", value, CRLF, …]
-    (the rare case of headers named in Connection, or a length beside chunked)."""
-    kept = [parts[0]]
-    for i in range(1, len(parts), 4):
-        if parts[i].lower() not in names:
-            kept += parts[i:i + 4]
+def without_headers(forward: list[bytes], names: frozenset[bytes] | set[bytes]) -> list[bytes]:
+    """A flat [name, b": ", value, CRLF, ...] list less the headers named (lower-case)."""
+    kept: list[bytes] = []
+    for i in range(0, len(forward), 4):
+        if forward[i].lower() not in names:
+            kept += forward[i:i + 4]
     return kept
 
 
@@ -674,7 +673,8 @@ class ClientConnection(asyncio.Protocol):
         ex = self.current
         assert ex is not None
         lname = name.lower()
-        ex.headers.append((lname, name, value))
+        if lname not in REQUEST_REWRITTEN:
+            ex.forward += (name, b": ", value, CRLF)
         self.head_bytes += len(name) + len(value) + 4
         hmap = ex.hmap
         if lname in hmap:
@@ -731,7 +731,8 @@ class ClientConnection(asyncio.Protocol):
         if ex is not self.active:
             return
         self.active = None
-        self.set_pause(PAUSE_UPSTREAM | PAUSE_BUFFER, False)
+        if self.pause_flags:
+            self.set_pause(PAUSE_UPSTREAM | PAUSE_BUFFER, False)
         if not ex.keep_client or self.transport.is_closing():
             self.close()
             return

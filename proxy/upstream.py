@@ -14,8 +14,12 @@ from typing import Protocol
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from .config import UpstreamSettings, split_address
+from .http11 import CRLF, RESPONSE_NOTED, RESPONSE_REWRITTEN
 
 log = logging.getLogger("weir.upstream")
+
+# Like nginx's proxy_buffer_size, but roomier: a response head is held whole until it ends.
+MAX_RESPONSE_HEAD = 32 * 1024
 
 
 class ResponseSink(Protocol):
@@ -23,8 +27,8 @@ class ResponseSink(Protocol):
 
     head_request: bool
 
-    def on_upstream_head(self, status: int, reason: bytes,
-                         headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None: ...
+    def on_upstream_head(self, status: int, lines: list[bytes],
+                         noted: list[tuple[bytes, bytes]], keep_alive: bool) -> None: ...
     def on_upstream_body(self, data: bytes) -> None: ...
     def on_upstream_complete(self) -> None: ...
     def on_upstream_tunnel_data(self, data: bytes) -> None: ...
@@ -39,7 +43,8 @@ class Closable(Protocol):
 
 
 class UpstreamConnection(asyncio.Protocol):
-    __slots__ = ("_head_done", "_headers", "_informational", "_reset_parser",
+    __slots__ = ("_head_bytes", "_head_done", "_informational", "_lines", "_noted",
+                 "_reset_parser",
                  "closed", "got_bytes", "idle_since", "last_activity", "loop", "parser",
                  "pool", "read_timeout", "reused", "sink", "timer", "transport", "tunnel")
 
@@ -57,7 +62,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.last_activity = 0.0
         self.read_timeout = 60.0
         self.timer: asyncio.TimerHandle | None = None
-        self._headers: list[tuple[bytes, bytes]] = []
+        # The response head as it is read: the headers to pass on, ready to join, and the
+        # ones that frame the body or that Weir sets itself. Both lists are reused.
+        self._lines: list[bytes] = []
+        self._noted: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
         self._informational = False
         self._head_done = False
         self._reset_parser = False
@@ -78,6 +87,13 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.got_bytes = True
         self.last_activity = self.loop.time()
+        if not self._head_done:
+            # llhttp sets no limit on a response head, and Weir holds it whole until it ends.
+            self._head_bytes += len(data)
+            if self._head_bytes > 2 * MAX_RESPONSE_HEAD and self._head_too_large():
+                self._fail(502, "upstream sent a response head over "
+                                f"{MAX_RESPONSE_HEAD // 1024} KiB")
+                return
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -89,8 +105,8 @@ class UpstreamConnection(asyncio.Protocol):
             log.warning("invalid response from %s: %s", self.pool.address, exc)
             self._fail(502, "upstream sent an invalid response")
             return
-        if sink is self.sink or self.sink is None:
-            sink.flush()
+        if sink is self.sink:
+            sink.flush()  # a completed response has flushed itself
         if self._reset_parser:
             # A response to HEAD ends with its head; httptools cannot be told so, so the
             # parser that is waiting for a body is replaced before the connection is reused.
@@ -119,25 +135,42 @@ class UpstreamConnection(asyncio.Protocol):
     # --- httptools callbacks --------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        lname = name.lower()
+        if lname in RESPONSE_NOTED:
+            self._noted.append((lname, value))
+            if lname in RESPONSE_REWRITTEN:
+                return
+        self._lines += (name, b": ", value, CRLF)
+
+    def _head_too_large(self) -> bool:
+        """Many bytes read and the head not over: too large if the headers held are (the
+        bytes read may well be a small head and the start of a large body)."""
+        held = sum(len(part) for part in self._lines) + sum(len(v) for _, v in self._noted)
+        return held > MAX_RESPONSE_HEAD
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
-        headers, self._headers = self._headers, []
+        lines, noted = self._lines, self._noted
         if 100 <= status < 200 and status != 101:
             # Interim responses (100 Continue, 103) are not relayed: Weir answers
             # Expect: 100-continue itself, and the final response follows on this connection.
             self._informational = True
+            lines.clear()
+            noted.clear()
             return
         self._head_done = True
         if status == 101:
             self.tunnel = True  # llhttp still reports a message end; it is not one
         sink = self.sink
         if sink is None:
+            lines.clear()
+            noted.clear()
             return
         # The reason phrase is not read (no on_status callback): like Envoy, Weir sends the
         # standard phrase for the code, which clients ignore anyway (RFC 9112 4).
-        sink.on_upstream_head(status, b"", headers, self.parser.should_keep_alive())
+        sink.on_upstream_head(status, lines, noted, self.parser.should_keep_alive())
+        lines.clear()
+        noted.clear()
         if sink.head_request and self.sink is sink:
             self._reset_parser = True
             self.finish_response(sink)
@@ -172,6 +205,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = False
         self.tunnel = False
         self._head_done = False
+        self._head_bytes = 0
         self._informational = False
         self.last_activity = self.loop.time()
         self.read_timeout = read_timeout
