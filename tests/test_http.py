@@ -386,6 +386,50 @@ async def test_truncated_upstream_response_is_not_passed_off_as_whole(raw_backen
     assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"only-part")
 
 
+async def test_endless_upstream_response_head_is_cut_off_with_502(raw_backend, start_proxy):
+    """A response head is held whole until it ends, so an upstream that never ends it must
+    not make Weir hold more and more of it."""
+    sent = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        try:
+            while sent < 4 * 1024 * 1024:
+                line = b"x-filler-%d: %s\r\n" % (sent, b"y" * 1000)
+                writer.write(line)
+                sent += len(line)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    port = await raw_backend(handler)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    [response] = await exchange(proxy.port, get())
+    assert response.status == 502
+    assert b"over 32 KiB" in response.body
+
+
+async def test_large_response_head_under_the_limit_passes(raw_backend, start_proxy):
+    cookies = b"".join(b"set-cookie: c%d=%s\r\n" % (i, b"v" * 900) for i in range(20))
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        body = b"z" * 300_000
+        writer.write(b"HTTP/1.1 200 OK\r\n" + cookies + b"Content-Length: %d\r\n\r\n" % len(body)
+                     + body)
+        await writer.drain()
+
+    port = await raw_backend(handler)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    [response] = await exchange(proxy.port, get())
+    assert response.status == 200
+    assert len(response.body) == 300_000
+    assert sum(1 for name, _ in response.headers if name.lower() == "set-cookie") == 20
+
+
 async def test_pipelined_requests_answered_in_order(start_backend, start_proxy):
     backend = await start_backend()
     proxy = await start_proxy(one_service(backend.address))
