@@ -352,6 +352,34 @@ class Timeouts(Strict):
     read: Duration = 60.0
 
 
+class RetryBudgetConfig(Strict):
+    """Linkerd's retry budget (retryRatio, minRetriesPerSecond, ttl) and its defaults: over
+    the last ``window``, retries may add ``ratio`` of the requests plus ``min_per_second``."""
+
+    ratio: float = Field(default=0.2, ge=0, le=100)
+    min_per_second: float = Field(default=10.0, ge=0, le=1_000_000)
+    window: Duration = 10.0
+
+    @field_validator("window")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("window must be above 0")
+        return value
+
+
+class Retries(Strict):
+    """Send a failed request again, to another upstream of the same version when it has one.
+    Only idempotent requests without a body, and only while nothing has reached the client."""
+
+    attempts: int = Field(default=2, ge=1, le=10)  # tries in all, the first one included
+    on_statuses: list[Annotated[int, Field(ge=400, le=599)]] = [502, 503, 504]
+    on_connect_failure: bool = True  # refused, unreachable, connect timeout
+    on_reset: bool = True            # closed before sending a byte of a response
+    on_timeout: bool = False         # no response byte within the read timeout
+    budget: RetryBudgetConfig = RetryBudgetConfig()
+
+
 class Service(Strict):
     name: Name
     match: ServiceMatch = ServiceMatch()
@@ -363,6 +391,7 @@ class Service(Strict):
     drain: Drain = Drain()
     timeouts: Timeouts | None = None
     rollout: Rollout | None = None
+    retries: Retries | None = None  # off unless configured
 
 
 # --- process ------------------------------------------------------------------------------

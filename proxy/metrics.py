@@ -49,6 +49,7 @@ class LiveStateCollector(Collector):
         yield from self.collect_requests()
         yield from self.collect_upstreams()
         yield from self.collect_versions()
+        yield from self.collect_retries()
 
     def collect_requests(self) -> Iterator[Metric]:
         stats = self.proxy.stats
@@ -144,6 +145,29 @@ class LiveStateCollector(Collector):
         yield inflight
         yield draining
         yield generation
+
+    def collect_retries(self) -> Iterator[Metric]:
+        stats = self.proxy.stats
+        retries = CounterMetricFamily(
+            "weir_retries", "Requests sent again under a service's retry policy, by reason "
+            "(connect_failure, reset, timeout, status).",
+            labels=["service", "version", "reason"])
+        for (service, version, reason), count in sorted(stats.retries.items()):
+            retries.add_metric([service, version, reason], count)
+        exhausted = CounterMetricFamily(
+            "weir_retry_budget_exhausted", "Failures relayed unretried because the service's "
+            "retry budget was spent.", labels=["service", "version"])
+        # Every version of a service with retries has the series from the start, at 0, so
+        # that rate() and alerts on it work before the first refusal.
+        counts = dict(stats.retry_budget_exhausted)
+        for route in self.proxy.table.routes:
+            if route.retry is not None:
+                for name in route.versions:
+                    counts.setdefault((route.name, name), 0)
+        for (service, version), count in sorted(counts.items()):
+            exhausted.add_metric([service, version], count)
+        yield retries
+        yield exhausted
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

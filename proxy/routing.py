@@ -12,14 +12,15 @@ import random
 import re
 import uuid
 from bisect import bisect_right
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from itertools import accumulate
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote_to_bytes
 
 from .config import Config, RuleMatch, Service, StringMatch, Timeouts
 from .http11 import split_absolute_form
 from .mirror import MirrorPolicy
+from .retry import RetryPolicy, budget_for
 from .stats import StatsRegistry, VersionStats
 
 # Why a request went to its version; shown in access logs and metrics.
@@ -42,6 +43,7 @@ class Balancer(Protocol):
     """An upstream set for one version; owned by the data plane, looked up by address list."""
 
     def pick(self) -> object: ...
+    def pick_excluding(self, tried: Collection[Any]) -> object: ...
 
 
 BytesPredicate = Callable[[bytes], bool]
@@ -188,7 +190,7 @@ class Route:
 
     __slots__ = ("_cumulative", "_only", "_sticky_cache", "_total", "_weighted",
                  "connect_timeout", "hosts", "mirrors", "name", "path_prefix", "read_timeout",
-                 "rules", "sticky", "versions", "weights")
+                 "retry", "rules", "sticky", "versions", "weights")
 
     def __init__(self, service: Service, weights: dict[str, int],
                  versions: dict[str, VersionTarget], stats: StatsRegistry | None = None,
@@ -214,6 +216,12 @@ class Route:
         self.mirrors = tuple(
             MirrorPolicy(m, versions[m.version], stats.for_mirror(service.name, m.version))
             for m in service.mirror if m.percent > 0)
+        # None when the service has no `retries` block: the request path then tests one
+        # attribute and does nothing else for retries.
+        self.retry = (RetryPolicy(service.retries,
+                                  budget_for(stats.retry_budgets, service.name,
+                                             service.retries.budget))
+                      if service.retries is not None else None)
         sticky = service.sticky
         self.sticky = (StickyPolicy(sticky.header, sticky.cookie, sticky.mint_cookie,
                                     sticky.cookie_max_age) if sticky else None)

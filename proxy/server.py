@@ -35,6 +35,7 @@ from .http11 import (
     status_line,
 )
 from .mirror import MirrorCopy, MirrorPolicy
+from .retry import RETRY_CONNECT_FAILURE, RETRY_RESET, RETRY_STATUS, RETRY_TIMEOUT
 from .routing import Route, VersionTarget
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ class Exchange:
         "head_request", "hmap", "http10", "keep_alive", "keep_client", "method", "mirrors",
         "out_chunked", "outbuf", "pool", "primary_digest", "reason", "request_complete",
         "response_done", "response_started", "retried",
-        "route", "started", "status", "target", "until_eof", "upgrade", "upstream",
+        "route", "started", "status", "target", "tried", "until_eof", "upgrade", "upstream",
         "upstream_address", "upstream_keep_alive", "url",
     )
 
@@ -124,6 +125,7 @@ class Exchange:
         self.upstream: UpstreamConnection | None = None
         self.connecting: asyncio.Task[None] | None = None
         self.retried = False
+        self.tried: list[UpstreamPool] | None = None  # upstreams already tried, once retrying
         self.status = 0
         self.upstream_keep_alive = False
         self.response_started = False
@@ -164,6 +166,9 @@ class Exchange:
             return
         self.route = route
         self.target = target
+        retry = route.retry
+        if retry is not None:
+            retry.budget.deposit(self.started)
         if route.mirrors:
             self.start_mirrors(route.mirrors)
         limit = settings.max_body_bytes
@@ -205,11 +210,15 @@ class Exchange:
         except TimeoutError:
             self.connecting = None
             pool.timeouts += 1
+            if self.retry_request(RETRY_CONNECT_FAILURE):
+                return
             self.upstream_failed(504, f"connecting to upstream {pool.address} timed out")
             return
         except OSError as exc:
             self.connecting = None
             pool.connect_errors += 1
+            if self.retry_request(RETRY_CONNECT_FAILURE):
+                return
             self.upstream_failed(502, f"cannot connect to upstream {pool.address}: "
                                       f"{exc.strerror or exc}")
             return
@@ -320,6 +329,10 @@ class Exchange:
                          noted: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
         """``lines`` holds the headers to pass on ([name, b": ", value, CRLF, ...]);
         ``noted`` the ones that frame the response or that Weir sets (see UpstreamConnection)."""
+        policy = self.route.retry  # type: ignore[union-attr]
+        if (policy is not None and status in policy.statuses
+                and self.retry_request(RETRY_STATUS)):
+            return  # this response is dropped unseen; another attempt is under way
         client = self.client
         self.status = status
         self.upstream_keep_alive = keep_alive
@@ -412,6 +425,10 @@ class Exchange:
 
     def on_upstream_failed(self, status: int, reason: str, got_bytes: bool) -> None:
         self.upstream = None
+        # 504 is the read timeout; the other failure, an unparseable response (502), is a
+        # broken upstream rather than a passing one, and is not retried.
+        if status == 504 and self.retry_request(RETRY_TIMEOUT):
+            return
         self.upstream_failed(status, reason)
 
     def on_upstream_closed(self) -> None:
@@ -436,7 +453,54 @@ class Exchange:
             self.pool.retries += 1
             self.connecting = self.client.loop.create_task(self.connect(self.pool))
             return
+        if self.retry_request(RETRY_RESET):
+            return
         self.upstream_failed(502, "upstream closed the connection before answering")
+
+    def retry_request(self, reason: str) -> bool:
+        """Send the request again if the service's retry policy and budget allow it, to an
+        upstream of the version not yet tried when there is one. False, with nothing done,
+        when the failure must be relayed instead.
+
+        Only idempotent requests without a body qualify (a body has already streamed to the
+        upstream and is not kept), and only while nothing of a response has reached the
+        client. http_requests_total still counts the client's request once, with the status
+        of its last attempt (see ``record``); retries show in weir_retries_total."""
+        route = self.route
+        policy = route.retry if route is not None else None
+        if (policy is None or reason not in policy.reasons or self.finished
+                or self.response_started or self.has_body or self.upgrade
+                or self.method not in IDEMPOTENT_METHODS or self.pool is None):
+            return False
+        tried = self.tried
+        if (1 if tried is None else len(tried) + 1) >= policy.attempts:
+            return False
+        target = self.target
+        assert route is not None and target is not None
+        stats = self.client.server.stats
+        if not policy.budget.try_withdraw(perf_counter()):
+            stats.count_retry_budget_exhausted(route.name, target.name)
+            return False
+        stats.count_retry(route.name, target.name, reason)
+        conn, self.upstream = self.upstream, None
+        if conn is not None:
+            conn.detach()  # a dropped response: closing beats reading a body of unknown size
+        if tried is None:
+            tried = self.tried = []
+        tried.append(self.pool)
+        self.release_pool_slot()
+        pool = self.pool = target.balancer.pick_excluding(tried)  # type: ignore[assignment]
+        log.debug("%s %s: retrying on %s (%s)", self.method.decode(),
+                  self.url[:200].decode("latin-1"), pool.address, reason)
+        self.upstream_address = pool.address
+        pool.active.add(self)
+        self.retried = False  # the new attempt may meet a stale pooled connection too
+        conn = pool.take_idle()
+        if conn is not None:
+            self.attach(conn)
+        else:
+            self.connecting = self.client.loop.create_task(self.connect(pool))
+        return True
 
     def pause_client_reading(self, paused: bool) -> None:
         self.client.set_pause(PAUSE_UPSTREAM, paused)
@@ -476,7 +540,11 @@ class Exchange:
             self.client.exchange_finished(self)
 
     def record(self, status: int) -> None:
-        """Count the exchange once, when it ends, against the version that served it."""
+        """Count the exchange once, when it ends, against the version that served it.
+
+        Once per client request, whatever the attempts behind it: attempts that were retried
+        are counted only in weir_retries_total (and the upstream's own counters), so per
+        version http_requests_total is what clients saw, with the last attempt's status."""
         if self.mirrors is not None:
             self.settle_mirrors(status)
         target = self.target

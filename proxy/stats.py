@@ -7,6 +7,7 @@ from __future__ import annotations
 from bisect import bisect_left
 
 from .mirror import MirrorStats
+from .retry import RetryBudget
 
 # Upper bounds (seconds) of the exported request duration histogram; a proxy's interesting
 # range starts well under the default client buckets.
@@ -107,6 +108,11 @@ class StatsRegistry:
         self.versions: dict[tuple[str, str], VersionStats] = {}
         self.unrouted: dict[int, int] = {}  # status → count, for requests no service took
         self.mirrors: dict[tuple[str, str], MirrorStats] = {}
+        # Retries: (service, version, reason) → count, and refusals by the budget per
+        # (service, version). Bumped only when a request fails, never on the usual path.
+        self.retries: dict[tuple[str, str, str], int] = {}
+        self.retry_budget_exhausted: dict[tuple[str, str], int] = {}
+        self.retry_budgets: dict[str, RetryBudget] = {}  # per service, across reloads
 
     def for_mirror(self, service: str, version: str) -> MirrorStats:
         key = (service, version)
@@ -124,3 +130,11 @@ class StatsRegistry:
 
     def count_unrouted(self, status: int) -> None:
         self.unrouted[status] = self.unrouted.get(status, 0) + 1
+
+    def count_retry(self, service: str, version: str, reason: str) -> None:
+        key = (service, version, reason)
+        self.retries[key] = self.retries.get(key, 0) + 1
+
+    def count_retry_budget_exhausted(self, service: str, version: str) -> None:
+        key = (service, version)
+        self.retry_budget_exhausted[key] = self.retry_budget_exhausted.get(key, 0) + 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Collection
 from typing import Protocol
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -386,6 +387,15 @@ class Balancer:
             if len(pool.active) < len(best.active):
                 best = pool
         return best
+
+    def pick_excluding(self, tried: Collection[UpstreamPool]) -> UpstreamPool:
+        """For a retry: the least loaded upstream not yet tried for this request; once every
+        one has been tried, the usual pick (so a version with one upstream retries on it)."""
+        best: UpstreamPool | None = None
+        for pool in self.pools:
+            if pool not in tried and (best is None or len(pool.active) < len(best.active)):
+                best = pool
+        return best if best is not None else self.pick()
 
 
 class PoolRegistry:
