@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from .accesslog import AccessLog
 from .admin import AdminServer
@@ -17,12 +18,16 @@ from .control import ControlPlane
 from .routing import RouteTable, build_route_table
 from .server import ClientConnection, DataPlaneSettings
 from .stats import StatsRegistry
+from .tls import CompiledTLS, ListenerTLS, TLSConfigError, compile_tls, warn_unverified
 from .upstream import PoolRegistry, UpstreamPool
 
 log = logging.getLogger("weir")
 
 SWEEP_INTERVAL = 1.0
 GC_THRESHOLD = 20_000
+# After Weir closes a TLS connection it waits this long for the client's close_notify before
+# dropping it (uvloop's default is 30 s, which would hold up a shutdown).
+TLS_SHUTDOWN_TIMEOUT = 5.0
 
 
 class ProxyServer:
@@ -34,7 +39,12 @@ class ProxyServer:
         self.loop = loop
         self.config = config
         self.settings = DataPlaneSettings(config)
-        self.pools = PoolRegistry(config.upstream, loop)
+        tls = compile_tls(config)
+        warn_unverified(config)
+        # Whether the data listener speaks TLS is decided here, for the life of the process.
+        self.listener_tls = ListenerTLS(tls.listener) if tls.listener is not None else None
+        self.scheme = b"https" if self.listener_tls is not None else b"http"
+        self.pools = PoolRegistry(config.upstream, loop, tls.upstream)
         self.stats = StatsRegistry()
         self.access_log = AccessLog(config.access_log) if config.access_log else None
         self.table: RouteTable = build_route_table(config, self.pools.balancer_for,
@@ -72,13 +82,26 @@ class ProxyServer:
                 pool.stop_draining()
         return table
 
+    def use_tls(self, tls: CompiledTLS, config: Config) -> None:
+        """A reload's freshly loaded certificates and CAs: new handshakes use them."""
+        if self.listener_tls is not None and tls.listener is not None:
+            self.listener_tls.swap(tls.listener)
+        self.pools.use_contexts(tls.upstream)
+        warn_unverified(config)
+
     def protocol(self) -> ClientConnection:
         return ClientConnection(self)
 
     async def start(self) -> None:
         host, port = split_address(self.config.listen)
+        tls: dict[str, Any] = {}
+        if self.listener_tls is not None:
+            # A client gets as long for its handshake as for its request head.
+            tls = {"ssl": self.listener_tls.listener,
+                   "ssl_handshake_timeout": self.settings.header_timeout or None,
+                   "ssl_shutdown_timeout": TLS_SHUTDOWN_TIMEOUT}
         server = await self.loop.create_server(self.protocol, host, port, reuse_address=True,
-                                               backlog=4096)
+                                               backlog=4096, **tls)
         self.listeners.append(server)
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
@@ -206,6 +229,9 @@ def run(config_path: str) -> int:
     install_event_loop()
     try:
         return asyncio.run(serve(Path(config_path), config))
+    except TLSConfigError as exc:  # a file changed since it was validated a moment ago
+        print(ConfigError(config_path, exc.errors), file=sys.stderr)
+        return 2
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1

@@ -192,9 +192,19 @@ class Sticky(Strict):
         return self
 
 
+class UpstreamTLS(Strict):
+    """HTTPS to a version's upstreams. ``tls: {}`` verifies against the system CAs with the
+    upstream's host as the name to check (and SNI)."""
+
+    verify: bool = True
+    ca_file: str | None = None      # a private CA instead of the system ones
+    server_name: str | None = Field(default=None, min_length=1)  # SNI and name to check
+
+
 class VersionConfig(Strict):
     upstreams: list[Address] = Field(min_length=1)
     revision: str | None = None
+    tls: UpstreamTLS | None = None
 
 
 class ServiceMatch(Strict):
@@ -420,6 +430,19 @@ class UpstreamSettings(Strict):
     max_idle_per_upstream: int = Field(default=128, ge=0)
 
 
+def _tls_version(value: Any) -> Any:
+    # YAML reads `min_version: 1.2` as a number.
+    return str(value) if isinstance(value, float) else value
+
+
+class ServerTLS(Strict):
+    """HTTPS on the data listener. The files are read again on every reload."""
+
+    cert_file: str          # PEM: the certificate, then any intermediates
+    key_file: str           # PEM, unencrypted
+    min_version: Annotated[Literal["1.2", "1.3"], BeforeValidator(_tls_version)] = "1.2"
+
+
 class Shutdown(Strict):
     """SIGTERM: /readyz turns 503, then after ``delay`` the listener closes; requests in flight
     get up to ``timeout`` to finish."""
@@ -430,6 +453,7 @@ class Shutdown(Strict):
 
 class Config(Strict):
     listen: ListenAddress = "127.0.0.1:8080"
+    tls: ServerTLS | None = None
     admin: Admin = Admin()
     state_file: str | None = None
     watch: bool = True
@@ -592,6 +616,15 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         # A field whose variable was unset already has its error; don't report it twice.
         errors += [e for e in _format_pydantic(exc) if e.split(":", 1)[0] not in env_paths]
     errors += _semantic_errors(data)
+    if config is not None:
+        # Certificates and keys are loaded here, so that `weir validate`, start and reload all
+        # refuse a config whose files are missing or do not fit together.
+        from .tls import TLSConfigError, compile_tls
+
+        try:
+            compile_tls(config)
+        except TLSConfigError as exc:
+            errors += [e for e in exc.errors if e.split(":", 1)[0] not in env_paths]
     if errors or config is None:
         raise ConfigError(source, errors)
     return config

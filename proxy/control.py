@@ -19,6 +19,7 @@ from .config import Config, ConfigError, load_config
 from .metrics import Metrics
 from .rollout import RolloutController
 from .state import SOURCE_API, RuntimeState
+from .tls import TLSConfigError, compile_tls
 
 if TYPE_CHECKING:
     from .app import ProxyServer
@@ -87,6 +88,12 @@ class ControlPlane:
             self._last_text = self._read_text()
             try:
                 config = load_config(self.config_path)
+                # Loaded once more for use: these are the contexts swapped in below, so what
+                # serves is what was checked, even if the files change again meanwhile.
+                try:
+                    tls = compile_tls(config)
+                except TLSConfigError as exc:
+                    raise ConfigError(str(self.config_path), exc.errors) from None
             except ConfigError as exc:
                 self.metrics.config_reloads.labels("failure").inc()
                 self.last_reload = {"generation": self.generation, "outcome": "failure",
@@ -104,6 +111,7 @@ class ControlPlane:
                     log.error("could not write the state file %s: %s", self.state.path, exc)
             self.generation += 1
             self.config = config
+            self.proxy.use_tls(tls, config)
             self.rollouts.sync()
             self.apply()
             self.metrics.config_reloads.labels("success").inc()
@@ -129,6 +137,10 @@ class ControlPlane:
             log.warning("listen addresses changed in the config file; they take effect on "
                         "restart (still listening on %s, admin %s)", running.listen,
                         running.admin.listen)
+        if (config.tls is None) != (self.proxy.listener_tls is None):
+            log.warning("tls was %s the config file; the listener keeps speaking %s until a "
+                        "restart", "added to" if config.tls else "removed from",
+                        "HTTPS" if self.proxy.listener_tls else "plain HTTP")
 
     def start_watching(self) -> None:
         if self.config_path is not None and self.config.watch:

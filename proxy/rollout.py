@@ -483,12 +483,20 @@ class ServiceRollout:
     async def run_smoke_checks(self) -> None:
         """Pre-promotion checks against every upstream of the preview colour."""
         preview = self.idle_colour
+        version = self.service.versions[preview]
+        scheme, tls = "http", {}
+        if version.tls is not None:
+            # Checked as the proxy would connect: the same CA, verification and name.
+            scheme = "https"
+            tls = {"ssl": self.controller.control.proxy.pools.context_for(version.tls),
+                   "server_hostname": version.tls.server_name}
         failures = []
         for check in self.spec.checks:
-            for upstream in self.service.versions[preview].upstreams:
-                url = f"http://{upstream}{check.path}"
+            for upstream in version.upstreams:
+                url = f"{scheme}://{upstream}{check.path}"
                 for _ in range(check.count):
-                    status = await self.controller.probe(check.method, url, check.timeout)
+                    status = await self.controller.probe(check.method, url, check.timeout,
+                                                         **tls)
                     if status != check.status:
                         failures.append(f"{check.method} {url} gave {status or 'no answer'}, "
                                         f"expected {check.status}")
@@ -666,12 +674,14 @@ class RolloutController:
                 auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
         return self._session
 
-    async def probe(self, method: str, url: str, timeout: float) -> int:
+    async def probe(self, method: str, url: str, timeout: float, ssl: Any = True,
+                    server_hostname: str | None = None) -> int:
         import aiohttp
 
         session = await self.client()
         try:
-            async with session.request(method, url, allow_redirects=False,
+            async with session.request(method, url, allow_redirects=False, ssl=ssl,
+                                       server_hostname=server_hostname,
                                        timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 await resp.read()
                 return int(resp.status)

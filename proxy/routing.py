@@ -17,7 +17,7 @@ from itertools import accumulate
 from typing import Any, Protocol
 from urllib.parse import unquote_to_bytes
 
-from .config import Config, RuleMatch, Service, StringMatch, Timeouts
+from .config import Config, RuleMatch, Service, StringMatch, Timeouts, UpstreamTLS
 from .http11 import split_absolute_form
 from .mirror import MirrorPolicy
 from .retry import RetryPolicy, budget_for
@@ -336,7 +336,8 @@ class RouteTable:
         return None
 
 
-def build_route_table(config: Config, balancer_for: Callable[[tuple[str, ...]], Balancer],
+def build_route_table(config: Config,
+                      balancer_for: Callable[[tuple[str, ...], UpstreamTLS | None], Balancer],
                       weights_override: dict[str, dict[str, int]] | None = None,
                       generation: int = 1, stats: StatsRegistry | None = None,
                       previews: dict[str, tuple[str, str]] | None = None) -> RouteTable:
@@ -348,7 +349,7 @@ def build_route_table(config: Config, balancer_for: Callable[[tuple[str, ...]], 
     for service in config.services:
         versions = {
             name: VersionTarget(service.name, name, tuple(v.upstreams),
-                                balancer_for(tuple(v.upstreams)), config.version_header,
+                                balancer_for(tuple(v.upstreams), v.tls), config.version_header,
                                 stats.for_version(service.name, name))
             for name, v in service.versions.items()
         }

@@ -265,7 +265,7 @@ class Exchange:
         if client.trusted:
             forwarded = hmap.get(b"x-forwarded-for")
             xff = forwarded + b", " + client.peer_bytes if forwarded else client.peer_bytes
-            proto = hmap.get(b"x-forwarded-proto", b"http")
+            proto = hmap.get(b"x-forwarded-proto", client.server.scheme)
             fhost = hmap.get(b"x-forwarded-host") or hmap.get(b"host", b"")
             parts += (b"x-forwarded-for: ", xff, b"\r\nx-forwarded-proto: ", proto,
                       b"\r\nx-forwarded-host: ", fhost, CRLF)
@@ -651,7 +651,7 @@ class ClientConnection(asyncio.Protocol):
         self.peer_bytes = self.peer.encode()
         self.trusted = self.settings.is_trusted(self.peer)
         self.forwarded_for = (b"x-forwarded-for: " + self.peer_bytes
-                              + b"\r\nx-forwarded-proto: http\r\n")
+                              + b"\r\nx-forwarded-proto: " + self.server.scheme + b"\r\n")
         self.server.connections.add(self)
         self.set_deadline(self.settings.header_timeout)
 
@@ -694,7 +694,9 @@ class ClientConnection(asyncio.Protocol):
         active = self.active
         if active is not None and self.tunnel is None and active.request_complete:
             self.closing = True
-            return True
+            # TLS has no half-close: after a close_notify uvloop shuts the connection down
+            # whatever we answer, and logs a warning if we ask to keep it open.
+            return True if self.server.listener_tls is None else None
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -1,21 +1,23 @@
 """Upstream side of the data plane: keep-alive connection pools and least-in-flight balancing.
 
 An ``UpstreamConnection`` parses one response at a time with httptools and hands what it reads
-to the exchange that owns it (see ``server.Exchange``). Pools are keyed by address and outlive
-config reloads, so a reload does not throw away warm connections.
+to the exchange that owns it (see ``server.Exchange``). Pools are keyed by address (and TLS
+settings) and outlive config reloads, so a reload does not throw away warm connections.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Collection
 from typing import Protocol
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
-from .config import UpstreamSettings, split_address
+from .config import UpstreamSettings, UpstreamTLS, split_address
 from .http11 import CRLF, RESPONSE_NOTED, RESPONSE_REWRITTEN
+from .tls import upstream_context
 
 log = logging.getLogger("weir.upstream")
 
@@ -271,13 +273,18 @@ class UpstreamPool:
 
     __slots__ = ("_drain_timer", "active", "address", "connect_errors", "connect_timeout",
                  "drain_label", "draining", "host", "idle", "idle_timeout", "loop", "max_idle",
-                 "port", "retries", "timeouts")
+                 "port", "retries", "server_hostname", "ssl", "timeouts", "tls")
 
     def __init__(self, address: str, settings: UpstreamSettings,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, tls: UpstreamTLS | None = None,
+                 context: ssl.SSLContext | None = None) -> None:
         self.address = address
         self.host, self.port = split_address(address)
         self.loop = loop
+        # HTTPS: the context (replaced on reload, for new connections) and the name to check.
+        self.tls = tls
+        self.ssl = context
+        self.server_hostname = (tls.server_name or self.host) if tls is not None else None
         self.idle: list[UpstreamConnection] = []
         # Exchanges using this upstream (requests in flight, streams, tunnels): the balancer
         # counts them, and draining closes those still open when its time is up.
@@ -310,10 +317,18 @@ class UpstreamPool:
         return None
 
     async def connect(self, timeout: float | None = None) -> UpstreamConnection:
-        """A fresh connection; raises TimeoutError or OSError."""
+        """A fresh connection; raises TimeoutError or OSError. Over TLS the timeout covers
+        the handshake too."""
         async with asyncio.timeout(timeout if timeout is not None else self.connect_timeout):
-            _, conn = await self.loop.create_connection(
-                lambda: UpstreamConnection(self), self.host, self.port)
+            try:
+                _, conn = await self.loop.create_connection(
+                    lambda: UpstreamConnection(self), self.host, self.port, ssl=self.ssl,
+                    server_hostname=self.server_hostname)
+            except ssl.SSLCertVerificationError as exc:
+                raise ConnectionError(f"TLS certificate verification failed for "
+                                      f"{self.server_hostname}: {exc.verify_message}") from exc
+            except ssl.SSLError as exc:
+                raise ConnectionError(f"TLS handshake failed: {exc.reason or exc}") from exc
         conn.reused = False
         return conn
 
@@ -398,26 +413,58 @@ class Balancer:
         return best if best is not None else self.pick()
 
 
-class PoolRegistry:
-    """One pool per upstream address for the life of the process."""
+def pool_key(address: str, tls: UpstreamTLS | None) -> str:
+    """The pool's name in PoolRegistry.pools and in the metrics' ``upstream`` label. The same
+    address over plain HTTP, over TLS, or with other TLS settings gets separate pools: their
+    connections are not interchangeable."""
+    if tls is None:
+        return address
+    options = [f"{key}={value}" for key, value in (
+        ("verify", "false" if not tls.verify else None), ("ca_file", tls.ca_file),
+        ("server_name", tls.server_name)) if value is not None]
+    return f"https://{address}" + (f" ({', '.join(options)})" if options else "")
 
-    def __init__(self, settings: UpstreamSettings, loop: asyncio.AbstractEventLoop) -> None:
+
+class PoolRegistry:
+    """One pool per upstream address and TLS settings for the life of the process."""
+
+    def __init__(self, settings: UpstreamSettings, loop: asyncio.AbstractEventLoop,
+                 contexts: dict[UpstreamTLS, ssl.SSLContext] | None = None) -> None:
         self.settings = settings
         self.loop = loop
         self.pools: dict[str, UpstreamPool] = {}
-        self._balancers: dict[tuple[str, ...], Balancer] = {}
+        self._balancers: dict[tuple[tuple[str, ...], UpstreamTLS | None], Balancer] = {}
+        self.contexts: dict[UpstreamTLS, ssl.SSLContext] = dict(contexts or {})
 
-    def balancer_for(self, addresses: tuple[str, ...]) -> Balancer:
-        balancer = self._balancers.get(addresses)
+    def balancer_for(self, addresses: tuple[str, ...],
+                     tls: UpstreamTLS | None = None) -> Balancer:
+        balancer = self._balancers.get((addresses, tls))
         if balancer is None:
             pools = []
             for address in addresses:
-                pool = self.pools.get(address)
+                key = pool_key(address, tls)
+                pool = self.pools.get(key)
                 if pool is None:
-                    pool = self.pools[address] = UpstreamPool(address, self.settings, self.loop)
+                    context = self.context_for(tls) if tls is not None else None
+                    pool = self.pools[key] = UpstreamPool(address, self.settings, self.loop,
+                                                          tls, context)
                 pools.append(pool)
-            balancer = self._balancers[addresses] = Balancer(pools)
+            balancer = self._balancers[(addresses, tls)] = Balancer(pools)
         return balancer
+
+    def context_for(self, tls: UpstreamTLS) -> ssl.SSLContext:
+        context = self.contexts.get(tls)
+        if context is None:
+            context = self.contexts[tls] = upstream_context(tls)
+        return context
+
+    def use_contexts(self, contexts: dict[UpstreamTLS, ssl.SSLContext]) -> None:
+        """A reload's freshly loaded CA files: new connections use them; pools whose settings
+        left the config keep theirs while they drain."""
+        self.contexts = dict(contexts)
+        for pool in self.pools.values():
+            if pool.tls is not None and pool.tls in contexts:
+                pool.ssl = contexts[pool.tls]
 
     def apply(self, settings: UpstreamSettings) -> None:
         self.settings = settings

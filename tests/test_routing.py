@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 class FakeBalancer:
     """Routing only stores the balancer; the data plane calls pick()."""
 
-    def __init__(self, upstreams: tuple[str, ...]) -> None:
+    def __init__(self, upstreams: tuple[str, ...], tls: object = None) -> None:
         self.pools = list(upstreams)
 
     def pick(self) -> object:
@@ -428,7 +428,7 @@ from proxy.config import parse_config
 from proxy.routing import build_route_table
 
 class Balancer:
-    def __init__(self, upstreams):
+    def __init__(self, upstreams, tls=None):
         self.pools = list(upstreams)
     def pick(self):
         return self.pools[0]
