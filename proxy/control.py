@@ -236,6 +236,8 @@ class ControlPlane:
                     "weight": route.weights.get(name, 0),
                     "inflight": sum(p.inflight for p in pools),
                     "draining": sum(p.inflight for p in pools if p.draining),
+                    "upstream_health": {a: self.proxy.health.describe(a)
+                                        for a in target.upstreams},
                 }
             services.append({
                 "name": service.name,

@@ -49,6 +49,7 @@ class LiveStateCollector(Collector):
         yield from self.collect_requests()
         yield from self.collect_upstreams()
         yield from self.collect_versions()
+        yield from self.collect_health()
 
     def collect_requests(self) -> Iterator[Metric]:
         stats = self.proxy.stats
@@ -144,6 +145,48 @@ class LiveStateCollector(Collector):
         yield inflight
         yield draining
         yield generation
+
+    def collect_health(self) -> Iterator[Metric]:
+        """Per upstream of each version in the table (an address two versions share is
+        checked once, and shows under both)."""
+        labels = ["service", "version", "upstream"]
+        healthy = GaugeMetricFamily(
+            "weir_upstream_healthy", "1 while the upstream passes its health checks (or has "
+            "none), 0 while it gets no new requests for failing them.", labels=labels)
+        ejected = GaugeMetricFamily(
+            "weir_upstream_ejected", "1 while outlier detection keeps the upstream out.",
+            labels=labels)
+        ejections = CounterMetricFamily(
+            "weir_upstream_ejections", "Times outlier detection ejected the upstream.",
+            labels=labels)
+        checks = CounterMetricFamily(
+            "weir_health_checks", "Active health checks by outcome (success, failure: a "
+            "status other than 2xx/3xx, timeout, error: no connection).",
+            labels=[*labels, "outcome"])
+        rejections = CounterMetricFamily(
+            "weir_circuit_breaker_rejections", "Requests answered 503 because every upstream "
+            "of the version that is up was at circuit_breaker.max_requests.",
+            labels=["service", "version"])
+        health = self.proxy.health
+        for route in self.proxy.table.routes:
+            for name, target in route.versions.items():
+                rejections.add_metric([route.name, name],
+                                      health.rejections.get((route.name, name), 0))
+                for address in target.upstreams:
+                    state = health.state(address)
+                    key = [route.name, name, address]
+                    healthy.add_metric(key, 1 if state.healthy else 0)
+                    ejected.add_metric(key, 1 if state.ejected_until else 0)
+                    ejections.add_metric(key, state.ejections)
+                    policy = health.policies.get(address)
+                    if policy is not None and policy.check is not None:
+                        for outcome, count in state.checks.items():
+                            checks.add_metric([*key, outcome], count)
+        yield healthy
+        yield ejected
+        yield ejections
+        yield checks
+        yield rejections
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

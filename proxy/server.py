@@ -53,6 +53,9 @@ PAUSE_UPSTREAM = 2   # the upstream's write buffer is full
 PAUSE_BUFFER = 4     # body bytes are piling up while we connect
 PAUSE_CLOSING = 8    # we will close after the active exchange: read no more requests
 
+# On a circuit breaker's 503: requests in flight finish quickly, so a retry soon may work.
+RETRY_AFTER = b"retry-after: 1\r\n"
+
 
 class HeadTooLarge(Exception):
     """Raised inside a parser callback; httptools reports it as the context of its error."""
@@ -169,9 +172,13 @@ class Exchange:
         if limit is not None and self.content_length > limit:
             self.respond_local(413, f"request body is larger than {limit} bytes")
             return
+        pool: UpstreamPool | None = target.balancer.pick()  # type: ignore[assignment]
+        if pool is None:
+            self.no_upstream(route, target)
+            return
         if self.has_body and hmap.get(b"expect", b"").lower() == b"100-continue":
             client.transport.write(CONTINUE)
-        pool = self.pool = target.balancer.pick()  # type: ignore[assignment]
+        self.pool = pool
         self.upstream_address = pool.address
         pool.active.add(self)
         conn = pool.take_idle()
@@ -179,6 +186,13 @@ class Exchange:
             self.attach(conn)
         else:
             self.connecting = client.loop.create_task(self.connect(pool))
+
+    def no_upstream(self, route: Route, target: VersionTarget) -> None:
+        """Every upstream of the version is unhealthy, ejected or full: answer now rather than
+        hang or try one known to be down."""
+        message, full = self.client.server.health.unavailable(route.name, target.name,
+                                                              target.balancer)  # type: ignore[arg-type]
+        self.respond_local(503, message, headers=RETRY_AFTER if full else b"")
 
     def start_mirrors(self, policies: tuple[MirrorPolicy, ...]) -> None:
         method = self.method
@@ -205,11 +219,13 @@ class Exchange:
         except TimeoutError:
             self.connecting = None
             pool.timeouts += 1
+            pool.record_failure()
             self.upstream_failed(504, f"connecting to upstream {pool.address} timed out")
             return
         except OSError as exc:
             self.connecting = None
             pool.connect_errors += 1
+            pool.record_failure()
             self.upstream_failed(502, f"cannot connect to upstream {pool.address}: "
                                       f"{exc.strerror or exc}")
             return
@@ -436,6 +452,8 @@ class Exchange:
             self.pool.retries += 1
             self.connecting = self.client.loop.create_task(self.connect(self.pool))
             return
+        if self.pool is not None:
+            self.pool.record_failure()
         self.upstream_failed(502, "upstream closed the connection before answering")
 
     def pause_client_reading(self, paused: bool) -> None:
@@ -453,8 +471,10 @@ class Exchange:
         else:
             self.respond_local(status, reason)
 
-    def respond_local(self, status: int, message: str, close: bool = False) -> None:
-        """Answer from Weir itself. Unread request body bytes mean the connection must close."""
+    def respond_local(self, status: int, message: str, close: bool = False,
+                      headers: bytes = b"") -> None:
+        """Answer from Weir itself. Unread request body bytes mean the connection must close.
+        ``headers`` are extra header lines."""
         client = self.client
         keep = (self.keep_alive and not close and not client.closing
                 and not client.server.draining
@@ -463,7 +483,7 @@ class Exchange:
         self.status = status
         target = self.target
         extra = target.response_header if target is not None else b""
-        client.transport.write(simple_response(status, message, not keep, extra))
+        client.transport.write(simple_response(status, message, not keep, extra + headers))
         self.response_started = True
         self.response_done = True
         self.maybe_finish()
