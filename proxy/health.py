@@ -45,7 +45,8 @@ class UpstreamPolicy:
 class UpstreamHealth:
     """One address's health record."""
 
-    __slots__ = ("address", "awaiting_first_check", "back_since", "checks", "ejected_for",
+    __slots__ = ("address", "awaiting_first_check", "back_since", "checked", "checks",
+                 "ejected_for",
                  "ejected_until", "ejections", "fails", "healthy", "last_check", "passes",
                  "timer", "times_ejected")
 
@@ -56,6 +57,7 @@ class UpstreamHealth:
         self.passes = 0                   # checks passed in a row
         self.fails = 0                    # checks failed in a row
         self.checks = dict.fromkeys(CHECK_OUTCOMES, 0)
+        self.checked = False              # ever configured to be: its counters are exported
         self.last_check: str | None = None
         self.ejected_until = 0.0          # loop time; 0 while not ejected
         self.ejected_for = 0.0            # length of the current (or last) ejection
@@ -96,6 +98,10 @@ class HealthMonitor:
         changed = {a for a, p in policies.items()
                    if a in self.policies and self.policies[a].check != p.check}
         self.policies = policies
+        for service in config.services:
+            if service.circuit_breaker is not None:
+                for version in service.versions:  # exported from now on, even at 0
+                    self.rejections.setdefault((service.name, version), 0)
         self.balancers = {}
         for route in table.routes:
             for target in route.versions.values():
@@ -126,11 +132,13 @@ class HealthMonitor:
                 state.healthy = True  # nothing would ever bring it back
                 log.info("upstream %s (%s) is no longer health-checked: taking traffic",
                          pool.address, policy.used_by)
-        elif added:
-            # A cold instance: no traffic until it has answered one check.
-            state.healthy = False
-            state.awaiting_first_check = True
-            state.passes = state.fails = 0
+        else:
+            state.checked = True
+            if added:
+                # A cold instance: no traffic until it has answered one check.
+                state.healthy = False
+                state.awaiting_first_check = True
+                state.passes = state.fails = 0
         self.update(pool)
 
     def update(self, pool: UpstreamPool) -> None:

@@ -147,8 +147,8 @@ class LiveStateCollector(Collector):
         yield generation
 
     def collect_health(self) -> Iterator[Metric]:
-        """Per upstream of each version in the table (an address two versions share is
-        checked once, and shows under both)."""
+        """Gauges per upstream of each version in the table; counters per address, like the
+        other upstream counters, so that none vanishes when a reload moves or drops it."""
         labels = ["service", "version", "upstream"]
         healthy = GaugeMetricFamily(
             "weir_upstream_healthy", "1 while the upstream passes its health checks (or has "
@@ -158,11 +158,11 @@ class LiveStateCollector(Collector):
             labels=labels)
         ejections = CounterMetricFamily(
             "weir_upstream_ejections", "Times outlier detection ejected the upstream.",
-            labels=labels)
+            labels=["upstream"])
         checks = CounterMetricFamily(
-            "weir_health_checks", "Active health checks by outcome (success, failure: a "
-            "status other than 2xx/3xx, timeout, error: no connection).",
-            labels=[*labels, "outcome"])
+            "weir_health_checks", "Active health checks by outcome (success; failure: a "
+            "status other than 2xx/3xx; timeout; error: no answer).",
+            labels=["upstream", "outcome"])
         rejections = CounterMetricFamily(
             "weir_circuit_breaker_rejections", "Requests answered 503 because every upstream "
             "of the version that is up was at circuit_breaker.max_requests.",
@@ -170,18 +170,18 @@ class LiveStateCollector(Collector):
         health = self.proxy.health
         for route in self.proxy.table.routes:
             for name, target in route.versions.items():
-                rejections.add_metric([route.name, name],
-                                      health.rejections.get((route.name, name), 0))
                 for address in target.upstreams:
                     state = health.state(address)
                     key = [route.name, name, address]
                     healthy.add_metric(key, 1 if state.healthy else 0)
                     ejected.add_metric(key, 1 if state.ejected_until else 0)
-                    ejections.add_metric(key, state.ejections)
-                    policy = health.policies.get(address)
-                    if policy is not None and policy.check is not None:
-                        for outcome, count in state.checks.items():
-                            checks.add_metric([*key, outcome], count)
+        for (service, version), count in sorted(health.rejections.items()):
+            rejections.add_metric([service, version], count)
+        for address, state in sorted(health.upstreams.items()):
+            ejections.add_metric([address], state.ejections)
+            if state.checked:
+                for outcome, count in state.checks.items():
+                    checks.add_metric([address, outcome], count)
         yield healthy
         yield ejected
         yield ejections

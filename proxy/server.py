@@ -41,7 +41,7 @@ from .routing import Route, VersionTarget
 if TYPE_CHECKING:
     from .app import ProxyServer
     from .config import Config
-    from .upstream import UpstreamConnection, UpstreamPool
+    from .upstream import Balancer, UpstreamConnection, UpstreamPool
 
 log = logging.getLogger("weir.server")
 
@@ -190,8 +190,9 @@ class Exchange:
     def no_upstream(self, route: Route, target: VersionTarget) -> None:
         """Every upstream of the version is unhealthy, ejected or full: answer now rather than
         hang or try one known to be down."""
-        message, full = self.client.server.health.unavailable(route.name, target.name,
-                                                              target.balancer)  # type: ignore[arg-type]
+        health = self.client.server.health
+        balancer: Balancer = target.balancer  # type: ignore[assignment]
+        message, full = health.unavailable(route.name, target.name, balancer)
         self.respond_local(503, message, headers=RETRY_AFTER if full else b"")
 
     def start_mirrors(self, policies: tuple[MirrorPolicy, ...]) -> None:

@@ -365,7 +365,8 @@ class Balancer:
         self._next = 0
 
     def pick(self) -> UpstreamPool | None:
-        """None when no upstream can take a request now; ``unavailable_reason`` says why."""
+        """None when no upstream can take a request now (``all_full`` tells the reasons
+        apart)."""
         pools = self.pools
         count = len(pools)
         if count == 1:
