@@ -46,9 +46,8 @@ class UpstreamHealth:
     """One address's health record."""
 
     __slots__ = ("address", "awaiting_first_check", "back_since", "checked", "checks",
-                 "ejected_for",
-                 "ejected_until", "ejections", "fails", "healthy", "last_check", "passes",
-                 "timer", "times_ejected")
+                 "ejected_for", "ejected_until", "ejections", "fails", "healthy", "last_check",
+                 "passes", "timer", "times_ejected")
 
     def __init__(self, address: str) -> None:
         self.address = address
@@ -199,6 +198,9 @@ class HealthMonitor:
         except TimeoutError:
             return "timeout"
         except (aiohttp.ClientError, OSError):
+            return "error"
+        except Exception:  # a bug must not end this upstream's checks for good
+            log.exception("health check of %s failed unexpectedly", address)
             return "error"
 
     def record_check(self, address: str, policy: UpstreamPolicy, outcome: str) -> None:
