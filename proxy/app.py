@@ -15,6 +15,7 @@ from .accesslog import AccessLog
 from .admin import AdminServer
 from .config import Config, ConfigError, load_config, split_address
 from .control import ControlPlane
+from .health import HealthMonitor
 from .routing import RouteTable, build_route_table
 from .server import ClientConnection, DataPlaneSettings
 from .stats import StatsRegistry
@@ -45,10 +46,12 @@ class ProxyServer:
         self.listener_tls = ListenerTLS(tls.listener) if tls.listener is not None else None
         self.scheme = b"https" if self.listener_tls is not None else b"http"
         self.pools = PoolRegistry(config.upstream, loop, tls.upstream)
+        self.health = HealthMonitor(self.pools, loop)
         self.stats = StatsRegistry()
         self.access_log = AccessLog(config.access_log) if config.access_log else None
         self.table: RouteTable = build_route_table(config, self.pools.balancer_for,
                                                    weights_override, stats=self.stats)
+        self.health.sync(config, self.table, initial=True)
         self.connections: set[ClientConnection] = set()
         self.listeners: list[asyncio.Server] = []
         self.draining = False
@@ -68,6 +71,7 @@ class ProxyServer:
         self.config = config
         self.settings = DataPlaneSettings(config)
         self.table = table
+        self.health.sync(config, table)  # before any request can pick an upstream it added
         if config.access_log != old_config.access_log:
             if self.access_log is not None:
                 self.access_log.close()
@@ -104,6 +108,7 @@ class ProxyServer:
                                                backlog=4096, **tls)
         self.listeners.append(server)
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+        self.health.start()
 
     @property
     def port(self) -> int:
@@ -125,6 +130,7 @@ class ProxyServer:
         """Stop accepting, let requests in flight finish up to ``timeout``, then close."""
         self.draining = True
         self.stop_listening()
+        await self.health.stop()
         for conn in list(self.connections):
             conn.shutdown()
         deadline = self.loop.time() + timeout

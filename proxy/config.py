@@ -199,12 +199,69 @@ class UpstreamTLS(Strict):
     verify: bool = True
     ca_file: str | None = None      # a private CA instead of the system ones
     server_name: str | None = Field(default=None, min_length=1)  # SNI and name to check
+class HealthCheck(Strict):
+    """Active readiness probe: a GET of ``path`` on every upstream each ``interval``; a 2xx or
+    3xx within ``timeout`` passes. Defaults follow Kubernetes probes (1s timeout, 3 failures
+    to go out) with Envoy's habit of 2 passes to come back."""
+
+    path: str = "/healthz"
+    interval: Duration = 5.0
+    timeout: Duration = 1.0
+    healthy_threshold: int = Field(default=2, ge=1)
+    unhealthy_threshold: int = Field(default=3, ge=1)
+
+    @field_validator("path")
+    @classmethod
+    def _starts_with_slash(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"path must start with '/', got {value!r}")
+        return value
+
+    @field_validator("interval", "timeout")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be above 0")
+        return value
+
+
+class OutlierDetection(Strict):
+    """Passive ejection, Envoy's meaning: ``consecutive_failures`` 5xx answers, connect
+    failures or read timeouts in a row eject an upstream for ``base_ejection_time`` times the
+    number of times it has been ejected, capped at ``max_ejection_time``."""
+
+    consecutive_failures: int = Field(default=5, ge=1)
+    base_ejection_time: Duration = 30.0
+    max_ejection_time: Duration = 300.0
+    max_ejection_percent: int = Field(default=50, ge=0, le=100)  # at least one may always go
+
+    @field_validator("base_ejection_time")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be above 0")
+        return value
+
+    @model_validator(mode="after")
+    def _max_not_below_base(self) -> OutlierDetection:
+        if self.max_ejection_time < self.base_ejection_time:
+            raise ValueError(f"max_ejection_time ({self.max_ejection_time:g}s) must not be "
+                             f"below base_ejection_time ({self.base_ejection_time:g}s)")
+        return self
+
+
+class CircuitBreaker(Strict):
+    """At most ``max_requests`` requests in flight to one upstream address (Envoy's default
+    limit); a version whose upstreams are all full answers 503 with Retry-After."""
+
+    max_requests: int = Field(default=1024, ge=1)
 
 
 class VersionConfig(Strict):
     upstreams: list[Address] = Field(min_length=1)
     revision: str | None = None
     tls: UpstreamTLS | None = None
+    health_check: HealthCheck | None = None  # fields set here override the service's
 
 
 class ServiceMatch(Strict):
@@ -402,6 +459,16 @@ class Service(Strict):
     timeouts: Timeouts | None = None
     rollout: Rollout | None = None
     retries: Retries | None = None  # off unless configured
+    health_check: HealthCheck | None = None
+    outlier_detection: OutlierDetection | None = None
+    circuit_breaker: CircuitBreaker | None = None
+
+    def health_check_for(self, version: str) -> HealthCheck | None:
+        """The version's probe: the service's block with the version's own fields on top."""
+        own = self.versions[version].health_check
+        if own is None or self.health_check is None:
+            return own or self.health_check
+        return self.health_check.model_copy(update=own.model_dump(exclude_unset=True))
 
 
 # --- process ------------------------------------------------------------------------------

@@ -248,6 +248,8 @@ class ControlPlane:
                     "weight": route.weights.get(name, 0),
                     "inflight": sum(p.inflight for p in pools),
                     "draining": sum(p.inflight for p in pools if p.draining),
+                    "upstream_health": {p.key: self.proxy.health.describe(p.key)
+                                        for p in pools},
                 }
             services.append({
                 "name": service.name,

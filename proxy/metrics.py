@@ -50,6 +50,7 @@ class LiveStateCollector(Collector):
         yield from self.collect_upstreams()
         yield from self.collect_versions()
         yield from self.collect_retries()
+        yield from self.collect_health()
 
     def collect_requests(self) -> Iterator[Metric]:
         stats = self.proxy.stats
@@ -168,6 +169,47 @@ class LiveStateCollector(Collector):
             exhausted.add_metric([service, version], count)
         yield retries
         yield exhausted
+    def collect_health(self) -> Iterator[Metric]:
+        """Gauges per upstream of each version in the table; counters per address, like the
+        other upstream counters, so that none vanishes when a reload moves or drops it."""
+        labels = ["service", "version", "upstream"]
+        healthy = GaugeMetricFamily(
+            "weir_upstream_healthy", "1 while the upstream passes its health checks (or has "
+            "none), 0 while it gets no new requests for failing them.", labels=labels)
+        ejected = GaugeMetricFamily(
+            "weir_upstream_ejected", "1 while outlier detection keeps the upstream out.",
+            labels=labels)
+        ejections = CounterMetricFamily(
+            "weir_upstream_ejections", "Times outlier detection ejected the upstream.",
+            labels=["upstream"])
+        checks = CounterMetricFamily(
+            "weir_health_checks", "Active health checks by outcome (success; failure: a "
+            "status other than 2xx/3xx; timeout; error: no answer).",
+            labels=["upstream", "outcome"])
+        rejections = CounterMetricFamily(
+            "weir_circuit_breaker_rejections", "Requests answered 503 because every upstream "
+            "of the version that is up was at circuit_breaker.max_requests.",
+            labels=["service", "version"])
+        health = self.proxy.health
+        for route in self.proxy.table.routes:
+            for name, target in route.versions.items():
+                for pool in target.balancer.pools:
+                    state = health.state(pool.key)
+                    key = [route.name, name, pool.key]
+                    healthy.add_metric(key, 1 if state.healthy else 0)
+                    ejected.add_metric(key, 1 if state.ejected_until else 0)
+        for (service, version), count in sorted(health.rejections.items()):
+            rejections.add_metric([service, version], count)
+        for address, state in sorted(health.upstreams.items()):
+            ejections.add_metric([address], state.ejections)
+            if state.checked:
+                for outcome, count in state.checks.items():
+                    checks.add_metric([address, outcome], count)
+        yield healthy
+        yield ejected
+        yield ejections
+        yield checks
+        yield rejections
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

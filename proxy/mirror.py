@@ -129,13 +129,17 @@ class MirrorCopy:
                 or monotonic() < policy.backoff_until):
             self.finish("dropped")
             return
+        pool: UpstreamPool | None = policy.target.balancer.pick()  # type: ignore[assignment]
+        if pool is None:  # the shadow's upstreams are down, ejected or full
+            self.finish("dropped")
+            return
         head = self.build_head(exchange)
         self.exchange = None  # no reference cycle with the exchange: refcounting frees both
         payload = head + b"".join(self.body)
         self.body = []
         policy.inflight += 1
         policy.queued_bytes += self.body_size
-        pool = self.pool = policy.target.balancer.pick()  # type: ignore[assignment]
+        self.pool = pool
         pool.active.add(self)  # type: ignore[arg-type]
         conn = pool.take_idle()
         if conn is not None:
@@ -160,10 +164,12 @@ class MirrorCopy:
             conn = await pool.connect(min(policy.timeout, 5.0))
         except TimeoutError:
             pool.timeouts += 1
+            pool.record_failure()
             self.connect_failed("timeout")
             return
         except OSError:
             pool.connect_errors += 1
+            pool.record_failure()
             self.connect_failed("error")
             return
         if self.done:

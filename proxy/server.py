@@ -41,7 +41,7 @@ from .routing import Route, VersionTarget
 if TYPE_CHECKING:
     from .app import ProxyServer
     from .config import Config
-    from .upstream import UpstreamConnection, UpstreamPool
+    from .upstream import Balancer, UpstreamConnection, UpstreamPool
 
 log = logging.getLogger("weir.server")
 
@@ -52,6 +52,9 @@ PAUSE_QUEUE = 1      # a pipelined request waits behind the active one
 PAUSE_UPSTREAM = 2   # the upstream's write buffer is full
 PAUSE_BUFFER = 4     # body bytes are piling up while we connect
 PAUSE_CLOSING = 8    # we will close after the active exchange: read no more requests
+
+# On a circuit breaker's 503: requests in flight finish quickly, so a retry soon may work.
+RETRY_AFTER = b"retry-after: 1\r\n"
 
 
 class HeadTooLarge(Exception):
@@ -175,9 +178,13 @@ class Exchange:
         if limit is not None and self.content_length > limit:
             self.respond_local(413, f"request body is larger than {limit} bytes")
             return
+        pool: UpstreamPool | None = target.balancer.pick()  # type: ignore[assignment]
+        if pool is None:
+            self.no_upstream(route, target)
+            return
         if self.has_body and hmap.get(b"expect", b"").lower() == b"100-continue":
             client.transport.write(CONTINUE)
-        pool = self.pool = target.balancer.pick()  # type: ignore[assignment]
+        self.pool = pool
         self.upstream_address = pool.address
         pool.active.add(self)
         conn = pool.take_idle()
@@ -185,6 +192,14 @@ class Exchange:
             self.attach(conn)
         else:
             self.connecting = client.loop.create_task(self.connect(pool))
+
+    def no_upstream(self, route: Route, target: VersionTarget) -> None:
+        """Every upstream of the version is unhealthy, ejected or full: answer now rather than
+        hang or try one known to be down."""
+        health = self.client.server.health
+        balancer: Balancer = target.balancer  # type: ignore[assignment]
+        message, full = health.unavailable(route.name, target.name, balancer)
+        self.respond_local(503, message, headers=RETRY_AFTER if full else b"")
 
     def start_mirrors(self, policies: tuple[MirrorPolicy, ...]) -> None:
         method = self.method
@@ -210,6 +225,7 @@ class Exchange:
         except TimeoutError:
             self.connecting = None
             pool.timeouts += 1
+            pool.record_failure()
             if self.retry_request(RETRY_CONNECT_FAILURE):
                 return
             self.upstream_failed(504, f"connecting to upstream {pool.address} timed out")
@@ -217,6 +233,7 @@ class Exchange:
         except OSError as exc:
             self.connecting = None
             pool.connect_errors += 1
+            pool.record_failure()
             if self.retry_request(RETRY_CONNECT_FAILURE):
                 return
             self.upstream_failed(502, f"cannot connect to upstream {pool.address}: "
@@ -453,6 +470,8 @@ class Exchange:
             self.pool.retries += 1
             self.connecting = self.client.loop.create_task(self.connect(self.pool))
             return
+        if self.pool is not None:
+            self.pool.record_failure()
         if self.retry_request(RETRY_RESET):
             return
         self.upstream_failed(502, "upstream closed the connection before answering")
@@ -477,6 +496,10 @@ class Exchange:
             return False
         target = self.target
         assert route is not None and target is not None
+        tried = self.tried = [*(tried or ()), self.pool]
+        pool = target.balancer.pick_excluding(tried)  # type: ignore[attr-defined]
+        if pool is None:
+            return False  # nothing healthy left to try: the failure is the answer
         stats = self.client.server.stats
         if not policy.budget.try_withdraw(perf_counter()):
             stats.count_retry_budget_exhausted(route.name, target.name)
@@ -485,11 +508,8 @@ class Exchange:
         conn, self.upstream = self.upstream, None
         if conn is not None:
             conn.detach()  # a dropped response: closing beats reading a body of unknown size
-        if tried is None:
-            tried = self.tried = []
-        tried.append(self.pool)
         self.release_pool_slot()
-        pool = self.pool = target.balancer.pick_excluding(tried)  # type: ignore[assignment]
+        self.pool = pool
         log.debug("%s %s: retrying on %s (%s)", self.method.decode(),
                   self.url[:200].decode("latin-1"), pool.address, reason)
         self.upstream_address = pool.address
@@ -517,8 +537,10 @@ class Exchange:
         else:
             self.respond_local(status, reason)
 
-    def respond_local(self, status: int, message: str, close: bool = False) -> None:
-        """Answer from Weir itself. Unread request body bytes mean the connection must close."""
+    def respond_local(self, status: int, message: str, close: bool = False,
+                      headers: bytes = b"") -> None:
+        """Answer from Weir itself. Unread request body bytes mean the connection must close.
+        ``headers`` are extra header lines."""
         client = self.client
         keep = (self.keep_alive and not close and not client.closing
                 and not client.server.draining
@@ -527,7 +549,7 @@ class Exchange:
         self.status = status
         target = self.target
         extra = target.response_header if target is not None else b""
-        client.transport.write(simple_response(status, message, not keep, extra))
+        client.transport.write(simple_response(status, message, not keep, extra + headers))
         self.response_started = True
         self.response_done = True
         self.maybe_finish()

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Collection
+import sys
+from collections.abc import Callable, Collection
 from typing import Protocol
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -106,6 +107,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self.sink.on_upstream_tunnel_data(rest)
         except HttpParserError as exc:
             log.warning("invalid response from %s: %s", self.pool.address, exc)
+            self.pool.record_failure()
             self._fail(502, "upstream sent an invalid response")
             return
         if sink is self.sink:
@@ -162,6 +164,10 @@ class UpstreamConnection(asyncio.Protocol):
             noted.clear()
             return
         self._head_done = True
+        if status >= 500:
+            self.pool.record_failure()
+        else:
+            self.pool.failures = 0  # outlier detection counts failures in a row
         if status == 101:
             self.tunnel = True  # llhttp still reports a message end; it is not one
         sink = self.sink
@@ -228,6 +234,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.timer = self.loop.call_later(self.read_timeout - idle, self._check_timeout)
             return
         self.pool.timeouts += 1
+        self.pool.record_failure()
         self._fail(504, "upstream did not answer in time")
 
     def touch(self) -> None:
@@ -271,9 +278,10 @@ class UpstreamConnection(asyncio.Protocol):
 class UpstreamPool:
     """Keep-alive connections to one upstream address, most recently used first."""
 
-    __slots__ = ("_drain_timer", "active", "address", "connect_errors", "connect_timeout",
-                 "drain_label", "draining", "host", "idle", "idle_timeout", "loop", "max_idle",
-                 "port", "retries", "server_hostname", "ssl", "timeouts", "tls")
+    __slots__ = ("_drain_timer", "active", "address", "available", "connect_errors",
+                 "connect_timeout", "drain_label", "draining", "eject_after", "failures", "host",
+                 "idle", "idle_timeout", "key", "loop", "max_idle", "max_requests",
+                 "on_outlier", "port", "retries", "server_hostname", "ssl", "timeouts", "tls")
 
     def __init__(self, address: str, settings: UpstreamSettings,
                  loop: asyncio.AbstractEventLoop, tls: UpstreamTLS | None = None,
@@ -283,6 +291,7 @@ class UpstreamPool:
         self.loop = loop
         # HTTPS: the context (replaced on reload, for new connections) and the name to check.
         self.tls = tls
+        self.key = pool_key(address, tls)  # its name in PoolRegistry, health and metrics
         self.ssl = context
         self.server_hostname = (tls.server_name or self.host) if tls is not None else None
         self.idle: list[UpstreamConnection] = []
@@ -296,6 +305,15 @@ class UpstreamPool:
         self.connect_errors = 0
         self.timeouts = 0
         self.retries = 0
+        # Upstream health (see health.py), kept here because the request path reads it: the
+        # balancer skips a pool that is not ``available`` (unhealthy or ejected) or that has
+        # ``max_requests`` in flight, and ``failures`` counts failures in a row for outlier
+        # detection, which ``on_outlier`` hears about once ``eject_after`` is reached.
+        self.available = True
+        self.max_requests = sys.maxsize
+        self.failures = 0
+        self.eject_after = 0  # 0: outlier detection is off
+        self.on_outlier: Callable[[UpstreamPool], None] | None = None
         self.apply(settings)
 
     @property
@@ -306,6 +324,12 @@ class UpstreamPool:
         self.connect_timeout = settings.timeouts.connect
         self.idle_timeout = settings.idle_timeout
         self.max_idle = settings.max_idle_per_upstream
+
+    def record_failure(self) -> None:
+        """A 5xx, a failed connect, a read timeout: off the fast path, so a call is fine."""
+        self.failures += 1
+        if 0 < self.eject_after <= self.failures and self.on_outlier is not None:
+            self.on_outlier(self)
 
     def take_idle(self) -> UpstreamConnection | None:
         idle = self.idle
@@ -381,7 +405,8 @@ class UpstreamPool:
 
 
 class Balancer:
-    """The upstreams of one version; picks the one with the fewest requests in flight."""
+    """The upstreams of one version; picks the one with the fewest requests in flight among
+    those that are available (healthy, not ejected) and below their circuit-breaker limit."""
 
     __slots__ = ("_next", "pools")
 
@@ -389,28 +414,42 @@ class Balancer:
         self.pools = pools
         self._next = 0
 
-    def pick(self) -> UpstreamPool:
+    def pick(self) -> UpstreamPool | None:
+        """None when no upstream can take a request now (``all_full`` tells the reasons
+        apart)."""
         pools = self.pools
         count = len(pools)
         if count == 1:
-            return pools[0]
+            pool = pools[0]
+            return pool if pool.available and len(pool.active) < pool.max_requests else None
         # Start from a rotating index so that ties are spread instead of piling on the first.
         start = self._next = (self._next + 1) % count
-        best = pools[start]
-        for offset in range(1, count):
+        best = None
+        best_load = sys.maxsize
+        for offset in range(count):
             pool = pools[(start + offset) % count]
-            if len(pool.active) < len(best.active):
+            load = len(pool.active)
+            if load < best_load and load < pool.max_requests and pool.available:
                 best = pool
+                best_load = load
         return best
 
-    def pick_excluding(self, tried: Collection[UpstreamPool]) -> UpstreamPool:
-        """For a retry: the least loaded upstream not yet tried for this request; once every
-        one has been tried, the usual pick (so a version with one upstream retries on it)."""
+    def pick_excluding(self, tried: Collection[UpstreamPool]) -> UpstreamPool | None:
+        """For a retry: the least loaded available upstream not yet tried for this request;
+        once every one has been tried, the usual pick (so a version with one upstream retries
+        on it). None when no upstream can take it."""
         best: UpstreamPool | None = None
         for pool in self.pools:
-            if pool not in tried and (best is None or len(pool.active) < len(best.active)):
+            load = len(pool.active)
+            if (pool not in tried and pool.available and load < pool.max_requests
+                    and (best is None or load < len(best.active))):
                 best = pool
         return best if best is not None else self.pick()
+
+    def all_full(self) -> bool:
+        """After pick() found nothing: is it only because the available upstreams are at their
+        circuit-breaker limit (so that trying again shortly can work)?"""
+        return any(pool.available for pool in self.pools)
 
 
 def pool_key(address: str, tls: UpstreamTLS | None) -> str:

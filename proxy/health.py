@@ -1,0 +1,353 @@
+"""Upstream health: active readiness checks, passive outlier ejection, circuit breakers.
+
+State is kept per upstream address for the life of the process, so it survives reloads as the
+pools do. The request path only reads ``UpstreamPool.available`` and ``max_requests`` (in
+``Balancer.pick``) and resets or bumps ``UpstreamPool.failures``; everything here runs off that
+path: probes on their own tasks, an ejection when a pool reports its N-th failure in a row, and
+the return from it on a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .config import Config, HealthCheck, OutlierDetection
+from .upstream import pool_key
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from .routing import RouteTable
+    from .upstream import Balancer, PoolRegistry, UpstreamPool
+
+log = logging.getLogger("weir.health")
+
+CHECK_OUTCOMES = ("success", "failure", "timeout", "error")
+UNLIMITED = sys.maxsize  # no circuit breaker (the pools' default)
+
+
+@dataclass(frozen=True)
+class UpstreamPolicy:
+    """What the config asks of one address. An address listed by several versions is checked
+    once, with the settings of the first version (in file order) that lists it."""
+
+    check: HealthCheck | None
+    outlier: OutlierDetection | None
+    max_requests: int
+    used_by: str  # "service/version, ..." for log lines
+
+
+class UpstreamHealth:
+    """One address's health record."""
+
+    __slots__ = ("address", "awaiting_first_check", "back_since", "checked", "checks",
+                 "ejected_for", "ejected_until", "ejections", "fails", "healthy", "last_check",
+                 "passes", "timer", "times_ejected")
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.healthy = True               # by active checks; upstreams known at start begin so
+        self.awaiting_first_check = False  # added by a reload: out until its first pass
+        self.passes = 0                   # checks passed in a row
+        self.fails = 0                    # checks failed in a row
+        self.checks = dict.fromkeys(CHECK_OUTCOMES, 0)
+        self.checked = False              # ever configured to be: its counters are exported
+        self.last_check: str | None = None
+        self.ejected_until = 0.0          # loop time; 0 while not ejected
+        self.ejected_for = 0.0            # length of the current (or last) ejection
+        self.times_ejected = 0            # the ejection time multiplier
+        self.ejections = 0                # for the counter; never goes down
+        self.back_since = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class HealthMonitor:
+    """Owns every upstream's health record and the probes; ``sync`` after every config
+    change (it is cheap and idempotent), ``start``/``stop`` with the data plane."""
+
+    def __init__(self, pools: PoolRegistry, loop: asyncio.AbstractEventLoop) -> None:
+        self.pools = pools
+        self.loop = loop
+        self.upstreams: dict[str, UpstreamHealth] = {}
+        self.policies: dict[str, UpstreamPolicy] = {}
+        self.balancers: dict[str, list[Balancer]] = {}  # address → live versions' upstream sets
+        self.rejections: dict[tuple[str, str], int] = {}  # circuit breaker 503s by version
+        self.running = False
+        self._probes: dict[str, asyncio.Task[None]] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    def state(self, address: str) -> UpstreamHealth:
+        state = self.upstreams.get(address)
+        if state is None:
+            state = self.upstreams[address] = UpstreamHealth(address)
+        return state
+
+    # --- config ---------------------------------------------------------------------------
+
+    def sync(self, config: Config, table: RouteTable, initial: bool = False) -> None:
+        """Apply a config the data plane has just swapped in. Synchronous, so that an
+        upstream the reload added is marked unhealthy before any request can pick it."""
+        policies = resolve_policies(config)
+        added = set() if initial else set(policies) - set(self.policies)
+        changed = {a for a, p in policies.items()
+                   if a in self.policies and self.policies[a].check != p.check}
+        self.policies = policies
+        for service in config.services:
+            if service.circuit_breaker is not None:
+                for version in service.versions:  # exported from now on, even at 0
+                    self.rejections.setdefault((service.name, version), 0)
+        self.balancers = {}
+        for route in table.routes:
+            for target in route.versions.values():
+                balancer: Balancer = target.balancer  # type: ignore[assignment]
+                for pool in balancer.pools:
+                    members = self.balancers.setdefault(pool.key, [])
+                    if balancer not in members:
+                        members.append(balancer)
+        for address, policy in policies.items():
+            self.configure(self.pools.pools[address], policy, address in added)
+        for address in list(self._probes):
+            policy = policies.get(address)
+            if policy is None or policy.check is None or address in added | changed:
+                self._probes.pop(address).cancel()
+        if self.running:
+            self.start_probes()
+
+    def configure(self, pool: UpstreamPool, policy: UpstreamPolicy, added: bool) -> None:
+        state = self.state(pool.key)
+        pool.max_requests = policy.max_requests
+        pool.eject_after = policy.outlier.consecutive_failures if policy.outlier else 0
+        pool.on_outlier = self.eject
+        if policy.outlier is None and state.ejected_until:
+            self.end_ejection(pool)
+        if policy.check is None:
+            state.awaiting_first_check = False
+            if not state.healthy:
+                state.healthy = True  # nothing would ever bring it back
+                log.info("upstream %s (%s) is no longer health-checked: taking traffic",
+                         pool.key, policy.used_by)
+        else:
+            state.checked = True
+            if added:
+                # A cold instance: no traffic until it has answered one check.
+                state.healthy = False
+                state.awaiting_first_check = True
+                state.passes = state.fails = 0
+        self.update(pool)
+
+    def update(self, pool: UpstreamPool) -> None:
+        state = self.state(pool.key)
+        pool.available = state.healthy and not state.ejected_until
+
+    # --- active checks --------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.running = True
+        self.start_probes()
+
+    def start_probes(self) -> None:
+        for address, policy in self.policies.items():
+            if policy.check is not None and address not in self._probes:
+                self._probes[address] = self.loop.create_task(self.probe_loop(address))
+
+    async def stop(self) -> None:
+        self.running = False
+        probes, self._probes = list(self._probes.values()), {}
+        for task in probes:
+            task.cancel()
+        for task in probes:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        # Ejection timers stay: they only flip flags, and a restarted monitor needs them.
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def probe_loop(self, address: str) -> None:
+        """Check now, then every interval (measured from the start of each check)."""
+        while True:
+            policy = self.policies.get(address)
+            if policy is None or policy.check is None:
+                return
+            started = self.loop.time()
+            outcome = await self.probe(address, policy.check)
+            self.record_check(address, policy, outcome)
+            await asyncio.sleep(max(0.0, started + policy.check.interval - self.loop.time()))
+
+    async def probe(self, address: str, check: HealthCheck) -> str:
+        import aiohttp
+
+        if self._session is None:
+            # One session for every probe; a fresh connection for each (force_close), so that
+            # a check proves that new connections are accepted, as a Kubernetes probe does.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True, limit=0),
+                auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+                headers={"User-Agent": "weir-health-check"})
+        pool = self.pools.pools.get(address)
+        if pool is None:
+            return "error"
+        scheme = "https" if pool.ssl is not None else "http"
+        tls: dict[str, Any] = {}
+        if pool.ssl is not None:
+            tls = {"ssl": pool.ssl, "server_hostname": pool.server_hostname}
+        try:
+            async with self._session.get(f"{scheme}://{pool.address}{check.path}",
+                                         allow_redirects=False,
+                                         timeout=aiohttp.ClientTimeout(total=check.timeout),
+                                         **tls) as response:
+                await response.read()
+                return "success" if 200 <= response.status < 400 else "failure"
+        except TimeoutError:
+            return "timeout"
+        except (aiohttp.ClientError, OSError):
+            return "error"
+        except Exception:  # a bug must not end this upstream's checks for good
+            log.exception("health check of %s failed unexpectedly", address)
+            return "error"
+
+    def record_check(self, address: str, policy: UpstreamPolicy, outcome: str) -> None:
+        check = policy.check
+        assert check is not None
+        state = self.state(address)
+        state.checks[outcome] += 1
+        state.last_check = outcome
+        if outcome == "success":
+            state.fails = 0
+            state.passes += 1
+            if not state.healthy and (state.awaiting_first_check
+                                      or state.passes >= check.healthy_threshold):
+                state.healthy = True
+                log.info("upstream %s (%s) is healthy: %s", address, policy.used_by,
+                         "passed its first check" if state.awaiting_first_check
+                         else f"{state.passes} checks passed in a row")
+            state.awaiting_first_check = False
+        else:
+            state.passes = 0
+            state.fails += 1
+            if state.healthy and state.fails >= check.unhealthy_threshold:
+                state.healthy = False
+                log.warning("upstream %s (%s) is unhealthy: %d checks of %s failed in a row "
+                            "(last: %s); it gets no new requests", address, policy.used_by,
+                            state.fails, check.path, outcome)
+        pool = self.pools.pools.get(address)
+        if pool is not None:
+            self.update(pool)
+
+    # --- outlier detection ----------------------------------------------------------------
+
+    def eject(self, pool: UpstreamPool) -> None:
+        """Called by a pool on its ``consecutive_failures``-th failure in a row."""
+        pool.failures = 0  # the next ejection needs as many failures again
+        policy = self.policies.get(pool.key)
+        state = self.state(pool.key)
+        if policy is None or policy.outlier is None or state.ejected_until:
+            return
+        outlier = policy.outlier
+        for balancer in self.balancers.get(pool.key, ()):
+            allowed = max(1, len(balancer.pools) * outlier.max_ejection_percent // 100)
+            ejected = sum(1 for p in balancer.pools if self.state(p.key).ejected_until)
+            if ejected >= allowed:
+                log.debug("not ejecting %s: %d of its version's %d upstreams already are",
+                          pool.key, ejected, len(balancer.pools))
+                return
+        now = self.loop.time()
+        if state.times_ejected and state.back_since:
+            # Forgiveness: one off the multiplier for every max_ejection_time spent back in.
+            served = int((now - state.back_since) // outlier.max_ejection_time)
+            state.times_ejected = max(0, state.times_ejected - served)
+        state.times_ejected += 1
+        state.ejections += 1
+        state.ejected_for = min(outlier.base_ejection_time * state.times_ejected,
+                                outlier.max_ejection_time)
+        state.ejected_until = now + state.ejected_for
+        state.timer = self.loop.call_later(state.ejected_for, self.end_ejection, pool)
+        self.update(pool)
+        log.warning("upstream %s (%s) ejected for %.3gs after %d failures in a row "
+                    "(ejection %d)", pool.key, policy.used_by, state.ejected_for,
+                    outlier.consecutive_failures, state.times_ejected)
+
+    def end_ejection(self, pool: UpstreamPool) -> None:
+        state = self.state(pool.key)
+        if state.timer is not None:
+            state.timer.cancel()
+            state.timer = None
+        state.ejected_until = 0.0
+        state.back_since = self.loop.time()
+        pool.failures = 0
+        self.update(pool)
+        policy = self.policies.get(pool.key)
+        log.info("upstream %s (%s) is back from ejection", pool.key,
+                 policy.used_by if policy else "no longer configured")
+
+    # --- no upstream to pick --------------------------------------------------------------
+
+    def unavailable(self, service: str, version: str, balancer: Balancer) -> tuple[str, bool]:
+        """Why a version has no upstream for a request: the 503's message, and whether it
+        should carry Retry-After (only full upstreams, which free up as requests finish)."""
+        pools = balancer.pools
+        where = f"service {service!r} version {version!r}"
+        if balancer.all_full():
+            key = (service, version)
+            self.rejections[key] = self.rejections.get(key, 0) + 1
+            up = [p for p in pools if p.available]
+            return (f"{where}: every upstream that is up ({len(up)} of {len(pools)}) has "
+                    f"{max(p.max_requests for p in up)} requests in flight, the circuit "
+                    f"breaker's limit; try again shortly", True)
+        unhealthy = sum(1 for p in pools if not self.state(p.key).healthy)
+        ejected = sum(1 for p in pools if self.state(p.key).ejected_until)
+        reasons = []
+        if unhealthy:
+            reasons.append(f"{unhealthy} failing health checks")
+        if ejected:
+            reasons.append(f"{ejected} ejected after consecutive failures")
+        return (f"{where} has no healthy upstream ({len(pools)} configured: "
+                f"{', '.join(reasons)})", False)
+
+    # --- reporting ------------------------------------------------------------------------
+
+    def describe(self, address: str) -> dict[str, Any]:
+        """One upstream's health for /api/status."""
+        state = self.state(address)
+        pool = self.pools.pools.get(address)
+        remaining = state.ejected_until - self.loop.time() if state.ejected_until else 0.0
+        policy = self.policies.get(address)
+        return {
+            "healthy": state.healthy,
+            "available": pool.available if pool is not None else False,
+            "health_checked": policy is not None and policy.check is not None,
+            "last_check": state.last_check,
+            "checks": dict(state.checks),
+            "ejected": bool(state.ejected_until),
+            "ejected_until": time.time() + remaining if state.ejected_until else None,
+            "ejection_seconds": state.ejected_for if state.ejected_until else None,
+            "times_ejected": state.times_ejected,
+            "ejections": state.ejections,
+            "consecutive_failures": pool.failures if pool is not None else 0,
+            "inflight": pool.inflight if pool is not None else 0,
+            "max_requests": (pool.max_requests if pool is not None
+                             and pool.max_requests < UNLIMITED else None),
+        }
+
+
+def resolve_policies(config: Config) -> dict[str, UpstreamPolicy]:
+    """Each configured address's settings; the first version listing an address sets them."""
+    first: dict[str, tuple[HealthCheck | None, OutlierDetection | None, int]] = {}
+    users: dict[str, list[str]] = {}
+    for service in config.services:
+        breaker = service.circuit_breaker
+        max_requests = breaker.max_requests if breaker else UNLIMITED
+        for name, version in service.versions.items():
+            check = service.health_check_for(name)
+            for address in version.upstreams:
+                key = pool_key(address, version.tls)  # TLS or not: separate pools
+                users.setdefault(key, []).append(f"{service.name}/{name}")
+                first.setdefault(key, (check, service.outlier_detection, max_requests))
+    return {address: UpstreamPolicy(*settings, ", ".join(users[address]))
+            for address, settings in first.items()}
