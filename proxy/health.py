@@ -48,7 +48,7 @@ class UpstreamHealth:
 
     __slots__ = ("address", "awaiting_first_check", "back_since", "checked", "checks",
                  "ejected_for", "ejected_until", "ejections", "fails", "healthy", "last_check",
-                 "passes", "timer", "times_ejected")
+                 "passes", "timer", "times_ejected", "unreachable")
 
     def __init__(self, address: str) -> None:
         self.address = address
@@ -65,6 +65,7 @@ class UpstreamHealth:
         self.ejections = 0                # for the counter; never goes down
         self.back_since = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self.unreachable = False  # ejected after a failed connect (not for its answers)
 
 
 class HealthMonitor:
@@ -218,7 +219,13 @@ class HealthMonitor:
         state = self.state(address)
         state.checks[outcome] += 1
         state.last_check = outcome
+        pool = self.pools.pools.get(address)
         if outcome == "success":
+            # An ejection ends when a check shows the upstream up again: after checks that
+            # saw it down, or when it was ejected for failed connects, which a passing check
+            # disproves (Envoy's successful_active_health_check_uneject_host, limited so that
+            # a passing /healthz does not cut short an ejection for bad answers).
+            recovered = state.fails > 0 or not state.healthy or state.unreachable
             state.fails = 0
             state.passes += 1
             if not state.healthy and (state.awaiting_first_check
@@ -228,6 +235,9 @@ class HealthMonitor:
                          "passed its first check" if state.awaiting_first_check
                          else f"{state.passes} checks passed in a row")
             state.awaiting_first_check = False
+            if recovered and state.healthy and state.ejected_until and pool is not None:
+                log.info("upstream %s: its health check passes again", address)
+                self.end_ejection(pool)
         else:
             state.passes = 0
             state.fails += 1
@@ -236,7 +246,6 @@ class HealthMonitor:
                 log.warning("upstream %s (%s) is unhealthy: %d checks of %s failed in a row "
                             "(last: %s); it gets no new requests", address, policy.used_by,
                             state.fails, check.path, outcome)
-        pool = self.pools.pools.get(address)
         if pool is not None:
             self.update(pool)
 
@@ -267,6 +276,7 @@ class HealthMonitor:
         state.ejected_for = min(outlier.base_ejection_time * state.times_ejected,
                                 outlier.max_ejection_time)
         state.ejected_until = now + state.ejected_for
+        state.unreachable = pool.unreachable
         state.timer = self.loop.call_later(state.ejected_for, self.end_ejection, pool)
         self.update(pool)
         log.warning("upstream %s (%s) ejected for %.3gs after %d failures in a row "

@@ -164,12 +164,12 @@ class MirrorCopy:
             conn = await pool.connect(min(policy.timeout, 5.0))
         except TimeoutError:
             pool.timeouts += 1
-            pool.record_failure()
+            pool.record_failure(unreachable=True)
             self.connect_failed("timeout")
             return
         except OSError:
             pool.connect_errors += 1
-            pool.record_failure()
+            pool.record_failure(unreachable=True)
             self.connect_failed("error")
             return
         if self.done:

@@ -187,7 +187,9 @@ class Exchange:
         self.pool = pool
         self.upstream_address = pool.address
         pool.active.add(self)
-        conn = pool.take_idle()
+        # A request that cannot be retried is not sent on a connection the upstream has
+        # already closed (the stale keep-alive race).
+        conn = pool.take_idle(self.has_body or self.method not in IDEMPOTENT_METHODS)
         if conn is not None:
             self.attach(conn)
         else:
@@ -225,7 +227,7 @@ class Exchange:
         except TimeoutError:
             self.connecting = None
             pool.timeouts += 1
-            pool.record_failure()
+            pool.record_failure(unreachable=True)
             if self.retry_request(RETRY_CONNECT_FAILURE):
                 return
             self.upstream_failed(504, f"connecting to upstream {pool.address} timed out")
@@ -233,7 +235,7 @@ class Exchange:
         except OSError as exc:
             self.connecting = None
             pool.connect_errors += 1
-            pool.record_failure()
+            pool.record_failure(unreachable=True)
             if self.retry_request(RETRY_CONNECT_FAILURE):
                 return
             self.upstream_failed(502, f"cannot connect to upstream {pool.address}: "
@@ -481,15 +483,20 @@ class Exchange:
         upstream of the version not yet tried when there is one. False, with nothing done,
         when the failure must be relayed instead.
 
-        Only idempotent requests without a body qualify (a body has already streamed to the
-        upstream and is not kept), and only while nothing of a response has reached the
-        client. http_requests_total still counts the client's request once, with the status
-        of its last attempt (see ``record``); retries show in weir_retries_total."""
+        A failed connect is retried for any request: nothing of it has left Weir, and its
+        body so far is still held (as nginx passes a POST on to the next server when the
+        connection could not be made). Any other failure is retried only for idempotent
+        requests without a body (a body has already streamed to the upstream and is not
+        kept). Never once anything of a response has reached the client.
+        http_requests_total still counts the client's request once, with the status of its
+        last attempt (see ``record``); retries show in weir_retries_total."""
         route = self.route
         policy = route.retry if route is not None else None
         if (policy is None or reason not in policy.reasons or self.finished
-                or self.response_started or self.has_body or self.upgrade
-                or self.method not in IDEMPOTENT_METHODS or self.pool is None):
+                or self.response_started or self.upgrade or self.pool is None):
+            return False
+        unsent = reason == RETRY_CONNECT_FAILURE and self.buffered == self.body_received
+        if not unsent and (self.has_body or self.method not in IDEMPOTENT_METHODS):
             return False
         tried = self.tried
         if (1 if tried is None else len(tried) + 1) >= policy.attempts:
@@ -515,7 +522,7 @@ class Exchange:
         self.upstream_address = pool.address
         pool.active.add(self)
         self.retried = False  # the new attempt may meet a stale pooled connection too
-        conn = pool.take_idle()
+        conn = pool.take_idle(self.has_body or self.method not in IDEMPOTENT_METHODS)
         if conn is not None:
             self.attach(conn)
         else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import ssl
 import sys
 from collections.abc import Callable, Collection
@@ -120,6 +121,17 @@ class UpstreamConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
+
+    def still_open(self) -> bool:
+        """An idle connection has nothing to read: anything readable (a FIN, a reset, stray
+        bytes) means the upstream is done with it. One poll(2), no waiting."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
+        poller = select.poll()
+        poller.register(transport.get_extra_info("socket").fileno(),
+                        select.POLLIN | select.POLLRDHUP)
+        return not poller.poll(0)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -281,7 +293,8 @@ class UpstreamPool:
     __slots__ = ("_drain_timer", "active", "address", "available", "connect_errors",
                  "connect_timeout", "drain_label", "draining", "eject_after", "failures", "host",
                  "idle", "idle_timeout", "key", "loop", "max_idle", "max_requests",
-                 "on_outlier", "port", "retries", "server_hostname", "ssl", "timeouts", "tls")
+                 "on_outlier", "port", "retries", "server_hostname", "ssl", "timeouts", "tls",
+                 "unreachable")
 
     def __init__(self, address: str, settings: UpstreamSettings,
                  loop: asyncio.AbstractEventLoop, tls: UpstreamTLS | None = None,
@@ -312,6 +325,7 @@ class UpstreamPool:
         self.available = True
         self.max_requests = sys.maxsize
         self.failures = 0
+        self.unreachable = False  # whether the latest failure was a failed connect
         self.eject_after = 0  # 0: outlier detection is off
         self.on_outlier: Callable[[UpstreamPool], None] | None = None
         self.apply(settings)
@@ -325,17 +339,25 @@ class UpstreamPool:
         self.idle_timeout = settings.idle_timeout
         self.max_idle = settings.max_idle_per_upstream
 
-    def record_failure(self) -> None:
-        """A 5xx, a failed connect, a read timeout: off the fast path, so a call is fine."""
+    def record_failure(self, unreachable: bool = False) -> None:
+        """A 5xx, a failed connect, a read timeout: off the fast path, so a call is fine.
+        ``unreachable``: a connect that failed, which a passing health check disproves."""
         self.failures += 1
+        self.unreachable = unreachable
         if 0 < self.eject_after <= self.failures and self.on_outlier is not None:
             self.on_outlier(self)
 
-    def take_idle(self) -> UpstreamConnection | None:
+    def take_idle(self, must_be_open: bool = False) -> UpstreamConnection | None:
+        """The most recently used idle connection. ``must_be_open`` (for a request that
+        cannot be retried) first asks the kernel whether the upstream has closed it since:
+        the loop may not have read that close yet, and a request sent on it would be lost."""
         idle = self.idle
         while idle:
             conn = idle.pop()
             if not conn.closed:
+                if must_be_open and not conn.still_open():
+                    conn.close()
+                    continue
                 conn.reused = True
                 return conn
         return None
