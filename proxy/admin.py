@@ -1,4 +1,5 @@
-"""The admin listener (aiohttp.web): the JSON admin API, /metrics, /healthz and /readyz.
+"""The admin listener (aiohttp.web): the JSON admin API, /metrics, /healthz, /readyz and the
+dashboard (``/`` and ``/dashboard``, fed by ``/api/status`` and ``/api/history``).
 
 Reads are open; every mutation needs ``Authorization: Bearer <admin.token>``. Errors are JSON
 ``{"error": "..."}`` with 400 (bad body), 401 (token), 404 (unknown service or version).
@@ -16,6 +17,8 @@ from aiohttp import web
 
 from .config import MAX_WEIGHT, ConfigError, split_address
 from .control import StateWriteError, UnknownName
+from .dashboard import Dashboard
+from .history import HistorySampler
 from .rollout import RolloutError
 
 if TYPE_CHECKING:
@@ -59,12 +62,17 @@ class AdminServer:
             web.get("/readyz", self.readyz),
             web.get("/metrics", self.metrics),
             web.get("/api/status", self.status),
+            web.get("/api/history", self.history_json),
             web.put("/api/services/{name}/weights", self.set_weights),
             web.post("/api/services/{name}/switch", self.switch),
             web.post("/api/reload", self.reload),
             web.get("/api/services/{name}/rollout", self.rollout_status),
             web.post("/api/services/{name}/rollout/{action}", self.rollout_action),
+            *Dashboard().routes(),
         ])
+        # Sampled for as long as the admin listener is up, so that a dashboard opened at any
+        # moment has the last few minutes to draw.
+        self.history = HistorySampler(control)
         self.runner: web.AppRunner | None = None
         self.site: web.TCPSite | None = None
 
@@ -74,6 +82,7 @@ class AdminServer:
         await self.runner.setup()
         self.site = web.TCPSite(self.runner, host, port)
         await self.site.start()
+        self.history.start()
 
     @property
     def port(self) -> int:
@@ -81,6 +90,7 @@ class AdminServer:
         return int(self.site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
 
     async def stop(self) -> None:
+        await self.history.stop()
         if self.runner is not None:
             await self.runner.cleanup()
 
@@ -124,6 +134,15 @@ class AdminServer:
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(self.control.status())
+
+    async def history_json(self, request: web.Request) -> web.Response:
+        """Per-version samples for the charts; ``?since=T`` returns only those after T."""
+        try:
+            after = float(request.query.get("since", "0"))
+        except ValueError:
+            raise web.HTTPBadRequest(reason="since must be a number (a t from an earlier "
+                                            "answer)") from None
+        return web.json_response(self.history.export(after))
 
     async def set_weights(self, request: web.Request) -> web.Response:
         self.authorize(request)
