@@ -1,7 +1,8 @@
 """The ``weir`` command line.
 
-``run``, ``validate`` and ``schema`` work on a config file; every other command is a thin
-client of a running Weir's admin API (``--admin URL``, token from ``$WEIR_ADMIN_TOKEN``).
+``run``, ``validate`` and ``schema`` work on a config file; ``demo`` needs nothing and runs a
+canary rollout to watch; every other command is a thin client of a running Weir's admin API
+(``--admin URL``, token from ``$WEIR_ADMIN_TOKEN``).
 Exit codes: 0 done, 1 the admin API refused or could not be reached, 2 bad usage.
 """
 
@@ -51,6 +52,13 @@ def cmd_schema(args: argparse.Namespace) -> int:
     json.dump(json_schema(), sys.stdout, indent=2)
     print()
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoOptions, run
+
+    return run(DemoOptions(speed=args.speed, port=args.port, admin_port=args.admin_port,
+                           keep_running=args.keep_running))
 
 
 # --- admin API clients ------------------------------------------------------------------------
@@ -279,6 +287,49 @@ def positive_float(text: str) -> float:
     return value
 
 
+def speed_factor(text: str) -> float:
+    from .demo import MAX_SPEED
+
+    value = positive_float(text)
+    if value > MAX_SPEED:
+        raise argparse.ArgumentTypeError(f"at most {MAX_SPEED:g}, got {text!r}")
+    return value
+
+
+def port_number(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {text!r}")
+    return int(text)
+
+
+def demo_parser(sub: Any) -> None:
+    from .demo import DEFAULT_ADMIN_PORT, DEFAULT_PORT, FAST_SPEED, MAX_SPEED
+
+    demo = sub.add_parser(
+        "demo", help="watch a canary rollout and a rollback, with nothing to set up",
+        description="Start two versions of a demo app, a Weir proxy and admin API, and a load "
+        "generator, all on 127.0.0.1 in this process; roll a healthy canary out to 100%, then "
+        "dial the canary to fail and watch the analysis roll it back. Exit code: 0 when both "
+        "went as scripted (or after --keep-running), 1 if not, 130 on Ctrl-C, 143 on SIGTERM.")
+    speed = demo.add_mutually_exclusive_group()
+    speed.add_argument("--speed", metavar="FACTOR", type=speed_factor, default=1.0,
+                       help="make every pause and analysis window FACTOR times shorter "
+                            "(windows no shorter than 1s; default: 1, about a minute in all; "
+                            f"at most {MAX_SPEED:g})")
+    speed.add_argument("--fast", dest="speed", action="store_const", const=FAST_SPEED,
+                       help=f"the same as --speed {FAST_SPEED:g}")
+    demo.add_argument("--port", type=port_number, default=None,
+                      help=f"the proxy's port (default: {DEFAULT_PORT}, or any free port if "
+                           "that is busy; 0: any free port)")
+    demo.add_argument("--admin-port", type=port_number, default=None,
+                      help=f"the admin API's and dashboard's port (default: "
+                           f"{DEFAULT_ADMIN_PORT}, or any free port if that is busy)")
+    demo.add_argument("--keep-running", action="store_true",
+                      help="stay up after the script, to explore the dashboard and the API, "
+                           "until Ctrl-C")
+    demo.set_defaults(func=cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="weir", description="Traffic-splitting HTTP proxy "
                                      "for zero-downtime deployments.")
@@ -291,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(func=cmd_validate)
     schema = sub.add_parser("schema", help="print the config's JSON Schema")
     schema.set_defaults(func=cmd_schema)
+    demo_parser(sub)
 
     admin = [admin_options()]
     status = sub.add_parser("status", parents=admin, help="show services, weights, reloads",
