@@ -166,7 +166,8 @@ class Exchange:
         if route.mirrors:
             self.start_mirrors(route.mirrors)
         limit = settings.max_body_bytes
-        if limit is not None and self.content_length > limit:
+        # body_received: a pipelined request that went over the limit while it was queued.
+        if limit is not None and (self.content_length > limit or self.body_received > limit):
             self.respond_local(413, f"request body is larger than {limit} bytes")
             return
         if self.has_body and hmap.get(b"expect", b"").lower() == b"100-continue":
@@ -278,7 +279,10 @@ class Exchange:
                 copy.add_body(body)
         limit = self.client.settings.max_body_bytes
         if limit is not None and self.body_received > limit:
-            self.body_over_limit(limit)
+            # Acted on once, when the limit is crossed; the rest is read and dropped (never
+            # forwarded) until the connection closes.
+            if self.body_received - len(body) <= limit:
+                self.body_over_limit(limit)
             return
         if self.response_done or self.finished:
             return  # the response went out early; the rest of the body is read and dropped
@@ -298,6 +302,14 @@ class Exchange:
                 self.client.set_pause(PAUSE_BUFFER, True)
 
     def body_over_limit(self, limit: int) -> None:
+        client = self.client
+        if self is not client.active:
+            # Pipelined behind a request still being answered (or already refused by its
+            # declared length): a 413 now would go out ahead of that answer. start() sends
+            # it in turn.
+            self.body_buffer = []
+            self.buffered = 0
+            return
         message = f"request body is larger than {limit} bytes"
         if self.response_started:
             self.client.abort()

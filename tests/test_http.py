@@ -265,6 +265,26 @@ async def test_body_over_limit_gets_413(start_backend, start_proxy):
     assert fits.status == 200 and fits.json()["body_size"] == 1024
 
 
+async def test_pipelined_request_over_body_limit_is_answered_in_turn(start_backend,
+                                                                     start_proxy):
+    """Regression: a request queued behind a slow one, whose chunked body went over
+    max_body_bytes, got its 413 written at once, ahead of the first request's response (so
+    the client took it as that response), and its next chunk reset the connection, losing
+    the first response altogether."""
+    backend = await start_backend()
+    proxy = await start_proxy(one_service(backend.address), limits={"max_body_bytes": "1KiB"})
+    chunk = b"400\r\n" + b"y" * 1024 + b"\r\n"
+    first, second, third = await exchange(
+        proxy.port,
+        get("/slow?delay=0.3")
+        + b"POST /big HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + chunk * 3 + b"0\r\n\r\n"
+        + get("/after"), count=3)
+    assert first.status == 200 and first.body == b"slow done"
+    assert second.status == 413
+    assert third.status == 200 and third.json()["path"] == "/after"
+    assert [r["path"] for r in backend.requests] == ["/after"]  # /slow is not echoed
+
 async def test_unknown_host_without_catch_all_is_404(start_backend, start_proxy):
     backend = await start_backend()
     proxy = await start_proxy(one_service(backend.address, match={"hosts": ["shop.test"]}))
