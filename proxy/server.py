@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import ipaddress
 import logging
+import resource
 from collections import deque
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -54,6 +55,26 @@ PAUSE_BUFFER = 4     # body bytes are piling up while we connect
 PAUSE_CLOSING = 8    # we will close after the active exchange: read no more requests
 
 
+# How often, at most, "max_connections reached" is logged while connections are being refused.
+LIMIT_WARNING_INTERVAL = 10.0
+
+# File descriptors kept back from the default max_connections for listeners, the admin API,
+# idle pooled upstream connections, health checks and log files.
+RESERVED_FDS = 100
+
+OVER_CAPACITY = simple_response(503, "too many connections; try again later", close=True)
+
+
+def default_max_connections() -> int:
+    """Half the process's open-file limit (less a reserve), as HAProxy derives its maxconn:
+    each client connection may hold an upstream connection too, and a client refused with a
+    503 is better off than one whose accept fails for want of a file descriptor."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1_000_000
+    return max(1, (soft - RESERVED_FDS) // 2)
+
+
 class HeadTooLarge(Exception):
     """Raised inside a parser callback; httptools reports it as the context of its error."""
 
@@ -61,10 +82,11 @@ class HeadTooLarge(Exception):
 class DataPlaneSettings:
     """Per-config values the hot path reads, resolved once at load time."""
 
-    __slots__ = ("header_timeout", "idle_timeout", "max_body_bytes", "max_header_bytes",
-                 "trusted_networks")
+    __slots__ = ("header_timeout", "idle_timeout", "max_body_bytes", "max_connections",
+                 "max_header_bytes", "trusted_networks")
 
     def __init__(self, config: Config) -> None:
+        self.max_connections = config.limits.max_connections or default_max_connections()
         self.max_header_bytes = config.limits.max_header_bytes
         self.max_body_bytes = config.limits.max_body_bytes
         self.header_timeout = config.limits.header_timeout
@@ -168,6 +190,7 @@ class Exchange:
         limit = settings.max_body_bytes
         # body_received: a pipelined request that went over the limit while it was queued.
         if limit is not None and (self.content_length > limit or self.body_received > limit):
+            client.server.stats.limits.max_body_bytes += 1
             self.respond_local(413, f"request body is larger than {limit} bytes")
             return
         if self.has_body and hmap.get(b"expect", b"").lower() == b"100-continue":
@@ -310,6 +333,7 @@ class Exchange:
             self.body_buffer = []
             self.buffered = 0
             return
+        client.server.stats.limits.max_body_bytes += 1
         message = f"request body is larger than {limit} bytes"
         if self.response_started:
             self.client.abort()
@@ -558,7 +582,8 @@ class ClientConnection(asyncio.Protocol):
     """One downstream connection; runs its exchanges one at a time, in order."""
 
     __slots__ = (
-        "active", "closing", "current", "deadline", "forwarded_for", "head_bytes", "in_head",
+        "active", "closing", "current", "deadline", "forwarded_for", "head_bytes",
+        "idle", "in_head",
         "loop", "parser", "pause_flags", "peer", "peer_bytes", "queue", "server", "settings",
         "timer", "timer_at", "transport", "trusted", "tunnel", "tunnel_pending", "write_paused",
     )
@@ -573,6 +598,7 @@ class ClientConnection(asyncio.Protocol):
         self.active: Exchange | None = None
         self.queue: deque[Exchange] = deque()
         self.in_head = False
+        self.idle = False  # waiting, after a response, for the next request (idle_timeout)
         self.head_bytes = 0
         self.pause_flags = 0
         self.write_paused = False
@@ -590,6 +616,9 @@ class ClientConnection(asyncio.Protocol):
     # --- asyncio.Protocol -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if len(self.server.connections) >= self.settings.max_connections:
+            self.refuse(transport)
+            return
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else "unix"
@@ -599,6 +628,23 @@ class ClientConnection(asyncio.Protocol):
                               + b"\r\nx-forwarded-proto: http\r\n")
         self.server.connections.add(self)
         self.set_deadline(self.settings.header_timeout)
+
+    def refuse(self, transport: asyncio.BaseTransport) -> None:
+        """Over max_connections. A 503 tells an HTTP client (or a load balancer in front) to
+        retry elsewhere, where a bare close or reset looks like a crash; nothing is read, so a
+        refused connection costs only its accept, and it never enters ``server.connections``,
+        so it takes no slot. (Were its request already here unread, the close is a reset, but
+        Linux still delivers the 503 sent before it.)"""
+        self.transport = transport  # type: ignore[assignment]
+        limits = self.server.stats.limits
+        limits.max_connections += 1
+        now = self.loop.time()
+        if now - limits.last_warning >= LIMIT_WARNING_INTERVAL:
+            limits.last_warning = now
+            log.warning("limits.max_connections (%d) reached: refusing new connections with "
+                        "503", self.settings.max_connections)
+        transport.write(OVER_CAPACITY)  # type: ignore[attr-defined]
+        transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -678,6 +724,7 @@ class ClientConnection(asyncio.Protocol):
             self.head_bytes = 0
             self.in_head = True
             if self.active is None:
+                self.idle = False
                 self.set_deadline(self.settings.header_timeout)
         self.current.url += url  # type: ignore[union-attr]
         self.head_bytes += len(url)
@@ -757,6 +804,7 @@ class ClientConnection(asyncio.Protocol):
         if self.closing:
             self.close()
             return
+        self.idle = True
         self.set_deadline(self.settings.idle_timeout)
 
     def start_tunnel(self, ex: Exchange) -> None:
@@ -776,6 +824,8 @@ class ClientConnection(asyncio.Protocol):
         if self.active is not None and not self.active.response_started:
             self.active.abandon()
             self.active = None
+        if status == 431:
+            self.server.stats.limits.max_header_bytes += 1
         if self.active is None:
             self.server.stats.count_unrouted(status)
             self.transport.write(simple_response(status, message, close=True))
@@ -823,8 +873,14 @@ class ClientConnection(asyncio.Protocol):
             self.timer_at = deadline
             self.timer = self.loop.call_at(deadline, self.on_timer)
             return
+        limits = self.server.stats.limits
         if self.in_head:
             self.transport.write(simple_response(408, "request headers took too long", True))
+            limits.header_timeout += 1
+        elif self.idle:
+            limits.idle_timeout += 1
+        else:
+            limits.header_timeout += 1  # connected, and sent no request line in time
         self.close()
 
     def cancel_timer(self) -> None:
