@@ -288,8 +288,9 @@ class Exchange:
                       b"\r\nx-forwarded-host: ", fhost, CRLF)
         else:
             parts += (client.forwarded_for, b"x-forwarded-host: ", hmap.get(b"host", b""), CRLF)
-        if b"host" not in hmap and self.pool is not None:
-            parts += (b"host: ", self.pool.address.encode(), CRLF)  # HTTP/1.0 clients
+        if b"host" not in hmap and b"host" not in skip and self.pool is not None:
+            # HTTP/1.0 clients; a mirror copy (host in skip) brings its own Host.
+            parts += (b"host: ", self.pool.address.encode(), CRLF)
         if self.upgrade:
             parts += (b"connection: upgrade\r\nupgrade: ", hmap.get(b"upgrade", b""), CRLF)
         parts += (extra, VIA, CRLF)
