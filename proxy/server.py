@@ -385,6 +385,10 @@ class Exchange:
             framing = b"connection: upgrade\r\nupgrade: " + upgrade_to + CRLF
         elif self.upgrade:
             keep = False  # the upstream refused the upgrade; the client may already be sending
+            # Nor is the upstream connection pooled: a server may take what follows an
+            # Upgrade request as the new protocol whatever it answered (aiohttp reads it as
+            # the request's body until EOF), and would swallow the next pooled request.
+            self.upstream_keep_alive = False
         if status == 101 or self.head_request or status in (204, 304):
             pass
         elif chunked_in or not has_length:

@@ -201,6 +201,39 @@ async def test_websocket_is_tunnelled_to_chosen_version(start_backend, start_pro
         assert await asyncio.wait_for(ws.recv(), 5) == "stable:x"
 
 
+async def test_refused_upgrade_does_not_pool_the_upstream_connection(raw_backend, start_proxy):
+    """Regression, found by tests/test_fuzz.py: after an Upgrade request answered with a 200
+    the upstream connection went back to the pool, but a server may already read what follows
+    as the new protocol (aiohttp takes it as the request's body until EOF): the next request
+    pooled onto it got no answer, and a 504 at the read timeout."""
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+                if b"upgrade:" in head.lower():
+                    await reader.read()  # "the new protocol" from here on: never answered
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    port = await raw_backend(handler)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"),
+                              upstream={"timeouts": {"read": "1s"}})
+    [refused] = await exchange(proxy.port, get(extra="Connection: upgrade\r\n"
+                                                     "Upgrade: websocket\r\n"))
+    assert refused.status == 200 and refused.header("connection") == "close"
+    [after] = await exchange(proxy.port, get("/after"))
+    assert after.status == 200 and after.body == b"ok"
+    assert connections == 2
+
 @pytest.mark.parametrize("request_bytes", [
     # Content-Length and Transfer-Encoding together: the classic CL.TE smuggling shape.
     b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
