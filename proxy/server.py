@@ -185,7 +185,9 @@ class Exchange:
             return
         self.route = route
         self.target = target
-        if route.mirrors:
+        if route.mirrors and not self.upgrade:
+            # Not an Upgrade: a copy cannot carry the tunnel, and a shadow that switched
+            # protocols would hold its connection and a max_concurrent slot until it closed.
             self.start_mirrors(route.mirrors)
         limit = settings.max_body_bytes
         # body_received: a pipelined request that went over the limit while it was queued.
