@@ -43,7 +43,8 @@ def limit_counts(proxy: ProxyServer) -> dict[str, float]:
     return counts
 
 
-async def test_max_connections_refuses_with_503_and_frees_slots(start_backend, start_proxy):
+async def test_max_connections_refuses_with_503_and_frees_slots(
+        start_backend: Callable[..., Any], start_proxy: Callable[..., Any]) -> None:
     backend = await start_backend()
     proxy = await start_proxy(one_service(backend.address), limits={"max_connections": 3})
     assert limit_counts(proxy) == dict.fromkeys(LIMITS, 0.0)
@@ -83,8 +84,8 @@ async def test_max_connections_refuses_with_503_and_frees_slots(start_backend, s
     assert limit_counts(proxy)["max_connections"] == 2
 
 
-async def test_max_connections_default_follows_the_open_file_limit(start_backend,
-                                                                   start_proxy):
+async def test_max_connections_default_follows_the_open_file_limit(
+        start_backend: Callable[..., Any], start_proxy: Callable[..., Any]) -> None:
     backend = await start_backend()
     proxy = await start_proxy(one_service(backend.address))
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -92,8 +93,8 @@ async def test_max_connections_default_follows_the_open_file_limit(start_backend
         assert proxy.settings.max_connections == (soft - 100) // 2
 
 
-async def test_every_limit_answers_its_status_and_moves_its_counter(start_backend,
-                                                                    start_proxy):
+async def test_every_limit_answers_its_status_and_moves_its_counter(
+        start_backend: Callable[..., Any], start_proxy: Callable[..., Any]) -> None:
     backend = await start_backend()
     proxy = await start_proxy(one_service(backend.address), limits={
         "max_connections": 50, "max_header_bytes": "1KiB", "max_body_bytes": "1KiB",
@@ -238,7 +239,8 @@ async def run_limited(calls: list[Callable[[], Awaitable[Any]]], concurrency: in
     return await asyncio.gather(*(one(c) for c in calls))
 
 
-async def test_slowloris_does_not_starve_normal_clients(start_backend, start_proxy):
+async def test_slowloris_does_not_starve_normal_clients(
+        start_backend: Callable[..., Any], start_proxy: Callable[..., Any]) -> None:
     with open_files_at_least(4 * SLOW_CONNECTIONS + 1000):
         backend = await start_backend()
         proxy = await start_proxy(one_service(backend.address), limits={
