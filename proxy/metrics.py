@@ -71,6 +71,13 @@ class LiveStateCollector(Collector):
             "was chosen (no matching service, malformed), by status.", labels=["status"])
         for status, count in sorted(stats.unrouted.items()):
             unrouted.add_metric([str(status)], count)
+        limits = CounterMetricFamily(
+            "weir_limit_rejections", "Connections and requests stopped by a `limits` setting: "
+            "max_connections (503 at accept), header_timeout (408, or a connection that sent "
+            "no request), idle_timeout (idle keep-alive connections closed), max_header_bytes "
+            "(431), max_body_bytes (413).", labels=["limit"])
+        for name in stats.limits.NAMES:
+            limits.add_metric([name], getattr(stats.limits, name))
         mirrors = CounterMetricFamily(
             "weir_mirror_requests", "Shadow copies by outcome: success (answered, whatever "
             "the status), error, timeout, dropped (over a limit, or the shadow backing off).",
@@ -86,6 +93,7 @@ class LiveStateCollector(Collector):
         yield requests
         yield durations
         yield unrouted
+        yield limits
         yield mirrors
         yield comparisons
 

@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import ipaddress
 import logging
+import resource
 from collections import deque
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -57,6 +58,26 @@ PAUSE_CLOSING = 8    # we will close after the active exchange: read no more req
 RETRY_AFTER = b"retry-after: 1\r\n"
 
 
+# How often, at most, "max_connections reached" is logged while connections are being refused.
+LIMIT_WARNING_INTERVAL = 10.0
+
+# File descriptors kept back from the default max_connections for listeners, the admin API,
+# idle pooled upstream connections, health checks and log files.
+RESERVED_FDS = 100
+
+OVER_CAPACITY = simple_response(503, "too many connections; try again later", close=True)
+
+
+def default_max_connections() -> int:
+    """Half the process's open-file limit (less a reserve), as HAProxy derives its maxconn:
+    each client connection may hold an upstream connection too, and a client refused with a
+    503 is better off than one whose accept fails for want of a file descriptor."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1_000_000
+    return max(1, (soft - RESERVED_FDS) // 2)
+
+
 class HeadTooLarge(Exception):
     """Raised inside a parser callback; httptools reports it as the context of its error."""
 
@@ -64,10 +85,11 @@ class HeadTooLarge(Exception):
 class DataPlaneSettings:
     """Per-config values the hot path reads, resolved once at load time."""
 
-    __slots__ = ("header_timeout", "idle_timeout", "max_body_bytes", "max_header_bytes",
-                 "trusted_networks")
+    __slots__ = ("header_timeout", "idle_timeout", "max_body_bytes", "max_connections",
+                 "max_header_bytes", "trusted_networks")
 
     def __init__(self, config: Config) -> None:
+        self.max_connections = config.limits.max_connections or default_max_connections()
         self.max_header_bytes = config.limits.max_header_bytes
         self.max_body_bytes = config.limits.max_body_bytes
         self.header_timeout = config.limits.header_timeout
@@ -172,10 +194,14 @@ class Exchange:
         retry = route.retry
         if retry is not None:
             retry.budget.deposit(self.started)
-        if route.mirrors:
+        if route.mirrors and not self.upgrade:
+            # Not an Upgrade: a copy cannot carry the tunnel, and a shadow that switched
+            # protocols would hold its connection and a max_concurrent slot until it closed.
             self.start_mirrors(route.mirrors)
         limit = settings.max_body_bytes
-        if limit is not None and self.content_length > limit:
+        # body_received: a pipelined request that went over the limit while it was queued.
+        if limit is not None and (self.content_length > limit or self.body_received > limit):
+            client.server.stats.limits.max_body_bytes += 1
             self.respond_local(413, f"request body is larger than {limit} bytes")
             return
         pool: UpstreamPool | None = target.balancer.pick()  # type: ignore[assignment]
@@ -290,8 +316,9 @@ class Exchange:
                       b"\r\nx-forwarded-host: ", fhost, CRLF)
         else:
             parts += (client.forwarded_for, b"x-forwarded-host: ", hmap.get(b"host", b""), CRLF)
-        if b"host" not in hmap and self.pool is not None:
-            parts += (b"host: ", self.pool.address.encode(), CRLF)  # HTTP/1.0 clients
+        if b"host" not in hmap and b"host" not in skip and self.pool is not None:
+            # HTTP/1.0 clients; a mirror copy (host in skip) brings its own Host.
+            parts += (b"host: ", self.pool.address.encode(), CRLF)
         if self.upgrade:
             parts += (b"connection: upgrade\r\nupgrade: ", hmap.get(b"upgrade", b""), CRLF)
         parts += (extra, VIA, CRLF)
@@ -304,7 +331,10 @@ class Exchange:
                 copy.add_body(body)
         limit = self.client.settings.max_body_bytes
         if limit is not None and self.body_received > limit:
-            self.body_over_limit(limit)
+            # Acted on once, when the limit is crossed; the rest is read and dropped (never
+            # forwarded) until the connection closes.
+            if self.body_received - len(body) <= limit:
+                self.body_over_limit(limit)
             return
         if self.response_done or self.finished:
             return  # the response went out early; the rest of the body is read and dropped
@@ -324,6 +354,15 @@ class Exchange:
                 self.client.set_pause(PAUSE_BUFFER, True)
 
     def body_over_limit(self, limit: int) -> None:
+        client = self.client
+        if self is not client.active:
+            # Pipelined behind a request still being answered (or already refused by its
+            # declared length): a 413 now would go out ahead of that answer. start() sends
+            # it in turn.
+            self.body_buffer = []
+            self.buffered = 0
+            return
+        client.server.stats.limits.max_body_bytes += 1
         message = f"request body is larger than {limit} bytes"
         if self.response_started:
             self.client.abort()
@@ -375,6 +414,10 @@ class Exchange:
             framing = b"connection: upgrade\r\nupgrade: " + upgrade_to + CRLF
         elif self.upgrade:
             keep = False  # the upstream refused the upgrade; the client may already be sending
+            # Nor is the upstream connection pooled: a server may take what follows an
+            # Upgrade request as the new protocol whatever it answered (aiohttp reads it as
+            # the request's body until EOF), and would swallow the next pooled request.
+            self.upstream_keep_alive = False
         if status == 101 or self.head_request or status in (204, 304):
             pass
         elif chunked_in or not has_length:
@@ -642,7 +685,8 @@ class ClientConnection(asyncio.Protocol):
     """One downstream connection; runs its exchanges one at a time, in order."""
 
     __slots__ = (
-        "active", "closing", "current", "deadline", "forwarded_for", "head_bytes", "in_head",
+        "active", "closing", "current", "deadline", "forwarded_for", "head_bytes",
+        "idle", "in_head",
         "loop", "parser", "pause_flags", "peer", "peer_bytes", "queue", "server", "settings",
         "timer", "timer_at", "transport", "trusted", "tunnel", "tunnel_pending", "write_paused",
     )
@@ -657,6 +701,7 @@ class ClientConnection(asyncio.Protocol):
         self.active: Exchange | None = None
         self.queue: deque[Exchange] = deque()
         self.in_head = False
+        self.idle = False  # waiting, after a response, for the next request (idle_timeout)
         self.head_bytes = 0
         self.pause_flags = 0
         self.write_paused = False
@@ -674,6 +719,9 @@ class ClientConnection(asyncio.Protocol):
     # --- asyncio.Protocol -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if len(self.server.connections) >= self.settings.max_connections:
+            self.refuse(transport)
+            return
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else "unix"
@@ -683,6 +731,23 @@ class ClientConnection(asyncio.Protocol):
                               + b"\r\nx-forwarded-proto: " + self.server.scheme + b"\r\n")
         self.server.connections.add(self)
         self.set_deadline(self.settings.header_timeout)
+
+    def refuse(self, transport: asyncio.BaseTransport) -> None:
+        """Over max_connections. A 503 tells an HTTP client (or a load balancer in front) to
+        retry elsewhere, where a bare close or reset looks like a crash; nothing is read, so a
+        refused connection costs only its accept, and it never enters ``server.connections``,
+        so it takes no slot. (Were its request already here unread, the close is a reset, but
+        Linux still delivers the 503 sent before it.)"""
+        self.transport = transport  # type: ignore[assignment]
+        limits = self.server.stats.limits
+        limits.max_connections += 1
+        now = self.loop.time()
+        if now - limits.last_warning >= LIMIT_WARNING_INTERVAL:
+            limits.last_warning = now
+            log.warning("limits.max_connections (%d) reached: refusing new connections with "
+                        "503", self.settings.max_connections)
+        transport.write(OVER_CAPACITY)  # type: ignore[attr-defined]
+        transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -764,6 +829,7 @@ class ClientConnection(asyncio.Protocol):
             self.head_bytes = 0
             self.in_head = True
             if self.active is None:
+                self.idle = False
                 self.set_deadline(self.settings.header_timeout)
         self.current.url += url  # type: ignore[union-attr]
         self.head_bytes += len(url)
@@ -845,6 +911,7 @@ class ClientConnection(asyncio.Protocol):
         if self.closing:
             self.close()
             return
+        self.idle = True
         self.set_deadline(self.settings.idle_timeout)
 
     def start_tunnel(self, ex: Exchange) -> None:
@@ -864,6 +931,8 @@ class ClientConnection(asyncio.Protocol):
         if self.active is not None and not self.active.response_started:
             self.active.abandon()
             self.active = None
+        if status == 431:
+            self.server.stats.limits.max_header_bytes += 1
         if self.active is None:
             self.server.stats.count_unrouted(status)
             self.transport.write(simple_response(status, message, close=True))
@@ -911,8 +980,14 @@ class ClientConnection(asyncio.Protocol):
             self.timer_at = deadline
             self.timer = self.loop.call_at(deadline, self.on_timer)
             return
+        limits = self.server.stats.limits
         if self.in_head:
             self.transport.write(simple_response(408, "request headers took too long", True))
+            limits.header_timeout += 1
+        elif self.idle:
+            limits.idle_timeout += 1
+        else:
+            limits.header_timeout += 1  # connected, and sent no request line in time
         self.close()
 
     def cancel_timer(self) -> None:

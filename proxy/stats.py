@@ -100,6 +100,24 @@ class VersionStats:
         return cumulative
 
 
+class LimitStats:
+    """Connections and requests stopped by each ``limits`` setting: plain integer attributes,
+    so that counting one costs an attribute increment, on paths that are already off the
+    normal request path (a 408, 413, 431 or 503 answered by Weir, an idle close)."""
+
+    NAMES = ("max_connections", "header_timeout", "idle_timeout", "max_header_bytes",
+             "max_body_bytes")
+    __slots__ = (*NAMES, "last_warning")
+
+    def __init__(self) -> None:
+        self.max_connections = 0    # refused with 503 at accept
+        self.header_timeout = 0     # a head not complete in time (408), or no request at all
+        self.idle_timeout = 0       # keep-alive connections closed while idle between requests
+        self.max_header_bytes = 0   # 431
+        self.max_body_bytes = 0     # 413 (or a reset when the response had already started)
+        self.last_warning = 0.0     # loop time of the last "max_connections reached" log line
+
+
 class StatsRegistry:
     """One VersionStats per (service, version) for the life of the process, so counters
     survive config reloads, as Prometheus counters must."""
@@ -113,6 +131,7 @@ class StatsRegistry:
         self.retries: dict[tuple[str, str, str], int] = {}
         self.retry_budget_exhausted: dict[tuple[str, str], int] = {}
         self.retry_budgets: dict[str, RetryBudget] = {}  # per service, across reloads
+        self.limits = LimitStats()
 
     def for_mirror(self, service: str, version: str) -> MirrorStats:
         key = (service, version)

@@ -201,6 +201,39 @@ async def test_websocket_is_tunnelled_to_chosen_version(start_backend, start_pro
         assert await asyncio.wait_for(ws.recv(), 5) == "stable:x"
 
 
+async def test_refused_upgrade_does_not_pool_the_upstream_connection(raw_backend, start_proxy):
+    """Regression, found by tests/test_fuzz.py: after an Upgrade request answered with a 200
+    the upstream connection went back to the pool, but a server may already read what follows
+    as the new protocol (aiohttp takes it as the request's body until EOF): the next request
+    pooled onto it got no answer, and a 504 at the read timeout."""
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+                if b"upgrade:" in head.lower():
+                    await reader.read()  # "the new protocol" from here on: never answered
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    port = await raw_backend(handler)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"),
+                              upstream={"timeouts": {"read": "1s"}})
+    [refused] = await exchange(proxy.port, get(extra="Connection: upgrade\r\n"
+                                                     "Upgrade: websocket\r\n"))
+    assert refused.status == 200 and refused.header("connection") == "close"
+    [after] = await exchange(proxy.port, get("/after"))
+    assert after.status == 200 and after.body == b"ok"
+    assert connections == 2
+
 @pytest.mark.parametrize("request_bytes", [
     # Content-Length and Transfer-Encoding together: the classic CL.TE smuggling shape.
     b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -264,6 +297,26 @@ async def test_body_over_limit_gets_413(start_backend, start_proxy):
                             b"\r\n\r\n" + b"z" * 1024)
     assert fits.status == 200 and fits.json()["body_size"] == 1024
 
+
+async def test_pipelined_request_over_body_limit_is_answered_in_turn(start_backend,
+                                                                     start_proxy):
+    """Regression: a request queued behind a slow one, whose chunked body went over
+    max_body_bytes, got its 413 written at once, ahead of the first request's response (so
+    the client took it as that response), and its next chunk reset the connection, losing
+    the first response altogether."""
+    backend = await start_backend()
+    proxy = await start_proxy(one_service(backend.address), limits={"max_body_bytes": "1KiB"})
+    chunk = b"400\r\n" + b"y" * 1024 + b"\r\n"
+    first, second, third = await exchange(
+        proxy.port,
+        get("/slow?delay=0.3")
+        + b"POST /big HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + chunk * 3 + b"0\r\n\r\n"
+        + get("/after"), count=3)
+    assert first.status == 200 and first.body == b"slow done"
+    assert second.status == 413
+    assert third.status == 200 and third.json()["path"] == "/after"
+    assert [r["path"] for r in backend.requests] == ["/after"]  # /slow is not echoed
 
 async def test_unknown_host_without_catch_all_is_404(start_backend, start_proxy):
     backend = await start_backend()

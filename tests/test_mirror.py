@@ -21,10 +21,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+import websockets
 
 from proxy.mirror import MirrorPolicy, MirrorStats
 
-from .conftest import Backend, WeirProcess, free_port, wait_for
+from .conftest import Backend, WeirProcess, exchange, free_port, wait_for
 from .test_metrics import Weir, WeirLauncher, run_all
 
 RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -375,6 +376,39 @@ async def test_host_suffix_marks_the_shadow_host(
     for record in shadow.requests:
         assert record["header_list"].count("host") == 1
 
+
+async def test_http10_request_without_host_is_mirrored_with_one_host(
+        start_backend: Callable[..., Any], weir: WeirLauncher) -> None:
+    """Regression, found by tests/test_fuzz.py: the copy of an HTTP/1.0 request without a
+    Host carried two, its own and the primary upstream's address (which Weir adds for such
+    clients), and the shadow refused every such copy as malformed."""
+    stable, shadow = await start_backend("stable"), await start_backend("shadow")
+    w = await weir.start(mirrored(stable.address, shadow.address, {"version": "shadow"}))
+    [reply] = await exchange(w.port, b"GET /old HTTP/1.0\r\n\r\n")
+    assert reply.status == 200
+    await wait_for(lambda: len(shadow.requests) == 1, timeout=5)
+    await wait_for(settled(w, 1), timeout=5)
+    assert outcomes(w)["success"] == 1
+    assert shadow.requests[0]["header_list"].count("host") == 1
+    assert stable.requests[0]["headers"]["host"] == stable.address
+
+
+async def test_upgrade_requests_are_not_mirrored(
+        start_backend: Callable[..., Any], weir: WeirLauncher) -> None:
+    """A copy cannot carry a tunnel. A mirrored WebSocket upgrade held a shadow connection,
+    and a max_concurrent slot, for as long as the shadow kept its socket open."""
+    stable, shadow = await start_backend("stable"), await start_backend("shadow")
+    w = await weir.start(mirrored(stable.address, shadow.address,
+                                  {"version": "shadow", "max_concurrent": 1}))
+    async with websockets.connect(f"ws://127.0.0.1:{w.port}/ws") as ws:
+        await ws.send("x")
+        assert await asyncio.wait_for(ws.recv(), 5) == "stable:x"
+        # While it is open, the one slot is still free for copies of ordinary requests.
+        assert (await w.request("/after")).status == 200
+        await wait_for(lambda: len(shadow.requests) == 1, timeout=5)
+        await wait_for(settled(w, 1), timeout=5)
+    assert outcomes(w) == {"success": 1, "error": 0, "timeout": 0, "dropped": 0}
+    assert [r["path"] for r in shadow.requests] == ["/after"]
 
 # --- (6) compare ---------------------------------------------------------------------------
 
