@@ -105,7 +105,10 @@ class RemoteGauge:
         return sum(self.per_worker.values())
 
     def __bool__(self) -> bool:
-        return any(self.per_worker.values())
+        # Empty to the pool code that would close what it holds (``while pool.idle:
+        # pool.idle.pop()`` when a pool starts draining): the connections are the workers'.
+        # Only len() counts them, for the metrics and /api/status.
+        return False
 
     def __iter__(self) -> Iterator[Any]:
         return iter(())

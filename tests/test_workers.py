@@ -177,6 +177,12 @@ async def test_a_weight_change_reaches_every_worker_within_a_second(
         start_backend: Callable[[str], Awaitable[Backend]]) -> None:
     stable, canary = await start_backend("stable"), await start_backend("canary")
     weir = await supervised(two_versions(stable, canary))
+    # Traffic first, so that the workers hold idle upstream connections (the supervisor shows
+    # their sum) when the stable version loses its traffic and starts draining.
+    await burst(weir.port, 40)
+    async with asyncio.timeout(5):
+        while not await weir.metric("weir_upstream_pool_idle", upstream=stable.address):
+            await asyncio.sleep(0.05)
     await weir.send("PUT", "/api/services/app/weights", {"weights": {"canary": 100}})
     changed = asyncio.get_running_loop().time()
     # Batches of new connections until one is all canary: that must come within 1 s ...
@@ -187,7 +193,7 @@ async def test_a_weight_change_reaches_every_worker_within_a_second(
     # ... and from then on every connection, whichever worker takes it, goes to the canary.
     results = await burst(weir.port, 200)
     assert Counter(results) == {(200, "canary"): 200}, f"after {took:.3f}s: {Counter(results)}"
-    workers = await weir.wait_workers(lambda ws: sum(w["requests"] for w in ws) >= 200,
+    workers = await weir.wait_workers(lambda ws: sum(w["requests"] for w in ws) >= 240,
                                       timeout=5)
     assert all(w["requests"] > 0 for w in workers), workers
 
