@@ -56,6 +56,10 @@ class ProxyServer:
         self.listeners: list[asyncio.Server] = []
         self.draining = False
         self._sweeper: asyncio.TimerHandle | None = None
+        # A worker of `weir run --workers N` (see worker.py) shares its port with its siblings
+        # (SO_REUSEPORT) and leaves the active health checks to the supervisor.
+        self.reuse_port = False
+        self.active_checks = True
 
     def apply_config(self, config: Config,
                      weights_override: dict[str, dict[str, int]] | None = None,
@@ -105,10 +109,12 @@ class ProxyServer:
                    "ssl_handshake_timeout": self.settings.header_timeout or None,
                    "ssl_shutdown_timeout": TLS_SHUTDOWN_TIMEOUT}
         server = await self.loop.create_server(self.protocol, host, port, reuse_address=True,
+                                               reuse_port=self.reuse_port or None,
                                                backlog=4096, **tls)
         self.listeners.append(server)
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
-        self.health.start()
+        if self.active_checks:
+            self.health.start()
 
     @property
     def port(self) -> int:
@@ -223,7 +229,7 @@ def install_event_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def run(config_path: str) -> int:
+def run(config_path: str, workers: int = 1) -> int:
     try:
         config = load_config(config_path)
     except ConfigError as exc:
@@ -233,8 +239,14 @@ def run(config_path: str) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # we log reloads ourselves
     install_event_loop()
+    if workers > 1:
+        from .workers import serve_supervised
+
+        main = serve_supervised(Path(config_path), config, workers)
+    else:
+        main = serve(Path(config_path), config)
     try:
-        return asyncio.run(serve(Path(config_path), config))
+        return asyncio.run(main)
     except TLSConfigError as exc:  # a file changed since it was validated a moment ago
         print(ConfigError(config_path, exc.errors), file=sys.stderr)
         return 2

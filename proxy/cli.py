@@ -31,7 +31,7 @@ from .adminclient import (
 def cmd_run(args: argparse.Namespace) -> int:
     from .app import run
 
-    return run(args.config)
+    return run(args.config, args.workers)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -277,6 +277,13 @@ def admin_options() -> argparse.ArgumentParser:
     return parent
 
 
+def worker_count(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 256:
+        raise argparse.ArgumentTypeError(f"expected a number of workers from 1 to 256, "
+                                         f"got {text!r}")
+    return int(text)
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -336,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run the proxy")
     run.add_argument("-c", "--config", required=True, help="YAML config file")
+    run.add_argument("--workers", metavar="N", type=worker_count, default=1,
+                     help="serve from N processes sharing the listener, with this one as "
+                          "their supervisor and control plane (default: 1, a single process)")
     run.set_defaults(func=cmd_run)
     validate = sub.add_parser("validate", help="check a config file; exit 2 if invalid")
     validate.add_argument("-c", "--config", required=True, help="YAML config file")

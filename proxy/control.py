@@ -41,7 +41,8 @@ class StateWriteError(RuntimeError):
 
 class ControlPlane:
     def __init__(self, config_path: Path | None, config: Config,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop,
+                 proxy_class: type[ProxyServer] | None = None) -> None:
         from .app import ProxyServer
 
         self.config_path = config_path
@@ -54,7 +55,10 @@ class ControlPlane:
             self.state.save()
         self.generation = 1
         self.previews: dict[str, tuple[str, str]] = {}  # blue/green preview routes
-        self.proxy: ProxyServer = ProxyServer(config, loop, self.state.weights_override())
+        # proxy_class: workers.SupervisorProxy under `weir run --workers N`, which forwards
+        # every change to the worker processes and sums their statistics.
+        self.proxy: ProxyServer = (proxy_class or ProxyServer)(
+            config, loop, self.state.weights_override())
         self.metrics.attach(self.proxy)
         self.rollouts = RolloutController(self)
         self.metrics.attach_rollouts(self.rollouts)
@@ -268,7 +272,7 @@ class ControlPlane:
         draining = [{"upstream": p.address, "service": p.drain_label[0],
                      "version": p.drain_label[1], "open": p.inflight}
                     for p in self.proxy.pools.pools.values() if p.draining]
-        return {
+        status: dict[str, Any] = {
             "generation": self.generation,
             "config_file": str(self.config_path) if self.config_path else None,
             "state_file": str(self.state.path) if self.state.path else None,
@@ -277,3 +281,7 @@ class ControlPlane:
             "services": services,
             "draining": draining,
         }
+        workers = getattr(self.proxy, "workers", None)  # only under `weir run --workers N`
+        if workers is not None:
+            status["workers"] = workers.describe()
+        return status
