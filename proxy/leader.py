@@ -55,7 +55,10 @@ class Lease:
             except Exception as exc:  # Redis away: not leading; try again next round
                 if self.until:
                     log.warning("controller lock: cannot reach Redis (%s); not leading", exc)
+                else:
+                    log.debug("controller lock: cannot reach Redis (%r)", exc)
                 self.until = 0.0
+                self.holder = None
             await asyncio.sleep(self.ttl / 3)
 
     async def attempt(self) -> None:
