@@ -672,7 +672,10 @@ class RolloutController:
                 task.cancel()
         if self._save_pending:
             self._save_pending = False
-            await self.control.save_state()
+            try:
+                await self.control.save_state()
+            except OSError as exc:  # e.g. Redis away at shutdown: the stop goes on
+                log.error("could not save the rollout state on stopping: %s", exc)
         if self._session is not None:
             await self._session.close()
 
