@@ -19,6 +19,7 @@ from .health import HealthMonitor
 from .routing import RouteTable, build_route_table
 from .server import ClientConnection, DataPlaneSettings
 from .stats import StatsRegistry
+from .store import StoreUnavailable, make_store
 from .tls import CompiledTLS, ListenerTLS, TLSConfigError, compile_tls, warn_unverified
 from .upstream import PoolRegistry, UpstreamPool
 
@@ -197,10 +198,19 @@ async def serve(config_path: Path, config: Config) -> int:
         loop.add_signal_handler(sig, on_term)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
 
-    control = ControlPlane(config_path, config, loop)
+    store = make_store(config)
+    try:
+        await store.open()
+    except StoreUnavailable as exc:
+        # Starting without the shared state could send traffic to a version the fleet has
+        # moved off: better not to start, and let the supervisor try again.
+        print(f"weir: {exc}", file=sys.stderr)
+        return 2
+    control = ControlPlane(config_path, config, loop, store=store)
     admin = AdminServer(control)
     await control.proxy.start()
     await admin.start()
+    control.start_sync()
     control.start_watching()
     control.rollouts.start()
     log.info("weir listening on %s (admin on %s), %d service(s), config generation %d",
@@ -214,6 +224,7 @@ async def serve(config_path: Path, config: Config) -> int:
     await asyncio.sleep(shutdown.delay)
     await control.stop_watching()
     await control.rollouts.stop()
+    await control.store.close()  # after the controller's last save; releases its lock
     await control.proxy.shutdown(shutdown.timeout)
     await admin.stop()
     log.info("stopped")

@@ -322,8 +322,24 @@ class AnalysisChecks(Strict):
     max_p50: Duration | None = None
 
 
+class AnalysisSource(Strict):
+    """Where analysis reads its numbers: this instance's own counts ("local"), or a Prometheus
+    server that scrapes every instance (what a fleet behind a load balancer needs)."""
+
+    type: Literal["local", "prometheus"] = "local"
+    url: str | None = None                # e.g. http://127.0.0.1:9090
+    timeout: Duration = 5.0
+    labels: dict[str, str] = {}           # extra matchers, e.g. {job: weir}
+
+    @model_validator(mode="after")
+    def _url_for_prometheus(self) -> AnalysisSource:
+        if self.type == "prometheus" and not self.url:
+            raise ValueError("a prometheus source needs a url")
+        return self
+
+
 class Analysis(Strict):
-    """Judge the canary from Weir's own per-version counts, every ``interval``.
+    """Judge the canary from Weir's own per-version counts (or Prometheus), every ``interval``.
 
     Argo's meaning: the analysis fails once more than ``failure_limit`` measurements failed,
     and a rollout with more than ``inconclusive_limit`` inconclusive ones (fewer than
@@ -335,6 +351,7 @@ class Analysis(Strict):
     inconclusive_limit: int = Field(default=0, ge=0)
     start_step: int = Field(default=0, ge=0)  # background analysis runs from this step on
     checks: AnalysisChecks = AnalysisChecks()
+    source: AnalysisSource = AnalysisSource()
 
     @field_validator("interval")
     @classmethod
@@ -522,11 +539,31 @@ class Shutdown(Strict):
     timeout: Duration = 30.0
 
 
+class StateStore(Strict):
+    """Where runtime state lives. "file" (the default) is ``state_file``; "redis" shares it
+    between instances behind one load balancer, and elects the one that runs the controller
+    (then ``state_file``, if set, only seeds a Redis that holds no state yet)."""
+
+    type: Literal["file", "redis"] = "file"
+    url: str | None = None                # redis://127.0.0.1:6379/0
+    key_prefix: str = "weir"
+    leader_ttl: Duration = 3.0            # a dead controller's lock lapses after this long
+
+    @model_validator(mode="after")
+    def _url_for_redis(self) -> StateStore:
+        if self.type == "redis" and not self.url:
+            raise ValueError("a redis state_store needs a url")
+        if self.leader_ttl < 1.5:
+            raise ValueError("leader_ttl must be at least 1.5s (it is renewed every third of it)")
+        return self
+
+
 class Config(Strict):
     listen: ListenAddress = "127.0.0.1:8080"
     tls: ServerTLS | None = None
     admin: Admin = Admin()
     state_file: str | None = None
+    state_store: StateStore = StateStore()
     watch: bool = True
     shutdown: Shutdown = Shutdown()
     trusted_proxies: list[str] = []

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from .config import Config, ConfigError, load_config
 from .metrics import Metrics
 from .rollout import RolloutController
-from .state import SOURCE_API, RuntimeState
+from .state import SOURCE_API, RuntimeState, WeightOverride
+from .store import StateStore, make_store
 from .tls import TLSConfigError, compile_tls
 
 if TYPE_CHECKING:
@@ -42,16 +43,21 @@ class StateWriteError(RuntimeError):
 class ControlPlane:
     def __init__(self, config_path: Path | None, config: Config,
                  loop: asyncio.AbstractEventLoop,
-                 proxy_class: type[ProxyServer] | None = None) -> None:
+                 proxy_class: type[ProxyServer] | None = None,
+                 store: StateStore | None = None) -> None:
+        """``store``: an opened store (serve() opens a shared one before this); by default
+        the state file, read here. ``proxy_class``: the supervisor's under --workers."""
         from .app import ProxyServer
 
         self.config_path = config_path
         self.config = config
         self.loop = loop
         self.metrics = Metrics()
-        self.state = RuntimeState(Path(config.state_file) if config.state_file else None)
-        self.state.load()
-        if self.state.reconcile(config):
+        self.store = store if store is not None else make_store(config)
+        self.state = RuntimeState(self.store.path)
+        self.store.load_into(self.state)
+        self._reconciled_at_start = bool(self.state.reconcile(config))
+        if self._reconciled_at_start and self.store.kind == "file":
             self.state.save()
         self.generation = 1
         self.previews: dict[str, tuple[str, str]] = {}  # blue/green preview routes
@@ -141,10 +147,39 @@ class ControlPlane:
             log.warning("listen addresses changed in the config file; they take effect on "
                         "restart (still listening on %s, admin %s)", running.listen,
                         running.admin.listen)
+        if config.state_store != running.state_store:
+            log.warning("state_store changed in the config file; it takes effect on restart")
         if (config.tls is None) != (self.proxy.listener_tls is None):
             log.warning("tls was %s the config file; the listener keeps speaking %s until a "
                         "restart", "added to" if config.tls else "removed from",
                         "HTTPS" if self.proxy.listener_tls else "plain HTTP")
+
+    def start_sync(self) -> None:
+        """Follow a shared store: changes other instances make are applied here too."""
+        self.store.start(self.state, self._adopt, self._state_lock)
+        if self._reconciled_at_start and self.store.kind != "file":
+            self._reconciled_at_start = False
+            self.rollouts.save_soon()  # the dropped overrides, on the controller's clock
+
+    async def _adopt(self, remote: tuple[dict[str, WeightOverride], dict[str, dict[str, Any]]],
+                     rollouts_changed: set[str]) -> None:
+        """Another instance changed the shared state: take it (called with the state lock
+        held, so no local change is half-made meanwhile). Only the rollout records that
+        changed there are taken: the controller's own record may be ahead of the store."""
+        weights, rollouts = remote
+        self.state.weights = dict(weights)
+        # An override that does not fit this instance's config is not applied here; it is
+        # left in the store for the instances whose config it fits.
+        self.state.reconcile(self.config)
+        for name in rollouts_changed:
+            if name in rollouts:
+                self.state.rollouts[name] = rollouts[name]
+            else:
+                self.state.rollouts.pop(name, None)
+        self.rollouts.adopt(rollouts_changed)
+        self.apply()
+        log.info("state store: applied a change from another instance (weights %s)",
+                 self.state.weights_override())
 
     def start_watching(self) -> None:
         if self.config_path is not None and self.config.watch:
@@ -203,19 +238,24 @@ class ControlPlane:
         if unknown:
             raise UnknownName(f"service {name!r} has no version {unknown[0]!r} "
                               f"(versions: {', '.join(service.versions)})")
-        previous = self.state.weights.get(name)
-        self.state.set_weights(self.config, name, weights, source)
-        try:
-            await self.save_state()  # persisted first: a change that would not survive a
-        except OSError as exc:        # restart is refused rather than silently applied
-            if previous is None:
-                del self.state.weights[name]
-            else:
-                self.state.weights[name] = previous
-            raise StateWriteError(f"could not write the state file {self.state.path}: "
-                                  f"{exc.strerror or exc}; nothing changed") from exc
-        self.apply()
-        applied = self.state.weights[name].weights
+        async with self._state_lock:  # no change from another instance lands meanwhile
+            previous = self.state.weights.get(name)
+            self.state.set_weights(self.config, name, weights, source)
+            try:
+                # Persisted first: a change that would not survive a restart is refused
+                # rather than silently applied.
+                await self.store.save(self.state)
+            except OSError as exc:
+                if previous is None:
+                    del self.state.weights[name]
+                else:
+                    self.state.weights[name] = previous
+                where = (f"the state file {self.state.path}" if self.store.kind == "file"
+                         else f"the {self.store.kind} state store")
+                raise StateWriteError(f"could not write {where}: "
+                                      f"{exc.strerror or exc}; nothing changed") from exc
+            self.apply()
+            applied = self.state.weights[name].weights
         log.info("service %s: weights set to %s by %s", name, applied, source)
         return applied
 
@@ -228,7 +268,7 @@ class ControlPlane:
 
     async def save_state(self) -> None:
         async with self._state_lock:
-            await asyncio.to_thread(self.state.save)
+            await self.store.save(self.state)
 
     # --- reporting ------------------------------------------------------------------------
 
@@ -276,6 +316,7 @@ class ControlPlane:
             "generation": self.generation,
             "config_file": str(self.config_path) if self.config_path else None,
             "state_file": str(self.state.path) if self.state.path else None,
+            "state_store": self.store.describe(),
             "last_reload": self.last_reload,
             "ready": not self.proxy.draining,
             "services": services,

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .config import Analysis, Rollout, Service
+from .promanalysis import PrometheusWindow
 from .stats import VersionStats, Window
 
 if TYPE_CHECKING:
@@ -137,7 +138,7 @@ class MeasurementWindow:
     def due(self) -> bool:
         return time.monotonic() >= self.ends_at
 
-    def measure(self, analysis: Analysis) -> dict[str, Any]:
+    async def measure(self, analysis: Analysis) -> dict[str, Any]:
         stable = (self.stable.since(self.stable_start)
                   if self.stable is not None and self.stable_start is not None else None)
         return judge(analysis, self.canary.since(self.canary_start), stable)
@@ -179,6 +180,24 @@ class ServiceRollout:
             self.pending_start = self.spec.auto_start and current != self.record.aborted_revision
         self.record.revision = current
 
+    def adopt(self, data: dict[str, Any]) -> None:
+        """The record as another instance wrote it (a shared state store)."""
+        try:
+            record = RolloutRecord.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            log.error("service %s: ignoring an unreadable rollout record (%s)", self.name, exc)
+            return
+        if record == self.record:
+            return
+        old = self.record
+        self.record = record
+        if (record.phase, record.step, record.started_at) != (old.phase, old.step,
+                                                              old.started_at):
+            self.step_window = self.background = None  # judged afresh from here
+            if record.phase not in (PROGRESSING, PAUSED):
+                self.cancel_ramp()
+        self.update_preview()
+
     def save(self) -> None:
         self.record.updated_at = time.time()
         self.control.state.rollouts[self.name] = asdict(self.record)
@@ -208,8 +227,8 @@ class ServiceRollout:
         """A reload: start a rollout if the new version's upstreams or revision changed."""
         self.service = service
         revision = fingerprint(service, self.new_version)
-        if revision == self.record.revision:
-            return
+        if revision == self.record.revision or not self.controller.leading:
+            return  # a follower leaves starting a rollout to the controller's instance
         self.record.revision = revision
         if self.spec.auto_start and revision != self.record.aborted_revision:
             log.info("service %s: %s changed; starting a rollout", self.name, self.new_version)
@@ -411,22 +430,28 @@ class ServiceRollout:
         log.info("service %s: rollout completed (%s)", self.name, why)
         await self.webhook("promoted")
 
-    def windows(self, interval: float) -> MeasurementWindow:
-        stats = self.control.proxy.stats
-        canary = stats.for_version(self.name, self.new_version)
-        baseline: VersionStats | None = stats.for_version(self.name, self.old_version)
+    def windows(self, analysis: Analysis) -> MeasurementWindow | PrometheusWindow:
+        canary_version: str = self.new_version
+        baseline_version: str | None = self.old_version
         if self.spec.strategy == "blue_green" and self.record.promoted_at is not None:
-            canary = stats.for_version(self.name, self.active_colour)
-            baseline = None  # after a switch the old colour has no traffic to compare with
-        return MeasurementWindow(canary, baseline, interval)
+            canary_version = self.active_colour
+            baseline_version = None  # after a switch the old colour has no traffic to compare
+        if analysis.source.type == "prometheus":
+            return PrometheusWindow(self.controller, analysis.source, self.name,
+                                    canary_version, baseline_version, analysis.interval)
+        stats = self.control.proxy.stats
+        baseline: VersionStats | None = (stats.for_version(self.name, baseline_version)
+                                         if baseline_version is not None else None)
+        return MeasurementWindow(stats.for_version(self.name, canary_version), baseline,
+                                 analysis.interval)
 
     async def run_step_analysis(self, analysis: Analysis) -> None:
         if self.step_window is None:
-            self.step_window = self.windows(analysis.interval)
+            self.step_window = self.windows(analysis)
             return
         if not self.step_window.due():
             return
-        result = self.step_window.measure(analysis)
+        result = await self.step_window.measure(analysis)
         self.step_window = None
         if await self.decide(analysis, result, "step") and result["outcome"] == "success":
             await self.next_step()
@@ -442,16 +467,19 @@ class ServiceRollout:
             self.background = None  # held by a person or for inconclusive: not judging
             return
         if self.background is None:
-            self.background = self.windows(analysis.interval)
+            self.background = self.windows(analysis)
             return
         if not self.background.due():
             return
-        result = self.background.measure(analysis)
-        self.background = self.windows(analysis.interval)
+        window = self.background
+        self.background = self.windows(analysis)  # the next window starts now, not after
+        result = await window.measure(analysis)   # a query to Prometheus returns
         await self.decide(analysis, result, "background")
 
     async def decide(self, analysis: Analysis, result: dict[str, Any], kind: str) -> bool:
         """Count a measurement; abort or pause past the limits. False if the rollout stopped."""
+        if not self.controller.leading:
+            return False  # lost the controller lock while measuring: the new leader judges
         record = self.record
         result["kind"] = kind
         result["step"] = record.step
@@ -577,6 +605,7 @@ class RolloutController:
         self._clock: asyncio.Task[None] | None = None
         self._session: Any = None
         self._save_pending = False
+        self._leading = False  # whether the clock acted as the controller last round
         self.sync(initial=True)
 
     def sync(self, initial: bool = False) -> None:
@@ -592,11 +621,25 @@ class RolloutController:
                 rollout = self.rollouts[name] = ServiceRollout(self, service)
                 saved = self.control.state.rollouts.get(name)
                 rollout.restore(saved)
-                if not initial or saved is None:
+                if (not initial or saved is None) and self.leading:
                     rollout.save()  # the revision is on record from now on
             else:
                 rollout.config_changed(service)
             rollout.update_preview()
+
+    @property
+    def leading(self) -> bool:
+        """Whether this instance runs the controller: always with a state file; with a shared
+        store, while it holds the store's lock. Followers only mirror the records."""
+        return self.control.store.leading
+
+    def adopt(self, services: set[str]) -> None:
+        """Records another instance changed (a shared state store)."""
+        for name in services:
+            rollout = self.rollouts.get(name)
+            data = self.control.state.rollouts.get(name)
+            if rollout is not None and data is not None:
+                rollout.adopt(data)
 
     def get(self, name: str) -> ServiceRollout:
         from .control import UnknownName
@@ -610,6 +653,11 @@ class RolloutController:
     def start(self) -> None:
         """Start the clock, and pick up what a restart interrupted."""
         self._clock = asyncio.get_running_loop().create_task(self._run())
+        if self.leading:
+            self._leading = True
+            self.resume_interrupted()
+
+    def resume_interrupted(self) -> None:
         for rollout in self.rollouts.values():
             if rollout.pending_start:
                 rollout.pending_start = False
@@ -624,7 +672,10 @@ class RolloutController:
                 task.cancel()
         if self._save_pending:
             self._save_pending = False
-            await self.control.save_state()
+            try:
+                await self.control.save_state()
+            except OSError as exc:  # e.g. Redis away at shutdown: the stop goes on
+                log.error("could not save the rollout state on stopping: %s", exc)
         if self._session is not None:
             await self._session.close()
 
@@ -638,10 +689,38 @@ class RolloutController:
                           if s.pause is not None and s.pause.duration]
         return max(0.05, min(intervals))
 
+    async def take_over(self) -> None:
+        """This instance just became the controller: from the latest shared records, at the
+        step they are at."""
+        await self.control.store.refresh()
+        for rollout in self.rollouts.values():
+            rollout.step_window = rollout.background = None
+            if rollout.name not in self.control.state.rollouts:
+                rollout.save()
+        log.info("rollout controller: acting on this instance from now on")
+        self.resume_interrupted()
+
+    def step_down(self) -> None:
+        log.warning("rollout controller: no longer the leader; following the shared state")
+        for rollout in self.rollouts.values():
+            rollout.cancel_ramp()
+            rollout.step_window = rollout.background = None
+
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.tick_interval())
-            for rollout in list(self.rollouts.values()):
+            leading = self.leading
+            if leading != self._leading:
+                try:
+                    if leading:
+                        await self.take_over()
+                    else:
+                        self.step_down()
+                    self._leading = leading
+                except Exception:  # e.g. the store went away while taking over: next round
+                    log.exception("rollout controller: change of leadership failed")
+                    continue
+            for rollout in list(self.rollouts.values()) if leading else []:
                 try:
                     await rollout.tick()
                 except Exception:  # one service's rollout must not stop the others

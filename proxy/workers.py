@@ -28,6 +28,7 @@ from .app import ProxyServer, settle_garbage_collector
 from .config import Config, split_address
 from .control import ControlPlane
 from .report import RemoteGauge, forget_worker, merge
+from .store import StoreUnavailable, make_store
 from .tls import CompiledTLS
 
 log = logging.getLogger("weir.workers")
@@ -323,7 +324,13 @@ async def serve_supervised(config_path: Path, config: Config, count: int) -> int
         loop.add_signal_handler(sig, on_term)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
 
-    control = ControlPlane(config_path, config, loop, proxy_class=SupervisorProxy)
+    store = make_store(config)
+    try:
+        await store.open()
+    except StoreUnavailable as exc:
+        print(f"weir: {exc}", file=sys.stderr)  # as app.serve: no start without shared state
+        return 2
+    control = ControlPlane(config_path, config, loop, proxy_class=SupervisorProxy, store=store)
     proxy = control.proxy
     assert isinstance(proxy, SupervisorProxy)
     workers = proxy.workers = WorkerSet(proxy, count)
@@ -336,6 +343,7 @@ async def serve_supervised(config_path: Path, config: Config, count: int) -> int
     admin = AdminServer(control)
     await proxy.start()
     await admin.start()
+    control.start_sync()
     control.start_watching()
     control.rollouts.start()
     log.info("weir listening on %s with %d workers (admin on %s), %d service(s), config "
@@ -351,6 +359,7 @@ async def serve_supervised(config_path: Path, config: Config, count: int) -> int
     await asyncio.sleep(shutdown.delay)
     await control.stop_watching()
     await control.rollouts.stop()
+    await control.store.close()  # after the controller's last save; releases its lock
     await proxy.shutdown(shutdown.timeout)
     await admin.stop()
     log.info("stopped")

@@ -1,0 +1,352 @@
+"""The Redis state store: the same document as the state file (weights with their sources and
+timestamps, rollout records), shared by every instance behind one load balancer.
+
+Layout under ``key_prefix`` (default ``weir``):
+  ``weir:state``    hash, one JSON value per field: ``weights:<service>``, ``rollout:<service>``
+  ``weir:revs``     hash, a write counter per field (the compare-and-set below)
+  ``weir:version``  a counter bumped by every write; ``weir:changes`` is published with it
+  ``weir:leader``   the controller lock (leader.py)
+
+Writes go through one Lua script, so they are atomic, and compare-and-set per field: a writer
+names the revision of each field it last saw, and if another instance wrote that field since,
+nothing is written and the writer re-reads (last writer wins per field, as with the file, but
+never by overwriting a change it had not seen). Fields a write does not touch are left alone,
+so one instance's weights never undo another's rollout record.
+
+Other instances hear of a write on the pub/sub channel within milliseconds and re-read; they
+also poll the version every second, in case a message was missed. A lost connection never
+reaches the data plane: the last state applied stays in force, and the store retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import uuid
+from asyncio import Lock
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from .config import StateStore as StoreSettings
+from .leader import Lease
+from .state import RuntimeState, WeightOverride, parse_override
+from .store import OnChange, RemoteState, StateStore, StoreError, StoreUnavailable
+
+log = logging.getLogger("weir.store")
+
+POLL_INTERVAL = 1.0
+REDIS_TIMEOUT = 1.0  # per command: a dead Redis must not hold up an admin call for long
+
+WRITE = """
+local n = tonumber(ARGV[3])
+for i = 0, n - 1 do
+  local rev = redis.call('HGET', KEYS[2], ARGV[4 + i * 4]) or '0'
+  if rev ~= ARGV[5 + i * 4] then return {-1, ARGV[4 + i * 4]} end
+end
+local result = {0}
+for i = 0, n - 1 do
+  local field = ARGV[4 + i * 4]
+  if ARGV[6 + i * 4] == '1' then
+    redis.call('HDEL', KEYS[1], field)
+  else
+    redis.call('HSET', KEYS[1], field, ARGV[7 + i * 4])
+  end
+  result[i + 2] = redis.call('HINCRBY', KEYS[2], field, 1)
+end
+result[1] = redis.call('INCR', KEYS[3])
+redis.call('PUBLISH', ARGV[1], result[1] .. ' ' .. ARGV[2])
+return result
+"""
+
+# Fill an empty store (first start, or a Redis that lost its data) unless another instance
+# got there first.
+SEED = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+for i = 3, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('HSET', KEYS[2], ARGV[i], 1)
+end
+local version = redis.call('INCR', KEYS[3])
+redis.call('PUBLISH', ARGV[1], version .. ' ' .. ARGV[2])
+return version
+"""
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for logs and /api/status."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def document_fields(state: RuntimeState) -> dict[str, str]:
+    fields = {f"weights:{name}": json.dumps(asdict(o), sort_keys=True)
+              for name, o in state.weights.items()}
+    fields.update({f"rollout:{name}": json.dumps(r, sort_keys=True)
+                   for name, r in state.rollouts.items()})
+    return fields
+
+
+def parse_fields(fields: dict[str, str]) -> RemoteState:
+    weights: dict[str, WeightOverride] = {}
+    rollouts: dict[str, dict[str, Any]] = {}
+    for field, text in fields.items():
+        kind, _, service = field.partition(":")
+        try:
+            value = json.loads(text)
+            if kind == "weights":
+                weights[service] = parse_override(value)
+            elif kind == "rollout" and isinstance(value, dict):
+                rollouts[service] = value
+        except (ValueError, TypeError) as exc:
+            log.error("Redis state: ignoring the unreadable field %s (%s)", field, exc)
+    return weights, rollouts
+
+
+class RedisStore(StateStore):
+    kind = "redis"
+
+    def __init__(self, settings: StoreSettings, seed_file: Path | None = None) -> None:
+        super().__init__(None)
+        assert settings.url is not None
+        self.url = settings.url
+        self.settings = settings
+        self.seed_file = seed_file
+        prefix = settings.key_prefix
+        self.keys = (f"{prefix}:state", f"{prefix}:revs", f"{prefix}:version")
+        self.channel = f"{prefix}:changes"
+        self.identity = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.client: Any = None
+        self.lease: Lease | None = None
+        self.synced: dict[str, str] = {}  # each field as last read from or written to Redis
+        self.revs: dict[str, int] = {}
+        self.version = 0
+        self.initial: RemoteState = ({}, {})
+        self.connected = False
+        self.last_error: str | None = None
+        self._lock = Lock()               # one read or write of the store at a time
+        self._outer: Lock | None = None   # the control plane's state lock
+        self._state: RuntimeState | None = None
+        self._on_change: OnChange | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- start ----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            import redis.asyncio as aioredis
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+        except ImportError:
+            raise StoreUnavailable("state_store type redis needs the redis package: "
+                                   "pip install 'weir[redis]'") from None
+        # No retries inside the client: the store's own loops retry, with backoff.
+        self.client = aioredis.Redis.from_url(
+            self.url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT,
+            retry=Retry(NoBackoff(), 0))
+        try:
+            fields, revs, version = await self._read()
+            if version is None:
+                await self._seed_from_file()
+                fields, revs, version = await self._read()
+        except Exception as exc:
+            await self.client.aclose()
+            raise StoreUnavailable(f"cannot reach the Redis state store at "
+                                   f"{redacted(self.url)}: {exc}") from None
+        self.synced, self.revs, self.version = fields, revs, version or 0
+        self.initial = parse_fields(fields)
+        self.connected = True
+        log.info("state store: Redis at %s, prefix %r, version %d, instance %s",
+                 redacted(self.url), self.settings.key_prefix, self.version, self.identity)
+
+    async def _seed_from_file(self) -> None:
+        if self.seed_file is None or not self.seed_file.exists():
+            return
+        state = RuntimeState(self.seed_file)
+        state.load()
+        fields = document_fields(state)
+        if fields and await self._seed(fields):
+            log.info("state store: Redis held no state; seeded it from %s", self.seed_file)
+
+    async def _seed(self, fields: dict[str, str]) -> int:
+        args = [self.channel, self.identity]
+        for field, value in fields.items():
+            args += [field, value]
+        return int(await self.client.eval(SEED, 3, *self.keys, *args))
+
+    async def _read(self) -> tuple[dict[str, str], dict[str, int], int | None]:
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self.keys[0]).hgetall(self.keys[1]).get(self.keys[2])
+            raw_fields, raw_revs, raw_version = await pipe.execute()
+        fields = {k.decode(): v.decode() for k, v in raw_fields.items()}
+        revs = {k.decode(): int(v) for k, v in raw_revs.items()}
+        return fields, revs, int(raw_version) if raw_version is not None else None
+
+    def load_into(self, state: RuntimeState) -> None:
+        weights, rollouts = self.initial
+        state.weights, state.rollouts = dict(weights), dict(rollouts)
+
+    def start(self, state: RuntimeState, on_change: OnChange, lock: Lock) -> None:
+        self._state, self._on_change, self._outer = state, on_change, lock
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._subscribe()), loop.create_task(self._poll())]
+        self.lease = Lease(self.client, f"{self.settings.key_prefix}:leader", self.identity,
+                           self.settings.leader_ttl)
+        self.lease.start()
+
+    # --- writing --------------------------------------------------------------------------
+
+    async def save(self, state: RuntimeState) -> None:
+        wanted = document_fields(state)
+        async with self._lock:
+            changes: list[tuple[str, str | None]] = [
+                (f, v) for f, v in wanted.items() if self.synced.get(f) != v]
+            changes += [(f, None) for f in self.synced if f not in wanted]
+            if not changes:
+                return
+            args = [self.channel, self.identity, str(len(changes))]
+            for field, value in changes:
+                args += [field, str(self.revs.get(field, 0)), "1" if value is None else "0",
+                         value or ""]
+            try:
+                result = await self.client.eval(WRITE, 3, *self.keys, *args)
+            except Exception as exc:
+                self._failed(exc)
+                raise StoreError(f"cannot write to the Redis state store: {exc}") from None
+            if int(result[0]) == -1:
+                field = result[1].decode() if isinstance(result[1], bytes) else result[1]
+                self._spawn_refresh()
+                raise StoreError(f"{field} was changed by another instance meanwhile; "
+                                 f"re-reading it (try again)")
+            for (field, value), rev in zip(changes, result[1:], strict=True):
+                if value is None:
+                    self.synced.pop(field, None)
+                else:
+                    self.synced[field] = value
+                self.revs[field] = int(rev)
+            if int(result[0]) != self.version + 1:
+                self._spawn_refresh()  # another instance wrote other fields in between
+            self.version = int(result[0])
+
+    # --- following other instances --------------------------------------------------------
+
+    async def refresh(self) -> None:
+        if self._outer is None or self._on_change is None:
+            return
+        async with self._outer, self._lock:
+            fields, revs, version = await self._read()
+            if version is None and self.version and self._state is not None:
+                # Redis lost its data (a restart without persistence): put back what this
+                # instance has in force, unless another instance already did.
+                wanted = document_fields(self._state)
+                if wanted and await self._seed(wanted):
+                    log.warning("state store: Redis had lost the state; restored it from "
+                                "this instance")
+                fields, revs, version = await self._read()
+            changed = {f for f in fields.keys() | self.synced.keys()
+                       if fields.get(f) != self.synced.get(f)}
+            self.synced, self.revs, self.version = fields, revs, version or 0
+            if changed:
+                rollouts = {f.partition(":")[2] for f in changed if f.startswith("rollout:")}
+                await self._on_change(parse_fields(fields), rollouts)
+
+    def _spawn_refresh(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._refresh_quietly())
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self.refresh()
+            self._recovered()
+        except Exception as exc:
+            self._failed(exc)
+
+    async def _subscribe(self) -> None:
+        backoff = 0.5
+        while True:
+            pubsub = self.client.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                backoff = 0.5
+                await self.refresh()  # whatever was missed while not subscribed
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True,
+                                                       timeout=1.0)
+                    if message is None:
+                        continue
+                    version, _, origin = message["data"].decode().partition(" ")
+                    if origin != self.identity and int(version) != self.version:
+                        await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._failed(exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def _poll(self) -> None:
+        """The fallback for a missed message, and how a lost connection is noticed and
+        recovered from."""
+        while True:
+            await asyncio.sleep(POLL_INTERVAL)
+            try:
+                raw = await self.client.get(self.keys[2])
+                if raw is None or int(raw) != self.version:
+                    await self.refresh()
+                self._recovered()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._failed(exc)
+
+    def _failed(self, exc: BaseException) -> None:
+        if self.connected:
+            log.error("state store: Redis unreachable (%s); the last state applied stays in "
+                      "force; retrying", exc)
+        self.connected = False
+        self.last_error = str(exc) or type(exc).__name__
+
+    def _recovered(self) -> None:
+        if not self.connected:
+            log.info("state store: Redis reachable again; state re-read")
+        self.connected = True
+
+    # --- leadership, status, stop ---------------------------------------------------------
+
+    @property
+    def leading(self) -> bool:
+        return self.lease is not None and self.lease.held
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": self.kind, "url": redacted(self.url),
+                "key_prefix": self.settings.key_prefix, "instance": self.identity,
+                "leader": self.leading,
+                "leader_instance": self.lease.holder if self.lease else None,
+                "connected": self.connected, "version": self.version,
+                "last_error": self.last_error}
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.lease is not None:
+            await self.lease.close()
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await self.client.aclose()

@@ -1,0 +1,329 @@
+"""Several Weir instances sharing a Redis state store, as behind an L4 load balancer.
+
+Everything is real: a redis-server started here on a free port (no persistence), Weir as
+subprocesses sharing it, aiohttp backends. A switch through one instance's admin API must be
+in force on the other's data plane within a second; exactly one instance runs the controller,
+and killing it hands the rollout over at the step it had reached; Redis going away never
+breaks proxying, and its return re-syncs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from proxy.config import parse_config
+from proxy.control import ControlPlane
+
+from .conftest import REPO_ROOT, RestartableWeir, free_port, port_open, wait_for
+
+pytestmark = [
+    pytest.mark.skipif(sys.platform != "linux", reason="subprocesses and signals"),
+    pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server"),
+]
+
+TOKEN = "store-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+# --- redis-server -----------------------------------------------------------------------------
+
+
+class RedisServer:
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = self.process
+        await wait_for(lambda: port_open(self.port) or process.poll() is not None, timeout=10,
+                       interval=0.02)
+        assert process.poll() is None, "redis-server did not start"
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    await server.start()
+    yield server
+    server.kill()
+
+
+# --- Weir instances ---------------------------------------------------------------------------
+
+
+@dataclass
+class Instance:
+    run: RestartableWeir
+    port: int
+    session: aiohttp.ClientSession
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.run.admin_port}"
+
+    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        async with self.session.request(method, self.admin + path, headers=AUTH,
+                                        json=body) as response:
+            return response.status, await response.json(content_type=None)
+
+    async def status(self) -> dict[str, Any]:
+        code, data = await self.call("GET", "/api/status")
+        assert code == 200, data
+        return data
+
+    async def rollout(self) -> dict[str, Any]:
+        code, data = await self.call("GET", "/api/services/app/rollout")
+        assert code == 200, data
+        return data
+
+    async def served(self) -> str:
+        async with self.session.get(f"http://127.0.0.1:{self.port}/item") as response:
+            await response.read()
+            assert response.status == 200, response.status
+            return response.headers["x-weir-version"]
+
+    def alive(self) -> bool:
+        return self.run.process is not None and self.run.process.poll() is None
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path) -> AsyncIterator[Any]:
+    """Start Weir instances on one config (but their own ports) sharing a Redis prefix."""
+    runs: list[RestartableWeir] = []
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
+                                    cookie_jar=aiohttp.DummyCookieJar())
+    prefix = f"weir-test-{uuid.uuid4().hex[:8]}"
+
+    async def start(services: list[dict[str, Any]], redis_url: str) -> Instance:
+        port, admin_port = free_port(), free_port()
+        data = {"listen": f"127.0.0.1:{port}",
+                "admin": {"listen": f"127.0.0.1:{admin_port}", "token": TOKEN},
+                "watch": False, "shutdown": {"timeout": "2s"},
+                "state_store": {"type": "redis", "url": redis_url, "key_prefix": prefix,
+                                "leader_ttl": "2s"},
+                "services": services}
+        path = tmp_path / f"weir-{len(runs)}.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        run = RestartableWeir(path, admin_port, tmp_path / f"weir-{len(runs)}.log")
+        runs.append(run)
+        await run.start(session)
+        return Instance(run, port, session)
+
+    yield start
+    await session.close()
+    for run in runs:
+        run.kill()
+
+
+def shop(blue: Any, green: Any, **extra: Any) -> list[dict[str, Any]]:
+    return [{"name": "app",
+             "versions": {"blue": {"upstreams": [blue.address]},
+                          "green": {"upstreams": [green.address]}},
+             "weights": {"blue": 100, "green": 0}, **extra}]
+
+
+async def poll(fetch: Any, predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await fetch()
+        if predicate(value):
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}; last: {value}"
+        await asyncio.sleep(0.02)
+
+
+async def leaders(*instances: Instance) -> list[Instance]:
+    return [i for i in instances if (await i.status())["state_store"]["leader"]]
+
+
+async def all_served(instance: Instance, count: int) -> Counter[str]:
+    return Counter([await instance.served() for _ in range(count)])
+
+
+# === the file store stays the default ===========================================================
+
+
+async def test_the_file_store_is_the_default(tmp_path):
+    config = parse_config({"listen": "127.0.0.1:0", "admin": {"listen": "127.0.0.1:0"},
+                           "state_file": str(tmp_path / "s.json"),
+                           "services": [{"name": "app", "versions": {
+                               "v1": {"upstreams": ["127.0.0.1:1"]}}}]})
+    control = ControlPlane(None, config, asyncio.get_running_loop())
+    store = control.status()["state_store"]
+    assert store == {"type": "file", "path": str(tmp_path / "s.json"), "leader": True}
+
+
+async def test_unreachable_redis_at_start_exits_2_with_the_reason(tmp_path):
+    dead = free_port()
+    path = tmp_path / "weir.yaml"
+    path.write_text(yaml.safe_dump({
+        "listen": f"127.0.0.1:{free_port()}", "admin": {"listen": f"127.0.0.1:{free_port()}"},
+        "state_store": {"type": "redis", "url": f"redis://127.0.0.1:{dead}/0"},
+        "services": [{"name": "app", "versions": {"v1": {"upstreams": ["127.0.0.1:1"]}}}]}))
+    result = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "proxy", "run", "-c", str(path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2, result
+    assert f"cannot reach the Redis state store at redis://127.0.0.1:{dead}/0" in result.stderr
+
+
+# === changes reach every instance ===============================================================
+
+
+async def test_a_switch_through_one_instance_is_in_force_on_the_other_within_a_second(
+        start_backend, redis_server, fleet):
+    blue, green = await start_backend("blue"), await start_backend("green")
+    a = await fleet(shop(blue, green), redis_server.url)
+    b = await fleet(shop(blue, green), redis_server.url)
+    status = await a.status()
+    assert status["state_store"]["type"] == "redis"
+    assert status["state_store"]["connected"] is True
+    assert await all_served(b, 5) == Counter(blue=5)
+    await poll(lambda: leaders(a, b), lambda found: len(found) == 1, 5, "exactly one leader")
+
+    switched_at = time.monotonic()
+    code, reply = await a.call("POST", "/api/services/app/switch", {"to": "green"})
+    assert code == 200, reply
+    await poll(b.served, lambda version: version == "green", 3, "green on B")
+    delay = time.monotonic() - switched_at
+    print(f"\nswitch through A in force on B's data plane after {delay * 1000:.0f} ms")
+    assert delay < 1.0, delay
+    assert await all_served(b, 20) == Counter(green=20)
+    service = (await b.status())["services"][0]
+    assert (service["weights"], service["weights_source"]) == ({"blue": 0, "green": 100}, "api")
+
+    # A weight change through B survives a restart of both instances.
+    code, reply = await b.call("PUT", "/api/services/app/weights",
+                               {"weights": {"blue": 30, "green": 70}})
+    assert code == 200, reply
+    await poll(lambda: a.status(), lambda s: s["services"][0]["weights"] ==
+               {"blue": 30, "green": 70}, 2, "the weights on A")
+    for instance in (a, b):
+        assert await instance.run.stop() == 0, instance.run.output()
+    for instance in (a, b):
+        await instance.run.start(instance.session)
+        service = (await instance.status())["services"][0]
+        assert service["weights"] == {"blue": 30, "green": 70}
+        assert service["weights_source"] == "api"
+    await poll(lambda: leaders(a, b), lambda found: len(found) == 1, 5, "one leader again")
+
+
+async def test_redis_going_away_keeps_proxying_and_its_return_resyncs(start_backend,
+                                                                       redis_server, fleet):
+    blue, green = await start_backend("blue"), await start_backend("green")
+    a = await fleet(shop(blue, green), redis_server.url)
+    b = await fleet(shop(blue, green), redis_server.url)
+    code, _ = await a.call("POST", "/api/services/app/switch", {"to": "green"})
+    assert code == 200
+    await poll(b.served, lambda version: version == "green", 2, "green on B")
+
+    redis_server.kill()
+    for instance in (a, b):
+        await poll(instance.status, lambda s: s["state_store"]["connected"] is False, 5,
+                   "the store noticed Redis is gone")
+        # A leader cut off from Redis stops acting before its lock (2s) could lapse.
+        await poll(instance.status, lambda s: not s["state_store"]["leader"], 2.5,
+                   "no leader without Redis")
+    # The data plane keeps the last state: every request still answered, on green.
+    for instance in (a, b):
+        assert await all_served(instance, 30) == Counter(green=30)
+    # A change that cannot be persisted is refused, and nothing changes.
+    code, reply = await a.call("POST", "/api/services/app/switch", {"to": "blue"})
+    assert code == 500 and "nothing changed" in reply["error"], reply
+    assert await all_served(a, 10) == Counter(green=10)
+
+    # Redis comes back empty (no persistence): an instance puts the state back, and changes
+    # flow between the instances again.
+    await redis_server.start()
+    for instance in (a, b):
+        await poll(instance.status, lambda s: s["state_store"]["connected"] is True, 10,
+                   "the store reconnected")
+    await poll(lambda: leaders(a, b), lambda found: len(found) == 1, 6, "one leader again")
+    code, reply = await b.call("POST", "/api/services/app/switch", {"to": "blue"})
+    assert code == 200, reply
+    await poll(a.served, lambda version: version == "blue", 2, "blue on A")
+    assert await all_served(a, 10) == Counter(blue=10)
+
+
+# === the controller runs on one instance ========================================================
+
+
+async def test_killing_the_controllers_instance_hands_the_rollout_over(start_backend,
+                                                                       redis_server, fleet):
+    stable, canary = await start_backend("stable"), await start_backend("canary")
+    services = [{"name": "app",
+                 "versions": {"stable": {"upstreams": [stable.address], "revision": "s1"},
+                              "canary": {"upstreams": [canary.address], "revision": "c1"}},
+                 "weights": {"stable": 100, "canary": 0},
+                 "rollout": {"strategy": "canary", "stable": "stable", "canary": "canary",
+                             "steps": [{"set_weight": 20}, {"pause": {"duration": "4s"}},
+                                       {"set_weight": 50}, {"pause": {"duration": "1s"}}]}}]
+    a = await fleet(services, redis_server.url)
+    b = await fleet(services, redis_server.url)
+    [leader] = await poll(lambda: leaders(a, b), lambda found: len(found) == 1, 5,
+                          "exactly one leader")
+    follower = b if leader is a else a
+    identity = (await leader.status())["state_store"]["instance"]
+    await poll(follower.status, lambda s: s["state_store"]["leader_instance"] == identity, 3,
+               "the follower to name the leader")
+
+    # Started through the follower: the leader runs it.
+    code, reply = await follower.call("POST", "/api/services/app/rollout/start")
+    assert code == 200, reply
+    before = await poll(follower.rollout, lambda r: r["step"] == 1, 5, "the 4s pause step")
+    assert (await follower.status())["services"][0]["weights"] == {"stable": 80, "canary": 20}
+
+    leader.run.process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+    leader.run.process.wait()  # type: ignore[union-attr]
+    killed_at = time.monotonic()
+    await poll(follower.status, lambda s: s["state_store"]["leader"], 5, "the takeover")
+    took = time.monotonic() - killed_at
+    after = await follower.rollout()
+    print(f"\nleader killed at step {before['step']}; the other instance led after "
+          f"{took:.2f}s, at step {after['step']}")
+    assert after["started_at"] == before["started_at"]
+    assert after["step"] >= 1
+    if after["step"] == 1:
+        assert after["step_started_at"] == before["step_started_at"]  # the same pause
+
+    steps_seen = [after["step"]]
+
+    async def watch() -> dict[str, Any]:
+        rollout = await follower.rollout()
+        steps_seen.append(rollout["step"])
+        return rollout
+
+    done = await poll(watch, lambda r: r["phase"] == "completed", 15, "completion")
+    assert done["started_at"] == before["started_at"]
+    assert steps_seen == sorted(steps_seen), steps_seen  # never back to an earlier step
+    assert (await follower.status())["services"][0]["weights"] == {"stable": 0, "canary": 100}
+    assert await all_served(follower, 10) == Counter(canary=10)
