@@ -19,7 +19,7 @@ from .health import HealthMonitor
 from .routing import RouteTable, build_route_table
 from .server import ClientConnection, DataPlaneSettings
 from .stats import StatsRegistry
-from .store import StoreUnavailable, make_store
+from .store import StateStore, StoreUnavailable, make_store
 from .tls import CompiledTLS, ListenerTLS, TLSConfigError, compile_tls, warn_unverified
 from .upstream import PoolRegistry, UpstreamPool
 
@@ -178,35 +178,50 @@ def settle_garbage_collector() -> None:
     gc.set_threshold(GC_THRESHOLD, 20, 20)
 
 
-async def serve(config_path: Path, config: Config) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    control: ControlPlane | None = None
+class ProcessSignals:
+    """SIGTERM and SIGINT stop the process (a second one exits at once); SIGHUP reloads the
+    config once ``control`` is set. Installed before anything listens: a signal must never
+    find the process on its default action (exit)."""
 
-    def on_term() -> None:
-        if stop.is_set():
-            log.warning("second termination signal: exiting now")
+    def __init__(self, loop: asyncio.AbstractEventLoop, forced: str = "") -> None:
+        self.stop = asyncio.Event()
+        self.control: ControlPlane | None = None
+        self.forced = forced
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.on_term)
+        loop.add_signal_handler(signal.SIGHUP, self.on_hup)
+
+    def on_term(self) -> None:
+        if self.stop.is_set():
+            log.warning("second termination signal: exiting now%s", self.forced)
             os._exit(1)
-        stop.set()
+        self.stop.set()
 
-    def on_hup() -> None:
-        if control is not None:
-            control.reload_soon("signal")
+    def on_hup(self) -> None:
+        if self.control is not None:
+            self.control.reload_soon("signal")
 
-    # Handlers first: a signal must never find the process on its default action (exit).
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_term)
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
 
+async def open_store(config: Config) -> StateStore | None:
+    """The runtime state store, opened; None (after saying why) when it cannot be. Starting
+    without a shared state could send traffic to a version the fleet has moved off: better not
+    to start, and let whatever restarts Weir try again."""
     store = make_store(config)
     try:
         await store.open()
     except StoreUnavailable as exc:
-        # Starting without the shared state could send traffic to a version the fleet has
-        # moved off: better not to start, and let the supervisor try again.
         print(f"weir: {exc}", file=sys.stderr)
+        return None
+    return store
+
+
+async def serve(config_path: Path, config: Config) -> int:
+    loop = asyncio.get_running_loop()
+    signals = ProcessSignals(loop)
+    store = await open_store(config)
+    if store is None:
         return 2
-    control = ControlPlane(config_path, config, loop, store=store)
+    control = signals.control = ControlPlane(config_path, config, loop, store=store)
     admin = AdminServer(control)
     await control.proxy.start()
     await admin.start()
@@ -216,7 +231,7 @@ async def serve(config_path: Path, config: Config) -> int:
     log.info("weir listening on %s (admin on %s), %d service(s), config generation %d",
              config.listen, config.admin.listen, len(config.services), control.generation)
     settle_garbage_collector()
-    await stop.wait()
+    await signals.stop.wait()
 
     shutdown = control.config.shutdown
     log.info("shutting down: /readyz is 503; closing the listener in %.1fs", shutdown.delay)

@@ -24,11 +24,10 @@ from typing import Any
 
 from . import ipc
 from .admin import AdminServer
-from .app import ProxyServer, settle_garbage_collector
+from .app import ProcessSignals, ProxyServer, open_store, settle_garbage_collector
 from .config import Config, split_address
 from .control import ControlPlane
 from .report import RemoteGauge, forget_worker, merge
-from .store import StoreUnavailable, make_store
 from .tls import CompiledTLS
 
 log = logging.getLogger("weir.workers")
@@ -307,30 +306,12 @@ def describe_exit(code: int) -> str:
 async def serve_supervised(config_path: Path, config: Config, count: int) -> int:
     """`weir run --workers N` (N > 1): the twin of app.serve for the supervisor."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    control: ControlPlane | None = None
-
-    def on_term() -> None:
-        if stop.is_set():
-            log.warning("second termination signal: exiting now (workers drain on their own)")
-            os._exit(1)
-        stop.set()
-
-    def on_hup() -> None:
-        if control is not None:
-            control.reload_soon("signal")
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_term)
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-
-    store = make_store(config)
-    try:
-        await store.open()
-    except StoreUnavailable as exc:
-        print(f"weir: {exc}", file=sys.stderr)  # as app.serve: no start without shared state
+    signals = ProcessSignals(loop, " (workers drain on their own)")
+    store = await open_store(config)
+    if store is None:
         return 2
-    control = ControlPlane(config_path, config, loop, proxy_class=SupervisorProxy, store=store)
+    control = signals.control = ControlPlane(config_path, config, loop,
+                                             proxy_class=SupervisorProxy, store=store)
     proxy = control.proxy
     assert isinstance(proxy, SupervisorProxy)
     workers = proxy.workers = WorkerSet(proxy, count)
@@ -350,7 +331,7 @@ async def serve_supervised(config_path: Path, config: Config, count: int) -> int
              "generation %d", proxy.listen, count, config.admin.listen, len(config.services),
              control.generation)
     settle_garbage_collector()
-    await stop.wait()
+    await signals.stop.wait()
 
     shutdown = control.config.shutdown
     log.info("shutting down: /readyz is 503; workers close the listener in %.1fs",
