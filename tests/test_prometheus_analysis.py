@@ -81,7 +81,8 @@ async def test_a_canary_with_errors_is_rolled_back_from_prometheus(backends, wei
     assert failure["failed_checks"] == ["max_error_rate"]
     assert failure["values"]["canary_error_rate"] > 0.05
     assert failure["values"]["canary_requests"] >= 10
-    assert await live.api.weights() == {"stable": 100, "canary": 0}
+    # "aborted" is the decision; the weights follow as soon as they are persisted.
+    await live.api.wait_weights({"stable": 100, "canary": 0})
 
 
 async def test_a_healthy_canary_is_promoted_from_prometheus(backends, weir, prometheus):
