@@ -642,7 +642,8 @@ def main(argv: list[str] | None = None) -> int:
                "results": [asdict(r) for r in results]}
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
-    return 0 if all(r.held for r in results) else 1
+    # Failed connections are a finding (an fd limit, a proxy closing them): exit 1 to say so.
+    return 0 if all(r.held and not r.failures for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ Four kinds of simulated users, in proportion to their ``weight``:
 - ``StickyUser`` (5): logged-in visitors. Each carries a user ID, half of them in the
   ``x-user-id`` header and half in the ``weir_uid`` cookie, and browses pages and an API.
   After about ``--session-requests`` requests a visitor leaves and a new one (a new ID) takes
-  its place, so a 30 s run with 50 Locust users hashes thousands of distinct IDs, not 50: the
-  split between versions then follows the weights instead of the luck of 50 draws.
+  its place, so the default 30 s run with 50 Locust users hashes a few hundred distinct IDs,
+  not 35: the split between versions then follows the weights more closely than the luck of
+  35 draws would.
 - ``AnonymousUser`` (3): plain GETs with no user key (split per request by weight).
 - ``Uploader`` (1): logged-in users POSTing bodies of 2 KiB to 256 KiB (log-uniform).
 - ``BetaTester`` (1): logged-in users with ``x-user-group: internal-beta``, which the rules
@@ -55,8 +56,8 @@ def _add_options(parser: Any) -> None:
                        help="'name: value' sent by beta testers")
     group.add_argument("--beta-version", default="beta",
                        help="x-weir-version beta testers must get; empty: not checked")
-    group.add_argument("--session-requests", type=int, default=30,
-                       help="mean requests per visitor before a new user ID (default 30)")
+    group.add_argument("--session-requests", type=int, default=10,
+                       help="mean requests per visitor before a new user ID (default 10)")
     group.add_argument("--upload-kib", default="2-256",
                        help="upload body sizes in KiB, MIN-MAX, log-uniform (default 2-256)")
     group.add_argument("--think-ms", default="50-500",
@@ -106,7 +107,7 @@ class _WeirUser(FastHttpUser):
         self.think = _range(opts.think_ms if opts else "50-500")
         self.user_header: str = opts.user_header if opts else "x-user-id"
         self.user_cookie: str = opts.user_cookie if opts else "weir_uid"
-        self.session_requests: int = max(1, opts.session_requests if opts else 30)
+        self.session_requests: int = max(1, opts.session_requests if opts else 10)
         self.check_sticky = not (opts and opts.no_sticky_check)
         # Half the logged-in users send their ID as a header, half as a cookie: Weir reads
         # the header first, then the cookie, and both paths should be exercised.
