@@ -255,6 +255,26 @@ def install_event_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def raise_open_file_limit() -> None:
+    """Every client connection takes a file descriptor and most take a second one upstream, so
+    the usual soft limit of 1024 would hold Weir to a few hundred clients (and the default
+    max_connections is derived from it). Like HAProxy, raise the soft limit to the hard one;
+    nginx needs worker_rlimit_nofile for the same. Worker processes inherit it."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Linux or macOS
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, wanted, exc)
+            return
+        log.info("open-file limit raised from %d to %d", soft, wanted)
+
+
 def run(config_path: str, workers: int = 1) -> int:
     try:
         config = load_config(config_path)
@@ -264,6 +284,7 @@ def run(config_path: str, workers: int = 1) -> int:
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # we log reloads ourselves
+    raise_open_file_limit()
     install_event_loop()
     if workers > 1:
         from .workers import serve_supervised

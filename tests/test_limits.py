@@ -274,3 +274,43 @@ async def test_slowloris_does_not_starve_normal_clients(
         await wait_for(lambda: not proxy.connections)
         assert time.monotonic() - started < 15
 
+
+
+def test_weir_raises_its_open_file_limit_to_the_hard_limit(tmp_path: Any) -> None:
+    """Started with the common soft limit of 1024 (here 256), Weir raises it to the hard limit
+    at start: otherwise it would hold only a few hundred clients."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .conftest import REPO_ROOT, free_port, port_open
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard open-file limit is only {hard}")
+    config = Path(tmp_path) / "weir.yaml"
+    port = free_port()
+    config.write_text(f"listen: 127.0.0.1:{port}\nadmin: {{listen: 127.0.0.1:0}}\nwatch: false\n"
+                      "services:\n  - name: app\n    versions: {stable: {upstreams: "
+                      "['127.0.0.1:9']}}\n")
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    process = subprocess.Popen([sys.executable, "-m", "proxy", "run", "-c", str(config)],
+                               cwd=REPO_ROOT, preexec_fn=low_soft_limit,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 15
+        while not port_open(port):
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            assert time.monotonic() < deadline, "weir did not start"
+            time.sleep(0.05)
+        limits = Path(f"/proc/{process.pid}/limits").read_text()
+        line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
+        weir_soft = line.split()[3]
+        expected = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+        assert weir_soft in (expected, str(1 << 20)), line
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
