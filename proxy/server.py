@@ -699,7 +699,9 @@ class ClientConnection(asyncio.Protocol):
         self.parser = HttpRequestParser(self)
         self.current: Exchange | None = None
         self.active: Exchange | None = None
-        self.queue: deque[Exchange] = deque()
+        # Pipelined requests waiting their turn; a deque only once one comes (most clients
+        # never pipeline, and an idle keep-alive connection should cost little memory).
+        self.queue: deque[Exchange] | tuple[()] = ()
         self.in_head = False
         self.idle = False  # waiting, after a response, for the next request (idle_timeout)
         self.head_bytes = 0
@@ -800,7 +802,7 @@ class ClientConnection(asyncio.Protocol):
             if ex is not None:
                 ex.abandon()
         self.active = None
-        self.queue.clear()
+        self.queue = ()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -879,7 +881,9 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = None
             ex.start()
         else:
-            self.queue.append(ex)
+            if not self.queue:
+                self.queue = deque()
+            self.queue.append(ex)  # type: ignore[union-attr]
             self.set_pause(PAUSE_QUEUE, True)
 
     def on_body(self, body: bytes) -> None:
@@ -902,7 +906,7 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         if self.queue:
-            nxt = self.queue.popleft()
+            nxt = self.queue.popleft()  # type: ignore[union-attr]
             if not self.queue:
                 self.set_pause(PAUSE_QUEUE, False)
             self.active = nxt
@@ -940,7 +944,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             # Let the response in progress finish; then close instead of reading more.
             self.closing = True
-            self.queue.clear()
+            self.queue = ()
             self.active.keep_client = False
             self.set_pause(PAUSE_CLOSING, True)
 
