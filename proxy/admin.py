@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from .config import MAX_WEIGHT, ConfigError, split_address
-from .control import StateWriteError, UnknownName
+from .control import StateConflictError, StateWriteError, UnknownName
 from .dashboard import Dashboard
 from .history import HistorySampler
 from .rollout import RolloutError
@@ -41,6 +41,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return error(404, str(exc.args[0]))
     except RolloutError as exc:
         return error(409, str(exc))
+    except StateConflictError as exc:
+        return error(409, str(exc))  # another instance won the race: the client tries again
     except StateWriteError as exc:
         log.error("%s", exc)
         return error(500, str(exc))

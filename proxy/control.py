@@ -19,7 +19,7 @@ from .config import Config, ConfigError, load_config
 from .metrics import Metrics
 from .rollout import RolloutController
 from .state import SOURCE_API, RuntimeState, WeightOverride
-from .store import StateStore, make_store
+from .store import StateStore, StoreConflict, make_store
 from .tls import TLSConfigError, compile_tls
 
 if TYPE_CHECKING:
@@ -38,6 +38,10 @@ class UnknownName(LookupError):
 
 class StateWriteError(RuntimeError):
     """A runtime change that could not be persisted, and so was not made (500)."""
+
+
+class StateConflictError(StateWriteError):
+    """Another instance changed the same state meanwhile; nothing changed, try again (409)."""
 
 
 class ControlPlane:
@@ -252,6 +256,8 @@ class ControlPlane:
                     self.state.weights[name] = previous
                 where = (f"the state file {self.state.path}" if self.store.kind == "file"
                          else f"the {self.store.kind} state store")
+                if isinstance(exc, StoreConflict):
+                    raise StateConflictError(f"nothing changed: {exc}") from exc
                 raise StateWriteError(f"could not write {where}: "
                                       f"{exc.strerror or exc}; nothing changed") from exc
             self.apply()

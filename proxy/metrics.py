@@ -246,9 +246,20 @@ class RolloutCollector(Collector):
             for outcome in ("success", "failure", "inconclusive"):
                 analyses.add_metric([name, outcome],
                                     self.rollouts.analysis_outcomes.get((name, outcome), 0))
+        store = self.rollouts.control.store
+        leader = GaugeMetricFamily(
+            "weir_controller_leader", "1 while this instance runs the rollout controller "
+            "(always, with the file store; the lock holder, with a shared store).")
+        leader.add_metric([], 1 if store.leading else 0)
+        connected = GaugeMetricFamily(
+            "weir_state_store_connected", "1 while the runtime state store can be reached.",
+            labels=["type"])
+        connected.add_metric([store.kind], 1 if store.connected else 0)
         yield step
         yield phase
         yield analyses
+        yield leader
+        yield connected
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

@@ -36,7 +36,14 @@ from urllib.parse import urlsplit, urlunsplit
 from .config import StateStore as StoreSettings
 from .leader import Lease
 from .state import RuntimeState, WeightOverride, parse_override
-from .store import OnChange, RemoteState, StateStore, StoreError, StoreUnavailable
+from .store import (
+    OnChange,
+    RemoteState,
+    StateStore,
+    StoreConflict,
+    StoreError,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("weir.store")
 
@@ -226,7 +233,7 @@ class RedisStore(StateStore):
             if int(result[0]) == -1:
                 field = result[1].decode() if isinstance(result[1], bytes) else result[1]
                 self._spawn_refresh()
-                raise StoreError(f"{field} was changed by another instance meanwhile; "
+                raise StoreConflict(f"{field} was changed by another instance meanwhile; "
                                  f"re-reading it (try again)")
             for (field, value), rev in zip(changes, result[1:], strict=True):
                 if value is None:

@@ -27,12 +27,21 @@ class StoreError(OSError):
     """The store could not be read or written (an OSError, as a failed file write is)."""
 
 
+class StoreConflict(StoreError):
+    """Another instance changed the same field since this one last read it: nothing was
+    written, and the store is re-reading it."""
+
+
 class StoreUnavailable(StoreError):
     """The store could not be reached at start: Weir does not start without its state."""
 
 
 class StateStore:
     """The interface, and the file store that implements it."""
+
+    # Whether the store can be reached now; a file always can (a failed write is reported as
+    # such). The Redis store keeps its own.
+    connected = True
 
     kind = "file"
 

@@ -29,7 +29,7 @@ import yaml
 from proxy.config import parse_config
 from proxy.control import ControlPlane
 
-from .conftest import REPO_ROOT, RestartableWeir, free_port, port_open, wait_for
+from .conftest import REPO_ROOT, RestartableWeir, free_port, port_open, sample, wait_for
 
 pytestmark = [
     pytest.mark.skipif(sys.platform != "linux", reason="subprocesses and signals"),
@@ -235,6 +235,51 @@ async def test_a_switch_through_one_instance_is_in_force_on_the_other_within_a_s
         assert service["weights"] == {"blue": 30, "green": 70}
         assert service["weights_source"] == "api"
     await poll(lambda: leaders(a, b), lambda found: len(found) == 1, 5, "one leader again")
+
+
+async def test_a_write_racing_another_instance_is_refused_with_409_and_then_goes_through(
+        start_backend, redis_server, fleet):
+    """Another instance wrote the same field since this one last read it: nothing changes,
+    409 says try again, and the retry (after the store re-read) goes through. The metrics say
+    who leads and whether the store is reachable."""
+    import redis.asyncio as aioredis
+
+    blue, green = await start_backend("blue"), await start_backend("green")
+    a = await fleet(shop(blue, green), redis_server.url)
+    b = await fleet(shop(blue, green), redis_server.url)
+    await poll(lambda: leaders(a, b), lambda found: len(found) == 1, 5, "exactly one leader")
+    leads = []
+    for instance in (a, b):
+        async with instance.session.get(instance.admin + "/metrics") as response:
+            text = await response.text()
+        assert sample(text, "weir_state_store_connected", type="redis") == 1
+        leads.append(sample(text, "weir_controller_leader"))
+    assert sorted(leads) == [0, 1]
+
+    code, reply = await a.call("PUT", "/api/services/app/weights",
+                               {"weights": {"blue": 60, "green": 40}})
+    assert code == 200, reply
+    prefix = (await a.status())["state_store"]["key_prefix"]
+    client = aioredis.from_url(redis_server.url)
+    try:
+        # A write A has not seen yet, as if another instance had just made it.
+        await client.hincrby(f"{prefix}:revs", "weights:app", 1)
+    finally:
+        await client.aclose()
+    code, reply = await a.call("PUT", "/api/services/app/weights",
+                               {"weights": {"blue": 10, "green": 90}})
+    assert code == 409, reply
+    assert "another instance" in reply["error"] and "nothing changed" in reply["error"]
+    assert (await a.status())["services"][0]["weights"] == {"blue": 60, "green": 40}
+
+    async def retry() -> int:
+        code, _ = await a.call("PUT", "/api/services/app/weights",
+                               {"weights": {"blue": 10, "green": 90}})
+        return code
+
+    await poll(retry, lambda code: code == 200, 3, "the retry to go through")
+    await poll(lambda: b.status(), lambda s: s["services"][0]["weights"] ==
+               {"blue": 10, "green": 90}, 2, "the weights on B")
 
 
 async def test_redis_going_away_keeps_proxying_and_its_return_resyncs(start_backend,
