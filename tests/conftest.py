@@ -398,3 +398,9 @@ def sample(exposition: str, name: str, **labels: str) -> float | None:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 return float(s.value)
     return None
+
+
+# The rollout harness's fixtures (backends that fail or slow down on demand, an in-process Weir
+# with its admin API, webhook hooks), for the rollout tests and the Prometheus analysis tests.
+# Imported last: the harness itself uses the helpers above.
+from .rollout_harness import backends, hooks, weir  # noqa: E402, F401

@@ -32,11 +32,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from . import test_rollout
 from .conftest import REPO_ROOT, Backend, wait_for
-from .test_rollout import Live, Load, base_config, write_config
-
-weir = test_rollout.weir  # the rollout tests' fixture: control plane, rollouts, admin API
+from .rollout_harness import TOKEN, Live, Load, base_config, poll, write_config
 
 CHROMIUM = (os.environ.get("WEIR_CHROMIUM") or shutil.which("chromium")
             or shutil.which("chromium-browser"))
@@ -459,9 +456,9 @@ async def test_dashboard_in_headless_chromium_draws_charts_and_drives_the_rollou
          "versions": {"v1": {"upstreams": [api_v1.address]}}}))
     api = live.api
     await api.act("start", name="shop")
-    await test_rollout.poll(lambda: api.rollout("shop"),
-                            lambda r: r["phase"] == "progressing" and r["step"] == 1,
-                            10, "the rollout waiting at its 10m pause")
+    await poll(lambda: api.rollout("shop"),
+               lambda r: r["phase"] == "progressing" and r["step"] == 1,
+               10, "the rollout waiting at its 10m pause")
 
     async with Load(live.port, workers=2, gap=0.01) as load, aiohttp.ClientSession() as client:
         await load.wait_hits(20, version="canary", timeout=10)
@@ -527,12 +524,12 @@ async def test_dashboard_in_headless_chromium_draws_charts_and_drives_the_rollou
         assert (await api.rollout("shop"))["phase"] == "progressing"
 
         # The right token: pause, seen by the admin API and then on the page.
-        await tab.type_into("#token", test_rollout.TOKEN)
+        await tab.type_into("#token", TOKEN)
         await tab.click("#token-use")
         await tab.click('section[data-service="shop"] button[data-action="pause"]')
-        paused = await test_rollout.poll(lambda: api.rollout("shop"),
-                                         lambda r: r["phase"] == "paused", 10,
-                                         "the pause from the dashboard")
+        paused = await poll(lambda: api.rollout("shop"),
+                            lambda r: r["phase"] == "paused", 10,
+                            "the pause from the dashboard")
         assert paused["paused_by"] == "user" and paused["step"] == 1
         await tab.wait("document.querySelector('section[data-service=\"shop\"] "
                        "[data-role=\"phase\"]').dataset.phase === 'paused'",

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from .conftest import free_port, port_open, wait_for
-from .test_rollout import Load, backends, canary_config, weir  # noqa: F401 (fixtures)
+from .rollout_harness import Load, canary_config
 
 pytestmark = [
     pytest.mark.skipif(sys.platform != "linux", reason="subprocesses"),
