@@ -45,12 +45,12 @@ def status_line(status: int, reason: bytes = b"") -> bytes:
     return line
 
 
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade", b"Keep-Alive", b"Close"})
+PLAIN_CONNECTION_VALUES = frozenset({b"keep-alive", b"close", b"upgrade", b"Keep-Alive", b"Close"})
 
 
 def connection_tokens(value: bytes) -> set[bytes]:
     """Header names listed in a Connection header, lower-cased, without close/keep-alive."""
-    if value in _PLAIN_CONNECTION:
+    if value in PLAIN_CONNECTION_VALUES:
         return set()  # the usual case, answered without splitting
     tokens = {t.strip().lower() for t in value.split(b",")}
     return tokens - CONNECTION_OPTIONS_IGNORED - {b""}

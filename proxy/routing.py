@@ -248,7 +248,9 @@ class Route:
             if key is not None:
                 if self._only is not None:
                     return self._only, REASON_WEIGHT, extra
-                return self._sticky_pick(key), REASON_STICKY, extra
+                # _sticky_pick's cache hit, inlined: a returning user costs one lookup.
+                known = self._sticky_cache.get(key)
+                return known or self._sticky_pick(key), REASON_STICKY, extra
         if self._only is not None:
             return self._only, REASON_WEIGHT, b""
         if not self._total:

@@ -27,7 +27,9 @@ from .http11 import (
     CRLF,
     IDEMPOTENT_METHODS,
     LAST_CHUNK,
+    PLAIN_CONNECTION_VALUES,
     REQUEST_REWRITTEN,
+    STATUS_LINES,
     TRANSFER_CHUNKED,
     VIA,
     connection_tokens,
@@ -214,8 +216,17 @@ class Exchange:
         self.upstream_address = pool.address
         pool.active.add(self)
         # A request that cannot be retried is not sent on a connection the upstream has
-        # already closed (the stale keep-alive race).
-        conn = pool.take_idle(self.has_body or self.method not in IDEMPOTENT_METHODS)
+        # already closed (the stale keep-alive race). The usual GET takes the most recently
+        # used idle connection without a call (pool.take_idle's fast path, inlined).
+        idle = pool.idle
+        if idle and not self.has_body and self.method in IDEMPOTENT_METHODS:
+            conn = idle.pop()
+            if conn.closed:
+                conn = pool.take_idle()
+            else:
+                conn.reused = True
+        else:
+            conn = pool.take_idle(self.has_body or self.method not in IDEMPOTENT_METHODS)
         if conn is not None:
             self.attach(conn)
         else:
@@ -275,7 +286,7 @@ class Exchange:
 
     def attach(self, conn: UpstreamConnection) -> None:
         self.upstream = conn
-        data = self.request_head()
+        data = self.build_head(REQUEST_REWRITTEN, TRANSFER_CHUNKED if self.chunked else b"")
         if self.body_buffer:
             body = self.body_buffer
             self.body_buffer = []
@@ -291,9 +302,6 @@ class Exchange:
         if self.client.write_paused and conn.transport is not None:
             conn.transport.pause_reading()
 
-    def request_head(self) -> bytes:
-        return self.build_head(REQUEST_REWRITTEN, TRANSFER_CHUNKED if self.chunked else b"")
-
     def build_head(self, skip: frozenset[bytes], extra: bytes) -> bytes:
         """The request head as forwarded: hop-by-hop headers out, forwarding headers in.
         ``skip`` names more headers to leave out, ``extra`` adds header lines (mirrors use
@@ -302,7 +310,9 @@ class Exchange:
         hmap = self.hmap
         parts = [self.method, b" ", self.url, b" HTTP/1.1\r\n"]
         connection = hmap.get(b"connection")
-        named = connection_tokens(connection) if connection is not None else None
+        named = (connection_tokens(connection)
+                 if connection is not None and connection not in PLAIN_CONNECTION_VALUES
+                 else None)
         if named or skip is not REQUEST_REWRITTEN:
             parts += without_headers(self.forward, skip | named if named else skip)
         else:
@@ -379,7 +389,8 @@ class Exchange:
         if conn is not None and self.chunked and not self.response_done:
             assert conn.transport is not None
             conn.transport.write(LAST_CHUNK)
-        self.maybe_finish()
+        if self.response_done:  # else the response's end finishes the exchange
+            self.maybe_finish()
 
     # --- response side (called by UpstreamConnection) -------------------------------------
 
@@ -403,7 +414,8 @@ class Exchange:
             elif lname == b"transfer-encoding":
                 chunked_in = True
             elif lname == b"connection":
-                drop = connection_tokens(value) or None
+                if value not in PLAIN_CONNECTION_VALUES:  # the usual keep-alive or close
+                    drop = connection_tokens(value) or None
             elif lname == b"upgrade":
                 upgrade_to = value
         # While draining for shutdown, clients are told to reconnect (to another instance)
@@ -429,7 +441,7 @@ class Exchange:
             else:
                 self.out_chunked = True
                 framing = TRANSFER_CHUNKED
-        parts = [status_line(status)]
+        parts = [STATUS_LINES.get(status) or status_line(status)]
         parts += without_headers(lines, drop) if drop else lines
         self.keep_client = keep or status == 101
         if status != 101:
@@ -832,7 +844,10 @@ class ClientConnection(asyncio.Protocol):
             self.in_head = True
             if self.active is None:
                 self.idle = False
-                self.set_deadline(self.settings.header_timeout)
+                # set_deadline, inlined: the lazily armed timer rarely needs touching.
+                self.deadline = deadline = self.loop.time() + self.settings.header_timeout
+                if self.timer is None or deadline < self.timer_at:
+                    self.set_deadline(self.settings.header_timeout)
         self.current.url += url  # type: ignore[union-attr]
         self.head_bytes += len(url)
 
@@ -916,7 +931,10 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         self.idle = True
-        self.set_deadline(self.settings.idle_timeout)
+        # set_deadline, inlined: the lazily armed timer rarely needs touching.
+        self.deadline = deadline = self.loop.time() + self.settings.idle_timeout
+        if self.timer is None or deadline < self.timer_at:
+            self.set_deadline(self.settings.idle_timeout)
 
     def start_tunnel(self, ex: Exchange) -> None:
         """After a 101: bytes flow raw both ways until either side closes."""

@@ -212,7 +212,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         sink = self.sink
         if sink is not None and not self._reset_parser:
-            self.finish_response(sink)
+            self.sink = None  # finish_response, inlined: the usual end of every exchange
+            sink.on_upstream_complete()
 
     # --- used by the exchange -------------------------------------------------------------
 
