@@ -624,16 +624,9 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve_backend(args.serve_backend))
         return 0
-    signal.signal(signal.SIGTERM, bench._raise_on_signal)
-    signal.signal(signal.SIGHUP, bench._raise_on_signal)
-    try:
-        results = run(args)
-    except bench.BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped", file=sys.stderr)
-        return 130
+    results, failed = bench.run_stopping_cleanly(lambda: run(args))
+    if results is None:
+        return failed
     print(render(results, args))
     if args.json is not None:
         doc = {"settings": {"connections": args.connections, "steps": args.steps,

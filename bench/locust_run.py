@@ -501,16 +501,9 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve_backends(ports, args.response_bytes))
         return 0
-    signal.signal(signal.SIGTERM, bench._raise_on_signal)
-    signal.signal(signal.SIGHUP, bench._raise_on_signal)
-    try:
-        result = run(args)
-    except bench.BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped", file=sys.stderr)
-        return 130
+    result, failed = bench.run_stopping_cleanly(lambda: run(args))
+    if result is None:
+        return failed
     print(render(args, result))
     if args.json is not None:
         doc = {

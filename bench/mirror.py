@@ -28,7 +28,6 @@ import http.client
 import json
 import os
 import re
-import signal
 import socket
 import statistics
 import sys
@@ -612,18 +611,9 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve_slow(args.serve_slow, args.shadow_delay_ms / 1000.0))
         return 0
-    signal.signal(signal.SIGTERM, bench._raise_on_signal)
-    signal.signal(signal.SIGHUP, bench._raise_on_signal)
-    try:
-        return run(args)
-    except bench.BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if not args.keep_tmp:
-            print("(rerun with --keep-tmp to keep configs and logs)", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    hint = "" if args.keep_tmp else bench.KEEP_TMP_HINT
+    code, failed = bench.run_stopping_cleanly(lambda: run(args), hint)
+    return failed or code or 0
 
 
 if __name__ == "__main__":

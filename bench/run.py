@@ -29,9 +29,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import TypeVar
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 INSTALL_HINT = "apt-get install -y nginx haproxy wrk"
@@ -215,6 +217,28 @@ def cleanup(pm: ProcessManager, workdir: Path, keep_tmp: bool) -> None:
 
 def _raise_on_signal(signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
+
+
+KEEP_TMP_HINT = "(rerun with --keep-tmp to keep configs and logs)"
+T = TypeVar("T")
+
+
+def run_stopping_cleanly(work: Callable[[], T], hint: str = "") -> tuple[T | None, int]:
+    """A bench's main work, with SIGTERM and SIGHUP turned into a clean exit (what was started
+    is stopped by the work's own cleanup): (result, 0), or (None, exit code) after a
+    BenchError (1, said on stderr with ``hint``) or Ctrl-C (130)."""
+    signal.signal(signal.SIGTERM, _raise_on_signal)
+    signal.signal(signal.SIGHUP, _raise_on_signal)
+    try:
+        return work(), 0
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if hint:
+            print(hint, file=sys.stderr)
+        return None, 1
+    except KeyboardInterrupt:
+        print("interrupted; everything started was stopped", file=sys.stderr)
+        return None, 130
 
 
 # --------------------------------------------------------------------------
@@ -1011,18 +1035,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_on_signal)
-    signal.signal(signal.SIGHUP, _raise_on_signal)
-    try:
-        return run(args)
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if not args.keep_tmp:
-            print("(rerun with --keep-tmp to keep configs and logs)", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    hint = "" if args.keep_tmp else KEEP_TMP_HINT
+    code, failed = run_stopping_cleanly(lambda: run(args), hint)
+    return failed or code or 0
 
 
 if __name__ == "__main__":
