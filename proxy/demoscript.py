@@ -220,6 +220,17 @@ class Demo:
             return f"phase 2: rollout rolled back automatically: {reason}"
         return f"phase 2: UNEXPECTED: rollout {status['phase']}: {reason}"
 
+    async def rolled_back(self) -> None:
+        """"aborted" is the controller's decision; the weights follow as soon as they are
+        persisted, a moment later. Shown once they have."""
+        assert self.control is not None
+        settle_by = time.monotonic() + 5
+        while time.monotonic() < settle_by:
+            route = next(r for r in self.control.proxy.table.routes if r.name == SERVICE)
+            if route.weights.get("canary", 0) == 0:
+                return
+            await asyncio.sleep(0.02)
+
     async def wait_for_end(self) -> dict[str, Any]:
         """The rollout's status once it completed or aborted; the demo gives up after about
         twice as long as the steps take (a machine too busy to show anything)."""
@@ -231,6 +242,8 @@ class Demo:
         while True:
             status = rollout.status()
             if status["phase"] in ("completed", "aborted"):
+                if status["phase"] == "aborted":
+                    await self.rolled_back()
                 if self.view is not None:
                     self.view.check()  # the decision is on screen before the verdict
                 return status
