@@ -412,7 +412,6 @@ def start_with_nofile(pm: bench.ProcessManager, name: str, argv: list[str], nofi
 
 
 def nginx_conf(prefix: Path, port: int, backend_port: int, worker_connections: int) -> str:
-    tmp = prefix / "tmp"
     return f"""daemon off;
 master_process off;
 worker_processes 1;
@@ -423,15 +422,7 @@ events {{
     worker_connections {worker_connections};
 }}
 http {{
-    access_log off;
-    keepalive_timeout 600s;
-    keepalive_requests 1000000;
-    client_body_temp_path {tmp}/client_body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    upstream backend {{
+{bench.nginx_http_common(prefix, keepalive_timeout="600s")}    upstream backend {{
         server {HOST}:{backend_port};
         keepalive 64;
     }}
@@ -554,15 +545,8 @@ def render(results: list[Result], args: argparse.Namespace) -> str:
             "-" if r.slope_rss is None else f"{r.slope_rss:,.0f}",
             "-" if r.upfront_per_slot is None else f"{r.upfront_per_slot:,.0f}",
             f"{r.after_close.rss / 2**20:.1f} MiB", r.nofile))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [f"{args.connections:,} idle keep-alive connections, one request each, "
-             f"in {args.steps} steps"]
-    for n, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0])]
-        cells += [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
-        lines.append("  ".join(cells))
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
+             f"in {args.steps} steps", bench.format_table(rows)]
     weir = next((r for r in results if r.name == "weir"), None)
     ref = next((r for r in results if r.name == "nginx"), None)
     if weir is not None and weir.per_conn_rss is not None:

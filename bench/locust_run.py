@@ -370,18 +370,6 @@ def run(args: argparse.Namespace) -> Result:
 # --------------------------------------------------------------------------
 
 
-def _table(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for n, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0])]
-        cells += [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
-        lines.append("  ".join(cells))
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def _f(value: float | None) -> str:
     return "-" if value is None else f"{value:g}"
 
@@ -411,7 +399,7 @@ def render(args: argparse.Namespace, result: Result) -> str:
     for r in result.rows:
         rows.append((r.name, f"{r.requests:,}", f"{r.failures:,}", f"{r.rps:.1f}",
                      _f(r.p50_ms), _f(r.p95_ms), _f(r.p99_ms)))
-    out.append(_table(rows))
+    out.append(bench.format_table(rows))
     for name, error, n in result.failures[:10]:
         out.append(f"failure: {n:,} x {name}: {error}")
 
@@ -431,7 +419,7 @@ def render(args: argparse.Namespace, result: Result) -> str:
         cells = [f"{counts[v]:,} ({100 * counts[v] / total:.1f}%)" if total else "0"
                  for v in VERSIONS]
         rows.append((kind, f"{total:,}", *cells, expected[kind]))
-    out.append(_table(rows))
+    out.append(bench.format_table(rows))
     u = split["users"]
     hashed = u["stable"] + u["canary"]
     share = f"{100 * u['canary'] / hashed:.1f}%" if hashed else "-"

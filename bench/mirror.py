@@ -308,15 +308,7 @@ def render_table(summaries: list[Summary]) -> str:
                 *((f"{s.mirror.get(o, 0):,}" if mirrored else "-") for o in OUTCOMES),
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = []
-    for n, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0])]
-        cells += [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
-        lines.append("  ".join(cells))
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return bench.format_table(rows)
 
 
 def _noisy(s: Summary) -> bool:

@@ -329,10 +329,12 @@ events {{
 """
 
 
-def _nginx_http_common(prefix: Path) -> str:
+def nginx_http_common(prefix: Path, keepalive_timeout: str = "75s") -> str:
+    """The http block's settings every nginx in bench/ shares: no access log, long keep-alive,
+    temp files under its own prefix."""
     tmp = prefix / "tmp"
     return f"""    access_log off;
-    keepalive_timeout 75s;
+    keepalive_timeout {keepalive_timeout};
     keepalive_requests 1000000;
     client_body_temp_path {tmp}/client_body;
     proxy_temp_path {tmp}/proxy;
@@ -346,7 +348,7 @@ def nginx_backend_conf(prefix: Path, port: int) -> str:
     return (
         _nginx_common(prefix)
         + "http {\n"
-        + _nginx_http_common(prefix)
+        + nginx_http_common(prefix)
         + f"""    server {{
         listen {HOST}:{port} backlog=4096;
         location / {{
@@ -363,7 +365,7 @@ def nginx_proxy_conf(prefix: Path, port: int, backend_port: int) -> str:
     return (
         _nginx_common(prefix)
         + "http {\n"
-        + _nginx_http_common(prefix)
+        + nginx_http_common(prefix)
         + f"""    upstream backend {{
         server {HOST}:{backend_port};
         keepalive 64;
@@ -875,7 +877,13 @@ def render_table(summaries: list[Summary]) -> str:
                 "-" if s.other_cpu_pct is None else f"{s.other_cpu_pct:.0f}",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return format_table(rows)
+
+
+def format_table(rows: list[tuple[str, ...]]) -> str:
+    """Rows of text as aligned columns: the first (a header, underlined) and the first column
+    left-aligned, the numbers right-aligned. Shared by every script in bench/."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for n, row in enumerate(rows):
         cells = [row[0].ljust(widths[0])]
