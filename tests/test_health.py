@@ -11,7 +11,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,19 +19,11 @@ from aiohttp import web
 from proxy.config import ConfigError, json_schema, parse_config
 from proxy.health import UpstreamHealth
 
+from . import inprocess_weir
 from .conftest import free_port, sample, serve_on_loopback, wait_for
-from .test_metrics import TOKEN, Weir, WeirLauncher
+from .inprocess_weir import TOKEN, Weir, WeirLauncher
 
-RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-@pytest.fixture
-async def weir(tmp_path: Path) -> AsyncIterator[WeirLauncher]:
-    launcher = WeirLauncher(tmp_path)
-    try:
-        yield launcher
-    finally:
-        await launcher.close()
+weir = inprocess_weir.weir  # the in-process Weir launcher fixture
 
 
 # --- backends whose health the test controls --------------------------------------------------

@@ -20,24 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 import websockets
 
 from proxy.mirror import MirrorPolicy, MirrorStats
 
-from .conftest import Backend, WeirProcess, exchange, free_port, wait_for
-from .test_metrics import Weir, WeirLauncher, run_all
+from . import inprocess_weir
+from .conftest import Backend, RawHandler, WeirProcess, exchange, free_port, wait_for
+from .inprocess_weir import Weir, WeirLauncher, run_all
 
-RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-@pytest.fixture
-async def weir(tmp_path: Path) -> AsyncIterator[WeirLauncher]:
-    launcher = WeirLauncher(tmp_path)
-    try:
-        yield launcher
-    finally:
-        await launcher.close()
+weir = inprocess_weir.weir  # the in-process Weir launcher fixture
 
 
 # --- helpers --------------------------------------------------------------------------------
