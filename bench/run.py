@@ -609,6 +609,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "repeatable, shell-split, e.g. --weir-arg '--workers 2' "
         "or --weir-arg=--workers --weir-arg=2",
     )
+    p.add_argument(
+        "--weir-tree",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="also run Weir from another checkout DIR as target NAME, in the same rounds: "
+        "an A/B comparison of two builds on one machine state; repeatable",
+    )
     p.add_argument("--proxy-cpus", default="0", help="taskset CPU list for the proxies (default 0)")
     p.add_argument(
         "--load-cpus", default="1", help="taskset CPU list for wrk and the backend (default 1)"
@@ -645,6 +653,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.rounds < 1 or args.users < 1 or args.warmup < 0:
         p.error("--rounds and --users must be >= 1, --warmup >= 0")
     args.weir_args = [a for chunk in args.weir_arg for a in shlex.split(chunk)]
+    args.weir_trees = []
+    for spec in args.weir_tree:
+        name, sep, tree = spec.partition("=")
+        if not sep or not name or name in PROXIES or name == BASELINE:
+            p.error(f"--weir-tree takes NAME=DIR with a new NAME; got {spec!r}")
+        if not (Path(tree) / "proxy").is_dir():
+            p.error(f"--weir-tree {spec!r}: no proxy package in {tree}")
+        args.weir_trees.append((name, Path(tree).resolve()))
     return args
 
 
@@ -699,6 +715,23 @@ def start_servers(
             ),
         )
 
+    def weir(name: str, port: int, tree: Path) -> Proc:
+        """Weir from the checkout at tree (this one, or another for an A/B run)."""
+        admin_port = free_port()
+        conf = workdir / f"{name}.yaml"
+        conf.write_text(weir_conf(port, admin_port, backend_port))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(tree), env.get("PYTHONPATH", "")) if p
+        )
+        return pm.start(
+            name,
+            pinned(args.proxy_cpus, sys.executable, "-m", "proxy", "run", "-c", str(conf),
+                   *args.weir_args),
+            cwd=tree,
+            env=env,
+        )
+
     backend_port = free_port()
     proc = nginx("backend", backend_port, None)
     wait_for_port(proc, backend_port, timeout)
@@ -719,32 +752,18 @@ def start_servers(
                 "haproxy", pinned(args.proxy_cpus, tools["haproxy"], "-db", "-f", str(conf))
             )
         else:
-            admin_port = free_port()
-            conf = workdir / "weir.yaml"
-            conf.write_text(weir_conf(port, admin_port, backend_port))
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join(
-                p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-            )
-            proc = pm.start(
-                "weir",
-                pinned(
-                    args.proxy_cpus,
-                    sys.executable,
-                    "-m",
-                    "proxy",
-                    "run",
-                    "-c",
-                    str(conf),
-                    *args.weir_args,
-                ),
-                cwd=REPO_ROOT,
-                env=env,
-            )
+            proc = weir(name, port, REPO_ROOT)
             headers = sticky
         wait_for_port(proc, port, timeout)
         wait_for_http_ok(proc, port, timeout, headers)
         print(f"{name} on {HOST}:{port} (cpu {args.proxy_cpus})", file=sys.stderr)
+        targets.append(Target(name, port, proc))
+    for name, tree in args.weir_trees:
+        port = free_port()
+        proc = weir(name, port, tree)
+        wait_for_port(proc, port, timeout)
+        wait_for_http_ok(proc, port, timeout, sticky)
+        print(f"{name} on {HOST}:{port} from {tree} (cpu {args.proxy_cpus})", file=sys.stderr)
         targets.append(Target(name, port, proc))
     return backend, targets
 
@@ -977,7 +996,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         cleanup(pm, workdir, args.keep_tmp)
 
-    names = [n for n in (BASELINE, *PROXIES) if n in runs]
+    names = [n for n in (BASELINE, *PROXIES, *(n for n, _ in args.weir_trees)) if n in runs]
     summaries = [summarize(n, runs[n]) for n in names]
     ref = next((s for s in summaries if s.name == REFERENCE), None)
     for s in summaries:
