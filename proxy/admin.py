@@ -89,7 +89,7 @@ class AdminServer:
     @property
     def port(self) -> int:
         assert self.site is not None and self.site._server is not None
-        return int(self.site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        return int(self.site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr,attr-defined]
 
     async def stop(self) -> None:
         await self.history.stop()

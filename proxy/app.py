@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import request_path_build
 from .accesslog import AccessLog
 from .admin import AdminServer
 from .config import Config, ConfigError, load_config, split_address
@@ -228,8 +229,9 @@ async def serve(config_path: Path, config: Config) -> int:
     control.start_sync()
     control.start_watching()
     control.rollouts.start()
-    log.info("weir listening on %s (admin on %s), %d service(s), config generation %d",
-             config.listen, config.admin.listen, len(config.services), control.generation)
+    log.info("weir listening on %s (admin on %s), %d service(s), config generation %d, "
+             "request path %s", config.listen, config.admin.listen, len(config.services),
+             control.generation, request_path_build())
     settle_garbage_collector()
     await signals.stop.wait()
 

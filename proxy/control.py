@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import request_path_build
 from .config import Config, ConfigError, load_config
 from .metrics import Metrics
 from .rollout import RolloutController
@@ -320,6 +321,7 @@ class ControlPlane:
                     for p in self.proxy.pools.pools.values() if p.draining]
         status: dict[str, Any] = {
             "generation": self.generation,
+            "request_path": request_path_build(),
             "config_file": str(self.config_path) if self.config_path else None,
             "state_file": str(self.state.path) if self.state.path else None,
             "state_store": self.store.describe(),

@@ -114,8 +114,8 @@ class HealthMonitor:
         for address, policy in policies.items():
             self.configure(self.pools.pools[address], policy, address in added)
         for address in list(self._probes):
-            policy = policies.get(address)
-            if policy is None or policy.check is None or address in added | changed:
+            wanted = policies.get(address)
+            if wanted is None or wanted.check is None or address in added | changed:
                 self._probes.pop(address).cancel()
         if self.running:
             self.start_probes()

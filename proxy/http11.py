@@ -3,39 +3,40 @@
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Final
 
 # RFC 9110 7.6.1 plus the legacy names that proxies still have to strip.
-HOP_BY_HOP = frozenset({
+HOP_BY_HOP: Final = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
     b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
 })
 
 # Request headers Weir rewrites itself rather than passing on as sent.
-REQUEST_REWRITTEN = HOP_BY_HOP | {
+REQUEST_REWRITTEN: Final = HOP_BY_HOP | {
     b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
 }
 
 # Response headers Weir frames or sets itself.
-RESPONSE_REWRITTEN = HOP_BY_HOP | {b"x-weir-version"}
+RESPONSE_REWRITTEN: Final = HOP_BY_HOP | {b"x-weir-version"}
 # Response headers the data plane must look at: the rewritten ones and the body's length.
-RESPONSE_NOTED = RESPONSE_REWRITTEN | {b"content-length"}
+RESPONSE_NOTED: Final = RESPONSE_REWRITTEN | {b"content-length"}
 
 # Headers whose listing in Connection must not make us drop them.
-CONNECTION_OPTIONS_IGNORED = frozenset({b"close", b"keep-alive", b"upgrade"})
+CONNECTION_OPTIONS_IGNORED: Final = frozenset({b"close", b"keep-alive", b"upgrade"})
 
-IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
-STATUS_LINES: dict[int, bytes] = {
+STATUS_LINES: Final[dict[int, bytes]] = {
     s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus
 }
 
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-VIA = b"via: 1.1 weir\r\n"
-CRLF = b"\r\n"
-LAST_CHUNK = b"0\r\n\r\n"
-CONNECTION_CLOSE = b"connection: close\r\n"
-CONNECTION_KEEP_ALIVE = b"connection: keep-alive\r\n"
-TRANSFER_CHUNKED = b"transfer-encoding: chunked\r\n"
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+VIA: Final = b"via: 1.1 weir\r\n"
+CRLF: Final = b"\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
+CONNECTION_CLOSE: Final = b"connection: close\r\n"
+CONNECTION_KEEP_ALIVE: Final = b"connection: keep-alive\r\n"
+TRANSFER_CHUNKED: Final = b"transfer-encoding: chunked\r\n"
 
 
 def status_line(status: int, reason: bytes = b"") -> bytes:
@@ -45,7 +46,8 @@ def status_line(status: int, reason: bytes = b"") -> bytes:
     return line
 
 
-PLAIN_CONNECTION_VALUES = frozenset({b"keep-alive", b"close", b"upgrade", b"Keep-Alive", b"Close"})
+PLAIN_CONNECTION_VALUES: Final = frozenset({b"keep-alive", b"close", b"upgrade", b"Keep-Alive",
+                                            b"Close"})
 
 
 def connection_tokens(value: bytes) -> set[bytes]:

@@ -115,7 +115,7 @@ class LiveStateCollector(Collector):
         for address, pool in sorted(self.proxy.pools.pools.items()):
             for attribute, family in families.items():
                 family.add_metric([address], getattr(pool, attribute))
-            idle.add_metric([address], len(pool.idle))
+            idle.add_metric([address], pool.idle_count)
             active.add_metric([address], pool.inflight)
         yield from families.values()
         yield idle

@@ -11,7 +11,6 @@ read time, so a dead worker's drop out at once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -92,31 +91,6 @@ class ReportBuilder:
         }
 
 
-class RemoteGauge:
-    """Stands in for a supervisor-side pool's ``active`` set or ``idle`` list: its length is
-    the sum of what the live workers last reported, and it holds nothing to close."""
-
-    __slots__ = ("per_worker",)
-
-    def __init__(self) -> None:
-        self.per_worker: dict[int, int] = {}
-
-    def __len__(self) -> int:
-        return sum(self.per_worker.values())
-
-    def __bool__(self) -> bool:
-        # Empty to the pool code that would close what it holds (``while pool.idle:
-        # pool.idle.pop()`` when a pool starts draining): the connections are the workers'.
-        # Only len() counts them, for the metrics and /api/status.
-        return False
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(())
-
-    def forget(self, worker: int) -> None:
-        self.per_worker.pop(worker, None)
-
-
 def merge(proxy: ProxyServer, worker: int, report: dict[str, Any]) -> None:
     """Supervisor side: add one worker's report into the supervisor's registries."""
     stats = proxy.stats
@@ -146,9 +120,7 @@ def merge(proxy: ProxyServer, worker: int, report: dict[str, Any]) -> None:
     gauges = report["gauges"]
     for key, pool in pools.items():
         active, idle = gauges.get(key, (0, 0))
-        for gauge, value in ((pool.active, active), (pool.idle, idle)):
-            if isinstance(gauge, RemoteGauge):
-                gauge.per_worker[worker] = value
+        pool.reported[worker] = (active, idle)
     health = proxy.health
     _add(health.rejections, report["rejections"])
     for key, count in report["ejections"].items():
@@ -158,9 +130,7 @@ def merge(proxy: ProxyServer, worker: int, report: dict[str, Any]) -> None:
 def forget_worker(proxy: ProxyServer, worker: int) -> None:
     """A worker is gone: its in-flight and idle gauges drop out (its counters stay)."""
     for pool in proxy.pools.pools.values():
-        for gauge in (pool.active, pool.idle):
-            if isinstance(gauge, RemoteGauge):
-                gauge.forget(worker)
+        pool.reported.pop(worker, None)
 
 
 def _add(into: dict[Any, int], gains: dict[Any, int]) -> None:

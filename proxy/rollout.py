@@ -153,8 +153,8 @@ class ServiceRollout:
         self.name = service.name
         self.service = service
         self.record = RolloutRecord()
-        self.step_window: MeasurementWindow | None = None
-        self.background: MeasurementWindow | None = None
+        self.step_window: MeasurementWindow | PrometheusWindow | None = None
+        self.background: MeasurementWindow | PrometheusWindow | None = None
         self.ramp: asyncio.Task[None] | None = None
         self.pending_start = False
 
@@ -512,7 +512,7 @@ class ServiceRollout:
         """Pre-promotion checks against every upstream of the preview colour."""
         preview = self.idle_colour
         version = self.service.versions[preview]
-        scheme, tls = "http", {}
+        scheme, tls = "http", dict[str, Any]()
         if version.tls is not None:
             # Checked as the proxy would connect: the same CA, verification and name.
             scheme = "https"

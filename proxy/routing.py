@@ -12,9 +12,9 @@ import random
 import re
 import uuid
 from bisect import bisect_right
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from itertools import accumulate
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 from urllib.parse import unquote_to_bytes
 
 from .config import Config, RuleMatch, Service, StringMatch, Timeouts, UpstreamTLS
@@ -24,12 +24,12 @@ from .retry import RetryPolicy, budget_for
 from .stats import StatsRegistry, VersionStats
 
 # Why a request went to its version; shown in access logs and metrics.
-REASON_RULE = "rule"
-REASON_STICKY = "sticky"
-REASON_WEIGHT = "weight"
+REASON_RULE: Final = "rule"
+REASON_STICKY: Final = "sticky"
+REASON_WEIGHT: Final = "weight"
 
-_HOST_CACHE_LIMIT = 4096
-_STICKY_CACHE_LIMIT = 65536
+_HOST_CACHE_LIMIT: Final = 4096
+_STICKY_CACHE_LIMIT: Final = 65536
 
 
 class RoutedRequest(Protocol):
@@ -42,6 +42,8 @@ class RoutedRequest(Protocol):
 class Balancer(Protocol):
     """An upstream set for one version; owned by the data plane, looked up by address list."""
 
+    @property
+    def pools(self) -> Sequence[Any]: ...
     def pick(self) -> object: ...
     def pick_excluding(self, tried: Collection[Any]) -> object: ...
 

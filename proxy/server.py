@@ -16,7 +16,7 @@ import logging
 import resource
 from collections import deque
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
@@ -49,25 +49,25 @@ if TYPE_CHECKING:
 log = logging.getLogger("weir.server")
 
 # Body bytes held per exchange while its upstream connection is being opened.
-BUFFER_HIGH_WATER = 256 * 1024
+BUFFER_HIGH_WATER: Final = 256 * 1024
 
-PAUSE_QUEUE = 1      # a pipelined request waits behind the active one
-PAUSE_UPSTREAM = 2   # the upstream's write buffer is full
-PAUSE_BUFFER = 4     # body bytes are piling up while we connect
-PAUSE_CLOSING = 8    # we will close after the active exchange: read no more requests
+PAUSE_QUEUE: Final = 1      # a pipelined request waits behind the active one
+PAUSE_UPSTREAM: Final = 2   # the upstream's write buffer is full
+PAUSE_BUFFER: Final = 4     # body bytes are piling up while we connect
+PAUSE_CLOSING: Final = 8    # we will close after the active exchange: read no more requests
 
 # On a circuit breaker's 503: requests in flight finish quickly, so a retry soon may work.
-RETRY_AFTER = b"retry-after: 1\r\n"
+RETRY_AFTER: Final = b"retry-after: 1\r\n"
 
 
 # How often, at most, "max_connections reached" is logged while connections are being refused.
-LIMIT_WARNING_INTERVAL = 10.0
+LIMIT_WARNING_INTERVAL: Final = 10.0
 
 # File descriptors kept back from the default max_connections for listeners, the admin API,
 # idle pooled upstream connections, health checks and log files.
-RESERVED_FDS = 100
+RESERVED_FDS: Final = 100
 
-OVER_CAPACITY = simple_response(503, "too many connections; try again later", close=True)
+OVER_CAPACITY: Final = simple_response(503, "too many connections; try again later", close=True)
 
 
 def default_max_connections() -> int:
@@ -219,6 +219,7 @@ class Exchange:
         # already closed (the stale keep-alive race). The usual GET takes the most recently
         # used idle connection without a call (pool.take_idle's fast path, inlined).
         idle = pool.idle
+        conn: UpstreamConnection | None
         if idle and not self.has_body and self.method in IDEMPOTENT_METHODS:
             conn = idle.pop()
             if conn.closed:
@@ -559,7 +560,7 @@ class Exchange:
         target = self.target
         assert route is not None and target is not None
         tried = self.tried = [*(tried or ()), self.pool]
-        pool = target.balancer.pick_excluding(tried)  # type: ignore[attr-defined]
+        pool: UpstreamPool | None = target.balancer.pick_excluding(tried)  # type: ignore
         if pool is None:
             return False  # nothing healthy left to try: the failure is the answer
         stats = self.client.server.stats

@@ -5,6 +5,7 @@ microseconds; a dict increment costs a fraction of one)."""
 from __future__ import annotations
 
 from bisect import bisect_left
+from typing import Final
 
 from .mirror import MirrorStats
 from .retry import RetryBudget
@@ -16,9 +17,9 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 # What is counted is finer: bounds 10% apart from 0.1 ms to 60 s, plus the exported ones, so
 # the controller's percentiles are within a few percent; exported buckets are sums of these.
-FINE_BUCKETS = tuple(sorted({round(0.0001 * 1.1 ** i, 7) for i in range(141)}
+FINE_BUCKETS: Final = tuple(sorted({round(0.0001 * 1.1 ** i, 7) for i in range(141)}
                             | set(DURATION_BUCKETS)))
-_EXPORTED_INDEX = tuple(FINE_BUCKETS.index(b) for b in DURATION_BUCKETS)
+_EXPORTED_INDEX: Final = tuple(FINE_BUCKETS.index(b) for b in DURATION_BUCKETS)
 
 
 class Window:

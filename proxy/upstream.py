@@ -13,7 +13,7 @@ import select
 import ssl
 import sys
 from collections.abc import Callable, Collection
-from typing import Protocol
+from typing import Final, Protocol
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
@@ -24,7 +24,7 @@ from .tls import upstream_context
 log = logging.getLogger("weir.upstream")
 
 # Like nginx's proxy_buffer_size, but roomier: a response head is held whole until it ends.
-MAX_RESPONSE_HEAD = 32 * 1024
+MAX_RESPONSE_HEAD: Final = 32 * 1024
 
 
 class ResponseSink(Protocol):
@@ -294,8 +294,8 @@ class UpstreamPool:
     __slots__ = ("_drain_timer", "active", "address", "available", "connect_errors",
                  "connect_timeout", "drain_label", "draining", "eject_after", "failures", "host",
                  "idle", "idle_timeout", "key", "loop", "max_idle", "max_requests",
-                 "on_outlier", "port", "retries", "server_hostname", "ssl", "timeouts", "tls",
-                 "unreachable")
+                 "on_outlier", "port", "reported", "retries", "server_hostname", "ssl", "timeouts",
+                 "tls", "unreachable")
 
     def __init__(self, address: str, settings: UpstreamSettings,
                  loop: asyncio.AbstractEventLoop, tls: UpstreamTLS | None = None,
@@ -312,6 +312,9 @@ class UpstreamPool:
         # Exchanges using this upstream (requests in flight, streams, tunnels): the balancer
         # counts them, and draining closes those still open when its time is up.
         self.active: set[Closable] = set()
+        # Under `weir run --workers N` the supervisor's pools carry no traffic: each worker
+        # reports its own (in flight, idle) here, by worker id, for the metrics and status.
+        self.reported: dict[int, tuple[int, int]] = {}
         self.draining = False
         self.drain_label: tuple[str, str] = ("", "")
         self._drain_timer: asyncio.TimerHandle | None = None
@@ -333,7 +336,16 @@ class UpstreamPool:
 
     @property
     def inflight(self) -> int:
+        """Requests in flight: this process's, or under --workers the workers' last reports."""
+        if self.reported:
+            return len(self.active) + sum(active for active, _ in self.reported.values())
         return len(self.active)
+
+    @property
+    def idle_count(self) -> int:
+        if self.reported:
+            return len(self.idle) + sum(idle for _, idle in self.reported.values())
+        return len(self.idle)
 
     def apply(self, settings: UpstreamSettings) -> None:
         self.connect_timeout = settings.timeouts.connect

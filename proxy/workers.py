@@ -27,7 +27,7 @@ from .admin import AdminServer
 from .app import ProcessSignals, ProxyServer, open_store, settle_garbage_collector
 from .config import Config, split_address
 from .control import ControlPlane
-from .report import RemoteGauge, forget_worker, merge
+from .report import forget_worker, merge
 from .tls import CompiledTLS
 
 log = logging.getLogger("weir.workers")
@@ -58,13 +58,6 @@ class SupervisorProxy(ProxyServer):
         self._reload_tls = False
         self._health_pusher: asyncio.Task[None] | None = None
         self._health_flags: dict[str, bool] = {}
-        self._use_remote_gauges()
-
-    def _use_remote_gauges(self) -> None:
-        for pool in self.pools.pools.values():
-            if not isinstance(pool.active, RemoteGauge):
-                pool.active = RemoteGauge()  # type: ignore[assignment]
-                pool.idle = RemoteGauge()  # type: ignore[assignment]
 
     def apply_config(self, config: Config,
                      weights_override: dict[str, dict[str, int]] | None = None,
@@ -72,7 +65,6 @@ class SupervisorProxy(ProxyServer):
                      previews: dict[str, tuple[str, str]] | None = None) -> Any:
         table = super().apply_config(config, weights_override, generation, previews)
         self._weights, self._previews = weights_override, previews
-        self._use_remote_gauges()
         if self.workers is not None:
             self.workers.broadcast(ipc.CONFIG, self.config_message())
         self._reload_tls = False

@@ -170,7 +170,9 @@ def structured_request(draw: st.DrawFn) -> bytes:
             req.headers.insert(draw(st.integers(0, len(req.headers))),
                                draw(st.sampled_from(BAD_LINES)))
         elif anomaly == "obs_fold":
-            req.headers.insert(draw(st.integers(1, len(req.headers))), b" folded")
+            # After a header line where there is one (a fold first in the head is bad too).
+            n = len(req.headers)
+            req.headers.insert(draw(st.integers(min(1, n), n)), b" folded")
         elif anomaly == "bare_lf":
             req.eol = b"\n"
         elif anomaly == "bare_cr":
