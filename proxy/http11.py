@@ -20,6 +20,9 @@ REQUEST_REWRITTEN: Final = HOP_BY_HOP | {
 RESPONSE_REWRITTEN: Final = HOP_BY_HOP | {b"x-weir-version"}
 # Response headers the data plane must look at: the rewritten ones and the body's length.
 RESPONSE_NOTED: Final = RESPONSE_REWRITTEN | {b"content-length"}
+# Their lengths: most response headers (Date, Server, Content-Type, ...) are ruled out by
+# length alone, without lowering or hashing their names.
+RESPONSE_NOTED_LENGTHS: Final = frozenset(len(name) for name in RESPONSE_NOTED)
 
 # Headers whose listing in Connection must not make us drop them.
 CONNECTION_OPTIONS_IGNORED: Final = frozenset({b"close", b"keep-alive", b"upgrade"})
@@ -37,6 +40,23 @@ LAST_CHUNK: Final = b"0\r\n\r\n"
 CONNECTION_CLOSE: Final = b"connection: close\r\n"
 CONNECTION_KEEP_ALIVE: Final = b"connection: keep-alive\r\n"
 TRANSFER_CHUNKED: Final = b"transfer-encoding: chunked\r\n"
+
+
+# Header names as they arrive, lower-cased. A few spellings make up nearly all traffic, so a
+# dict lookup replaces a lower() call and a new bytes object per header; names that are long,
+# or that arrive once the table is full, are lowered each time instead of held.
+_LOWERED: Final[dict[bytes, bytes]] = {}
+_LOWERED_MAX_ENTRIES: Final = 1024
+_LOWERED_MAX_NAME: Final = 64
+
+
+def lowered(name: bytes) -> bytes:
+    lname = _LOWERED.get(name)
+    if lname is None:
+        lname = name.lower()
+        if len(name) <= _LOWERED_MAX_NAME and len(_LOWERED) < _LOWERED_MAX_ENTRIES:
+            _LOWERED[name] = lname
+    return lname
 
 
 def status_line(status: int, reason: bytes = b"") -> bytes:

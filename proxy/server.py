@@ -33,6 +33,7 @@ from .http11 import (
     TRANSFER_CHUNKED,
     VIA,
     connection_tokens,
+    lowered,
     simple_response,
     split_absolute_form,
     status_line,
@@ -855,7 +856,7 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.current
         assert ex is not None
-        lname = name.lower()
+        lname = lowered(name)
         if lname not in REQUEST_REWRITTEN:
             ex.forward += (name, b": ", value, CRLF)
         self.head_bytes += len(name) + len(value) + 4

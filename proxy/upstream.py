@@ -18,7 +18,7 @@ from typing import Final, Protocol
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from .config import UpstreamSettings, UpstreamTLS, split_address
-from .http11 import CRLF, RESPONSE_NOTED, RESPONSE_REWRITTEN
+from .http11 import CRLF, RESPONSE_NOTED, RESPONSE_NOTED_LENGTHS, RESPONSE_REWRITTEN, lowered
 from .tls import upstream_context
 
 log = logging.getLogger("weir.upstream")
@@ -152,11 +152,12 @@ class UpstreamConnection(asyncio.Protocol):
     # --- httptools callbacks --------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        lname = name.lower()
-        if lname in RESPONSE_NOTED:
-            self._noted.append((lname, value))
-            if lname in RESPONSE_REWRITTEN:
-                return
+        if len(name) in RESPONSE_NOTED_LENGTHS:
+            lname = lowered(name)
+            if lname in RESPONSE_NOTED:
+                self._noted.append((lname, value))
+                if lname in RESPONSE_REWRITTEN:
+                    return
         self._lines += (name, b": ", value, CRLF)
 
     def _head_too_large(self) -> bool:

@@ -535,3 +535,16 @@ async def test_service_timeouts_override_the_global_ones(start_backend, start_pr
     [response] = await exchange(proxy.port, get("/slow?delay=3"))
     assert response.status == 504
     assert asyncio.get_running_loop().time() - started < 2
+
+
+def test_header_names_lowered_from_a_bounded_table() -> None:
+    # Clients choose header names: a flood of new ones must not grow the table without end.
+    from proxy import http11
+
+    assert http11.lowered(b"Content-LENGTH") == b"content-length"
+    for i in range(3000):
+        assert http11.lowered(b"X-Junk-%d" % i) == b"x-junk-%d" % i
+    long_name = b"X-" + b"A" * 200
+    assert http11.lowered(long_name) == long_name.lower()
+    assert long_name not in http11._LOWERED
+    assert len(http11._LOWERED) <= http11._LOWERED_MAX_ENTRIES
