@@ -15,9 +15,11 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-# The modules every proxied request runs through; the rest of Weir stays interpreted.
+# The modules every proxied request runs through (mirror.py for every request of a mirrored
+# service); the rest of Weir stays interpreted.
 COMPILED_MODULES = [
     "proxy/http11.py",
+    "proxy/mirror.py",
     "proxy/routing.py",
     "proxy/server.py",
     "proxy/stats.py",

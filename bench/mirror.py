@@ -600,8 +600,17 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve_slow is not None:
+        # On uvloop where it is installed (it is with Weir): the shadow shares the load CPU
+        # with wrk and the backend, and every microsecond it spends there is latency that
+        # wrk would blame on the proxy.
+        try:
+            import uvloop
+        except ImportError:
+            run_loop: Any = asyncio.run
+        else:
+            run_loop = uvloop.run
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve_slow(args.serve_slow, args.shadow_delay_ms / 1000.0))
+            run_loop(serve_slow(args.serve_slow, args.shadow_delay_ms / 1000.0))
         return 0
     hint = "" if args.keep_tmp else bench.KEEP_TMP_HINT
     code, failed = bench.run_stopping_cleanly(lambda: run(args), hint)

@@ -12,7 +12,7 @@ import time
 from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .mirror import MirrorCopy
+    from .routing import VersionTarget
     from .server import Exchange
 
 
@@ -42,8 +42,8 @@ class AccessLog:
         }
         self.stream.write(json.dumps(entry, separators=(",", ":")) + "\n")
 
-    def mirror(self, copy: MirrorCopy, outcome: str, path: bytes, method: bytes) -> None:
-        target = copy.policy.target
+    def mirror(self, target: VersionTarget, shadow_status: int, outcome: str, path: bytes,
+               method: bytes) -> None:
         entry = {
             "time": round(time.time(), 3),
             "method": method.decode(),
@@ -51,7 +51,7 @@ class AccessLog:
             "service": target.service,
             "version": target.name,
             "reason": "mirror",
-            "status": copy.shadow_status or None,
+            "status": shadow_status or None,
             "outcome": outcome,
         }
         self.stream.write(json.dumps(entry, separators=(",", ":")) + "\n")

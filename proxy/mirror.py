@@ -37,6 +37,10 @@ MIRROR_SKIP = REQUEST_REWRITTEN | {b"host", b"content-length"}
 FAILURES_BEFORE_BACKOFF = 5
 BACKOFF_SECONDS = 1.0
 MISMATCHES_KEPT = 20
+# Weight of the newest copy in the running average of how long a copy takes (see pacing).
+DURATION_SMOOTHING = 0.1
+# Copies that may start back to back, after a lull, before the pacing spaces them out.
+PACING_BURST = 4
 
 
 class MirrorStats:
@@ -53,9 +57,10 @@ class MirrorStats:
 class MirrorPolicy:
     """One compiled ``mirror`` entry of a service, with its shared limits."""
 
-    __slots__ = ("backoff_until", "compare", "consecutive_failures", "fraction", "host_suffix",
-                 "inflight", "max_body", "max_concurrent", "max_queued", "methods",
-                 "queued_bytes", "stats", "target", "timeout")
+    __slots__ = ("average_seconds", "backoff_until", "compare", "consecutive_failures",
+                 "fraction", "host_suffix", "inflight", "max_body", "max_concurrent",
+                 "max_queued", "methods", "next_start", "queued_bytes", "stats", "target",
+                 "timeout")
 
     def __init__(self, config: Mirror, target: VersionTarget, stats: MirrorStats) -> None:
         self.target = target
@@ -72,6 +77,14 @@ class MirrorPolicy:
         self.queued_bytes = 0
         self.consecutive_failures = 0
         self.backoff_until = 0.0
+        # Pacing. A shadow slower than the traffic holds all max_concurrent slots; they free
+        # up together and would be taken again together, so copies would go out and their
+        # answers come back in bursts that delay the users' requests around them. Instead
+        # copies start no closer together than average_seconds / max_concurrent: the rate
+        # at which the shadow finishes them, spread evenly (PACING_BURST may go together).
+        # A shadow that keeps up holds few slots and is not paced at all (see has_room).
+        self.average_seconds = 0.0  # of a copy, from sending to its end; 0 until one ends
+        self.next_start = 0.0
 
     def wants(self, method: bytes) -> bool:
         return method in self.methods and (self.fraction >= 1.0
@@ -80,13 +93,50 @@ class MirrorPolicy:
     def count(self, outcome: str) -> None:
         self.stats.outcomes[outcome] += 1
 
+    def has_room(self) -> bool:
+        """Whether a copy could be sent now: fewer than max_concurrent in flight, not backing
+        off from a shadow that refuses connections, and due by the pacing. Checked before a
+        copy is built, so that while the shadow is busy or down the copies it cannot take
+        cost a counter, not an object per request."""
+        inflight = self.inflight
+        if inflight >= self.max_concurrent:
+            return False
+        # Paced only once the shadow holds half its slots: below that it keeps up, and the
+        # copies go out as the requests come.
+        paced = self.average_seconds and inflight * 2 >= self.max_concurrent
+        if self.backoff_until or paced:
+            now = monotonic()
+            return now >= self.backoff_until and (not paced or now >= self.next_start)
+        return True
+
+    def started(self, now: float) -> None:
+        """A copy is on its way: the next one is due one spacing later (a token bucket that
+        holds PACING_BURST spacings)."""
+        if self.average_seconds:
+            spacing = self.average_seconds / self.max_concurrent
+            self.next_start = max(self.next_start, now - PACING_BURST * spacing) + spacing
+
+    def ended(self, seconds: float) -> None:
+        """A sent copy was answered or timed out after ``seconds``."""
+        if self.average_seconds:
+            self.average_seconds += DURATION_SMOOTHING * (seconds - self.average_seconds)
+        else:
+            self.average_seconds = seconds
+
+    def drop(self, exchange: Exchange) -> None:
+        """Count a copy dropped before it was built (see has_room)."""
+        self.stats.outcomes["dropped"] += 1
+        access_log = exchange.client.server.access_log
+        if access_log is not None:
+            access_log.mirror(self.target, 0, "dropped", exchange.url, exchange.method)
+
 
 class MirrorCopy:
     """The copy of one request; it implements what UpstreamConnection reports to."""
 
     __slots__ = ("access_log", "body", "body_size", "conn", "digest", "done", "exchange",
                  "head_request", "keep_alive", "method", "path", "policy", "pool", "primary",
-                 "shadow_status", "too_large")
+                 "sent_at", "shadow_status", "too_large")
 
     def __init__(self, policy: MirrorPolicy, exchange: Exchange) -> None:
         self.policy = policy
@@ -105,6 +155,7 @@ class MirrorCopy:
         self.keep_alive = False
         self.primary: tuple[int, str] | None = None  # (status, body digest) once known
         self.done = False
+        self.sent_at = 0.0
 
     # --- fed by the primary exchange ------------------------------------------------------
 
@@ -124,9 +175,10 @@ class MirrorCopy:
         exchange = self.exchange
         if exchange is None:
             return
+        now = monotonic()
         if (self.too_large or policy.inflight >= policy.max_concurrent
                 or policy.queued_bytes + self.body_size > policy.max_queued
-                or monotonic() < policy.backoff_until):
+                or now < policy.backoff_until):
             self.finish("dropped")
             return
         pool: UpstreamPool | None = policy.target.balancer.pick()  # type: ignore[assignment]
@@ -139,6 +191,8 @@ class MirrorCopy:
         self.body = []
         policy.inflight += 1
         policy.queued_bytes += self.body_size
+        policy.started(now)
+        self.sent_at = now
         self.pool = pool
         pool.active.add(self)  # type: ignore[arg-type]
         conn = pool.take_idle()
@@ -242,6 +296,8 @@ class MirrorCopy:
         policy = self.policy
         policy.count(outcome)
         if self.pool is not None:
+            if outcome in ("success", "timeout"):
+                policy.ended(monotonic() - self.sent_at)
             self.pool.active.discard(self)  # type: ignore[arg-type]
             policy.inflight -= 1
             policy.queued_bytes -= self.body_size
@@ -249,7 +305,8 @@ class MirrorCopy:
         if outcome == "success" and self.digest is not None:
             self.compare_when_ready()
         if self.access_log is not None:
-            self.access_log.mirror(self, outcome, self.path, self.method)
+            self.access_log.mirror(policy.target, self.shadow_status, outcome, self.path,
+                                   self.method)
 
     def primary_finished(self, status: int, digest: str) -> None:
         self.primary = (status, digest)

@@ -246,6 +246,9 @@ class Exchange:
         method = self.method
         for policy in policies:
             if policy.wants(method):
+                if not policy.has_room():
+                    policy.drop(self)
+                    continue
                 if self.mirrors is None:
                     self.mirrors = []
                 self.mirrors.append(MirrorCopy(policy, self))
