@@ -7,7 +7,12 @@ Three Weir instances (pinned to the proxy CPU) serve the same primary service, o
 - ``no-mirror``: nothing else;
 - ``mirror-slow``: ``mirror: [{version: shadow, percent: 100}]``, where the shadow is a tiny
   asyncio server (this file, ``--serve-slow``) that answers every request after 200 ms;
-- ``mirror-refused``: the same, but the shadow's upstream is a port nobody listens on.
+- ``mirror-refused``: the same, but the shadow's upstream is a port nobody listens on;
+- ``shadow-busy``: a control, not a fourth Weir: the ``no-mirror`` Weir again, while a second
+  wrk keeps the slow shadow as busy as ``mirror-slow`` does (``max_concurrent`` connections)
+  from the load CPU. On a machine where the shadow must share a CPU with wrk and the backend,
+  the shadow's own work there moves the measured latency whoever sends it the requests;
+  ``mirror-slow`` against ``shadow-busy`` is the part of the change that is Weir's.
 
 wrk drives each one at a FIXED MODERATE RATE (a Lua ``delay()`` between requests on every
 connection), not at saturation: the claim is about the primary's latency at a given load, and
@@ -26,6 +31,7 @@ import asyncio
 import contextlib
 import http.client
 import json
+import math
 import os
 import re
 import socket
@@ -44,7 +50,10 @@ HOST = bench.HOST
 NO_MIRROR = "no-mirror"
 MIRROR_SLOW = "mirror-slow"
 MIRROR_REFUSED = "mirror-refused"
-CONFIGS: tuple[str, ...] = (NO_MIRROR, MIRROR_SLOW, MIRROR_REFUSED)
+SHADOW_BUSY = "shadow-busy"
+# Connections the control's wrk holds to the slow shadow: Weir's default mirror max_concurrent.
+SHADOW_BUSY_CONNECTIONS = 64
+CONFIGS: tuple[str, ...] = (NO_MIRROR, MIRROR_SLOW, MIRROR_REFUSED, SHADOW_BUSY)
 OUTCOMES: tuple[str, ...] = ("success", "error", "timeout", "dropped")
 TARGET_P99_CHANGE_PCT = 5.0  # the claim: mirroring moves the primary's p99 by at most this
 BUSY_WARN = 80.0  # % of a core: above this Weir is near saturation, not at a moderate rate
@@ -184,6 +193,7 @@ class Weir:
     name: str
     target: bench.Target
     admin_port: int
+    busy_shadow_url: str | None = None  # the control: load this while measuring
 
 
 @dataclass
@@ -220,6 +230,33 @@ def measure_once(
     stats_file: Path,
 ) -> Run:
     url = f"http://{HOST}:{weir.target.port}/"
+    busy: bench.Proc | None = None
+    if weir.busy_shadow_url is not None:
+        # Started through the process manager, so that its CPU counts as the bench's own
+        # and not as other processes' (which would void the verdicts).
+        seconds = math.ceil(args.warmup + args.duration + 3 * SETTLE_S) + 1
+        busy = pm.start("shadow-busy-wrk", [
+            tools["taskset"], "-c", args.load_cpus, tools["wrk"], "-t1",
+            f"-c{SHADOW_BUSY_CONNECTIONS}", f"-d{seconds}s", weir.busy_shadow_url])
+        time.sleep(SETTLE_S)  # its first answers come back after the shadow's delay
+    try:
+        return _measure(args, tools, pm, weir, script, stats_file, url)
+    finally:
+        if busy is not None:
+            busy.popen.terminate()
+            busy.popen.wait()
+            pm.procs.remove(busy)
+
+
+def _measure(
+    args: argparse.Namespace,
+    tools: dict[str, str],
+    pm: bench.ProcessManager,
+    weir: Weir,
+    script: Path,
+    stats_file: Path,
+    url: str,
+) -> Run:
     if args.warmup > 0:
         bench.run_wrk(
             tools["wrk"],
@@ -332,7 +369,7 @@ def notes(summaries: list[Summary]) -> list[str]:
             out.append(f"{s.name}: {s.errors} wrk errors (see --json for the breakdown)")
     base = summaries[0]
     for s in summaries[1:]:
-        if s.p99_change_pct is None:
+        if s.p99_change_pct is None or s.name == SHADOW_BUSY:
             continue
         verdict = "within" if s.p99_change_pct <= TARGET_P99_CHANGE_PCT else "OVER"
         if _noisy(s) or _noisy(base):
@@ -341,6 +378,22 @@ def notes(summaries: list[Summary]) -> list[str]:
             f"{s.name}: p99 {s.p99_change_pct:+.1f}% vs {base.name} at "
             f"{s.rps / base.rps:.2f}x its req/s ({verdict}; "
             f"target: at most +{TARGET_P99_CHANGE_PCT:g}%)"
+        )
+    by_name = {s.name: s for s in summaries}
+    slow, control = by_name.get(MIRROR_SLOW), by_name.get(SHADOW_BUSY)
+    if slow is not None and control is not None and control.p99_ms > 0:
+        if control.p99_change_pct is not None:
+            out.append(
+                f"{SHADOW_BUSY}: p99 {control.p99_change_pct:+.1f}% vs {base.name} with no "
+                "mirroring at all: what the busy shadow costs the load CPU it shares"
+            )
+        change = 100.0 * (slow.p99_ms - control.p99_ms) / control.p99_ms
+        verdict = "within" if change <= TARGET_P99_CHANGE_PCT else "OVER"
+        if _noisy(slow) or _noisy(control):
+            verdict = "no verdict, other processes were busy: rerun on a quiet machine"
+        out.append(
+            f"{MIRROR_SLOW}: p99 {change:+.1f}% vs {SHADOW_BUSY}, the shadow as busy in both: "
+            f"the part that is Weir's ({verdict}; target: at most +{TARGET_P99_CHANGE_PCT:g}%)"
         )
     return out
 
@@ -390,7 +443,7 @@ def start_servers(
     )
     shadows = {NO_MIRROR: None, MIRROR_SLOW: slow_port, MIRROR_REFUSED: refused_port}
     weirs: dict[str, Weir] = {}
-    for name in CONFIGS:
+    for name in (NO_MIRROR, MIRROR_SLOW, MIRROR_REFUSED):
         port, admin_port = bench.free_port(), bench.free_port()
         conf = workdir / f"{name}.yaml"
         conf.write_text(weir_mirror_conf(port, admin_port, backend_port, shadows[name]))
@@ -405,6 +458,10 @@ def start_servers(
         bench.wait_for_http_ok(proc, port, timeout)
         print(f"weir {name} on {HOST}:{port} (cpu {args.proxy_cpus})", file=sys.stderr)
         weirs[name] = Weir(name, bench.Target(name, port, proc), admin_port)
+    plain = weirs[NO_MIRROR]
+    weirs[SHADOW_BUSY] = Weir(SHADOW_BUSY, bench.Target(SHADOW_BUSY, plain.target.port,
+                                                        plain.target.proc),
+                              plain.admin_port, busy_shadow_url=f"http://{HOST}:{slow_port}/")
     return weirs
 
 
