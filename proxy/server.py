@@ -64,6 +64,10 @@ RETRY_AFTER: Final = b"retry-after: 1\r\n"
 # How often, at most, "max_connections reached" is logged while connections are being refused.
 LIMIT_WARNING_INTERVAL: Final = 10.0
 
+# After an error answer to a client that may still be sending (see ClientConnection.linger):
+# how long to read and discard what it sends before closing, like nginx's lingering_timeout.
+LINGER_SECONDS: Final = 2.0
+
 # File descriptors kept back from the default max_connections for listeners, the admin API,
 # idle pooled upstream connections, health checks and log files.
 RESERVED_FDS: Final = 100
@@ -703,7 +707,7 @@ class ClientConnection(asyncio.Protocol):
 
     __slots__ = (
         "active", "closing", "current", "deadline", "forwarded_for", "head_bytes",
-        "idle", "in_head",
+        "idle", "in_head", "lingering",
         "loop", "parser", "pause_flags", "peer", "peer_bytes", "queue", "server", "settings",
         "timer", "timer_at", "transport", "trusted", "tunnel", "tunnel_pending", "write_paused",
     )
@@ -727,6 +731,7 @@ class ClientConnection(asyncio.Protocol):
         self.closing = False
         self.tunnel: Exchange | None = None
         self.tunnel_pending: list[bytes] = []
+        self.lingering = False
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0.0
         self.deadline: float | None = None
@@ -774,6 +779,8 @@ class ClientConnection(asyncio.Protocol):
             if upstream is not None and upstream.transport is not None:
                 upstream.transport.write(data)
             return
+        if self.lingering:
+            return  # the answer (an error) is sent: what the client still sends is dropped
         if self.active is not None and self.active.upgrade:
             # Bytes after an upgrade request, before the upstream's 101: hold them.
             self.tunnel_pending.append(data)
@@ -873,6 +880,8 @@ class ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        if self.lingering:
+            return  # a request pipelined behind an error answer: dropped with the rest
         ex = self.current
         assert ex is not None
         if self.head_bytes > self.settings.max_header_bytes:
@@ -907,11 +916,13 @@ class ClientConnection(asyncio.Protocol):
             self.set_pause(PAUSE_QUEUE, True)
 
     def on_body(self, body: bytes) -> None:
+        if self.lingering:
+            return
         self.current.on_request_body(body)  # type: ignore[union-attr]
 
     def on_message_complete(self) -> None:
         ex, self.current = self.current, None
-        if ex is not None:
+        if ex is not None and not self.lingering:
             ex.on_request_complete()
 
     # --- exchange lifecycle ---------------------------------------------------------------
@@ -923,7 +934,10 @@ class ClientConnection(asyncio.Protocol):
         if self.pause_flags:
             self.set_pause(PAUSE_UPSTREAM | PAUSE_BUFFER, False)
         if not ex.keep_client or self.transport.is_closing():
-            self.close()
+            if ex.request_complete or ex.upgrade:
+                self.close()
+            else:
+                self.linger()  # answered (413, say) before the client finished sending
             return
         if self.queue:
             nxt = self.queue.popleft()  # type: ignore[union-attr]
@@ -954,6 +968,8 @@ class ClientConnection(asyncio.Protocol):
 
     def protocol_error(self, status: int, message: str) -> None:
         """The client broke HTTP: answer once and close, after any response in progress."""
+        if self.lingering:
+            return  # already answered and closing: this is the rest of the same read
         self.in_head = False
         if self.active is not None and not self.active.response_started:
             self.active.abandon()
@@ -963,7 +979,7 @@ class ClientConnection(asyncio.Protocol):
         if self.active is None:
             self.server.stats.count_unrouted(status)
             self.transport.write(simple_response(status, message, close=True))
-            self.close()
+            self.linger()
         else:
             # Let the response in progress finish; then close instead of reading more.
             self.closing = True
@@ -1011,6 +1027,8 @@ class ClientConnection(asyncio.Protocol):
         if self.in_head:
             self.transport.write(simple_response(408, "request headers took too long", True))
             limits.header_timeout += 1
+            self.linger()
+            return
         elif self.idle:
             limits.idle_timeout += 1
         else:
@@ -1033,6 +1051,25 @@ class ClientConnection(asyncio.Protocol):
     def abort(self) -> None:
         self.cancel_timer()
         self.transport.abort()
+
+    def linger(self) -> None:
+        """Close after an error answer while the client may still be sending. Closing a
+        socket with unread bytes makes the kernel send a reset, which can destroy the answer
+        before the client has read it (RFC 9112 9.6). So: end our side after the answer
+        (FIN), read and drop what the client still sends, and close when it closes or after
+        LINGER_SECONDS."""
+        transport = self.transport
+        if transport.is_closing() or not transport.can_write_eof():
+            self.close()  # TLS has no half-close
+            return
+        self.lingering = True
+        self.in_head = False
+        self.queue = ()
+        self.cancel_timer()
+        transport.write_eof()
+        self.pause_flags = 0
+        transport.resume_reading()
+        self.timer = self.loop.call_later(LINGER_SECONDS, self.close)
 
     def shutdown(self) -> None:
         """Finish the request in progress, if any, then close. A connection that is idle, or

