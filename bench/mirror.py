@@ -39,6 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,30 @@ class Summary:
     p99_change_pct: float | None = None
 
 
+@contextlib.contextmanager
+def shadow_kept_busy(
+    args: argparse.Namespace, tools: dict[str, str], pm: bench.ProcessManager, weir: Weir
+) -> Iterator[None]:
+    """For the shadow-busy control: a second wrk holds the slow shadow's connections for the
+    length of one measurement. Nothing for the other configurations."""
+    if weir.busy_shadow_url is None:
+        yield
+        return
+    # Started through the process manager, so that its CPU counts as the bench's own and not
+    # as other processes' (which would void the verdicts).
+    seconds = math.ceil(args.warmup + args.duration + 3 * SETTLE_S) + 1
+    busy = pm.start("shadow-busy-wrk", [
+        tools["taskset"], "-c", args.load_cpus, tools["wrk"], "-t1",
+        f"-c{SHADOW_BUSY_CONNECTIONS}", f"-d{seconds}s", weir.busy_shadow_url])
+    try:
+        time.sleep(SETTLE_S)  # its first answers come back after the shadow's delay
+        yield
+    finally:
+        busy.popen.terminate()
+        busy.popen.wait()
+        pm.procs.remove(busy)
+
+
 def measure_once(
     args: argparse.Namespace,
     tools: dict[str, str],
@@ -229,59 +254,33 @@ def measure_once(
     script: Path,
     stats_file: Path,
 ) -> Run:
-    url = f"http://{HOST}:{weir.target.port}/"
-    busy: bench.Proc | None = None
-    if weir.busy_shadow_url is not None:
-        # Started through the process manager, so that its CPU counts as the bench's own
-        # and not as other processes' (which would void the verdicts).
-        seconds = math.ceil(args.warmup + args.duration + 3 * SETTLE_S) + 1
-        busy = pm.start("shadow-busy-wrk", [
-            tools["taskset"], "-c", args.load_cpus, tools["wrk"], "-t1",
-            f"-c{SHADOW_BUSY_CONNECTIONS}", f"-d{seconds}s", weir.busy_shadow_url])
-        time.sleep(SETTLE_S)  # its first answers come back after the shadow's delay
-    try:
-        return _measure(args, tools, pm, weir, script, stats_file, url)
-    finally:
-        if busy is not None:
-            busy.popen.terminate()
-            busy.popen.wait()
-            pm.procs.remove(busy)
-
-
-def _measure(
-    args: argparse.Namespace,
-    tools: dict[str, str],
-    pm: bench.ProcessManager,
-    weir: Weir,
-    script: Path,
-    stats_file: Path,
-    url: str,
-) -> Run:
-    if args.warmup > 0:
-        bench.run_wrk(
-            tools["wrk"],
-            tools["taskset"],
-            args.load_cpus,
-            url,
-            duration=args.warmup,
-            connections=args.connections,
-            threads=args.threads,
-            script=script,
+    with shadow_kept_busy(args, tools, pm, weir):
+        url = f"http://{HOST}:{weir.target.port}/"
+        if args.warmup > 0:
+            bench.run_wrk(
+                tools["wrk"],
+                tools["taskset"],
+                args.load_cpus,
+                url,
+                duration=args.warmup,
+                connections=args.connections,
+                threads=args.threads,
+                script=script,
+            )
+            time.sleep(SETTLE_S)
+        stats_file.unlink(missing_ok=True)
+        before = mirror_counts(weir.admin_port)
+        # bench.measure does its own warm-up when args.warmup > 0; ours is above, so the mirror
+        # counts cover exactly the measured run.
+        wrk = bench.measure(
+            argparse.Namespace(**{**vars(args), "warmup": 0}), tools, pm, weir.target, script
         )
         time.sleep(SETTLE_S)
-    stats_file.unlink(missing_ok=True)
-    before = mirror_counts(weir.admin_port)
-    # bench.measure does its own warm-up when args.warmup > 0; ours is above, so the mirror
-    # counts cover exactly the measured run.
-    wrk = bench.measure(
-        argparse.Namespace(**{**vars(args), "warmup": 0}), tools, pm, weir.target, script
-    )
-    time.sleep(SETTLE_S)
-    after = mirror_counts(weir.admin_port)
-    p999: float | None = None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        p999 = int(stats_file.read_text().split()[2]) / 1000.0
-    return Run(wrk=wrk, p999_ms=p999, mirror={k: after[k] - before.get(k, 0) for k in after})
+        after = mirror_counts(weir.admin_port)
+        p999: float | None = None
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            p999 = int(stats_file.read_text().split()[2]) / 1000.0
+        return Run(wrk=wrk, p999_ms=p999, mirror={k: after[k] - before.get(k, 0) for k in after})
 
 
 def summarize(name: str, runs: list[Run]) -> Summary:
