@@ -708,7 +708,8 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "active", "closing", "current", "deadline", "forwarded_for", "head_bytes",
         "idle", "in_head", "lingering",
-        "loop", "parser", "pause_flags", "peer", "peer_bytes", "queue", "server", "settings",
+        "loop", "parser", "pause_flags", "peer", "peer_bytes", "pending_error", "queue",
+        "server", "settings",
         "timer", "timer_at", "transport", "trusted", "tunnel", "tunnel_pending", "write_paused",
     )
 
@@ -732,6 +733,9 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel: Exchange | None = None
         self.tunnel_pending: list[bytes] = []
         self.lingering = False
+        # An error for a request pipelined behind the active one: (status, the answer), sent
+        # once the active exchange ends (see protocol_error).
+        self.pending_error: tuple[int, bytes] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0.0
         self.deadline: float | None = None
@@ -933,6 +937,14 @@ class ClientConnection(asyncio.Protocol):
         self.active = None
         if self.pause_flags:
             self.set_pause(PAUSE_UPSTREAM | PAUSE_BUFFER, False)
+        pending = self.pending_error
+        if pending is not None:
+            self.pending_error = None
+            if ex.keep_client and not self.transport.is_closing():
+                self.server.stats.count_unrouted(pending[0])
+                self.transport.write(pending[1])
+            self.linger()  # the broken request's bytes may still be coming
+            return
         if not ex.keep_client or self.transport.is_closing():
             if ex.request_complete or ex.upgrade:
                 self.close()
@@ -968,24 +980,34 @@ class ClientConnection(asyncio.Protocol):
 
     def protocol_error(self, status: int, message: str) -> None:
         """The client broke HTTP: answer once and close, after any response in progress."""
-        if self.lingering:
-            return  # already answered and closing: this is the rest of the same read
+        if self.lingering or self.pending_error is not None:
+            return  # already answered, or the answer is set: this is the rest of the read
         self.in_head = False
-        if self.active is not None and not self.active.response_started:
-            self.active.abandon()
-            self.active = None
+        active = self.active
+        if active is not None and not active.request_complete and not active.response_started:
+            # The error is in the active request itself (its body, say): it cannot be
+            # answered by its upstream, which got a broken request.
+            active.abandon()
+            self.active = active = None
         if status == 431:
             self.server.stats.limits.max_header_bytes += 1
-        if self.active is None:
+        if active is None:
             self.server.stats.count_unrouted(status)
             self.transport.write(simple_response(status, message, close=True))
             self.linger()
-        else:
-            # Let the response in progress finish; then close instead of reading more.
+            return
+        # A later request is broken: the active one is answered first, then the error, in
+        # turn, then the connection closes (the active answer keeps the connection open for
+        # it). With requests queued between the two, there is no error answer, so that none
+        # is taken for another request's: the active answer says close, and the client
+        # retries the queued ones on a new connection (RFC 9112 9.3.2).
+        if self.queue:
             self.closing = True
             self.queue = ()
-            self.active.keep_client = False
-            self.set_pause(PAUSE_CLOSING, True)
+            active.keep_client = False
+        else:
+            self.pending_error = (status, simple_response(status, message, close=True))
+        self.set_pause(PAUSE_CLOSING, True)
 
     def set_pause(self, flag: int, paused: bool) -> None:
         before = self.pause_flags

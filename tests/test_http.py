@@ -510,6 +510,19 @@ async def test_large_response_head_under_the_limit_passes(raw_backend, start_pro
     assert sum(1 for name, _ in response.headers if name.lower() == "set-cookie") == 20
 
 
+async def test_malformed_request_pipelined_behind_a_good_one_is_answered_in_turn(
+        start_backend, start_proxy):
+    # The good request is waiting on a slow upstream when the bad one arrives: it still gets
+    # its answer, and the 400 follows it before the connection closes.
+    backend = await start_backend()
+    proxy = await start_proxy(one_service(backend.address))
+    responses = await exchange(proxy.port, get("/slow?delay=0.3") + b"NOT A REQUEST\r\n\r\n",
+                               count=2)
+    assert [r.status for r in responses] == [200, 400]
+    assert responses[0].body == b"slow done"
+    assert responses[1].header("connection") == "close"
+
+
 async def test_pipelined_requests_answered_in_order(start_backend, start_proxy):
     backend = await start_backend()
     proxy = await start_proxy(one_service(backend.address))
