@@ -9,7 +9,6 @@ metrics.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from .metrics import Metrics
 from .rollout import RolloutController
 from .state import SOURCE_API, RuntimeState, WeightOverride
 from .store import StateStore, StoreConflict, make_store
+from .tasks import cancel_and_wait
 from .tls import TLSConfigError, compile_tls
 
 if TYPE_CHECKING:
@@ -194,10 +194,7 @@ class ControlPlane:
 
     async def stop_watching(self) -> None:
         self._stop_watch.set()
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        await cancel_and_wait(self._watcher)
 
     async def _watch(self, path: Path) -> None:
         from watchfiles import awatch

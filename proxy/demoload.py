@@ -4,11 +4,12 @@ signed-in users (a sticky ``x-user-id`` header) and anonymous visitors."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from collections import Counter
 
 import aiohttp
+
+from .tasks import cancel_and_wait
 
 PATHS = ("/", "/products", "/products/42", "/cart", "/search?q=socks")
 USER_SHARE = 0.6     # of requests that carry a user ID; the rest are split per request
@@ -42,11 +43,7 @@ class LoadGenerator:
             self._tasks.append(loop.create_task(self._worker(index)))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         self._tasks.clear()
         if self._session is not None:
             session, self._session = self._session, None

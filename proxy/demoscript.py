@@ -4,7 +4,6 @@ and stops everything on Ctrl-C or SIGTERM (see ``demo`` for the options and exit
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import json
 import logging
@@ -44,6 +43,7 @@ from .demo import (
 from .demoapp import DemoApp
 from .demoload import LoadGenerator
 from .demoview import LiveView, Printer, percent, seconds
+from .tasks import cancel_and_wait
 
 log = logging.getLogger("weir.demo")
 
@@ -331,9 +331,7 @@ async def main(options: DemoOptions) -> int:
         if script.done():
             code = script.result()
         else:
-            script.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await script
+            await cancel_and_wait(script)
             code = demo.result if demo.finished else stopping.result()
             printer.line()
             printer.line("Stopping...")

@@ -8,7 +8,6 @@ file; colour only when stdout is a terminal (and ``NO_COLOR`` is not set).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import sys
 import time
@@ -17,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .stats import VersionStats
+from .tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from .control import ControlPlane
@@ -207,11 +207,8 @@ class LiveView:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         next_table = time.monotonic() + TABLE_EVERY  # a first table would have no rates

@@ -10,7 +10,6 @@ the return from it on a timer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
 import time
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .config import Config, HealthCheck, OutlierDetection
+from .tasks import cancel_and_wait
 from .upstream import pool_key
 
 if TYPE_CHECKING:
@@ -160,11 +160,7 @@ class HealthMonitor:
     async def stop(self) -> None:
         self.running = False
         probes, self._probes = list(self._probes.values()), {}
-        for task in probes:
-            task.cancel()
-        for task in probes:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*probes)
         # Ejection timers stay: they only flip flags, and a restarted monitor needs them.
         if self._session is not None:
             await self._session.close()

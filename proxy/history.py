@@ -14,13 +14,13 @@ process (StatsRegistry), so the rates stay right across reloads.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .stats import VersionStats, Window
+from .tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from .control import ControlPlane
@@ -100,11 +100,8 @@ class HistorySampler:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -9,10 +9,11 @@ from Redis (or frozen) is no longer acting by the time another instance can take
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any
+
+from .tasks import cancel_and_wait
 
 log = logging.getLogger("weir.leader")
 
@@ -82,10 +83,7 @@ class Lease:
             self.holder = holder.decode() if isinstance(holder, bytes) else holder
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         if self.until:
             self.until = 0.0
             try:
