@@ -4,7 +4,6 @@ microseconds; a dict increment costs a fraction of one)."""
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from typing import Final
 
 from .mirror import MirrorStats
@@ -20,6 +19,7 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 FINE_BUCKETS: Final = tuple(sorted({round(0.0001 * 1.1 ** i, 7) for i in range(141)}
                             | set(DURATION_BUCKETS)))
 _EXPORTED_INDEX: Final = tuple(FINE_BUCKETS.index(b) for b in DURATION_BUCKETS)
+_FINE_COUNT: Final = len(FINE_BUCKETS)
 
 
 class Window:
@@ -75,8 +75,17 @@ class VersionStats:
         self.total += 1
         if status >= 500:
             self.errors += 1
-        # bisect_left: a duration equal to a bound belongs to that bound's bucket ("le").
-        self.buckets[bisect_left(FINE_BUCKETS, seconds)] += 1
+        # bisect_left, written out (native when compiled, where calling the C one costs
+        # more): a duration equal to a bound belongs to that bound's bucket ("le").
+        low = 0
+        high = _FINE_COUNT
+        while low < high:
+            middle = (low + high) >> 1
+            if FINE_BUCKETS[middle] < seconds:
+                low = middle + 1
+            else:
+                high = middle
+        self.buckets[low] += 1
         self.duration_sum += seconds
 
     def snapshot(self) -> tuple[int, int, list[int]]:

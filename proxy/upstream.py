@@ -18,7 +18,7 @@ from typing import Final, Protocol
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from .config import UpstreamSettings, UpstreamTLS, split_address
-from .http11 import CRLF, RESPONSE_NOTED, RESPONSE_NOTED_LENGTHS, RESPONSE_REWRITTEN, lowered
+from .http11 import CRLF, RESPONSE_NOTED, RESPONSE_NOTED_LENGTH_BITS, RESPONSE_REWRITTEN, lowered
 from .tls import upstream_context
 
 log = logging.getLogger("weir.upstream")
@@ -152,13 +152,17 @@ class UpstreamConnection(asyncio.Protocol):
     # --- httptools callbacks --------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) in RESPONSE_NOTED_LENGTHS:
+        if RESPONSE_NOTED_LENGTH_BITS >> len(name) & 1:
             lname = lowered(name)
             if lname in RESPONSE_NOTED:
                 self._noted.append((lname, value))
                 if lname in RESPONSE_REWRITTEN:
                     return
-        self._lines += (name, b": ", value, CRLF)
+        lines = self._lines  # four appends: cheaper than += with a new tuple
+        lines.append(name)
+        lines.append(b": ")
+        lines.append(value)
+        lines.append(CRLF)
 
     def _head_too_large(self) -> bool:
         """Many bytes read and the head not over: too large if the headers held are (the

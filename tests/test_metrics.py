@@ -9,8 +9,10 @@ what the backends themselves recorded.
 from __future__ import annotations
 
 import math
+import random
 import shutil
 import subprocess
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +20,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
+
+from proxy.stats import FINE_BUCKETS, VersionStats
 
 from . import inprocess_weir
 from .conftest import Backend, exchange, free_port, wait_for
@@ -56,6 +60,22 @@ def test_histogram_quantile_matches_promql() -> None:
     assert histogram_quantile(0.5, [(1.0, 10.0), (inf, 10.0)]) == pytest.approx(0.5)
     assert histogram_quantile(0.99, [(1.0, 0.0), (inf, 10.0)]) == 1.0  # all in +Inf
     assert math.isnan(histogram_quantile(0.99, [(1.0, 0.0), (inf, 0.0)]))
+
+
+def test_each_duration_lands_in_the_bucket_bisect_left_picks() -> None:
+    # observe() searches the buckets itself (cheaper than calling bisect when compiled): a
+    # duration equal to a bound belongs to that bound's bucket, as Prometheus' "le" says.
+    durations = [0.0, 1e-9, FINE_BUCKETS[-1] + 1.0, 1e9]
+    durations += FINE_BUCKETS
+    durations += [math.nextafter(b, math.inf) for b in FINE_BUCKETS]
+    durations += [math.nextafter(b, 0.0) for b in FINE_BUCKETS]
+    rng = random.Random(7)
+    durations += [rng.uniform(0.0, 70.0) for _ in range(500)]
+    durations += [10 ** rng.uniform(-5, 2) for _ in range(500)]
+    for seconds in durations:
+        stats = VersionStats("svc", "v1")
+        stats.observe(b"GET", 200, seconds)
+        assert stats.buckets.index(1) == bisect_left(FINE_BUCKETS, seconds), seconds
 
 
 # --- what the backends saw ----------------------------------------------------------------
