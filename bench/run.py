@@ -317,10 +317,12 @@ def wait_for_http_ok(
 # --------------------------------------------------------------------------
 
 
-def _nginx_common(prefix: Path) -> str:
+def _nginx_common(prefix: Path, workers: int = 1, master_process: bool = False) -> str:
+    """nginx's top level: in the foreground; by default one process that is its own worker.
+    More than one worker needs the master process (without it nginx ignores the count)."""
     return f"""daemon off;
-master_process off;
-worker_processes 1;
+master_process {"on" if master_process else "off"};
+worker_processes {workers};
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 events {{
@@ -361,9 +363,20 @@ def nginx_backend_conf(prefix: Path, port: int) -> str:
     )
 
 
-def nginx_proxy_conf(prefix: Path, port: int, backend_port: int) -> str:
+def nginx_proxy_conf(
+    prefix: Path,
+    port: int,
+    backend_port: int,
+    *,
+    workers: int = 1,
+    master_process: bool = False,
+    reuseport: bool = False,
+) -> str:
+    """nginx as a keep-alive proxy to the backend; ``reuseport``: one listening socket per
+    worker, spread by the kernel, as Weir's workers do (instead of one shared socket)."""
+    listen = f"{HOST}:{port} backlog=4096" + (" reuseport" if reuseport else "")
     return (
-        _nginx_common(prefix)
+        _nginx_common(prefix, workers, master_process)
         + "http {\n"
         + nginx_http_common(prefix)
         + f"""    upstream backend {{
@@ -372,7 +385,7 @@ def nginx_proxy_conf(prefix: Path, port: int, backend_port: int) -> str:
         keepalive_requests 1000000;
     }}
     server {{
-        listen {HOST}:{port} backlog=4096;
+        listen {listen};
         location / {{
             proxy_pass http://backend;
             proxy_http_version 1.1;
@@ -922,12 +935,9 @@ def _versions(tools: dict[str, str]) -> dict[str, str]:
         lines = (done.stdout + done.stderr).strip().splitlines()
         return lines[0] if lines else "?"
 
-    return {
-        "nginx": first_line([tools["nginx"], "-v"]),
-        "haproxy": first_line([tools["haproxy"], "-v"]),
-        "wrk": first_line([tools["wrk"], "--version"]),
-        "python": sys.version.split()[0],
-    }
+    flags = {"nginx": "-v", "haproxy": "-v", "wrk": "--version"}
+    found = {name: first_line([tools[name], flag]) for name, flag in flags.items() if name in tools}
+    return found | {"python": sys.version.split()[0]}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,16 +3,19 @@
 Each runs a script as a subprocess, the way a person would, with the smallest settings that
 still go through every step. They are not benchmarks: no number is checked against a target.
 Locust is an optional dependency (the `bench` extra); without it its tests are skipped, and
-say so in pytest's summary.
+say so in pytest's summary. So is the scaling benchmark's run without nginx, wrk or a writable
+cgroup cpu controller (it needs root).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -78,4 +81,88 @@ def test_locust_run_counts_agree(tmp_path: Path) -> None:
     assert doc["split"]["users_on_stable_and_canary"] == 0
     assert (tmp_path / "csv" / "weir_stats.csv").exists()
     left = processes_with("/weir-locust-", "locust_run.py --serve-backends", str(tmp_path))
+    assert not left, f"still running: {left}"
+
+
+# --- bench/scaling.py --------------------------------------------------------------------------
+
+
+def load_scaling() -> ModuleType:
+    """bench/scaling.py as a module (it imports bench/run.py as ``run``)."""
+    spec = importlib.util.spec_from_file_location("bench_scaling", BENCH / "scaling.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def scaling_unavailable() -> str | None:
+    """Why the scaling benchmark cannot run here, or None."""
+    scaling = load_scaling()
+    missing = [t for t in ("nginx", "wrk", "taskset") if scaling.bench.find_tool(t) is None]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if not {0, 1} <= os.sched_getaffinity(0):
+        return "needs CPUs 0 and 1"
+    try:
+        scaling.find_cpu_controller()
+    except scaling.bench.BenchError as exc:
+        return str(exc)
+    return None
+
+
+def test_scaling_says_what_is_missing_without_a_cgroup_cpu_controller(tmp_path: Path) -> None:
+    done = run_script(str(BENCH / "scaling.py"), "--cgroup-root", str(tmp_path), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"error: {tmp_path} is not a cgroup cpu controller" in done.stderr
+    # A cgroup v2 hierarchy whose cpu controller is not enabled for child cgroups.
+    (tmp_path / "cgroup.controllers").write_text("cpu memory\n")
+    (tmp_path / "cgroup.subtree_control").write_text("memory\n")
+    done = run_script(str(BENCH / "scaling.py"), "--cgroup-root", str(tmp_path), cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"echo +cpu > {tmp_path}/cgroup.subtree_control" in done.stderr
+    assert not list(tmp_path.glob("weir-scaling-*"))  # it made no cgroup
+
+
+def test_scaling_rejects_quotas_that_do_not_fit_the_proxy_cpus(tmp_path: Path) -> None:
+    done = run_script(str(BENCH / "scaling.py"), "--cpu-per-worker", "0.5", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "would compete for a core" in done.stderr
+    done = run_script(str(BENCH / "scaling.py"), "--workers", "2", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "at least two worker counts" in done.stderr
+
+
+@pytest.mark.timeout(60)
+def test_scaling_holds_each_worker_to_its_quota_and_cleans_up(tmp_path: Path) -> None:
+    why = scaling_unavailable()
+    if why is not None:
+        pytest.skip(why)
+    root = load_scaling().find_cpu_controller().root
+    before = set(root.glob("weir-scaling-*"))
+    out = tmp_path / "scaling.json"
+    done = run_script(str(BENCH / "scaling.py"), "--rounds", "1", "--duration", "1",
+                      "--warmup", "0", "--workers", "1,2", "--json", str(out), cwd=tmp_path,
+                      timeout=50)
+    assert done.returncode == 0, done.stderr
+    assert "weir 2 workers / 1 worker:" in done.stdout, done.stdout
+    assert "nginx 2 workers / 1 worker:" in done.stdout, done.stdout
+    doc = json.loads(out.read_text())
+    results = doc["results"]
+    assert sorted(results) == ["nginx x1", "nginx x2", "weir x1", "weir x2"]
+    assert results["weir x1"]["supervisor_cpu_s"] is None  # one process, it is the worker
+    for name, result in results.items():
+        (run,) = result["runs"]
+        assert len(run["workers"]) == result["n"], name
+        assert len({w["pid"] for w in run["workers"]}) == result["n"], name
+        assert run["wrk"]["requests"] > 0 and run["wrk"]["errors"] == 0, name
+        for worker in run["workers"]:
+            # The quota was in force: CFS counted its periods, and the worker used no more
+            # than the quota allows (tick-rounded /proc times, hence the slack).
+            assert worker["nr_periods"] > 0, (name, worker)
+            assert worker["cpu_s"] <= 0.3 * run["wall_s"] * 1.2 + 0.02, (name, worker)
+    assert set(root.glob("weir-scaling-*")) <= before, "cgroups left behind"
+    left = processes_with("/weir-bench-scaling-")
     assert not left, f"still running: {left}"
