@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import Mirror
 from .http11 import REQUEST_REWRITTEN
+from .upstream import ResponseSink
 
 if TYPE_CHECKING:
     from .accesslog import AccessLog
@@ -131,11 +132,11 @@ class MirrorPolicy:
             access_log.mirror(self.target, 0, "dropped", exchange.url, exchange.method)
 
 
-class MirrorCopy:
+class MirrorCopy(ResponseSink):
     """The copy of one request; it implements what UpstreamConnection reports to."""
 
     __slots__ = ("access_log", "body", "body_size", "conn", "digest", "done", "exchange",
-                 "head_request", "keep_alive", "method", "path", "policy", "pool", "primary",
+                 "keep_alive", "method", "path", "policy", "pool", "primary",
                  "sent_at", "shadow_status", "too_large")
 
     def __init__(self, policy: MirrorPolicy, exchange: Exchange) -> None:
@@ -241,7 +242,7 @@ class MirrorCopy:
     def attach(self, conn: UpstreamConnection, payload: bytes) -> None:
         self.conn = conn
         self.policy.consecutive_failures = 0
-        conn.send(self, payload, self.policy.timeout)  # type: ignore[arg-type]
+        conn.send(self, payload, self.policy.timeout)
 
     # --- what the shadow's connection reports ---------------------------------------------
 

@@ -41,6 +41,7 @@ from .http11 import (
 from .mirror import MirrorCopy, MirrorPolicy
 from .retry import RETRY_CONNECT_FAILURE, RETRY_RESET, RETRY_STATUS, RETRY_TIMEOUT
 from .routing import Route, VersionTarget
+from .upstream import ResponseSink
 
 if TYPE_CHECKING:
     from .app import ProxyServer
@@ -114,14 +115,14 @@ class DataPlaneSettings:
         return any(address in net for net in self.trusted_networks)
 
 
-class Exchange:
+class Exchange(ResponseSink):
     """One request and its response."""
 
     __slots__ = (
         "body_buffer", "body_received", "buffered", "bytes_out", "chunked", "client",
         "connecting",
         "content_length", "dup_host", "extra_headers", "finished", "forward", "has_body",
-        "head_request", "hmap", "http10", "keep_alive", "keep_client", "method", "mirrors",
+        "hmap", "http10", "keep_alive", "keep_client", "method", "mirrors",
         "out_chunked", "outbuf", "pool", "primary_digest", "reason", "request_complete",
         "response_done", "response_started", "retried",
         "route", "started", "status", "target", "tried", "until_eof", "upgrade", "upstream",

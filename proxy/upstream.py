@@ -27,20 +27,41 @@ log = logging.getLogger("weir.upstream")
 MAX_RESPONSE_HEAD: Final = 32 * 1024
 
 
-class ResponseSink(Protocol):
-    """What an upstream connection reports to the exchange it is serving."""
+class ResponseSink:
+    """What an upstream connection reports to the exchange it is serving (``server.Exchange``,
+    or a shadow's ``mirror.MirrorCopy``). A base class rather than a Protocol: compiled, the
+    connection then calls these through a vtable, where a Protocol costs a method lookup by
+    name and boxed arguments on each of the four or five calls every response makes."""
 
-    head_request: bool
+    __slots__ = ("head_request",)
+
+    def __init__(self) -> None:
+        self.head_request = False
 
     def on_upstream_head(self, status: int, lines: list[bytes],
-                         noted: list[tuple[bytes, bytes]], keep_alive: bool) -> None: ...
-    def on_upstream_body(self, data: bytes) -> None: ...
-    def on_upstream_complete(self) -> None: ...
-    def on_upstream_tunnel_data(self, data: bytes) -> None: ...
-    def on_upstream_failed(self, status: int, reason: str, got_bytes: bool) -> None: ...
-    def on_upstream_closed(self) -> None: ...
-    def flush(self) -> None: ...
-    def pause_client_reading(self, paused: bool) -> None: ...
+                         noted: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
+        raise NotImplementedError
+
+    def on_upstream_body(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def on_upstream_complete(self) -> None:
+        raise NotImplementedError
+
+    def on_upstream_tunnel_data(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def on_upstream_failed(self, status: int, reason: str, got_bytes: bool) -> None:
+        raise NotImplementedError
+
+    def on_upstream_closed(self) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def pause_client_reading(self, paused: bool) -> None:
+        raise NotImplementedError
 
 
 class Closable(Protocol):
