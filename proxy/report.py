@@ -99,8 +99,8 @@ def merge(proxy: ProxyServer, worker: int, report: dict[str, Any]) -> None:
         vs.total += total
         vs.errors += errors
         vs.duration_sum += duration
-        for key, count in by_status.items():
-            vs.requests[key] = vs.requests.get(key, 0) + count
+        for (method, status), count in by_status.items():
+            vs.add_requests(method, status, count)
         for index, count in buckets.items():
             vs.buckets[index] += count
     _add(stats.unrouted, report["unrouted"])

@@ -56,22 +56,25 @@ class Window:
 class VersionStats:
     """Requests by (method, status) and a duration histogram for one service version."""
 
-    __slots__ = ("buckets", "duration_sum", "errors", "requests", "service", "total",
+    __slots__ = ("buckets", "by_method", "duration_sum", "errors", "service", "total",
                  "version")
 
     def __init__(self, service: str, version: str) -> None:
         self.service = service
         self.version = version
-        self.requests: dict[tuple[bytes, int], int] = {}
+        # Requests by method, then status: two small dicts, where one keyed by (method, status)
+        # would build and hash a tuple for every request. llhttp accepts only known methods.
+        self.by_method: dict[bytes, dict[int, int]] = {}
         self.buckets = [0] * (len(FINE_BUCKETS) + 1)  # the last one is +Inf
         self.duration_sum = 0.0
         self.total = 0
         self.errors = 0  # 5xx, including Weir's own 502 and 504 for upstream failures
 
     def observe(self, method: bytes, status: int, seconds: float) -> None:
-        key = (method, status)
-        requests = self.requests
-        requests[key] = requests.get(key, 0) + 1
+        by_status = self.by_method.get(method)
+        if by_status is None:
+            by_status = self.by_method[method] = {}
+        by_status[status] = by_status.get(status, 0) + 1
         self.total += 1
         if status >= 500:
             self.errors += 1
@@ -87,6 +90,16 @@ class VersionStats:
                 high = middle
         self.buckets[low] += 1
         self.duration_sum += seconds
+
+    @property
+    def requests(self) -> dict[tuple[bytes, int], int]:
+        """Requests by (method, status), for exposition and reports (off the request path)."""
+        return {(method, status): count for method, by_status in self.by_method.items()
+                for status, count in by_status.items()}
+
+    def add_requests(self, method: bytes, status: int, count: int) -> None:
+        by_status = self.by_method.setdefault(method, {})
+        by_status[status] = by_status.get(status, 0) + count
 
     def snapshot(self) -> tuple[int, int, list[int]]:
         return self.total, self.errors, list(self.buckets)
