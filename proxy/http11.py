@@ -37,6 +37,7 @@ STATUS_LINES: Final[dict[int, bytes]] = {
 CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 VIA: Final = b"via: 1.1 weir\r\n"
 CRLF: Final = b"\r\n"
+HEAD_END_WITH_VIA: Final = VIA + CRLF  # one item to join instead of two
 LAST_CHUNK: Final = b"0\r\n\r\n"
 CONNECTION_CLOSE: Final = b"connection: close\r\n"
 CONNECTION_KEEP_ALIVE: Final = b"connection: keep-alive\r\n"

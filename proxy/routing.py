@@ -18,7 +18,7 @@ from typing import Any, Final, Protocol
 from urllib.parse import unquote_to_bytes
 
 from .config import Config, RuleMatch, Service, StringMatch, Timeouts, UpstreamTLS
-from .http11 import split_absolute_form
+from .http11 import HEAD_END_WITH_VIA, split_absolute_form
 from .mirror import MirrorPolicy
 from .retry import RetryPolicy, budget_for
 from .stats import StatsRegistry, VersionStats
@@ -129,8 +129,8 @@ class CompiledRule:
 class VersionTarget:
     """One version of one service as the data plane sees it."""
 
-    __slots__ = ("balancer", "name", "response_header", "service", "stats", "sticky_seed",
-                 "upstreams")
+    __slots__ = ("balancer", "name", "response_end", "response_header", "service", "stats",
+                 "sticky_seed", "upstreams")
 
     def __init__(self, service: str, name: str, upstreams: tuple[str, ...],
                  balancer: Balancer, emit_header: bool, stats: VersionStats | None = None) -> None:
@@ -141,6 +141,8 @@ class VersionTarget:
         self.balancer = balancer
         self.response_header = (b"x-weir-version: " + name.encode() + b"\r\n"
                                 if emit_header else b"")
+        # How the head of most responses it serves ends, as one piece to join.
+        self.response_end = self.response_header + HEAD_END_WITH_VIA
         # Rendezvous hashing seeds each version separately; see Route._sticky_pick.
         self.sticky_seed = f"weir\x00{service}\x00{name}\x00".encode()
 

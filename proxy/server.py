@@ -25,6 +25,7 @@ from .http11 import (
     CONNECTION_KEEP_ALIVE,
     CONTINUE,
     CRLF,
+    HEAD_END_WITH_VIA,
     IDEMPOTENT_METHODS,
     LAST_CHUNK,
     PLAIN_CONNECTION_VALUES,
@@ -335,13 +336,15 @@ class Exchange(ResponseSink):
             parts += (b"x-forwarded-for: ", xff, b"\r\nx-forwarded-proto: ", proto,
                       b"\r\nx-forwarded-host: ", fhost, CRLF)
         else:
-            parts += (client.forwarded_for, b"x-forwarded-host: ", hmap.get(b"host", b""), CRLF)
+            parts += (client.forwarded_for, hmap.get(b"host", b""), CRLF)
         if b"host" not in hmap and b"host" not in skip and self.pool is not None:
             # HTTP/1.0 clients; a mirror copy (host in skip) brings its own Host.
             parts += (b"host: ", self.pool.address.encode(), CRLF)
         if self.upgrade:
             parts += (b"connection: upgrade\r\nupgrade: ", hmap.get(b"upgrade", b""), CRLF)
-        parts += (extra, VIA, CRLF)
+        if extra:
+            parts.append(extra)
+        parts.append(HEAD_END_WITH_VIA)
         return b"".join(parts)
 
     def on_request_body(self, body: bytes) -> None:
@@ -461,7 +464,10 @@ class Exchange(ResponseSink):
                 parts.append(CONNECTION_KEEP_ALIVE)
         target = self.target
         assert target is not None
-        parts += (framing, target.response_header, self.extra_headers, VIA, CRLF)
+        if framing or self.extra_headers:
+            parts += (framing, target.response_header, self.extra_headers, VIA, CRLF)
+        else:
+            parts.append(target.response_end)
         self.response_started = True
         # Held until the upstream read is fully parsed, so that head and body leave in one
         # write: one syscall per response instead of two.
@@ -756,8 +762,10 @@ class ClientConnection(asyncio.Protocol):
         self.peer = peer[0] if isinstance(peer, tuple) else "unix"
         self.peer_bytes = self.peer.encode()
         self.trusted = self.settings.is_trusted(self.peer)
+        # The forwarding headers of every request on this connection, up to the host's value.
         self.forwarded_for = (b"x-forwarded-for: " + self.peer_bytes
-                              + b"\r\nx-forwarded-proto: " + self.server.scheme + b"\r\n")
+                              + b"\r\nx-forwarded-proto: " + self.server.scheme
+                              + b"\r\nx-forwarded-host: ")
         self.server.connections.add(self)
         self.set_deadline(self.settings.header_timeout)
 
