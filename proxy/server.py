@@ -309,7 +309,9 @@ class Exchange(ResponseSink):
             self.client.set_pause(PAUSE_BUFFER, False)
         if self.request_complete and self.chunked:
             data += LAST_CHUNK
-        conn.send(self, data, self.route.read_timeout)  # type: ignore[union-attr]
+        route = self.route
+        assert route is not None  # narrowed, so that compiled code reads it natively
+        conn.send(self, data, route.read_timeout)
         if self.client.write_paused and conn.transport is not None:
             conn.transport.pause_reading()
 
@@ -411,7 +413,9 @@ class Exchange(ResponseSink):
                          noted: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
         """``lines`` holds the headers to pass on ([name, b": ", value, CRLF, ...]);
         ``noted`` the ones that frame the response or that Weir sets (see UpstreamConnection)."""
-        policy = self.route.retry  # type: ignore[union-attr]
+        route = self.route
+        assert route is not None
+        policy = route.retry
         if (policy is not None and status in policy.statuses
                 and self.retry_request(RETRY_STATUS)):
             return  # this response is dropped unseen; another attempt is under way
@@ -863,8 +867,9 @@ class ClientConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         # The first callback of every request (on_message_begin would be one more call).
+        ex = self.current
         if not self.in_head:
-            self.current = Exchange(self)
+            self.current = ex = Exchange(self)
             self.head_bytes = 0
             self.in_head = True
             if self.active is None:
@@ -873,7 +878,8 @@ class ClientConnection(asyncio.Protocol):
                 self.deadline = deadline = self.loop.time() + self.settings.header_timeout
                 if self.timer is None or deadline < self.timer_at:
                     self.set_deadline(self.settings.header_timeout)
-        self.current.url += url  # type: ignore[union-attr]
+        assert ex is not None
+        ex.url += url
         self.head_bytes += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -935,7 +941,9 @@ class ClientConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self.lingering:
             return
-        self.current.on_request_body(body)  # type: ignore[union-attr]
+        ex = self.current
+        assert ex is not None
+        ex.on_request_body(body)
 
     def on_message_complete(self) -> None:
         ex, self.current = self.current, None
