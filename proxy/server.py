@@ -51,6 +51,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("weir.server")
 
+# Up to this many pieces and bytes of a response are joined for one write (see write_all).
+SMALL_WRITE_PIECES: Final = 8
+SMALL_WRITE_BYTES: Final = 4096
+
 # Body bytes held per exchange while its upstream connection is being opened.
 BUFFER_HIGH_WATER: Final = 256 * 1024
 
@@ -493,7 +497,7 @@ class Exchange(ResponseSink):
         out = self.outbuf
         if out:
             self.outbuf = []
-            self.client.transport.writelines(out)
+            write_all(self.client.transport, out)
 
     def on_upstream_complete(self) -> None:
         out = self.outbuf
@@ -501,7 +505,7 @@ class Exchange(ResponseSink):
             out.append(LAST_CHUNK)
         if out:
             self.outbuf = []
-            self.client.transport.writelines(out)
+            write_all(self.client.transport, out)
         self.response_done = True
         conn, self.upstream = self.upstream, None
         pool, self.pool = self.pool, None
@@ -702,6 +706,18 @@ class Exchange(ResponseSink):
             self.finished = True
             # 499 (nginx's "client closed request") when no response had started.
             self.record(self.status if self.response_started else 499)
+
+
+def write_all(transport: asyncio.Transport, out: list[bytes]) -> None:
+    """Write a response's pieces (its head, body reads, chunk framing). A few small ones are
+    joined into one write: uvloop then makes one write(2) of one buffer, cheaper than
+    queueing each piece and a writev(2) of them; large bodies are not copied to join them."""
+    if len(out) == 1:
+        transport.write(out[0])
+    elif len(out) <= SMALL_WRITE_PIECES and sum(len(piece) for piece in out) <= SMALL_WRITE_BYTES:
+        transport.write(b"".join(out))
+    else:
+        transport.writelines(out)
 
 
 def without_headers(forward: list[bytes], names: frozenset[bytes] | set[bytes]) -> list[bytes]:
