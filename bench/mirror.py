@@ -532,20 +532,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    tools: dict[str, str] = {}
-    missing = []
-    for name in ("nginx", "wrk", "taskset"):
-        path = bench.find_tool(name)
-        if path is None:
-            missing.append(name)
-        else:
-            tools[name] = path
-    if missing:
-        print(
-            f"error: missing {', '.join(missing)}; install with:\n    apt-get install -y nginx wrk"
-            + ("\n(taskset is in util-linux)" if "taskset" in missing else ""),
-            file=sys.stderr,
-        )
+    tools = bench.find_tools(("nginx", "wrk", "taskset"), "apt-get install -y nginx wrk")
+    if tools is None:
         return 2
     bench._check_cpus(args.proxy_cpus, "--proxy-cpus")
     bench._check_cpus(args.load_cpus, "--load-cpus")

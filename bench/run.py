@@ -575,6 +575,21 @@ def find_tool(name: str) -> str | None:
     return shutil.which(name, path=os.pathsep.join(SBIN_DIRS))
 
 
+def find_tools(names: tuple[str, ...], install_hint: str) -> dict[str, str] | None:
+    """The paths of the tools named; None, after saying on stderr which are missing and how
+    to install them."""
+    tools = {name: path for name in names if (path := find_tool(name)) is not None}
+    missing = [name for name in names if name not in tools]
+    if missing:
+        print(
+            f"error: missing {', '.join(missing)}; install with:\n    {install_hint}"
+            + ("\n(taskset is in util-linux)" if "taskset" in missing else ""),
+            file=sys.stderr,
+        )
+        return None
+    return tools
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="bench/run.py",
@@ -941,21 +956,8 @@ def _versions(tools: dict[str, str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    tools: dict[str, str] = {}
-    missing = []
-    for name in ("nginx", "haproxy", "wrk", "taskset"):
-        path = find_tool(name)
-        if path is None:
-            missing.append(name)
-        else:
-            tools[name] = path
-    if missing:
-        print(
-            f"error: missing {', '.join(missing)}; install with:\n"
-            f"    {INSTALL_HINT}"
-            + ("\n(taskset is in util-linux)" if "taskset" in missing else ""),
-            file=sys.stderr,
-        )
+    tools = find_tools(("nginx", "haproxy", "wrk", "taskset"), INSTALL_HINT)
+    if tools is None:
         return 2
     if "weir" in args.only and not (REPO_ROOT / "proxy").is_dir():
         print(

@@ -755,20 +755,8 @@ def bench_session(
 
 
 def run(args: argparse.Namespace, ctl: CpuController) -> int:
-    tools: dict[str, str] = {}
-    missing = []
-    for name in ("nginx", "wrk", "taskset"):
-        path = bench.find_tool(name)
-        if path is None:
-            missing.append(name)
-        else:
-            tools[name] = path
-    if missing:
-        print(
-            f"error: missing {', '.join(missing)}; install with:\n    apt-get install -y nginx wrk"
-            + ("\n(taskset is in util-linux)" if "taskset" in missing else ""),
-            file=sys.stderr,
-        )
+    tools = bench.find_tools(("nginx", "wrk", "taskset"), "apt-get install -y nginx wrk")
+    if tools is None:
         return 2
     if "weir" in args.only and not (bench.REPO_ROOT / "proxy").is_dir():
         raise bench.BenchError(f"Weir package not found at {bench.REPO_ROOT / 'proxy'}")
