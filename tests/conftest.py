@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -341,9 +342,12 @@ class RestartableWeir:
 
     async def start(self, session: aiohttp.ClientSession) -> None:
         with self.log.open("ab") as log:
+            # PYTHONFAULTHANDLER: a hung process (see stop) prints its threads' stacks on
+            # SIGABRT before it dies.
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "proxy", "run", "-c", str(self.path)],
-                cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+                cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONFAULTHANDLER": "1"})
         process = self.process
 
         async def answering() -> bool:
@@ -371,7 +375,13 @@ class RestartableWeir:
         assert self.process is not None
         process = self.process
         process.send_signal(signal.SIGTERM)
-        await wait_for(lambda: process.poll() is not None, timeout=15, interval=0.02)
+        try:
+            await wait_for(lambda: process.poll() is not None, timeout=15, interval=0.02)
+        except TimeoutError:
+            process.send_signal(signal.SIGABRT)  # faulthandler dumps where it is stuck
+            process.wait(10)
+            raise AssertionError("no exit within 15 s of SIGTERM; the end of its log, with its "
+                                 f"stacks at SIGABRT:\n{self.output()[-8000:]}") from None
         return process.returncode
 
     def kill(self) -> None:

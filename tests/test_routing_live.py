@@ -49,7 +49,9 @@ async def test_weighted_split_90_10(start_backend, start_proxy):
                                              {"stable": 90, "canary": 10}))
     versions = await fetch_versions(proxy.port, [{}] * 2000)
     share = Counter(versions)["canary"] / 2000
-    assert 0.08 <= share <= 0.12, share
+    # 200 expected, standard deviation 13.4: 140-260 is 4.5 of them either side (a false
+    # failure about once in 150,000 runs; 3 of them, as before, failed once in 400).
+    assert 0.07 <= share <= 0.13, share
     # What the proxy labelled is what the backends received.
     assert len(canary.requests) == versions.count("canary")
     assert len(stable.requests) == versions.count("stable")
