@@ -351,6 +351,13 @@ def _noisy(s: Summary) -> bool:
     return s.other_cpu_pct is not None and s.other_cpu_pct >= bench.OTHER_CPU_WARN
 
 
+def _verdict(p99_change_pct: float, *compared: Summary) -> str:
+    """Whether a p99 change meets the target, unless other processes disturbed the runs."""
+    if any(_noisy(s) for s in compared):
+        return "no verdict, other processes were busy: rerun on a quiet machine"
+    return "within" if p99_change_pct <= TARGET_P99_CHANGE_PCT else "OVER"
+
+
 def notes(summaries: list[Summary]) -> list[str]:
     out = []
     for s in summaries:
@@ -370,9 +377,7 @@ def notes(summaries: list[Summary]) -> list[str]:
     for s in summaries[1:]:
         if s.p99_change_pct is None or s.name == SHADOW_BUSY:
             continue
-        verdict = "within" if s.p99_change_pct <= TARGET_P99_CHANGE_PCT else "OVER"
-        if _noisy(s) or _noisy(base):
-            verdict = "no verdict, other processes were busy: rerun on a quiet machine"
+        verdict = _verdict(s.p99_change_pct, s, base)
         out.append(
             f"{s.name}: p99 {s.p99_change_pct:+.1f}% vs {base.name} at "
             f"{s.rps / base.rps:.2f}x its req/s ({verdict}; "
@@ -387,9 +392,7 @@ def notes(summaries: list[Summary]) -> list[str]:
                 "mirroring at all: what the busy shadow costs the load CPU it shares"
             )
         change = 100.0 * (slow.p99_ms - control.p99_ms) / control.p99_ms
-        verdict = "within" if change <= TARGET_P99_CHANGE_PCT else "OVER"
-        if _noisy(slow) or _noisy(control):
-            verdict = "no verdict, other processes were busy: rerun on a quiet machine"
+        verdict = _verdict(change, slow, control)
         out.append(
             f"{MIRROR_SLOW}: p99 {change:+.1f}% vs {SHADOW_BUSY}, the shadow as busy in both: "
             f"the part that is Weir's ({verdict}; target: at most +{TARGET_P99_CHANGE_PCT:g}%)"

@@ -103,15 +103,17 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User+system CPU seconds used by one live process (0 once it is gone)."""
+    fields = _proc_stat_fields(pid)
+    if not fields:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def group_cpu_seconds(pgid: int) -> float:
     """Total user+system CPU seconds used by live members of the group."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in group_members(pgid):
-        fields = _proc_stat_fields(pid)
-        if fields:
-            total += int(fields[11]) + int(fields[12])
-    return total / ticks
+    return sum(process_cpu_seconds(pid) for pid in group_members(pgid))
 
 
 def parse_cpu_list(spec: str) -> set[int]:

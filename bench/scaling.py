@@ -333,13 +333,6 @@ def check_workers(server: Server) -> None:
         )
 
 
-def process_cpu_seconds(pid: int) -> float:
-    fields = bench._proc_stat_fields(pid)
-    if not fields:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def start_nginx(
     pm: bench.ProcessManager, tools: dict[str, str], workdir: Path, name: str, cpus: str,
     conf_text: str,
@@ -451,9 +444,9 @@ def measure(
 
     def snapshot() -> tuple[list[float], list[dict[str, int]], float | None, tuple[int, int]]:
         return (
-            [process_cpu_seconds(w.pid) for w in server.workers],
+            [bench.process_cpu_seconds(w.pid) for w in server.workers],
             [cpu_stat(w.cgroup) for w in server.workers],
-            None if server.supervisor is None else process_cpu_seconds(server.supervisor),
+            None if server.supervisor is None else bench.process_cpu_seconds(server.supervisor),
             bench.cpu_ticks(load_cpus),
         )
 

@@ -71,10 +71,7 @@ class VersionStats:
         self.errors = 0  # 5xx, including Weir's own 502 and 504 for upstream failures
 
     def observe(self, method: bytes, status: int, seconds: float) -> None:
-        by_status = self.by_method.get(method)
-        if by_status is None:
-            by_status = self.by_method[method] = {}
-        by_status[status] = by_status.get(status, 0) + 1
+        self.add_requests(method, status, 1)
         self.total += 1
         if status >= 500:
             self.errors += 1
@@ -98,7 +95,9 @@ class VersionStats:
                 for status, count in by_status.items()}
 
     def add_requests(self, method: bytes, status: int, count: int) -> None:
-        by_status = self.by_method.setdefault(method, {})
+        by_status = self.by_method.get(method)
+        if by_status is None:
+            by_status = self.by_method[method] = {}
         by_status[status] = by_status.get(status, 0) + count
 
     def snapshot(self) -> tuple[int, int, list[int]]:

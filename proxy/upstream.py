@@ -35,8 +35,7 @@ class ResponseSink:
 
     __slots__ = ("head_request",)
 
-    def __init__(self) -> None:
-        self.head_request = False
+    head_request: bool  # set by each subclass
 
     def on_upstream_head(self, status: int, lines: list[bytes],
                          noted: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
