@@ -18,6 +18,7 @@ from setuptools.command.build_ext import build_ext
 # The modules every proxied request runs through (mirror.py for every request of a mirrored
 # service); the rest of Weir stays interpreted.
 COMPILED_MODULES = [
+    "proxy/corking.py",
     "proxy/http11.py",
     "proxy/mirror.py",
     "proxy/routing.py",

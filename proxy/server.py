@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
+from .corking import CorkedTransport
 from .http11 import (
     CONNECTION_CLOSE,
     CONNECTION_KEEP_ALIVE,
@@ -50,10 +51,6 @@ if TYPE_CHECKING:
     from .upstream import Balancer, UpstreamConnection, UpstreamPool
 
 log = logging.getLogger("weir.server")
-
-# Up to this many pieces and bytes of a response are joined for one write (see write_all).
-SMALL_WRITE_PIECES: Final = 8
-SMALL_WRITE_BYTES: Final = 4096
 
 # Body bytes held per exchange while its upstream connection is being opened.
 BUFFER_HIGH_WATER: Final = 256 * 1024
@@ -497,7 +494,7 @@ class Exchange(ResponseSink):
         out = self.outbuf
         if out:
             self.outbuf = []
-            write_all(self.client.transport, out)
+            self.client.transport.writelines(out)
 
     def on_upstream_complete(self) -> None:
         out = self.outbuf
@@ -505,7 +502,7 @@ class Exchange(ResponseSink):
             out.append(LAST_CHUNK)
         if out:
             self.outbuf = []
-            write_all(self.client.transport, out)
+            self.client.transport.writelines(out)
         self.response_done = True
         conn, self.upstream = self.upstream, None
         pool, self.pool = self.pool, None
@@ -708,18 +705,6 @@ class Exchange(ResponseSink):
             self.record(self.status if self.response_started else 499)
 
 
-def write_all(transport: asyncio.Transport, out: list[bytes]) -> None:
-    """Write a response's pieces (its head, body reads, chunk framing). A few small ones are
-    joined into one write: uvloop then makes one write(2) of one buffer, cheaper than
-    queueing each piece and a writev(2) of them; large bodies are not copied to join them."""
-    if len(out) == 1:
-        transport.write(out[0])
-    elif len(out) <= SMALL_WRITE_PIECES and sum(len(piece) for piece in out) <= SMALL_WRITE_BYTES:
-        transport.write(b"".join(out))
-    else:
-        transport.writelines(out)
-
-
 def without_headers(forward: list[bytes], names: frozenset[bytes] | set[bytes]) -> list[bytes]:
     """A flat [name, b": ", value, CRLF, ...] list less the headers named (lower-case)."""
     kept: list[bytes] = []
@@ -744,7 +729,7 @@ class ClientConnection(asyncio.Protocol):
         self.server = server
         self.loop = server.loop
         self.settings = server.settings
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.transport: CorkedTransport = None  # type: ignore[assignment]
         self.parser = HttpRequestParser(self)
         self.current: Exchange | None = None
         self.active: Exchange | None = None
@@ -777,7 +762,7 @@ class ClientConnection(asyncio.Protocol):
         if len(self.server.connections) >= self.settings.max_connections:
             self.refuse(transport)
             return
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.transport = CorkedTransport(transport, self.server.pools.corker)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else "unix"
         self.peer_bytes = self.peer.encode()
@@ -795,7 +780,7 @@ class ClientConnection(asyncio.Protocol):
         refused connection costs only its accept, and it never enters ``server.connections``,
         so it takes no slot. (Were its request already here unread, the close is a reset, but
         Linux still delivers the 503 sent before it.)"""
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = CorkedTransport(transport, self.server.pools.corker)
         limits = self.server.stats.limits
         limits.max_connections += 1
         now = self.loop.time()
@@ -803,8 +788,8 @@ class ClientConnection(asyncio.Protocol):
             limits.last_warning = now
             log.warning("limits.max_connections (%d) reached: refusing new connections with "
                         "503", self.settings.max_connections)
-        transport.write(OVER_CAPACITY)  # type: ignore[attr-defined]
-        transport.close()
+        self.transport.write(OVER_CAPACITY)
+        self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -842,6 +827,9 @@ class ClientConnection(asyncio.Protocol):
             self.protocol_error(431, "request line and headers are too large")
 
     def eof_received(self) -> bool | None:
+        # Returning None lets the transport close itself, past the hold: send what it holds
+        # now (an answer finished in this loop iteration).
+        self.transport.uncork()
         # A client that half-closes after a complete request still gets its response; one
         # that stops in the middle of its request has given up on it.
         active = self.active

@@ -18,6 +18,7 @@ from typing import Final, Protocol
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from .config import UpstreamSettings, UpstreamTLS, split_address
+from .corking import CorkedTransport, Corker
 from .http11 import CRLF, RESPONSE_NOTED, RESPONSE_NOTED_LENGTH_BITS, RESPONSE_REWRITTEN, lowered
 from .tls import upstream_context
 
@@ -76,7 +77,7 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self.loop = pool.loop
-        self.transport: asyncio.Transport | None = None
+        self.transport: CorkedTransport | None = None
         self.parser = HttpResponseParser(self)
         self.sink: ResponseSink | None = None
         self.closed = False
@@ -99,7 +100,7 @@ class UpstreamConnection(asyncio.Protocol):
     # --- asyncio.Protocol -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.transport = CorkedTransport(transport, self.pool.corker)
 
     def data_received(self, data: bytes) -> None:
         sink = self.sink
@@ -140,6 +141,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser = HttpResponseParser(self)
 
     def eof_received(self) -> bool | None:
+        if self.transport is not None:
+            self.transport.uncork()  # the transport closes itself next, past the hold
         return None  # close our side too
 
     def still_open(self) -> bool:
@@ -317,15 +320,17 @@ class UpstreamPool:
     """Keep-alive connections to one upstream address, most recently used first."""
 
     __slots__ = ("_drain_timer", "active", "address", "available", "connect_errors",
-                 "connect_timeout", "drain_label", "draining", "eject_after", "failures", "host",
-                 "idle", "idle_timeout", "key", "loop", "max_idle", "max_requests",
-                 "on_outlier", "port", "reported", "retries", "server_hostname", "ssl", "timeouts",
-                 "tls", "unreachable")
+                 "connect_timeout", "corker", "drain_label", "draining", "eject_after",
+                 "failures", "host", "idle", "idle_timeout", "key", "loop", "max_idle",
+                 "max_requests", "on_outlier", "port", "reported", "retries", "server_hostname",
+                 "ssl", "timeouts", "tls", "unreachable")
 
     def __init__(self, address: str, settings: UpstreamSettings,
                  loop: asyncio.AbstractEventLoop, tls: UpstreamTLS | None = None,
-                 context: ssl.SSLContext | None = None) -> None:
+                 context: ssl.SSLContext | None = None, corker: Corker | None = None) -> None:
         self.address = address
+        # Holds its connections' writes to the end of the loop iteration (see corking.py).
+        self.corker = corker if corker is not None else Corker(loop)
         self.host, self.port = split_address(address)
         self.loop = loop
         # HTTPS: the context (replaced on reload, for new connections) and the name to check.
@@ -531,6 +536,8 @@ class PoolRegistry:
                  contexts: dict[UpstreamTLS, ssl.SSLContext] | None = None) -> None:
         self.settings = settings
         self.loop = loop
+        # One for the whole data plane: client and upstream writes go out together.
+        self.corker = Corker(loop)
         self.pools: dict[str, UpstreamPool] = {}
         self._balancers: dict[tuple[tuple[str, ...], UpstreamTLS | None], Balancer] = {}
         self.contexts: dict[UpstreamTLS, ssl.SSLContext] = dict(contexts or {})
@@ -546,7 +553,7 @@ class PoolRegistry:
                 if pool is None:
                     context = self.context_for(tls) if tls is not None else None
                     pool = self.pools[key] = UpstreamPool(address, self.settings, self.loop,
-                                                          tls, context)
+                                                          tls, context, self.corker)
                 pools.append(pool)
             balancer = self._balancers[(addresses, tls)] = Balancer(pools)
         return balancer

@@ -1,0 +1,132 @@
+"""Data-plane writes held until the end of the event loop's iteration, then made together.
+
+Every write a proxy makes wakes whoever reads it: a client or an upstream. Made one at a time
+as each request is handled, those writes are spread out, so the reader has often gone back to
+sleep before the next one, and waking a sleeping CPU costs the writer (on a VM, an
+inter-processor interrupt). Held until the loop has handled everything that was ready, the
+iteration's writes go out back to back; a response's head and body also leave as one
+write(2) of one buffer. bench/RESULTS.md has the numbers.
+
+A held transport keeps its own order: every write goes through the hold, and whatever else
+ends the stream (close, abort, write_eof) first sends what is held. So must anything that
+lets the transport close itself: a protocol's eof_received that returns None calls
+``uncork`` first. What is held for a transport the peer has already closed is dropped, as
+the write itself would have been.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from collections.abc import Iterable
+from typing import Any, Final
+
+log = logging.getLogger("weir.corking")
+
+# Held pieces up to this many bytes are joined into one write; more go out as a writev.
+JOIN_BYTES: Final = 16 * 1024
+
+
+class Corker:
+    """One per event loop: the transports holding writes, sent once per loop iteration."""
+
+    __slots__ = ("context", "held", "loop", "scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.held: list[CorkedTransport] = []
+        self.scheduled = False
+        # The flush reads no context variables: an empty context of its own spares call_soon
+        # a copy of the current one on every loop iteration.
+        self.context = contextvars.Context()
+
+    def hold(self, transport: CorkedTransport) -> None:
+        self.held.append(transport)
+        if not self.scheduled:
+            self.scheduled = True
+            # Ready callbacks run once the iteration's I/O callbacks have all run.
+            self.loop.call_soon(self.flush, context=self.context)
+
+    def flush(self) -> None:
+        self.scheduled = False
+        held, self.held = self.held, []
+        for transport in held:
+            try:
+                transport.uncork()
+            except Exception:  # one broken transport must not keep the others' writes
+                log.exception("sending held writes failed")
+
+
+class CorkedTransport:
+    """The part of an asyncio transport the data plane uses, with its writes held."""
+
+    __slots__ = ("corker", "pending", "transport")
+
+    def __init__(self, transport: asyncio.BaseTransport, corker: Corker) -> None:
+        self.transport: Any = transport  # uvloop's transports are not asyncio subclasses
+        self.corker = corker
+        self.pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        pending = self.pending
+        if not pending:
+            self.corker.hold(self)
+        pending.append(data)
+
+    def writelines(self, pieces: Iterable[bytes]) -> None:
+        for data in pieces:
+            self.write(data)
+
+    def uncork(self) -> None:
+        pending = self.pending
+        if not pending:
+            return
+        self.pending = []
+        transport = self.transport
+        try:
+            if len(pending) == 1:
+                transport.write(pending[0])
+                return
+            size = 0
+            for piece in pending:
+                size += len(piece)
+            if size <= JOIN_BYTES:
+                transport.write(b"".join(pending))  # one write(2) of one buffer
+            else:
+                transport.writelines(pending)  # large bodies are not copied to join them
+        except RuntimeError:
+            # Closed since (the peer went away, or a fatal error): nobody left to send it to.
+            # Checking is_closing() first would cost a call on every uncork.
+            pass
+
+    def close(self) -> None:
+        self.uncork()
+        self.transport.close()
+
+    def abort(self) -> None:
+        # What was written before still goes out first, as it would have without the hold:
+        # the kernel takes it at once, and the reset follows it.
+        self.uncork()
+        self.transport.abort()
+
+    def write_eof(self) -> None:
+        self.uncork()
+        self.transport.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return bool(self.transport.can_write_eof())
+
+    def is_closing(self) -> bool:
+        return bool(self.transport.is_closing())
+
+    def pause_reading(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.transport.resume_reading()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default)
