@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import Iterable
 from typing import Any, Final
 
 log = logging.getLogger("weir.corking")
@@ -76,9 +75,13 @@ class CorkedTransport:
             self.corker.hold(self)
         pending.append(data)
 
-    def writelines(self, pieces: Iterable[bytes]) -> None:
-        for data in pieces:
-            self.write(data)
+    def writelines(self, pieces: list[bytes] | tuple[bytes, ...]) -> None:
+        if not pieces:
+            return
+        pending = self.pending
+        if not pending:
+            self.corker.hold(self)
+        pending.extend(pieces)  # an empty piece costs nothing: the join and uvloop skip it
 
     def uncork(self) -> None:
         pending = self.pending

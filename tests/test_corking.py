@@ -56,7 +56,8 @@ async def test_held_writes_reach_the_peer_in_order_before_the_close(corked_pair)
     corked.write(b"one ")
     corked.writelines([b"two ", b"", b"three "])
     corked.write(b"four")
-    assert corked.pending == [b"one ", b"two ", b"three ", b"four"]  # nothing sent yet
+    assert b"".join(corked.pending) == b"one two three four"  # all held, nothing sent yet
+    assert corker.held == [corked]
     corked.close()  # sends what is held first
     assert await read_until_closed(reader) == b"one two three four"
 
