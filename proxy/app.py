@@ -20,7 +20,8 @@ from .health import HealthMonitor
 from .routing import RouteTable, build_route_table
 from .server import ClientConnection, DataPlaneSettings
 from .stats import StatsRegistry
-from .store import StateStore, StoreUnavailable, make_store
+from .store import STORE_CLOSE_SECONDS, StateStore, StoreUnavailable, make_store
+from .tasks import finish_within
 from .tls import CompiledTLS, ListenerTLS, TLSConfigError, compile_tls, warn_unverified
 from .upstream import PoolRegistry, UpstreamPool
 
@@ -241,7 +242,9 @@ async def serve(config_path: Path, config: Config) -> int:
     await asyncio.sleep(shutdown.delay)
     await control.stop_watching()
     await control.rollouts.stop()
-    await control.store.close()  # after the controller's last save; releases its lock
+    # After the controller's last save; releases its lock. Bounded: were Redis to stop
+    # answering, the lock lapses by itself, and the stop must go on.
+    await finish_within(STORE_CLOSE_SECONDS, control.store.close(), "closing the state store")
     await control.proxy.shutdown(shutdown.timeout)
     await admin.stop()
     log.info("stopped")

@@ -303,7 +303,7 @@ class RedisStore(StateStore):
                 backoff = min(backoff * 2, 5.0)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await asyncio.wait_for(pubsub.aclose(), REDIS_TIMEOUT)
 
     async def _poll(self) -> None:
         """The fallback for a missed message, and how a lost connection is noticed and

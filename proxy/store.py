@@ -16,6 +16,10 @@ from typing import Any
 from .config import Config
 from .state import RuntimeState, WeightOverride
 
+# How long a stopping process waits for its store to close (the Redis store: its last
+# writes, releasing the controller lock, its connections) before it stops without it.
+STORE_CLOSE_SECONDS = 5.0
+
 # What a shared store hands over when another instance changed the state: the weights
 # overrides and the rollout records, whole (the control plane adopts them), and the services
 # whose rollout record is what changed.

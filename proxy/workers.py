@@ -28,6 +28,8 @@ from .app import ProcessSignals, ProxyServer, open_store, settle_garbage_collect
 from .config import Config, split_address
 from .control import ControlPlane
 from .report import forget_worker, merge
+from .store import STORE_CLOSE_SECONDS
+from .tasks import finish_within
 from .tls import CompiledTLS
 
 log = logging.getLogger("weir.workers")
@@ -332,7 +334,9 @@ async def serve_supervised(config_path: Path, config: Config, count: int) -> int
     await asyncio.sleep(shutdown.delay)
     await control.stop_watching()
     await control.rollouts.stop()
-    await control.store.close()  # after the controller's last save; releases its lock
+    # After the controller's last save; releases its lock. Bounded: were Redis to stop
+    # answering, the lock lapses by itself, and the stop must go on.
+    await finish_within(STORE_CLOSE_SECONDS, control.store.close(), "closing the state store")
     await proxy.shutdown(shutdown.timeout)
     await admin.stop()
     log.info("stopped")

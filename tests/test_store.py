@@ -28,6 +28,7 @@ import yaml
 
 from proxy.config import parse_config
 from proxy.control import ControlPlane
+from proxy.store import STORE_CLOSE_SECONDS
 
 from .conftest import REPO_ROOT, RestartableWeir, free_port, port_open, sample, wait_for
 
@@ -317,6 +318,28 @@ async def test_redis_going_away_keeps_proxying_and_its_return_resyncs(start_back
     assert code == 200, reply
     await poll(a.served, lambda version: version == "blue", 2, "blue on A")
     assert await all_served(a, 10) == Counter(blue=10)
+
+
+async def test_a_stop_while_redis_does_not_answer_still_ends_in_bounded_time(start_backend,
+                                                                             redis_server,
+                                                                             fleet):
+    """Redis stops answering (paused, as behind a dead link: no reset, no reply) and the
+    instance leading the controller is told to stop: its store's close (last writes, the lock
+    release, its connections) must not hold the process up past STORE_CLOSE_SECONDS."""
+    blue, green = await start_backend("blue"), await start_backend("green")
+    a = await fleet(shop(blue, green), redis_server.url)
+    await poll(lambda: leaders(a), lambda found: found == [a], 5, "A to lead")
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        stopped_at = time.monotonic()
+        assert await a.run.stop() == 0, a.run.output()
+        took = time.monotonic() - stopped_at
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    print(f"\nstopped in {took:.2f}s with Redis paused")
+    # shutdown.timeout (2s) for requests in flight plus the bound on the store's close (5s).
+    assert took < 2 + STORE_CLOSE_SECONDS + 2, a.run.output()[-3000:]
 
 
 # === the controller runs on one instance ========================================================
