@@ -1009,7 +1009,18 @@ class ClientConnection(asyncio.Protocol):
             return  # already answered, or the answer is set: this is the rest of the read
         self.in_head = False
         active = self.active
-        if active is not None and not active.request_complete and not active.response_started:
+        if active is not None and not active.request_complete:
+            if active.response_started:
+                # The active request's own body broke after its upstream began to answer
+                # (it answers before reading the body). That response is finished, then the
+                # connection closes: no error answer can follow it (the client would take it
+                # for this request's), and this request can never complete, so waiting for
+                # it would hold the connection for good. The upstream connection, sent a
+                # broken body, is closed when the response ends (on_upstream_complete).
+                active.keep_client = False
+                self.set_pause(PAUSE_CLOSING, True)
+                active.maybe_finish()  # at once, when the response has already ended
+                return
             # The error is in the active request itself (its body, say): it cannot be
             # answered by its upstream, which got a broken request.
             active.abandon()

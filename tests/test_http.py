@@ -450,6 +450,53 @@ async def test_response_delimited_by_close_is_rechunked(raw_backend, start_proxy
     assert first.body == second.body == b"until-close body"
 
 
+async def test_broken_body_after_the_whole_answer_closes_the_connection(start_backend,
+                                                                        start_proxy):
+    """The upstream answered in full without reading the body; then the body turns out
+    malformed (a bad chunk size). That request can never complete: Weir must close, not
+    wait for it (randomised fuzzing found the connection held open for good)."""
+    backend = await start_backend()
+    proxy = await start_proxy(one_service(backend.address))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET /stream?size=5000&length=1 HTTP/1.1\r\nHost: app.test\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n")
+    response = await asyncio.wait_for(read_response(reader), 5)
+    assert (response.status, len(response.body)) == (200, 5000)
+    writer.write(b"zz\r\nhello\r\n0\r\n\r\n")
+    assert await read_until_closed(reader) == b""  # closed, with no answer after the 200
+    writer.close()
+
+
+async def test_broken_body_during_the_answer_lets_it_finish_then_closes(raw_backend,
+                                                                        start_proxy):
+    finish = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+        await finish.wait()
+        writer.write(b"world")
+        await reader.read()  # until Weir closes its side: it must not reuse this one
+        writer.close()
+
+    port = await raw_backend(handler)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"POST /upload HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked"
+                 b"\r\n\r\n5\r\nfirst\r\n")
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert await reader.readexactly(5) == b"hello"
+    writer.write(b"zz\r\n")  # the body breaks while the answer is in progress
+    await asyncio.sleep(0)  # (no wait on timing: the order below holds either way)
+    finish.set()
+    async with asyncio.timeout(5):
+        assert await reader.readexactly(5) == b"world"
+    assert await read_until_closed(reader) == b""
+    writer.close()
+
+
 async def test_truncated_upstream_response_is_not_passed_off_as_whole(raw_backend, start_proxy):
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
