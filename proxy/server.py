@@ -632,7 +632,8 @@ class Exchange(ResponseSink):
         self.status = status
         target = self.target
         extra = target.response_header if target is not None else b""
-        client.transport.write(simple_response(status, message, not keep, extra + headers))
+        client.transport.write(simple_response(status, message, not keep, extra + headers,
+                                               self.head_request))
         self.response_started = True
         self.response_done = True
         self.maybe_finish()

@@ -592,6 +592,31 @@ async def test_invalid_upstream_response_is_502(raw_backend, start_proxy):
     assert response.status == 502
 
 
+async def test_weirs_own_answers_to_head_have_no_body(raw_backend, start_proxy):
+    """Regression, found by tests/test_fuzz_upstream.py: Weir's own answers (a 502 for an
+    invalid upstream response, a 404 for no route) to HEAD carried their text body. A client
+    reads no body after a response to HEAD (RFC 9110 9.3.2), so on a kept-alive connection it
+    took that text for the start of the next response."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    port = await raw_backend(handler)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}", match={"hosts": ["app.test"]}))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        for host, status in (("app.test", 502), ("nowhere.test", 404)):
+            writer.write(f"HEAD / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            head = await asyncio.wait_for(read_response(reader, head_request=True), 5)
+            assert head.status == status and int(head.header("content-length") or 0) > 0
+        writer.write(get("/after", host="nowhere.test"))
+        after = await asyncio.wait_for(read_response(reader), 5)
+        assert after.status == 404 and after.body.startswith(b"404 Not Found")
+    finally:
+        writer.close()
+
+
 async def test_aiohttp_client_through_proxy(start_backend, start_proxy):
     backend = await start_backend()
     proxy = await start_proxy(one_service(backend.address))
