@@ -282,6 +282,13 @@ class UpstreamConnection(asyncio.Protocol):
         """Request bytes going out count as activity: a slow upload is not a slow upstream."""
         self.last_activity = self.loop.time()
 
+    def reject(self, reason: str) -> None:
+        """The exchange found the response head invalid (llhttp took it): a 502, as for one
+        that does not parse, and the connection is closed."""
+        log.warning("invalid response from %s: %s", self.pool.address, reason)
+        self.pool.record_failure()
+        self._fail(502, "upstream sent an invalid response")
+
     def _fail(self, status: int, reason: str) -> None:
         sink, self.sink = self.sink, None
         got = self._head_done

@@ -617,6 +617,46 @@ async def test_weirs_own_answers_to_head_have_no_body(raw_backend, start_proxy):
         writer.close()
 
 
+@pytest.mark.parametrize("switch", [
+    b"HTTP/1.1 101 OK\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+    b"raw bytes of another protocol",
+])
+async def test_101_for_a_request_without_upgrade_is_502(raw_backend, start_proxy, switch):
+    """Regression, found by tests/test_fuzz_upstream.py: a 101 answering a request that asked
+    for no upgrade was relayed and the client connection became a raw tunnel to the upstream
+    (what the client sent next bypassed Weir). A server must not switch to a protocol the
+    client did not ask for (RFC 9110 7.8, 15.2.2): the response is invalid, a 502, and the
+    upstream connection is not reused."""
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            writer.write(switch if b"/switch" in head else
+                         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            await reader.read()
+        finally:
+            writer.close()
+
+    port = await raw_backend(handler)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(get("/switch"))
+        response = await asyncio.wait_for(read_response(reader), 5)
+        assert response.status == 502
+        writer.write(get("/after"))
+        after = await asyncio.wait_for(read_response(reader), 5)
+        assert after.status == 200 and after.body == b"ok"
+        assert connections == 2
+    finally:
+        writer.close()
+
+
 async def test_aiohttp_client_through_proxy(start_backend, start_proxy):
     backend = await start_backend()
     proxy = await start_proxy(one_service(backend.address))
