@@ -657,6 +657,53 @@ async def test_101_for_a_request_without_upgrade_is_502(raw_backend, start_proxy
         writer.close()
 
 
+GHOSTS = [
+    # The start of a response nobody asked for, after the end of one: pooled, the connection
+    # read the next response's status line and headers as the rest of this head.
+    b"HTTP/1.1 302 Found\r\nLocation: http://evil.example/\r\nX-Rest: ",
+    # A whole head with a length and no body: the next response became its body.
+    b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n",
+    # A whole response without a body: the answer to the next request.
+    b"HTTP/1.1 302 Found\r\nLocation: http://evil.example/\r\nContent-Length: 0\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+@pytest.mark.parametrize("ghost", GHOSTS)
+async def test_bytes_after_a_response_never_answer_the_next_request(raw_backend, start_proxy,
+                                                                   ghost, pipelined):
+    """Regression, found by tests/test_fuzz_upstream.py: an upstream that sent a response and,
+    in the same read, the start of another one (a backend bug, or a header injection that
+    splits a response) had its connection pooled, and the next request, from any client, got
+    that other response (a 302 to anywhere) or its own answer mangled. Pipelined requests took
+    the connection during that same read and got it too."""
+    answers = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answers
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                answers += 1
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + ghost
+                             if answers == 1 else
+                             b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngood")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    port = await raw_backend(handler)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    if pipelined:
+        responses = await exchange(proxy.port, get("/1") + get("/2"), count=2)
+    else:
+        responses = [*await exchange(proxy.port, get("/1")),
+                     *await exchange(proxy.port, get("/2"))]
+    assert [(r.status, r.body) for r in responses] == [(200, b"ok"), (200, b"good")]
+
+
 async def test_aiohttp_client_through_proxy(start_backend, start_proxy):
     backend = await start_backend()
     proxy = await start_proxy(one_service(backend.address))
