@@ -213,6 +213,13 @@ class UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         lines, noted = self._lines, self._noted
+        if not 100 <= status <= 599:
+            # llhttp takes any three digits; RFC 9110 15 calls the rest invalid (a client is
+            # to take them as a 5xx), and a code under 100 is not even three digits out.
+            lines.clear()
+            noted.clear()
+            self.reject(f"status code {status}")
+            return
         if 100 <= status < 200 and status != 101:
             # Interim responses (100 Continue, 103) are not relayed: Weir answers
             # Expect: 100-continue itself, and the final response follows on this connection.

@@ -704,6 +704,39 @@ async def test_bytes_after_a_response_never_answer_the_next_request(raw_backend,
     assert [(r.status, r.body) for r in responses] == [(200, b"ok"), (200, b"good")]
 
 
+@pytest.mark.parametrize("status", [b"000", b"099", b"600", b"999"])
+async def test_status_code_outside_100_to_599_is_502(raw_backend, start_proxy, status):
+    """Regression, found by tests/test_fuzz_upstream.py: llhttp takes any three digits, and
+    Weir relayed them, writing ``HTTP/1.1 0 Unknown`` (not three digits) for 000. Codes outside
+    100..599 are invalid (RFC 9110 15): a 502, and the connection is not reused."""
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 " + (status if b"/odd" in head else b"200")
+                         + b" X\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            await reader.read()
+        finally:
+            writer.close()
+
+    port = await raw_backend(handler)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(get("/odd"))
+        response = await asyncio.wait_for(read_response(reader), 5)
+        assert response.status == 502
+        writer.write(get("/after"))
+        after = await asyncio.wait_for(read_response(reader), 5)
+        assert (after.status, after.body) == (200, b"ok") and connections == 2
+    finally:
+        writer.close()
+
+
 async def test_aiohttp_client_through_proxy(start_backend, start_proxy):
     backend = await start_backend()
     proxy = await start_proxy(one_service(backend.address))
