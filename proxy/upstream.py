@@ -192,6 +192,8 @@ class UpstreamConnection(asyncio.Protocol):
                 sink.on_upstream_closed()
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._head_done:
+            return  # a trailer field of a chunked body: dropped (RFC 9110 6.5.1)
         if RESPONSE_NOTED_LENGTH_BITS >> len(name) & 1:
             lname = lowered(name)
             if lname in RESPONSE_NOTED:

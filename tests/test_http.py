@@ -737,6 +737,37 @@ async def test_status_code_outside_100_to_599_is_502(raw_backend, start_proxy, s
         writer.close()
 
 
+async def test_trailers_do_not_reach_the_next_response(raw_backend, start_proxy):
+    """Regression, found by tests/test_fuzz_upstream.py: the trailer fields of a chunked
+    response were added to the connection's list of header lines after the head had gone, and
+    the next response on that pooled connection, to any client, went out with them."""
+    answers = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answers
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                answers += 1
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             b"2\r\nok\r\n0\r\nSet-Cookie: session=of-the-first\r\n\r\n"
+                             if answers == 1 else
+                             b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngood")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    port = await raw_backend(handler)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    [first] = await exchange(proxy.port, get())
+    [second] = await exchange(proxy.port, get())
+    assert (first.status, first.body, second.status, second.body) == (200, b"ok", 200, b"good")
+    assert first.header("set-cookie") is None and second.header("set-cookie") is None
+    assert answers == 2
+
+
 async def test_aiohttp_client_through_proxy(start_backend, start_proxy):
     backend = await start_backend()
     proxy = await start_proxy(one_service(backend.address))
