@@ -313,6 +313,8 @@ async def serve(slot: Slot, reader: asyncio.StreamReader, writer: asyncio.Stream
             data = example.payload
             try:
                 for piece in split(data, example.cuts) if data else []:
+                    if writer.is_closing():
+                        break  # Weir closed it (uvloop refuses writes to a closed handle)
                     writer.write(piece)
                     await writer.drain()
                     await asyncio.sleep(0.001)
