@@ -414,6 +414,13 @@ class Exchange(ResponseSink):
                          noted: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
         """``lines`` holds the headers to pass on ([name, b": ", value, CRLF, ...]);
         ``noted`` the ones that frame the response or that Weir sets (see UpstreamConnection)."""
+        if status == 101 and not self.upgrade:
+            # A switch nobody asked for (RFC 9110 7.8, 15.2.2): an invalid response, not a
+            # tunnel that would hand the client connection to the upstream raw.
+            conn = self.upstream
+            if conn is not None:
+                conn.reject("upstream switched protocols for a request without Upgrade")
+            return
         route = self.route
         assert route is not None
         policy = route.retry
@@ -632,7 +639,8 @@ class Exchange(ResponseSink):
         self.status = status
         target = self.target
         extra = target.response_header if target is not None else b""
-        client.transport.write(simple_response(status, message, not keep, extra + headers))
+        client.transport.write(simple_response(status, message, not keep, extra + headers,
+                                               self.head_request))
         self.response_started = True
         self.response_done = True
         self.maybe_finish()

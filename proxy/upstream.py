@@ -70,7 +70,7 @@ class Closable(Protocol):
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("_head_bytes", "_head_done", "_informational", "_lines", "_noted",
-                 "_reset_parser",
+                 "_reading", "_reset_parser",
                  "closed", "got_bytes", "idle_since", "last_activity", "loop", "parser",
                  "pool", "read_timeout", "reused", "sink", "timer", "transport", "tunnel")
 
@@ -96,6 +96,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._informational = False
         self._head_done = False
         self._reset_parser = False
+        self._reading: ResponseSink | None = None  # the sink when the current read began
 
     # --- asyncio.Protocol -----------------------------------------------------------------
 
@@ -112,6 +113,7 @@ class UpstreamConnection(asyncio.Protocol):
             sink.on_upstream_tunnel_data(data)
             return
         self.got_bytes = True
+        self._reading = sink
         self.last_activity = self.loop.time()
         if not self._head_done:
             # llhttp sets no limit on a response head, and Weir holds it whole until it ends.
@@ -174,7 +176,24 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- httptools callbacks --------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        sink = self.sink
+        if sink is not self._reading:
+            # A response that begins in a read after the end of the response this read was
+            # for: nobody asked for it (one in a later read closes the idle connection in
+            # data_received). Pooled, or already taken again by a pipelined request sent
+            # during this read, the connection would have this head take the place of the
+            # next response's. It is closed, and a request sent on it meanwhile learns that
+            # its connection closed before answering (a GET is retried on a fresh one).
+            log.warning("response from %s that no request was waiting for: connection "
+                        "closed", self.pool.address)
+            self.abort()  # no sink from here on: the rest of this read is parsed for nobody
+            if sink is not None:
+                sink.on_upstream_closed()
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._head_done:
+            return  # a trailer field of a chunked body: dropped (RFC 9110 6.5.1)
         if RESPONSE_NOTED_LENGTH_BITS >> len(name) & 1:
             lname = lowered(name)
             if lname in RESPONSE_NOTED:
@@ -196,6 +215,13 @@ class UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         lines, noted = self._lines, self._noted
+        if not 100 <= status <= 599:
+            # llhttp takes any three digits; RFC 9110 15 calls the rest invalid (a client is
+            # to take them as a 5xx), and a code under 100 is not even three digits out.
+            lines.clear()
+            noted.clear()
+            self.reject(f"status code {status}")
+            return
         if 100 <= status < 200 and status != 101:
             # Interim responses (100 Continue, 103) are not relayed: Weir answers
             # Expect: 100-continue itself, and the final response follows on this connection.
@@ -281,6 +307,13 @@ class UpstreamConnection(asyncio.Protocol):
     def touch(self) -> None:
         """Request bytes going out count as activity: a slow upload is not a slow upstream."""
         self.last_activity = self.loop.time()
+
+    def reject(self, reason: str) -> None:
+        """The exchange found the response head invalid (llhttp took it): a 502, as for one
+        that does not parse, and the connection is closed."""
+        log.warning("invalid response from %s: %s", self.pool.address, reason)
+        self.pool.record_failure()
+        self._fail(502, "upstream sent an invalid response")
 
     def _fail(self, status: int, reason: str) -> None:
         sink, self.sink = self.sink, None

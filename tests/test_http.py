@@ -592,6 +592,182 @@ async def test_invalid_upstream_response_is_502(raw_backend, start_proxy):
     assert response.status == 502
 
 
+async def test_weirs_own_answers_to_head_have_no_body(raw_backend, start_proxy):
+    """Regression, found by tests/test_fuzz_upstream.py: Weir's own answers (a 502 for an
+    invalid upstream response, a 404 for no route) to HEAD carried their text body. A client
+    reads no body after a response to HEAD (RFC 9110 9.3.2), so on a kept-alive connection it
+    took that text for the start of the next response."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    port = await raw_backend(handler)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}", match={"hosts": ["app.test"]}))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        for host, status in (("app.test", 502), ("nowhere.test", 404)):
+            writer.write(f"HEAD / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            head = await asyncio.wait_for(read_response(reader, head_request=True), 5)
+            assert head.status == status and int(head.header("content-length") or 0) > 0
+        writer.write(get("/after", host="nowhere.test"))
+        after = await asyncio.wait_for(read_response(reader), 5)
+        assert after.status == 404 and after.body.startswith(b"404 Not Found")
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("switch", [
+    b"HTTP/1.1 101 OK\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+    b"raw bytes of another protocol",
+])
+async def test_101_for_a_request_without_upgrade_is_502(raw_backend, start_proxy, switch):
+    """Regression, found by tests/test_fuzz_upstream.py: a 101 answering a request that asked
+    for no upgrade was relayed and the client connection became a raw tunnel to the upstream
+    (what the client sent next bypassed Weir). A server must not switch to a protocol the
+    client did not ask for (RFC 9110 7.8, 15.2.2): the response is invalid, a 502, and the
+    upstream connection is not reused."""
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            writer.write(switch if b"/switch" in head else
+                         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            await reader.read()
+        finally:
+            writer.close()
+
+    port = await raw_backend(handler)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(get("/switch"))
+        response = await asyncio.wait_for(read_response(reader), 5)
+        assert response.status == 502
+        writer.write(get("/after"))
+        after = await asyncio.wait_for(read_response(reader), 5)
+        assert after.status == 200 and after.body == b"ok"
+        assert connections == 2
+    finally:
+        writer.close()
+
+
+GHOSTS = [
+    # The start of a response nobody asked for, after the end of one: pooled, the connection
+    # read the next response's status line and headers as the rest of this head.
+    b"HTTP/1.1 302 Found\r\nLocation: http://evil.example/\r\nX-Rest: ",
+    # A whole head with a length and no body: the next response became its body.
+    b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n",
+    # A whole response without a body: the answer to the next request.
+    b"HTTP/1.1 302 Found\r\nLocation: http://evil.example/\r\nContent-Length: 0\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+@pytest.mark.parametrize("ghost", GHOSTS)
+async def test_bytes_after_a_response_never_answer_the_next_request(raw_backend, start_proxy,
+                                                                   ghost, pipelined):
+    """Regression, found by tests/test_fuzz_upstream.py: an upstream that sent a response and,
+    in the same read, the start of another one (a backend bug, or a header injection that
+    splits a response) had its connection pooled, and the next request, from any client, got
+    that other response (a 302 to anywhere) or its own answer mangled. Pipelined requests took
+    the connection during that same read and got it too."""
+    answers = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answers
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                answers += 1
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + ghost
+                             if answers == 1 else
+                             b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngood")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    port = await raw_backend(handler)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    if pipelined:
+        responses = await exchange(proxy.port, get("/1") + get("/2"), count=2)
+    else:
+        responses = [*await exchange(proxy.port, get("/1")),
+                     *await exchange(proxy.port, get("/2"))]
+    assert [(r.status, r.body) for r in responses] == [(200, b"ok"), (200, b"good")]
+
+
+@pytest.mark.parametrize("status", [b"000", b"099", b"600", b"999"])
+async def test_status_code_outside_100_to_599_is_502(raw_backend, start_proxy, status):
+    """Regression, found by tests/test_fuzz_upstream.py: llhttp takes any three digits, and
+    Weir relayed them, writing ``HTTP/1.1 0 Unknown`` (not three digits) for 000. Codes outside
+    100..599 are invalid (RFC 9110 15): a 502, and the connection is not reused."""
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 " + (status if b"/odd" in head else b"200")
+                         + b" X\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            await reader.read()
+        finally:
+            writer.close()
+
+    port = await raw_backend(handler)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(get("/odd"))
+        response = await asyncio.wait_for(read_response(reader), 5)
+        assert response.status == 502
+        writer.write(get("/after"))
+        after = await asyncio.wait_for(read_response(reader), 5)
+        assert (after.status, after.body) == (200, b"ok") and connections == 2
+    finally:
+        writer.close()
+
+
+async def test_trailers_do_not_reach_the_next_response(raw_backend, start_proxy):
+    """Regression, found by tests/test_fuzz_upstream.py: the trailer fields of a chunked
+    response were added to the connection's list of header lines after the head had gone, and
+    the next response on that pooled connection, to any client, went out with them."""
+    answers = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answers
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                answers += 1
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             b"2\r\nok\r\n0\r\nSet-Cookie: session=of-the-first\r\n\r\n"
+                             if answers == 1 else
+                             b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngood")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    port = await raw_backend(handler)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    [first] = await exchange(proxy.port, get())
+    [second] = await exchange(proxy.port, get())
+    assert (first.status, first.body, second.status, second.body) == (200, b"ok", 200, b"good")
+    assert first.header("set-cookie") is None and second.header("set-cookie") is None
+    assert answers == 2
+
+
 async def test_aiohttp_client_through_proxy(start_backend, start_proxy):
     backend = await start_backend()
     proxy = await start_proxy(one_service(backend.address))
