@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import aiohttp
 import pytest
@@ -617,6 +618,39 @@ async def test_weirs_own_answers_to_head_have_no_body(raw_backend, start_proxy):
         writer.close()
 
 
+async def invalid_answer_is_502_and_its_connection_not_reused(raw_backend: Any,
+                                                              start_proxy: Any,
+                                                              invalid: bytes) -> None:
+    """The upstream answers GET /invalid with ``invalid`` and anything else with 200 ok: the
+    client gets a 502, and its next request is answered on a new upstream connection."""
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            writer.write(invalid if b"/invalid" in head else
+                         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            await reader.read()
+        finally:
+            writer.close()
+
+    port = await raw_backend(handler)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(get("/invalid"))
+        response = await asyncio.wait_for(read_response(reader), 5)
+        assert response.status == 502
+        writer.write(get("/after"))
+        after = await asyncio.wait_for(read_response(reader), 5)
+        assert (after.status, after.body) == (200, b"ok") and connections == 2
+    finally:
+        writer.close()
+
+
 @pytest.mark.parametrize("switch", [
     b"HTTP/1.1 101 OK\r\nContent-Length: 0\r\n\r\n",
     b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
@@ -628,33 +662,29 @@ async def test_101_for_a_request_without_upgrade_is_502(raw_backend, start_proxy
     (what the client sent next bypassed Weir). A server must not switch to a protocol the
     client did not ask for (RFC 9110 7.8, 15.2.2): the response is invalid, a 502, and the
     upstream connection is not reused."""
-    connections = 0
+    await invalid_answer_is_502_and_its_connection_not_reused(raw_backend, start_proxy,
+                                                              switch)
+
+
+def first_answer_then_good(first: bytes) -> tuple[Any, list[int]]:
+    """An upstream handler that answers the first request it gets, on any connection, with
+    ``first`` and every later one with 200 good; and the count of its answers so far."""
+    answers = [0]
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            writer.write(switch if b"/switch" in head else
-                         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-            await reader.read()
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                answers[0] += 1
+                writer.write(first if answers[0] == 1 else
+                             b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngood")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
         finally:
             writer.close()
 
-    port = await raw_backend(handler)
-    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-    try:
-        writer.write(get("/switch"))
-        response = await asyncio.wait_for(read_response(reader), 5)
-        assert response.status == 502
-        writer.write(get("/after"))
-        after = await asyncio.wait_for(read_response(reader), 5)
-        assert after.status == 200 and after.body == b"ok"
-        assert connections == 2
-    finally:
-        writer.close()
+    return handler, answers
 
 
 GHOSTS = [
@@ -677,23 +707,8 @@ async def test_bytes_after_a_response_never_answer_the_next_request(raw_backend,
     splits a response) had its connection pooled, and the next request, from any client, got
     that other response (a 302 to anywhere) or its own answer mangled. Pipelined requests took
     the connection during that same read and got it too."""
-    answers = 0
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal answers
-        try:
-            while True:
-                await reader.readuntil(b"\r\n\r\n")
-                answers += 1
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + ghost
-                             if answers == 1 else
-                             b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngood")
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
+    handler, _ = first_answer_then_good(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                                        + ghost)
     port = await raw_backend(handler)
     proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
     if pipelined:
@@ -709,63 +724,24 @@ async def test_status_code_outside_100_to_599_is_502(raw_backend, start_proxy, s
     """Regression, found by tests/test_fuzz_upstream.py: llhttp takes any three digits, and
     Weir relayed them, writing ``HTTP/1.1 0 Unknown`` (not three digits) for 000. Codes outside
     100..599 are invalid (RFC 9110 15): a 502, and the connection is not reused."""
-    connections = 0
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 " + (status if b"/odd" in head else b"200")
-                         + b" X\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-            await reader.read()
-        finally:
-            writer.close()
-
-    port = await raw_backend(handler)
-    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-    try:
-        writer.write(get("/odd"))
-        response = await asyncio.wait_for(read_response(reader), 5)
-        assert response.status == 502
-        writer.write(get("/after"))
-        after = await asyncio.wait_for(read_response(reader), 5)
-        assert (after.status, after.body) == (200, b"ok") and connections == 2
-    finally:
-        writer.close()
+    await invalid_answer_is_502_and_its_connection_not_reused(
+        raw_backend, start_proxy, b"HTTP/1.1 " + status + b" X\r\nContent-Length: 2\r\n\r\nok")
 
 
 async def test_trailers_do_not_reach_the_next_response(raw_backend, start_proxy):
     """Regression, found by tests/test_fuzz_upstream.py: the trailer fields of a chunked
     response were added to the connection's list of header lines after the head had gone, and
     the next response on that pooled connection, to any client, went out with them."""
-    answers = 0
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal answers
-        try:
-            while True:
-                await reader.readuntil(b"\r\n\r\n")
-                answers += 1
-                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                             b"2\r\nok\r\n0\r\nSet-Cookie: session=of-the-first\r\n\r\n"
-                             if answers == 1 else
-                             b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngood")
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
+    handler, answers = first_answer_then_good(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nok\r\n0\r\nSet-Cookie: session=of-the-first\r\n\r\n")
     port = await raw_backend(handler)
     proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
     [first] = await exchange(proxy.port, get())
     [second] = await exchange(proxy.port, get())
     assert (first.status, first.body, second.status, second.body) == (200, b"ok", 200, b"good")
     assert first.header("set-cookie") is None and second.header("set-cookie") is None
-    assert answers == 2
+    assert answers == [2]
 
 
 async def test_aiohttp_client_through_proxy(start_backend, start_proxy):
