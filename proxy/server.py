@@ -124,7 +124,7 @@ class Exchange(ResponseSink):
         "body_buffer", "body_received", "buffered", "bytes_out", "chunked", "client",
         "connecting",
         "content_length", "dup_host", "extra_headers", "finished", "forward", "has_body",
-        "hmap", "http10", "keep_alive", "keep_client", "method", "mirrors",
+        "head_sent", "hmap", "http10", "keep_alive", "keep_client", "method", "mirrors",
         "out_chunked", "outbuf", "pool", "primary_digest", "reason", "request_complete",
         "response_done", "response_started", "retried",
         "route", "started", "status", "target", "tried", "until_eof", "upgrade", "upstream",
@@ -164,6 +164,7 @@ class Exchange(ResponseSink):
         self.status = 0
         self.upstream_keep_alive = False
         self.response_started = False
+        self.head_sent = False  # the response's head has been written to the client
         self.response_done = False
         self.out_chunked = False
         self.outbuf: list[bytes] = []
@@ -501,6 +502,7 @@ class Exchange(ResponseSink):
         out = self.outbuf
         if out:
             self.outbuf = []
+            self.head_sent = True
             self.client.transport.writelines(out)
 
     def on_upstream_complete(self) -> None:
@@ -509,6 +511,7 @@ class Exchange(ResponseSink):
             out.append(LAST_CHUNK)
         if out:
             self.outbuf = []
+            self.head_sent = True
             self.client.transport.writelines(out)
         self.response_done = True
         conn, self.upstream = self.upstream, None
@@ -622,6 +625,11 @@ class Exchange(ResponseSink):
         if self.finished:
             return
         log.warning("%s %s: %s", self.method.decode(), self.url[:200].decode("latin-1"), reason)
+        if self.response_started and not self.head_sent and not self.response_done:
+            # The response broke in the read that brought its head, which is still held
+            # here: nothing of it reached the client, so it gets the 502 instead.
+            self.outbuf = []
+            self.response_started = False
         if self.response_started:
             self.client.abort()
         else:

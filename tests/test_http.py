@@ -498,6 +498,24 @@ async def test_broken_body_during_the_answer_lets_it_finish_then_closes(raw_back
     writer.close()
 
 
+async def test_response_broken_in_the_read_that_brought_its_head_becomes_502(raw_backend,
+                                                                             start_proxy):
+    """Found by tests/test_fuzz_upstream.py: a head and a broken chunk in one read. The head
+    was held to go out with the body, and the failure dropped it, so the client got a close
+    and no answer at all; nothing had reached it, so it gets a 502."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    port = await raw_backend(handler)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    [response] = await exchange(proxy.port, get())
+    assert response.status == 502
+
+
 async def test_truncated_upstream_response_is_not_passed_off_as_whole(raw_backend, start_proxy):
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
