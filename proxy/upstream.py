@@ -130,9 +130,7 @@ class UpstreamConnection(asyncio.Protocol):
             if rest and self.sink is not None:
                 self.sink.on_upstream_tunnel_data(rest)
         except HttpParserError as exc:
-            log.warning("invalid response from %s: %s", self.pool.address, exc)
-            self.pool.record_failure()
-            self._fail(502, "upstream sent an invalid response")
+            self.reject(str(exc))
             return
         if sink is self.sink:
             sink.flush()  # a completed response has flushed itself
@@ -309,8 +307,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.last_activity = self.loop.time()
 
     def reject(self, reason: str) -> None:
-        """The exchange found the response head invalid (llhttp took it): a 502, as for one
-        that does not parse, and the connection is closed."""
+        """An invalid response: one llhttp cannot parse, or one it took that Weir (or the
+        exchange) finds invalid. A 502, and the connection is closed."""
         log.warning("invalid response from %s: %s", self.pool.address, reason)
         self.pool.record_failure()
         self._fail(502, "upstream sent an invalid response")
