@@ -52,10 +52,20 @@ _LOWERED_MAX_ENTRIES: Final = 1024
 _LOWERED_MAX_NAME: Final = 64
 
 
+# The names the data plane looks up itself, each as one object: a lowered name that is one
+# of them is this object, which a set or dict lookup then matches by identity, without
+# comparing bytes.
+_CANONICAL: Final[dict[bytes, bytes]] = {
+    name: name for name in RESPONSE_NOTED | REQUEST_REWRITTEN
+    | {b"host", b"content-length", b"cookie"}
+}
+
+
 def lowered(name: bytes) -> bytes:
     lname = _LOWERED.get(name)
     if lname is None:
         lname = name.lower()
+        lname = _CANONICAL.get(lname, lname)
         if len(name) <= _LOWERED_MAX_NAME and len(_LOWERED) < _LOWERED_MAX_ENTRIES:
             _LOWERED[name] = lname
     return lname

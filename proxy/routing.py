@@ -32,13 +32,6 @@ _HOST_CACHE_LIMIT: Final = 4096
 _STICKY_CACHE_LIMIT: Final = 65536
 
 
-class RoutedRequest(Protocol):
-    """What routing reads from a request: lower-cased header names to raw values, and the URL."""
-
-    hmap: dict[bytes, bytes]
-    url: bytes
-
-
 class Balancer(Protocol):
     """An upstream set for one version; owned by the data plane, looked up by address list."""
 
@@ -105,8 +98,8 @@ class CompiledRule:
         self.path = compile_string_match(rule_match.path) if rule_match.path else None
         self.version = version
 
-    def matches(self, request: RoutedRequest) -> bool:
-        hmap = request.hmap
+    def matches(self, hmap: dict[bytes, bytes], url: bytes) -> bool:
+        """``hmap``: the request's headers, lower-cased names to raw values."""
         for name, test in self.headers:
             value = hmap.get(name)
             if value is None or not test(value):
@@ -118,12 +111,12 @@ class CompiledRule:
                 if value is None or not test(value):
                     return False
         if self.query:
-            params = parse_query(request.url)
+            params = parse_query(url)
             for name, test in self.query:
                 value = params.get(name)
                 if value is None or not test(value):
                     return False
-        return self.path is None or self.path(request_path(request.url))
+        return self.path is None or self.path(request_path(url))
 
 
 class VersionTarget:
@@ -169,13 +162,13 @@ class StickyPolicy:
         self.mint_cookie = mint_cookie
         self.cookie_max_age = int(cookie_max_age)
 
-    def user_key(self, request: RoutedRequest) -> bytes | None:
+    def user_key(self, hmap: dict[bytes, bytes]) -> bytes | None:
         if self.header is not None:
-            value = request.hmap.get(self.header)
+            value = hmap.get(self.header)
             if value:
                 return value
         if self.cookie is not None:
-            raw = request.hmap.get(b"cookie")
+            raw = hmap.get(b"cookie")
             if raw and self.cookie in raw:
                 return parse_cookies(raw).get(self.cookie) or None
         return None
@@ -236,14 +229,18 @@ class Route:
         # Weights are fixed for the life of a Route, so a user's version can be remembered.
         self._sticky_cache: dict[bytes, VersionTarget | None] = {}
 
-    def pick_version(self, request: RoutedRequest) -> tuple[VersionTarget | None, str, bytes]:
-        """(version, reason, extra response header lines such as a minted sticky cookie)."""
+    def pick_version(self, hmap: dict[bytes, bytes],
+                     url: bytes) -> tuple[VersionTarget | None, str, bytes]:
+        """(version, reason, extra response header lines such as a minted sticky cookie) for a
+        request's headers (lower-cased names to raw values) and URL. Plain arguments rather
+        than the request: compiled, reading them off an object of no native class costs a
+        lookup by name each."""
         for rule in self.rules:
-            if rule.matches(request):
+            if rule.matches(hmap, url):
                 return rule.version, REASON_RULE, b""
         sticky = self.sticky
         if sticky is not None:
-            key = sticky.user_key(request)
+            key = sticky.user_key(hmap)
             extra = b""
             if key is None and sticky.mint_cookie:
                 # Minted even while one version has all the traffic, so that the user is

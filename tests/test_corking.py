@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from proxy.corking import JOIN_BYTES, CorkedTransport, Corker
+from proxy.corking import JOIN_BYTES, CorkedTransport, Corker, coalesced
 
 from .conftest import one_service, read_response, read_until_closed
 
@@ -88,6 +88,24 @@ async def test_held_writes_larger_than_a_join_arrive_whole(corked_pair):
     corker = Corker(asyncio.get_running_loop())
     corked, reader, _ = await corked_pair(corker)
     pieces = [bytes([65 + i]) * (JOIN_BYTES // 3) for i in range(5)]  # written as a writev
+    corked.writelines(pieces)
+    corked.close()
+    assert await read_until_closed(reader) == b"".join(pieces)
+
+
+def test_over_a_join_large_pieces_go_as_they_are_and_the_small_ones_between_are_joined():
+    big, other = b"b" * JOIN_BYTES, b"o" * (JOIN_BYTES + 1)
+    pieces = [b"HTTP/1.1 200 OK\r\n", b"a: 1\r\n", b"\r\n", big, b"\r\n", b"4000\r\n", other]
+    out = coalesced(pieces)
+    assert out == [b"HTTP/1.1 200 OK\r\na: 1\r\n\r\n", big, b"\r\n4000\r\n", other]
+    assert out[1] is big and out[3] is other  # not copied
+    assert coalesced([b"x", b"y"]) == [b"xy"]
+
+
+async def test_large_body_after_many_small_pieces_arrives_whole(corked_pair):
+    corker = Corker(asyncio.get_running_loop())
+    corked, reader, _ = await corked_pair(corker)
+    pieces = [b"h%d: v\r\n" % i for i in range(30)] + [b"z" * (2 * JOIN_BYTES), b"tail"]
     corked.writelines(pieces)
     corked.close()
     assert await read_until_closed(reader) == b"".join(pieces)

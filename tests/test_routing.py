@@ -43,6 +43,10 @@ class Req:
         self.hmap = {k.lower().encode(): v.encode() for k, v in (headers or {}).items()}
 
 
+def pick_for(route: Route, req: Req) -> tuple[Any, str, bytes]:
+    return route.pick_version(req.hmap, req.url)
+
+
 def versions(*names: str) -> dict[str, Any]:
     return {name: {"upstreams": [f"127.0.0.1:{9001 + i}"]} for i, name in enumerate(names)}
 
@@ -63,7 +67,7 @@ def route(**extra: Any) -> Route:
 
 
 def pick(r: Route, url: bytes = b"/", **headers: str) -> str:
-    version, _, _ = r.pick_version(Req(url, {k.replace("_", "-"): v for k, v in headers.items()}))
+    version, _, _ = pick_for(r, Req(url, {k.replace("_", "-"): v for k, v in headers.items()}))
     assert version is not None
     return version.name
 
@@ -207,14 +211,14 @@ def rule_route(*rules: dict[str, Any], **extra: Any) -> Route:
 
 def test_no_rule_match_falls_back_to_weights() -> None:
     r = rule_route({"match": {"headers": {"x-group": "beta"}}, "version": "beta"})
-    version, reason, extra = r.pick_version(Req(b"/", {"x-group": "alpha"}))
+    version, reason, extra = pick_for(r, Req(b"/", {"x-group": "alpha"}))
     assert version is not None and version.name == "stable"
     assert (reason, extra) == (REASON_WEIGHT, b"")
 
 
 def test_header_exact() -> None:
     r = rule_route({"match": {"headers": {"X-User-Group": "internal-beta"}}, "version": "beta"})
-    version, reason, _ = r.pick_version(Req(b"/", {"x-user-group": "internal-beta"}))
+    version, reason, _ = pick_for(r, Req(b"/", {"x-user-group": "internal-beta"}))
     assert version is not None and version.name == "beta"
     assert reason == REASON_RULE
     assert pick(r, x_user_group="internal-beta-2") == "stable"
@@ -342,7 +346,7 @@ def test_weight_zero_is_never_picked() -> None:
 
 def test_reason_is_weight_without_sticky_key() -> None:
     r = route(weights={"stable": 50, "canary": 50}, sticky={"header": "x-user-id"})
-    _, reason, extra = r.pick_version(Req())
+    _, reason, extra = pick_for(r, Req())
     assert (reason, extra) == (REASON_WEIGHT, b"")
 
 
@@ -375,7 +379,7 @@ def test_weights_override() -> None:
 
 def test_all_weights_zero_at_runtime_picks_nothing() -> None:
     t = table(svc(weights={"stable": 100}), weights_override={"shop": {"stable": 0}})
-    version, reason, _ = t.routes[0].pick_version(Req())
+    version, reason, _ = pick_for(t.routes[0], Req())
     assert version is None
     assert reason == REASON_WEIGHT
 
@@ -391,7 +395,7 @@ def sticky_route(stable: int = 90, canary: int = 10, **sticky: Any) -> Route:
 def sticky_picks(r: Route, users: list[str]) -> dict[str, str]:
     picks = {}
     for user in users:
-        version, reason, extra = r.pick_version(Req(b"/", {"x-user-id": user}))
+        version, reason, extra = pick_for(r, Req(b"/", {"x-user-id": user}))
         assert version is not None
         assert (reason, extra) == (REASON_STICKY, b"")
         picks[user] = version.name
@@ -440,7 +444,8 @@ class Req:
 
 config = parse_config(json.loads(sys.argv[1]))
 route = build_route_table(config, Balancer).routes[0]
-print(json.dumps({u: route.pick_version(Req(u))[0].name for u in json.loads(sys.argv[2])}))
+users = json.loads(sys.argv[2])
+print(json.dumps({u: route.pick_version(Req(u).hmap, b"/")[0].name for u in users}))
 """
 
 
@@ -526,7 +531,7 @@ def test_sticky_from_cookie_when_header_absent() -> None:
     r = sticky_route(50, 50)
     by_header = sticky_picks(r, USERS[:300])
     for user in USERS[:300]:
-        version, reason, extra = r.pick_version(Req(b"/", {"cookie": f"theme=dark; uid={user}"}))
+        version, reason, extra = pick_for(r, Req(b"/", {"cookie": f"theme=dark; uid={user}"}))
         assert version is not None and version.name == by_header[user]
         assert (reason, extra) == (REASON_STICKY, b"")
 
@@ -550,7 +555,7 @@ def test_sticky_cookie_only_ignores_other_cookies() -> None:
 def test_mint_cookie_for_request_without_key() -> None:
     r = sticky_route(50, 50, header="x-user-id", cookie="weir_uid", mint_cookie=True,
                      cookie_max_age="1d")
-    version, reason, extra = r.pick_version(Req(b"/", {"cookie": "theme=dark"}))
+    version, reason, extra = pick_for(r, Req(b"/", {"cookie": "theme=dark"}))
     assert version is not None
     assert reason == REASON_STICKY
     assert extra.startswith(b"set-cookie: weir_uid=")
@@ -560,26 +565,26 @@ def test_mint_cookie_for_request_without_key() -> None:
     minted = extra[len(b"set-cookie: weir_uid="):].split(b";", 1)[0]
     assert minted
     # The next request carries the minted cookie: same version, no new cookie.
-    again, reason2, extra2 = r.pick_version(Req(b"/", {"cookie": "weir_uid=" + minted.decode()}))
+    again, reason2, extra2 = pick_for(r, Req(b"/", {"cookie": "weir_uid=" + minted.decode()}))
     assert again is version
     assert (reason2, extra2) == (REASON_STICKY, b"")
 
 
 def test_mint_cookie_gives_each_new_user_a_fresh_key() -> None:
     r = sticky_route(50, 50, cookie="weir_uid", mint_cookie=True)
-    lines = {r.pick_version(Req())[2] for _ in range(50)}
+    lines = {pick_for(r, Req())[2] for _ in range(50)}
     assert len(lines) == 50
     assert all(line.startswith(b"set-cookie: weir_uid=") for line in lines)
 
 
 def test_no_mint_when_key_present() -> None:
     r = sticky_route(50, 50, header="x-user-id", cookie="weir_uid", mint_cookie=True)
-    assert r.pick_version(Req(b"/", {"cookie": "weir_uid=abc"}))[2] == b""
-    assert r.pick_version(Req(b"/", {"x-user-id": "abc"}))[2] == b""
+    assert pick_for(r, Req(b"/", {"cookie": "weir_uid=abc"}))[2] == b""
+    assert pick_for(r, Req(b"/", {"x-user-id": "abc"}))[2] == b""
 
 
 def test_no_mint_without_mint_cookie() -> None:
     r = sticky_route(50, 50, cookie="weir_uid")
-    version, reason, extra = r.pick_version(Req())
+    version, reason, extra = pick_for(r, Req())
     assert version is not None
     assert (reason, extra) == (REASON_WEIGHT, b"")
