@@ -381,7 +381,7 @@ class Exchange(ResponseSink):
                 transport.writelines((b"%x\r\n" % len(body), body, CRLF))
             else:
                 transport.write(body)
-            conn.last_activity = conn.loop.time()
+            conn.touch()
         else:
             if self.body_buffer is None:
                 self.body_buffer = []

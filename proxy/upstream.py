@@ -313,7 +313,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def touch(self) -> None:
         """Request bytes going out count as activity: a slow upload is not a slow upstream."""
-        self.last_activity = self.loop.time()
+        self.last_activity = self.pool.clock()
 
     def reject(self, reason: str) -> None:
         """An invalid response: one llhttp cannot parse, or one it took that Weir (or the
@@ -359,47 +359,22 @@ class UpstreamConnection(asyncio.Protocol):
 class UpstreamPool:
     """Keep-alive connections to one upstream address, most recently used first."""
 
-    __slots__ = (
-        "_drain_timer",
-        "active",
-        "address",
-        "available",
-        "clock",
-        "connect_errors",
-        "connect_timeout",
-        "corker",
-        "drain_label",
-        "draining",
-        "eject_after",
-        "failures",
-        "host",
-        "idle",
-        "idle_timeout",
-        "key",
-        "loop",
-        "max_idle",
-        "max_requests",
-        "on_outlier",
-        "port",
-        "reported",
-        "retries",
-        "server_hostname",
-        "ssl",
-        "timeouts",
-        "tls",
-        "unreachable",
-    )
+    __slots__ = ("_drain_timer", "active", "address", "available", "clock", "connect_errors",
+                 "connect_timeout", "corker", "drain_label", "draining", "eject_after",
+                 "failures", "host", "idle", "idle_timeout", "key", "loop", "max_idle",
+                 "max_requests", "on_outlier", "port", "reported", "retries", "server_hostname",
+                 "ssl", "timeouts", "tls", "unreachable")
 
     def __init__(self, address: str, settings: UpstreamSettings,
-                 loop: asyncio.AbstractEventLoop, tls: UpstreamTLS | None = None,
-                 context: ssl.SSLContext | None = None, corker: Corker | None = None) -> None:
+                 loop: asyncio.AbstractEventLoop, corker: Corker, clock: Callable[[], float],
+                 tls: UpstreamTLS | None = None, context: ssl.SSLContext | None = None) -> None:
+        """``corker`` and ``clock`` are the registry's, shared by the whole data plane."""
         self.address = address
         # Holds its connections' writes to the end of the loop iteration (see corking.py).
-        self.corker = corker if corker is not None else Corker(loop)
+        self.corker = corker
         self.host, self.port = split_address(address)
         self.loop = loop
-        # loop.time, bound once: cheaper to call from compiled code than by name.
-        self.clock: Callable[[], float] = loop.time
+        self.clock = clock
         # HTTPS: the context (replaced on reload, for new connections) and the name to check.
         self.tls = tls
         self.key = pool_key(address, tls)  # its name in PoolRegistry, health and metrics
@@ -603,7 +578,9 @@ class PoolRegistry:
                  contexts: dict[UpstreamTLS, ssl.SSLContext] | None = None) -> None:
         self.settings = settings
         self.loop = loop
-        self.clock: Callable[[], float] = loop.time  # bound once, shared by client connections
+        # loop.time, bound once: cheaper to call from compiled code than by name. Shared by
+        # the pools and the client connections.
+        self.clock: Callable[[], float] = loop.time
         # One for the whole data plane: client and upstream writes go out together.
         self.corker = Corker(loop)
         self.pools: dict[str, UpstreamPool] = {}
@@ -621,7 +598,7 @@ class PoolRegistry:
                 if pool is None:
                     context = self.context_for(tls) if tls is not None else None
                     pool = self.pools[key] = UpstreamPool(address, self.settings, self.loop,
-                                                          tls, context, self.corker)
+                                                          self.corker, self.clock, tls, context)
                 pools.append(pool)
             balancer = self._balancers[(addresses, tls)] = Balancer(pools)
         return balancer
