@@ -18,7 +18,7 @@ from .config import Config, ConfigError, load_config, split_address
 from .control import ControlPlane
 from .health import HealthMonitor
 from .routing import RouteTable, build_route_table
-from .server import ClientConnection, DataPlaneSettings
+from .server import ClientConnection, DataPlaneSettings, PlaneState
 from .stats import StatsRegistry
 from .store import STORE_CLOSE_SECONDS, StateStore, StoreUnavailable, make_store
 from .tasks import finish_within
@@ -51,18 +51,44 @@ class ProxyServer:
         self.pools = PoolRegistry(config.upstream, loop, tls.upstream)
         self.health = HealthMonitor(self.pools, loop)
         self.stats = StatsRegistry()
-        self.access_log = AccessLog(config.access_log) if config.access_log else None
-        self.table: RouteTable = build_route_table(config, self.pools.balancer_for,
-                                                   weights_override, stats=self.stats)
+        # The route table, the access log and whether it is draining: read by the request
+        # path on every request (see the properties below).
+        self.plane = PlaneState(
+            build_route_table(config, self.pools.balancer_for, weights_override,
+                              stats=self.stats),
+            AccessLog(config.access_log) if config.access_log else None)
         self.health.sync(config, self.table, initial=True)
         self.connections: set[ClientConnection] = set()
         self.listeners: list[asyncio.Server] = []
-        self.draining = False
         self._sweeper: asyncio.TimerHandle | None = None
         # A worker of `weir run --workers N` (see worker.py) shares its port with its siblings
         # (SO_REUSEPORT) and leaves the active health checks to the supervisor.
         self.reuse_port = False
         self.active_checks = True
+
+    @property
+    def table(self) -> RouteTable:
+        return self.plane.table
+
+    @table.setter
+    def table(self, table: RouteTable) -> None:
+        self.plane.table = table
+
+    @property
+    def access_log(self) -> AccessLog | None:
+        return self.plane.access_log
+
+    @access_log.setter
+    def access_log(self, access_log: AccessLog | None) -> None:
+        self.plane.access_log = access_log
+
+    @property
+    def draining(self) -> bool:
+        return self.plane.draining
+
+    @draining.setter
+    def draining(self, draining: bool) -> None:
+        self.plane.draining = draining
 
     def apply_config(self, config: Config,
                      weights_override: dict[str, dict[str, int]] | None = None,

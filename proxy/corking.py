@@ -48,9 +48,10 @@ def coalesced(pieces: list[bytes]) -> list[bytes]:
 
 
 class Corker:
-    """One per event loop: the transports holding writes, sent once per loop iteration."""
+    """One per event loop: the transports holding writes, sent once per loop iteration, and
+    the loop's time, read once per iteration."""
 
-    __slots__ = ("context", "held", "loop", "scheduled")
+    __slots__ = ("context", "held", "loop", "scheduled", "time", "time_read", "timestamp")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -59,6 +60,27 @@ class Corker:
         # The flush reads no context variables: an empty context of its own spares call_soon
         # a copy of the current one on every loop iteration.
         self.context = contextvars.Context()
+        self.time: Callable[[], float] = loop.time
+        self.time_read = False
+        self.timestamp = 0.0
+
+    def now(self) -> float:
+        """``loop.time()`` as it was when first asked in this loop iteration.
+
+        Like nginx's time cache, updated once per pass of its event loop: the data plane
+        stamps every request several times (deadlines, upstream activity, pool idle times),
+        and reading the clock costs more than the rest of the call. The value is forgotten by
+        the flush, which runs before the loop next waits for I/O, so it is never older than
+        the handling of one iteration's events: what timeouts of a second or more can
+        ignore."""
+        if self.time_read:
+            return self.timestamp
+        self.timestamp = stamp = self.time()
+        self.time_read = True
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.flush, context=self.context)
+        return stamp
 
     def hold(self, transport: CorkedTransport) -> None:
         self.held.append(transport)
@@ -69,6 +91,7 @@ class Corker:
 
     def flush(self) -> None:
         self.scheduled = False
+        self.time_read = False
         held, self.held = self.held, []
         for transport in held:
             try:

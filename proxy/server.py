@@ -42,10 +42,11 @@ from .http11 import (
 )
 from .mirror import MirrorCopy, MirrorPolicy
 from .retry import RETRY_CONNECT_FAILURE, RETRY_RESET, RETRY_STATUS, RETRY_TIMEOUT
-from .routing import Route, VersionTarget
+from .routing import Route, RouteTable, VersionTarget
 from .upstream import ResponseSink
 
 if TYPE_CHECKING:
+    from .accesslog import AccessLog
     from .app import ProxyServer
     from .config import Config
     from .upstream import Balancer, UpstreamConnection, UpstreamPool
@@ -123,6 +124,20 @@ class DataPlaneSettings:
         return any(address in net for net in self.trusted_networks)
 
 
+class PlaneState:
+    """What the request path reads from the proxy on every request, on an object of a
+    compiled class: ``ProxyServer`` (app.py, interpreted) would cost a lookup by name for each
+    read. ``ProxyServer`` owns it and is the only writer; its ``table``, ``draining`` and
+    ``access_log`` read and write these."""
+
+    __slots__ = ("access_log", "draining", "table")
+
+    def __init__(self, table: RouteTable, access_log: AccessLog | None) -> None:
+        self.table = table
+        self.access_log = access_log
+        self.draining = False  # shutting down: answers tell clients to reconnect elsewhere
+
+
 class Exchange(ResponseSink):
     """One request and its response."""
 
@@ -198,7 +213,7 @@ class Exchange(ResponseSink):
         if self.method == b"CONNECT":
             self.respond_local(405, "CONNECT is not supported by a reverse proxy", close=True)
             return
-        route = client.server.table.find_route(host or b"", self.url)
+        route = client.plane.table.find_route(host or b"", self.url)
         if route is None:
             self.respond_local(404, "no service matches this host and path")
             return
@@ -336,22 +351,26 @@ class Exchange(ResponseSink):
         named = (connection_tokens(connection)
                  if connection is not None and connection not in PLAIN_CONNECTION_VALUES
                  else None)
+        # extend and append rather than += with a new tuple: native calls when compiled.
         if named or skip is not REQUEST_REWRITTEN:
-            parts += without_headers(self.forward, skip | named if named else skip)
+            parts.extend(without_headers(self.forward, skip | named if named else skip))
         else:
-            parts += self.forward  # the usual case: nothing more to leave out
+            parts.extend(self.forward)  # the usual case: nothing more to leave out
+        host = hmap.get(b"host")
         if client.trusted:
             forwarded = hmap.get(b"x-forwarded-for")
             xff = forwarded + b", " + client.peer_bytes if forwarded else client.peer_bytes
             proto = hmap.get(b"x-forwarded-proto", client.server.scheme)
-            fhost = hmap.get(b"x-forwarded-host") or hmap.get(b"host", b"")
-            parts += (b"x-forwarded-for: ", xff, b"\r\nx-forwarded-proto: ", proto,
-                      b"\r\nx-forwarded-host: ", fhost, CRLF)
+            fhost = hmap.get(b"x-forwarded-host") or host or b""
+            parts.extend((b"x-forwarded-for: ", xff, b"\r\nx-forwarded-proto: ", proto,
+                          b"\r\nx-forwarded-host: ", fhost, CRLF))
         else:
-            parts += (client.forwarded_for, hmap.get(b"host", b""), CRLF)
-        if b"host" not in hmap and b"host" not in skip and self.pool is not None:
+            parts.append(client.forwarded_for)
+            parts.append(host if host is not None else b"")
+            parts.append(CRLF)
+        if host is None and b"host" not in skip and self.pool is not None:
             # HTTP/1.0 clients; a mirror copy (host in skip) brings its own Host.
-            parts += (b"host: ", self.pool.address.encode(), CRLF)
+            parts.extend((b"host: ", self.pool.address.encode(), CRLF))
         if self.upgrade:
             parts += (b"connection: upgrade\r\nupgrade: ", hmap.get(b"upgrade", b""), CRLF)
         if extra:
@@ -455,7 +474,7 @@ class Exchange(ResponseSink):
                 upgrade_to = value
         # While draining for shutdown, clients are told to reconnect (to another instance)
         # rather than reuse a connection that is about to be closed under them.
-        keep = self.keep_alive and not client.closing and not client.server.draining
+        keep = self.keep_alive and not client.closing and not client.plane.draining
         framing = b""
         if status == 101:
             framing = b"connection: upgrade\r\nupgrade: " + upgrade_to + CRLF
@@ -653,7 +672,7 @@ class Exchange(ResponseSink):
         ``headers`` are extra header lines."""
         client = self.client
         keep = (self.keep_alive and not close and not client.closing
-                and not client.server.draining
+                and not client.plane.draining
                 and (self.request_complete or not self.has_body) and not self.upgrade)
         self.keep_client = keep
         self.status = status
@@ -681,14 +700,14 @@ class Exchange(ResponseSink):
         if self.mirrors is not None:
             self.settle_mirrors(status)
         target = self.target
-        server = self.client.server
         seconds = perf_counter() - self.started
         if target is None:
-            server.stats.count_unrouted(status)
+            self.client.server.stats.count_unrouted(status)
         else:
             target.stats.observe(self.method, status, seconds)
-        if server.access_log is not None:
-            server.access_log.exchange(self, status, seconds)
+        access_log = self.client.plane.access_log
+        if access_log is not None:
+            access_log.exchange(self, status, seconds)
 
     def settle_mirrors(self, status: int) -> None:
         """Copies not yet sent (the request never completed) are dropped; copies that compare
@@ -746,17 +765,18 @@ class ClientConnection(asyncio.Protocol):
     """One downstream connection; runs its exchanges one at a time, in order."""
 
     __slots__ = (
-        "active", "clock", "closing", "current", "deadline", "forwarded_for", "head_bytes",
+        "active", "closing", "corker", "current", "deadline", "forwarded_for", "head_bytes",
         "idle", "in_head", "lingering",
-        "loop", "parser", "pause_flags", "peer", "peer_bytes", "pending_error", "queue",
+        "loop", "parser", "pause_flags", "peer", "peer_bytes", "pending_error", "plane", "queue",
         "server", "settings",
         "timer", "timer_at", "transport", "trusted", "tunnel", "tunnel_pending", "write_paused",
     )
 
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
+        self.plane: PlaneState = server.plane
         self.loop = server.loop
-        self.clock = server.pools.clock  # loop.time, bound once for every connection
+        self.corker = server.pools.corker  # holds writes, tells the time (see corking.py)
         self.settings = server.settings
         self.transport: CorkedTransport = None  # type: ignore[assignment]
         self.parser = HttpRequestParser(self)
@@ -791,7 +811,7 @@ class ClientConnection(asyncio.Protocol):
         if len(self.server.connections) >= self.settings.max_connections:
             self.refuse(transport)
             return
-        self.transport = CorkedTransport(transport, self.server.pools.corker)
+        self.transport = CorkedTransport(transport, self.corker)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else "unix"
         self.peer_bytes = self.peer.encode()
@@ -809,7 +829,7 @@ class ClientConnection(asyncio.Protocol):
         refused connection costs only its accept, and it never enters ``server.connections``,
         so it takes no slot. (Were its request already here unread, the close is a reset, but
         Linux still delivers the 503 sent before it.)"""
-        self.transport = CorkedTransport(transport, self.server.pools.corker)
+        self.transport = CorkedTransport(transport, self.corker)
         limits = self.server.stats.limits
         limits.max_connections += 1
         now = self.loop.time()
@@ -900,19 +920,21 @@ class ClientConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         # The first callback of every request (on_message_begin would be one more call).
-        ex = self.current
         if not self.in_head:
             self.current = ex = Exchange(self)
-            self.head_bytes = 0
+            ex.url = url
+            self.head_bytes = len(url)
             self.in_head = True
             if self.active is None:
                 self.idle = False
                 # set_deadline, inlined: the lazily armed timer rarely needs touching.
-                self.deadline = deadline = self.clock() + self.settings.header_timeout
+                self.deadline = deadline = self.corker.now() + self.settings.header_timeout
                 if self.timer is None or deadline < self.timer_at:
                     self.set_deadline(self.settings.header_timeout)
-        assert ex is not None
-        ex.url += url
+            return
+        current = self.current  # the rest of a URL split across reads
+        assert current is not None
+        current.url += url
         self.head_bytes += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -1019,7 +1041,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.idle = True
         # set_deadline, inlined: the lazily armed timer rarely needs touching.
-        self.deadline = deadline = self.clock() + self.settings.idle_timeout
+        self.deadline = deadline = self.corker.now() + self.settings.idle_timeout
         if self.timer is None or deadline < self.timer_at:
             self.set_deadline(self.settings.idle_timeout)
 

@@ -124,7 +124,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.got_bytes = True
         self._reading = sink
-        self.last_activity = self.pool.clock()
+        self.last_activity = self.pool.corker.now()
         if not self._head_done:
             # llhttp sets no limit on a response head, and Weir holds it whole until it ends.
             self._head_bytes += len(data)
@@ -290,7 +290,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_done = False
         self._head_bytes = 0
         self._informational = False
-        self.last_activity = self.pool.clock()
+        self.last_activity = self.pool.corker.now()
         self.read_timeout = read_timeout
         assert self.transport is not None
         self.transport.write(data)
@@ -313,7 +313,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def touch(self) -> None:
         """Request bytes going out count as activity: a slow upload is not a slow upstream."""
-        self.last_activity = self.pool.clock()
+        self.last_activity = self.pool.corker.now()
 
     def reject(self, reason: str) -> None:
         """An invalid response: one llhttp cannot parse, or one it took that Weir (or the
@@ -359,22 +359,22 @@ class UpstreamConnection(asyncio.Protocol):
 class UpstreamPool:
     """Keep-alive connections to one upstream address, most recently used first."""
 
-    __slots__ = ("_drain_timer", "active", "address", "available", "clock", "connect_errors",
+    __slots__ = ("_drain_timer", "active", "address", "available", "connect_errors",
                  "connect_timeout", "corker", "drain_label", "draining", "eject_after",
                  "failures", "host", "idle", "idle_timeout", "key", "loop", "max_idle",
                  "max_requests", "on_outlier", "port", "reported", "retries", "server_hostname",
                  "ssl", "timeouts", "tls", "unreachable")
 
     def __init__(self, address: str, settings: UpstreamSettings,
-                 loop: asyncio.AbstractEventLoop, corker: Corker, clock: Callable[[], float],
+                 loop: asyncio.AbstractEventLoop, corker: Corker,
                  tls: UpstreamTLS | None = None, context: ssl.SSLContext | None = None) -> None:
-        """``corker`` and ``clock`` are the registry's, shared by the whole data plane."""
+        """``corker`` is the registry's, shared by the whole data plane."""
         self.address = address
-        # Holds its connections' writes to the end of the loop iteration (see corking.py).
+        # Holds its connections' writes to the end of the loop iteration, and tells the time
+        # (see corking.py).
         self.corker = corker
         self.host, self.port = split_address(address)
         self.loop = loop
-        self.clock = clock
         # HTTPS: the context (replaced on reload, for new connections) and the name to check.
         self.tls = tls
         self.key = pool_key(address, tls)  # its name in PoolRegistry, health and metrics
@@ -467,7 +467,7 @@ class UpstreamPool:
         if conn.closed or self.draining or len(self.idle) >= self.max_idle:
             conn.close()
             return
-        conn.idle_since = self.clock()
+        conn.idle_since = self.corker.now()
         self.idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
@@ -578,10 +578,8 @@ class PoolRegistry:
                  contexts: dict[UpstreamTLS, ssl.SSLContext] | None = None) -> None:
         self.settings = settings
         self.loop = loop
-        # loop.time, bound once: cheaper to call from compiled code than by name. Shared by
-        # the pools and the client connections.
-        self.clock: Callable[[], float] = loop.time
-        # One for the whole data plane: client and upstream writes go out together.
+        # One for the whole data plane: client and upstream writes go out together, and the
+        # time read once per loop iteration is the same for all.
         self.corker = Corker(loop)
         self.pools: dict[str, UpstreamPool] = {}
         self._balancers: dict[tuple[tuple[str, ...], UpstreamTLS | None], Balancer] = {}
@@ -598,7 +596,7 @@ class PoolRegistry:
                 if pool is None:
                     context = self.context_for(tls) if tls is not None else None
                     pool = self.pools[key] = UpstreamPool(address, self.settings, self.loop,
-                                                          self.corker, self.clock, tls, context)
+                                                          self.corker, tls, context)
                 pools.append(pool)
             balancer = self._balancers[(addresses, tls)] = Balancer(pools)
         return balancer

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -91,6 +92,20 @@ async def test_held_writes_larger_than_a_join_arrive_whole(corked_pair):
     corked.writelines(pieces)
     corked.close()
     assert await read_until_closed(reader) == b"".join(pieces)
+
+
+async def test_the_time_is_read_once_per_loop_iteration_and_again_in_the_next():
+    loop = asyncio.get_running_loop()
+    corker = Corker(loop)
+    first = corker.now()
+    deadline = time.monotonic() + 2
+    while loop.time() <= first and time.monotonic() < deadline:
+        pass  # busy: the loop's clock moves on within this iteration
+    assert loop.time() > first
+    assert corker.now() == first  # the same iteration: the time as it was first read
+    assert not corker.held  # telling the time holds no write, but schedules the flush
+    await asyncio.sleep(0)
+    assert corker.now() > first  # read again in the next iteration
 
 
 def test_over_a_join_large_pieces_go_as_they_are_and_the_small_ones_between_are_joined():
