@@ -131,6 +131,16 @@ class CorkedTransport:
             self.corker.hold(self)
         pending.extend(pieces)  # an empty piece costs nothing: the join and uvloop skip it
 
+    def write_list(self, pieces: list[bytes]) -> None:
+        """``writelines`` for a list the caller gives up: held as it is when nothing else is
+        (a response's head and body, gathered in one list), rather than copied."""
+        pending = self.pending
+        if pending:
+            pending.extend(pieces)
+        elif pieces:
+            self.corker.hold(self)
+            self.pending = pieces
+
     def uncork(self) -> None:
         pending = self.pending
         if not pending:

@@ -247,7 +247,7 @@ class MirrorCopy(ResponseSink):
     # --- what the shadow's connection reports ---------------------------------------------
 
     def on_upstream_head(self, status: int, lines: list[bytes],
-                         noted: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
+                         noted: list[bytes], keep_alive: bool) -> None:
         self.shadow_status = status
         self.keep_alive = keep_alive
 

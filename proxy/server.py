@@ -26,6 +26,7 @@ from .http11 import (
     CONNECTION_KEEP_ALIVE,
     CONTINUE,
     CRLF,
+    GET,
     HEAD_END_WITH_VIA,
     IDEMPOTENT_METHODS,
     LAST_CHUNK,
@@ -441,7 +442,7 @@ class Exchange(ResponseSink):
     # --- response side (called by UpstreamConnection) -------------------------------------
 
     def on_upstream_head(self, status: int, lines: list[bytes],
-                         noted: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
+                         noted: list[bytes], keep_alive: bool) -> None:
         """See ResponseSink. The head is joined in ``lines`` itself, status line first."""
         if status == 101 and not self.upgrade:
             # A switch nobody asked for (RFC 9110 7.8, 15.2.2): an invalid response, not a
@@ -462,7 +463,9 @@ class Exchange(ResponseSink):
         chunked_in = has_length = False
         drop: set[bytes] | None = None
         upgrade_to = b""
-        for lname, value in noted:
+        for i in range(0, len(noted), 2):
+            lname = noted[i]
+            value = noted[i + 1]
             if lname == b"content-length":
                 has_length = True
             elif lname == b"transfer-encoding":
@@ -534,7 +537,7 @@ class Exchange(ResponseSink):
         if out:
             self.outbuf = []
             self.head_sent = True
-            self.client.transport.writelines(out)
+            self.client.transport.write_list(out)
 
     def on_upstream_complete(self) -> None:
         out = self.outbuf
@@ -543,7 +546,7 @@ class Exchange(ResponseSink):
         if out:
             self.outbuf = []
             self.head_sent = True
-            self.client.transport.writelines(out)
+            self.client.transport.write_list(out)
         self.response_done = True
         conn, self.upstream = self.upstream, None
         pool, self.pool = self.pool, None
@@ -967,7 +970,10 @@ class ClientConnection(asyncio.Protocol):
         self.head_bytes = 0
         parser = self.parser
         ex.started = perf_counter()  # uvloop's loop.time() only has millisecond resolution
-        ex.method = method = _request_method(parser)
+        method = _request_method(parser)
+        if method == GET:
+            method = GET
+        ex.method = method
         ex.head_request = method == b"HEAD"
         ex.keep_alive = keep_alive = _request_keep_alive(parser)
         # HTTP/1.0 keeps a connection only when asked in a Connection header, so the common

@@ -45,10 +45,11 @@ class ResponseSink:
     head_request: bool  # set by each subclass
 
     def on_upstream_head(self, status: int, lines: list[bytes],
-                         noted: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
+                         noted: list[bytes], keep_alive: bool) -> None:
         """``lines``: lines[0] is left empty for the status line, then the headers to pass on
         ([name, b": ", value, CRLF, ...]); the sink may keep the list and add to it.
-        ``noted``: the headers that frame the response or that Weir sets (lower-cased)."""
+        ``noted``: the headers that frame the response or that Weir sets, flat: [name, value,
+        ...], names lower-cased."""
         raise NotImplementedError
 
     def on_upstream_body(self, data: bytes) -> None:
@@ -101,7 +102,7 @@ class UpstreamConnection(asyncio.Protocol):
         # place left for the status line (the sink's to fill; it keeps the list), and the
         # ones that frame the body or that Weir sets itself (a list that is reused).
         self._lines: list[bytes] = [b""]
-        self._noted: list[tuple[bytes, bytes]] = []
+        self._noted: list[bytes] = []
         self._head_bytes = 0
         self._informational = False
         self._head_done = False
@@ -205,7 +206,9 @@ class UpstreamConnection(asyncio.Protocol):
         if RESPONSE_NOTED_LENGTH_BITS >> len(name) & 1:
             lname = lowered(name)
             if lname in RESPONSE_NOTED:
-                self._noted.append((lname, value))
+                noted = self._noted  # flat, name then value: no tuple to make and free
+                noted.append(lname)
+                noted.append(value)
                 if lname in RESPONSE_REWRITTEN:
                     return
         lines = self._lines  # four appends: cheaper than += with a new tuple
@@ -217,7 +220,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _head_too_large(self) -> bool:
         """Many bytes read and the head not over: too large if the headers held are (the
         bytes read may well be a small head and the start of a large body)."""
-        held = sum(len(part) for part in self._lines) + sum(len(v) for _, v in self._noted)
+        held = sum(len(part) for part in self._lines) + sum(len(v) for v in self._noted)
         return held > MAX_RESPONSE_HEAD
 
     def on_headers_complete(self) -> None:

@@ -77,6 +77,20 @@ async def test_held_writes_leave_at_the_end_of_the_iteration_without_a_close(cor
     assert corker.held == [] and not corker.scheduled
 
 
+async def test_a_list_given_up_is_held_as_it_is_or_added_to_what_is_held(corked_pair):
+    corker = Corker(asyncio.get_running_loop())
+    corked, reader, _ = await corked_pair(corker)
+    corked.write_list([])
+    assert not corker.held  # nothing to send: nothing held, no flush
+    head_and_body = [b"HTTP/1.1 200 OK\r\n", b"\r\n", b"body"]
+    corked.write_list(head_and_body)
+    assert corked.pending is head_and_body  # not copied
+    corked.write_list([b" and", b" more"])
+    assert corker.held == [corked]
+    async with asyncio.timeout(5):
+        assert await reader.readexactly(32) == b"HTTP/1.1 200 OK\r\n\r\nbody and more"
+
+
 async def test_write_eof_sends_held_writes_first(corked_pair):
     corker = Corker(asyncio.get_running_loop())
     corked, reader, _ = await corked_pair(corker)
