@@ -64,6 +64,14 @@ _CANONICAL: Final[dict[bytes, bytes]] = {
 }
 
 
+# Canonical objects of names that nearly every request or response carries, in one spelling
+# (Host; Content-Length and Connection): the data plane compares a name with that spelling
+# before it calls ``lowered``, whose dict lookup must hash the name.
+HOST: Final = _CANONICAL[b"host"]
+CONTENT_LENGTH: Final = _CANONICAL[b"content-length"]
+CONNECTION: Final = _CANONICAL[b"connection"]
+
+
 def lowered(name: bytes) -> bytes:
     lname = _LOWERED.get(name)
     if lname is None:

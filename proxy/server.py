@@ -14,8 +14,8 @@ import hashlib
 import ipaddress
 import logging
 import resource
+import time
 from collections import deque
-from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
@@ -28,6 +28,7 @@ from .http11 import (
     CRLF,
     GET,
     HEAD_END_WITH_VIA,
+    HOST,
     IDEMPOTENT_METHODS,
     LAST_CHUNK,
     PLAIN_CONNECTION_VALUES,
@@ -62,6 +63,9 @@ BUFFER_HIGH_WATER: Final = 256 * 1024
 _feed_request: Final = HttpRequestParser.feed_data
 _request_method: Final = HttpRequestParser.get_method
 _request_keep_alive: Final = HttpRequestParser.should_keep_alive
+# A module constant rather than an imported name, which compiled code looks up in the module's
+# dict at every call. The request's latency clock: uvloop's loop.time() is in milliseconds.
+perf_counter: Final = time.perf_counter
 
 PAUSE_QUEUE: Final = 1      # a pipelined request waits behind the active one
 PAUSE_UPSTREAM: Final = 2   # the upstream's write buffer is full
@@ -471,7 +475,8 @@ class Exchange(ResponseSink):
             elif lname == b"transfer-encoding":
                 chunked_in = True
             elif lname == b"connection":
-                if value not in PLAIN_CONNECTION_VALUES:  # the usual keep-alive or close
+                # The usual keep-alive, compared before a set lookup that would hash it.
+                if value != b"keep-alive" and value not in PLAIN_CONNECTION_VALUES:
                     drop = connection_tokens(value) or None
             elif lname == b"upgrade":
                 upgrade_to = value
@@ -943,7 +948,8 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.current
         assert ex is not None
-        lname = lowered(name)
+        # Nearly every request's Host, in the spelling clients send: no lowering (see HOST).
+        lname = HOST if name == b"Host" else lowered(name)
         if lname not in REQUEST_REWRITTEN:
             forward = ex.forward  # four appends: cheaper than += with a new tuple
             forward.append(name)
@@ -969,7 +975,7 @@ class ClientConnection(asyncio.Protocol):
             raise HeadTooLarge
         self.head_bytes = 0
         parser = self.parser
-        ex.started = perf_counter()  # uvloop's loop.time() only has millisecond resolution
+        ex.started = perf_counter()
         method = _request_method(parser)
         if method == GET:
             method = GET

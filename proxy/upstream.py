@@ -19,7 +19,15 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from .config import UpstreamSettings, UpstreamTLS, split_address
 from .corking import CorkedTransport, Corker
-from .http11 import CRLF, RESPONSE_NOTED, RESPONSE_NOTED_LENGTH_BITS, RESPONSE_REWRITTEN, lowered
+from .http11 import (
+    CONNECTION,
+    CONTENT_LENGTH,
+    CRLF,
+    RESPONSE_NOTED,
+    RESPONSE_NOTED_LENGTH_BITS,
+    RESPONSE_REWRITTEN,
+    lowered,
+)
 from .tls import upstream_context
 
 log = logging.getLogger("weir.upstream")
@@ -204,13 +212,23 @@ class UpstreamConnection(asyncio.Protocol):
         if self._head_done:
             return  # a trailer field of a chunked body: dropped (RFC 9110 6.5.1)
         if RESPONSE_NOTED_LENGTH_BITS >> len(name) & 1:
-            lname = lowered(name)
-            if lname in RESPONSE_NOTED:
-                noted = self._noted  # flat, name then value: no tuple to make and free
-                noted.append(lname)
+            noted = self._noted  # flat, name then value: no tuple to make and free
+            # The two noted names of nearly every response, as servers spell them: what
+            # lowered() and the set lookups would say is known (test_http11 checks it).
+            if name == b"Content-Length":
+                noted.append(CONTENT_LENGTH)
+                noted.append(value)  # and passed on
+            elif name == b"Connection":
+                noted.append(CONNECTION)
                 noted.append(value)
-                if lname in RESPONSE_REWRITTEN:
-                    return
+                return  # rewritten
+            else:
+                lname = lowered(name)
+                if lname in RESPONSE_NOTED:
+                    noted.append(lname)
+                    noted.append(value)
+                    if lname in RESPONSE_REWRITTEN:
+                        return
         lines = self._lines  # four appends: cheaper than += with a new tuple
         lines.append(name)
         lines.append(b": ")

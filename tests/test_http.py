@@ -805,3 +805,19 @@ def test_header_names_lowered_from_a_bounded_table() -> None:
     assert http11.lowered(long_name) == long_name.lower()
     assert long_name not in http11._LOWERED
     assert len(http11._LOWERED) <= http11._LOWERED_MAX_ENTRIES
+
+
+def test_names_taken_without_lowering_are_what_lowering_would_give() -> None:
+    # The data plane compares Host, Content-Length and Connection as sent before it lowers a
+    # name, and acts on what it knows of them: Content-Length is noted and passed on,
+    # Connection noted and rewritten, Host passed on.
+    from proxy import http11
+
+    for spelling, known in ((b"Host", http11.HOST), (b"Content-Length", http11.CONTENT_LENGTH),
+                            (b"Connection", http11.CONNECTION)):
+        assert http11.lowered(spelling) is known
+    assert http11.CONTENT_LENGTH in http11.RESPONSE_NOTED
+    assert http11.CONTENT_LENGTH not in http11.RESPONSE_REWRITTEN
+    assert http11.CONNECTION in http11.RESPONSE_NOTED
+    assert http11.CONNECTION in http11.RESPONSE_REWRITTEN
+    assert http11.HOST not in http11.REQUEST_REWRITTEN
