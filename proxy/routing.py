@@ -293,7 +293,8 @@ def effective_weights(service: Service) -> dict[str, int]:
 class RouteTable:
     """Immutable after construction. ``find_route`` maps (host, path) to a Route."""
 
-    __slots__ = ("_by_host", "_cache", "_default", "_wildcards", "generation", "routes")
+    __slots__ = ("_by_host", "_cache", "_default", "_last_candidates", "_last_host",
+                 "_wildcards", "generation", "routes")
 
     def __init__(self, routes: Iterable[Route], generation: int = 1) -> None:
         ordered = sorted(routes, key=lambda r: -len(r.path_prefix))
@@ -310,6 +311,10 @@ class RouteTable:
                     self._by_host.setdefault(host, []).append(route)
         self._wildcards.sort(key=lambda item: -len(item[0]))
         self._cache: dict[bytes, tuple[Route, ...]] = {}
+        # The Host value of the latest request and its candidates: most instances serve one
+        # or a few hosts, and comparing the value costs less than the lookup, which hashes it.
+        self._last_host = b""  # no Host (HTTP/1.0): what _candidates says of that
+        self._last_candidates: tuple[Route, ...] = self._candidates(b"")
 
     def _candidates(self, raw_host: bytes) -> tuple[Route, ...]:
         """Routes that may take this Host header value, most specific first; cached by the
@@ -328,9 +333,13 @@ class RouteTable:
 
     def find_route(self, host: bytes, url: bytes) -> Route | None:
         """Most specific host first (exact, then wildcard, then any), then longest prefix."""
-        candidates = self._cache.get(host)
-        if candidates is None:
-            candidates = self._candidates(host)
+        if host == self._last_host:
+            candidates = self._last_candidates
+        else:
+            found = self._cache.get(host)
+            candidates = found if found is not None else self._candidates(host)
+            self._last_host = host
+            self._last_candidates = candidates
         if url[:1] != b"/":
             url = request_path(url)
         for route in candidates:

@@ -152,7 +152,7 @@ class Exchange(ResponseSink):
         "content_length", "dup_host", "extra_headers", "finished", "forward", "has_body",
         "head_sent", "hmap", "http10", "keep_alive", "keep_client", "method", "mirrors",
         "out_chunked", "outbuf", "pool", "primary_digest", "reason", "request_complete",
-        "response_done", "response_started", "retried",
+        "response_done", "response_started", "retried", "rewritten_headers",
         "route", "started", "status", "target", "tried", "until_eof", "upgrade", "upstream",
         "upstream_address", "upstream_keep_alive", "url",
     )
@@ -164,6 +164,9 @@ class Exchange(ResponseSink):
         # [name, b": ", value, CRLF, ...]; the ones Weir rewrites are only in hmap.
         self.forward: list[bytes] = []
         self.hmap: dict[bytes, bytes] = {}
+        # Whether any header is one Weir rewrites (REQUEST_REWRITTEN: hop-by-hop, Expect,
+        # X-Forwarded-*): most requests have none, and need none of those looked up.
+        self.rewritten_headers = False
         self.dup_host = False
         self.method = b""
         self.http10 = False
@@ -352,7 +355,7 @@ class Exchange(ResponseSink):
         client = self.client
         hmap = self.hmap
         parts = [self.method, b" ", self.url, b" HTTP/1.1\r\n"]
-        connection = hmap.get(b"connection")
+        connection = hmap.get(b"connection") if self.rewritten_headers else None
         named = (connection_tokens(connection)
                  if connection is not None and connection not in PLAIN_CONNECTION_VALUES
                  else None)
@@ -956,6 +959,8 @@ class ClientConnection(asyncio.Protocol):
             forward.append(b": ")
             forward.append(value)
             forward.append(CRLF)
+        else:
+            ex.rewritten_headers = True
         self.head_bytes += len(name) + len(value) + 4
         hmap = ex.hmap
         if lname in hmap:
@@ -984,13 +989,15 @@ class ClientConnection(asyncio.Protocol):
         ex.keep_alive = keep_alive = _request_keep_alive(parser)
         # HTTP/1.0 keeps a connection only when asked in a Connection header, so the common
         # case needs no call to get_http_version (which formats a string).
-        ex.http10 = ((not keep_alive or b"connection" in ex.hmap)
-                     and parser.get_http_version() == "1.0")
         hmap = ex.hmap
+        rewritten = ex.rewritten_headers  # Connection, Upgrade, Transfer-Encoding among them
+        ex.http10 = ((not keep_alive or (rewritten and b"connection" in hmap))
+                     and parser.get_http_version() == "1.0")
         # llhttp upgrades only a request with an Upgrade header (CONNECT aside, which Weir
         # refuses), so most requests need no call to ask.
-        ex.upgrade = b"upgrade" in hmap and parser.should_upgrade() and method != b"CONNECT"
-        if b"transfer-encoding" in hmap:
+        ex.upgrade = (rewritten and b"upgrade" in hmap and parser.should_upgrade()
+                      and method != b"CONNECT")
+        if rewritten and b"transfer-encoding" in hmap:
             ex.chunked = ex.has_body = True
         else:
             length = hmap.get(b"content-length")
@@ -1035,11 +1042,18 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.write(pending[1])
             self.linger()  # the broken request's bytes may still be coming
             return
-        if not ex.keep_client or self.transport.is_closing():
+        if not ex.keep_client:
             if ex.request_complete or ex.upgrade:
                 self.close()
             else:
                 self.linger()  # answered (413, say) before the client finished sending
+            return
+        # A transport that closed under us (the client reset, or sent a FIN that ended it)
+        # is asked about only before a queued request would start: an idle connection's
+        # connection_lost follows and cancels what is set below, and the call costs more than
+        # the rest of this method.
+        if self.queue and self.transport.is_closing():
+            self.close()
             return
         if self.queue:
             nxt = self.queue.popleft()  # type: ignore[union-attr]

@@ -127,6 +127,17 @@ def test_host_with_port() -> None:
     assert find(t, b"api.example.com:443") == "wild"
 
 
+def test_the_latest_host_remembered_never_answers_for_another() -> None:
+    # find_route keeps the latest Host value's candidates; no Host at all (HTTP/1.0) starts
+    # out remembered, and must get the catch-all, not an empty answer.
+    t = host_table()
+    for host, expected in ((b"", "catchall"), (b"shop.example.com", "exact"),
+                           (b"shop.example.com", "exact"), (b"", "catchall"),
+                           (b"a.eu.example.com", "deep-wild"), (b"other.test", "catchall"),
+                           (b"shop.example.com", "exact")):
+        assert find(t, host) == expected, host
+
+
 def test_wildcard_host() -> None:
     t = host_table()
     assert find(t, b"api.example.com") == "wild"
