@@ -21,6 +21,11 @@ FINE_BUCKETS: Final = tuple(sorted({round(0.0001 * 1.1 ** i, 7) for i in range(1
 _EXPORTED_INDEX: Final = tuple(FINE_BUCKETS.index(b) for b in DURATION_BUCKETS)
 _FINE_COUNT: Final = len(FINE_BUCKETS)
 
+# Requests are counted per method in a list indexed by status code: one list item to update
+# per request, where a dict of codes would take a lookup and a store. Weir counts no code
+# over 599 (an upstream's other codes are answered with 502); any other goes to a dict.
+_STATUS_SLOTS: Final = 600
+
 
 class Window:
     """Counts between two snapshots of a VersionStats: what analysis judges."""
@@ -56,22 +61,28 @@ class Window:
 class VersionStats:
     """Requests by (method, status) and a duration histogram for one service version."""
 
-    __slots__ = ("buckets", "by_method", "duration_sum", "errors", "service", "total",
-                 "version")
+    __slots__ = ("buckets", "by_method", "duration_sum", "errors", "odd_statuses", "service",
+                 "total", "version")
 
     def __init__(self, service: str, version: str) -> None:
         self.service = service
         self.version = version
-        # Requests by method, then status: two small dicts, where one keyed by (method, status)
-        # would build and hash a tuple for every request. llhttp accepts only known methods.
-        self.by_method: dict[bytes, dict[int, int]] = {}
+        # Requests by method, then status (see _STATUS_SLOTS): a key of (method, status) would
+        # build and hash a tuple for every request. llhttp accepts only known methods.
+        self.by_method: dict[bytes, list[int]] = {}
+        self.odd_statuses: dict[tuple[bytes, int], int] = {}
         self.buckets = [0] * (len(FINE_BUCKETS) + 1)  # the last one is +Inf
         self.duration_sum = 0.0
         self.total = 0
         self.errors = 0  # 5xx, including Weir's own 502 and 504 for upstream failures
 
     def observe(self, method: bytes, status: int, seconds: float) -> None:
-        self.add_requests(method, status, 1)
+        counts = self.by_method.get(method)
+        if counts is not None and 0 <= status < _STATUS_SLOTS:
+            # Read, then stored: compiled, ``+=`` on a list item is a generic call instead.
+            counts[status] = counts[status] + 1
+        else:
+            self.add_requests(method, status, 1)
         self.total += 1
         if status >= 500:
             self.errors += 1
@@ -85,20 +96,27 @@ class VersionStats:
                 low = middle + 1
             else:
                 high = middle
-        self.buckets[low] += 1
+        buckets = self.buckets
+        buckets[low] = buckets[low] + 1
         self.duration_sum += seconds
 
     @property
     def requests(self) -> dict[tuple[bytes, int], int]:
         """Requests by (method, status), for exposition and reports (off the request path)."""
-        return {(method, status): count for method, by_status in self.by_method.items()
-                for status, count in by_status.items()}
+        counted = {(method, status): count for method, counts in self.by_method.items()
+                   for status, count in enumerate(counts) if count}
+        counted.update(self.odd_statuses)
+        return counted
 
     def add_requests(self, method: bytes, status: int, count: int) -> None:
-        by_status = self.by_method.get(method)
-        if by_status is None:
-            by_status = self.by_method[method] = {}
-        by_status[status] = by_status.get(status, 0) + count
+        if not 0 <= status < _STATUS_SLOTS:
+            key = (method, status)
+            self.odd_statuses[key] = self.odd_statuses.get(key, 0) + count
+            return
+        counts = self.by_method.get(method)
+        if counts is None:
+            counts = self.by_method[method] = [0] * _STATUS_SLOTS
+        counts[status] += count
 
     def snapshot(self) -> tuple[int, int, list[int]]:
         return self.total, self.errors, list(self.buckets)

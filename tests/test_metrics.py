@@ -78,6 +78,19 @@ def test_each_duration_lands_in_the_bucket_bisect_left_picks() -> None:
         assert stats.buckets.index(1) == bisect_left(FINE_BUCKETS, seconds), seconds
 
 
+def test_requests_are_counted_by_method_and_status_whatever_the_code() -> None:
+    # Codes under 600 are counted in a list per method, any other in a dict: both show.
+    stats = VersionStats("svc", "v1")
+    for method, status in ((b"GET", 200), (b"GET", 200), (b"POST", 503), (b"GET", 499),
+                           (b"GET", 0), (b"PUT", 700), (b"PUT", 700)):
+        stats.observe(method, status, 0.001)
+    stats.add_requests(b"GET", 200, 5)
+    stats.add_requests(b"DELETE", 999, 2)
+    assert stats.requests == {(b"GET", 200): 7, (b"POST", 503): 1, (b"GET", 499): 1,
+                              (b"GET", 0): 1, (b"PUT", 700): 2, (b"DELETE", 999): 2}
+    assert stats.total == 7
+
+
 # --- what the backends saw ----------------------------------------------------------------
 
 
