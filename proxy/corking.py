@@ -100,6 +100,11 @@ class Corker:
                 log.exception("sending held writes failed")
 
 
+# What a transport holds when it holds nothing: one empty list for all of them, replaced (never
+# added to) by the first write, which spares a list per send and per idle connection.
+NOTHING_HELD: Final[list[bytes]] = []
+
+
 class CorkedTransport:
     """The part of an asyncio transport the data plane uses, with its writes held."""
 
@@ -109,7 +114,7 @@ class CorkedTransport:
         raw: Any = transport  # uvloop's transports are not asyncio subclasses
         self.transport = raw
         self.corker = corker
-        self.pending: list[bytes] = []
+        self.pending: list[bytes] = NOTHING_HELD
         # The transport's write, taken off its class and called with it: from compiled code,
         # cheaper than a call by name, and a bound method would be one more object to hold.
         self.send: Callable[[Any, bytes], object] = type(raw).write
@@ -119,17 +124,22 @@ class CorkedTransport:
         if not data:
             return
         pending = self.pending
-        if not pending:
+        if pending:
+            pending.append(data)
+        else:
             self.corker.hold(self)
-        pending.append(data)
+            self.pending = [data]
 
     def writelines(self, pieces: list[bytes] | tuple[bytes, ...]) -> None:
         if not pieces:
             return
         pending = self.pending
-        if not pending:
+        # An empty piece costs nothing: the join and uvloop skip it.
+        if pending:
+            pending.extend(pieces)
+        else:
             self.corker.hold(self)
-        pending.extend(pieces)  # an empty piece costs nothing: the join and uvloop skip it
+            self.pending = list(pieces)
 
     def write_list(self, pieces: list[bytes]) -> None:
         """``writelines`` for a list the caller gives up: held as it is when nothing else is
@@ -145,7 +155,7 @@ class CorkedTransport:
         pending = self.pending
         if not pending:
             return
-        self.pending = []
+        self.pending = NOTHING_HELD
         transport = self.transport
         try:
             if len(pending) == 1:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from proxy.corking import JOIN_BYTES, CorkedTransport, Corker, coalesced
+from proxy.corking import JOIN_BYTES, NOTHING_HELD, CorkedTransport, Corker, coalesced
 
 from .conftest import one_service, read_response, read_until_closed
 
@@ -89,6 +89,7 @@ async def test_a_list_given_up_is_held_as_it_is_or_added_to_what_is_held(corked_
     assert corker.held == [corked]
     async with asyncio.timeout(5):
         assert await reader.readexactly(32) == b"HTTP/1.1 200 OK\r\n\r\nbody and more"
+    assert corked.pending is NOTHING_HELD and not NOTHING_HELD  # shared, and never added to
 
 
 async def test_write_eof_sends_held_writes_first(corked_pair):
