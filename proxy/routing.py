@@ -291,7 +291,8 @@ def effective_weights(service: Service) -> dict[str, int]:
 
 
 class RouteTable:
-    """Immutable after construction. ``find_route`` maps (host, path) to a Route."""
+    """Immutable after construction, but for the caches of ``find_route``, which maps (host,
+    path) to a Route."""
 
     __slots__ = ("_by_host", "_cache", "_default", "_last_candidates", "_last_host",
                  "_wildcards", "generation", "routes")
