@@ -77,13 +77,14 @@ class Corker:
             return self.timestamp
         self.timestamp = stamp = self.time()
         self.time_read = True
-        if not self.scheduled:
-            self.scheduled = True
-            self.loop.call_soon(self.flush, context=self.context)
+        self.flush_soon()  # which forgets it
         return stamp
 
     def hold(self, transport: CorkedTransport) -> None:
         self.held.append(transport)
+        self.flush_soon()
+
+    def flush_soon(self) -> None:
         if not self.scheduled:
             self.scheduled = True
             # Ready callbacks run once the iteration's I/O callbacks have all run.
@@ -131,15 +132,7 @@ class CorkedTransport:
             self.pending = [data]
 
     def writelines(self, pieces: list[bytes] | tuple[bytes, ...]) -> None:
-        if not pieces:
-            return
-        pending = self.pending
-        # An empty piece costs nothing: the join and uvloop skip it.
-        if pending:
-            pending.extend(pieces)
-        else:
-            self.corker.hold(self)
-            self.pending = list(pieces)
+        self.write_list(list(pieces))  # an empty piece costs nothing: the join skips it
 
     def write_list(self, pieces: list[bytes]) -> None:
         """``writelines`` for a list the caller gives up: held as it is when nothing else is

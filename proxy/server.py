@@ -380,7 +380,7 @@ class Exchange(ResponseSink):
             # HTTP/1.0 clients; a mirror copy (host in skip) brings its own Host.
             parts.extend((b"host: ", self.pool.address.encode(), CRLF))
         if self.upgrade:
-            parts += (b"connection: upgrade\r\nupgrade: ", hmap.get(b"upgrade", b""), CRLF)
+            parts.extend((b"connection: upgrade\r\nupgrade: ", hmap.get(b"upgrade", b""), CRLF))
         if extra:
             parts.append(extra)
         parts.append(HEAD_END_WITH_VIA)
@@ -1048,14 +1048,14 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self.linger()  # answered (413, say) before the client finished sending
             return
-        # A transport that closed under us (the client reset, or sent a FIN that ended it)
-        # is asked about only before a queued request would start: an idle connection's
-        # connection_lost follows and cancels what is set below, and the call costs more than
-        # the rest of this method.
-        if self.queue and self.transport.is_closing():
-            self.close()
-            return
         if self.queue:
+            # A transport that closed under us (the client reset, or sent a FIN that ended
+            # it) is asked about only before a queued request would start: an idle
+            # connection's connection_lost follows and cancels what is set below, and the call
+            # costs more than the rest of this method.
+            if self.transport.is_closing():
+                self.close()
+                return
             nxt = self.queue.popleft()  # type: ignore[union-attr]
             if not self.queue:
                 self.set_pause(PAUSE_QUEUE, False)
@@ -1142,7 +1142,7 @@ class ClientConnection(asyncio.Protocol):
 
     def set_deadline(self, seconds: float) -> None:
         """One lazily re-armed timer per connection for the idle and header timeouts."""
-        now = self.loop.time()
+        now = self.corker.now()
         self.deadline = deadline = now + seconds
         if self.timer is None or deadline < self.timer_at:
             if self.timer is not None:

@@ -214,7 +214,7 @@ class UpstreamConnection(asyncio.Protocol):
         if RESPONSE_NOTED_LENGTH_BITS >> len(name) & 1:
             noted = self._noted  # flat, name then value: no tuple to make and free
             # The two noted names of nearly every response, as servers spell them: what
-            # lowered() and the set lookups would say is known (test_http11 checks it).
+            # lowered() and the set lookups would say is known (test_http checks it).
             if name == b"Content-Length":
                 noted.append(CONTENT_LENGTH)
                 noted.append(value)  # and passed on
@@ -244,10 +244,10 @@ class UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         status = _status_code(self.parser)
         lines, noted = self._lines, self._noted
+        self._lines = [b""]  # the next head's, whatever becomes of this one: the sink may keep it
         if not 100 <= status <= 599:
             # llhttp takes any three digits; RFC 9110 15 calls the rest invalid (a client is
             # to take them as a 5xx), and a code under 100 is not even three digits out.
-            self._lines = [b""]
             noted.clear()
             self.reject(f"status code {status}")
             return
@@ -255,7 +255,6 @@ class UpstreamConnection(asyncio.Protocol):
             # Interim responses (100 Continue, 103) are not relayed: Weir answers
             # Expect: 100-continue itself, and the final response follows on this connection.
             self._informational = True
-            self._lines = [b""]
             noted.clear()
             return
         self._head_done = True
@@ -265,7 +264,6 @@ class UpstreamConnection(asyncio.Protocol):
             self.pool.failures = 0  # outlier detection counts failures in a row
         if status == 101:
             self.tunnel = True  # llhttp still reports a message end; it is not one
-        self._lines = [b""]  # the next head's: the sink may keep this one
         sink = self.sink
         if sink is None:
             noted.clear()
