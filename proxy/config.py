@@ -516,6 +516,9 @@ class UpstreamSettings(Strict):
     timeouts: Timeouts = Timeouts()
     idle_timeout: Duration = 30.0
     max_idle_per_upstream: int = Field(default=128, ge=0)
+    # An upstream whose connect fails is out of rotation at once, until a background connect
+    # probe succeeds; the last upstream of a version always stays in.
+    eject_on_connect_failure: bool = True
 
 
 def _tls_version(value: Any) -> Any:

@@ -31,6 +31,15 @@ log = logging.getLogger("weir.health")
 CHECK_OUTCOMES = ("success", "failure", "timeout", "error")
 UNLIMITED = sys.maxsize  # no circuit breaker (the pools' default)
 
+# An upstream taken out after a failed connect is probed with a bare connect: first after
+# CONNECT_PROBE_FIRST, then at doubling intervals up to CONNECT_PROBE_MAX. An app server that
+# restarts in a second is back in rotation within about half a second of listening again.
+CONNECT_PROBE_FIRST = 0.1
+CONNECT_PROBE_MAX = 1.0
+# The balancer's handicap for an upstream whose latest connect failed but that stayed in
+# rotation (the last of its version): it is picked only when nothing else can be.
+FAILING_PENALTY = 1 << 20
+
 
 @dataclass(frozen=True)
 class UpstreamPolicy:
@@ -47,8 +56,10 @@ class UpstreamHealth:
     """One address's health record."""
 
     __slots__ = ("address", "awaiting_first_check", "back_since", "checked", "checks",
-                 "ejected_for", "ejected_until", "ejections", "fails", "healthy", "last_check",
-                 "passes", "timer", "times_ejected", "unreachable")
+                 "connect_ejected", "connect_failed", "connect_failed_since", "drained",
+                 "ejected_for",
+                 "ejected_until", "ejections", "fails", "healthy", "last_check", "passes",
+                 "timer", "times_ejected", "unreachable")
 
     def __init__(self, address: str) -> None:
         self.address = address
@@ -66,6 +77,12 @@ class UpstreamHealth:
         self.back_since = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.unreachable = False  # ejected after a failed connect (not for its answers)
+        self.drained = False  # taken out by an operator (weir drain) until undrained
+        # A connect to it failed: probed until a connect succeeds, and meanwhile out of
+        # rotation (connect_ejected) or, as the last upstream of a version, handicapped.
+        self.connect_failed = False
+        self.connect_ejected = False
+        self.connect_failed_since = 0.0  # wall clock, for /api/status
 
 
 class HealthMonitor:
@@ -79,8 +96,16 @@ class HealthMonitor:
         self.policies: dict[str, UpstreamPolicy] = {}
         self.balancers: dict[str, list[Balancer]] = {}  # address → live versions' upstream sets
         self.rejections: dict[tuple[str, str], int] = {}  # circuit breaker 503s by version
+        # Addresses ("host:port") an operator drained: every pool of that address, in every
+        # service and version, TLS or not, gets no new requests until undrained.
+        self.drained: set[str] = set()
         self.running = False
+        self.stopped = False  # shutting down: no new connect probes
+        # Whether a failed connect takes its upstream out of rotation at once (the default;
+        # upstream.eject_on_connect_failure).
+        self.eject_on_connect_failure = True
         self._probes: dict[str, asyncio.Task[None]] = {}
+        self._connect_probes: dict[str, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
 
     def state(self, address: str) -> UpstreamHealth:
@@ -95,6 +120,7 @@ class HealthMonitor:
         """Apply a config the data plane has just swapped in. Synchronous, so that an
         upstream the reload added is marked unhealthy before any request can pick it."""
         policies = resolve_policies(config)
+        self.eject_on_connect_failure = config.upstream.eject_on_connect_failure
         added = set() if initial else set(policies) - set(self.policies)
         changed = {a for a, p in policies.items()
                    if a in self.policies and self.policies[a].check != p.check}
@@ -122,11 +148,15 @@ class HealthMonitor:
 
     def configure(self, pool: UpstreamPool, policy: UpstreamPolicy, added: bool) -> None:
         state = self.state(pool.key)
+        state.drained = pool.address in self.drained  # a pool a reload added, of a drained address
         pool.max_requests = policy.max_requests
         pool.eject_after = policy.outlier.consecutive_failures if policy.outlier else 0
         pool.on_outlier = self.eject
+        pool.on_unreachable = self.connect_failed
         if policy.outlier is None and state.ejected_until:
             self.end_ejection(pool)
+        if state.connect_failed and not self.eject_on_connect_failure:
+            self.connect_recovered(pool, "eject_on_connect_failure is off")
         if policy.check is None:
             state.awaiting_first_check = False
             if not state.healthy:
@@ -144,12 +174,36 @@ class HealthMonitor:
 
     def update(self, pool: UpstreamPool) -> None:
         state = self.state(pool.key)
-        pool.available = state.healthy and not state.ejected_until
+        pool.available = (state.healthy and not state.ejected_until and not state.drained
+                          and not state.connect_ejected)
+
+    # --- operator drain -------------------------------------------------------------------
+
+    def set_drained(self, address: str, drained: bool) -> list[UpstreamPool]:
+        """Take an address ("host:port") out of rotation everywhere, or put it back. Its
+        requests in flight finish; its idle pooled connections close now (and the ones in use
+        close as their requests end: a pool that is not available pools nothing). Returns the
+        pools of that address (empty when no pool has it). Idempotent."""
+        if drained:
+            self.drained.add(address)
+        else:
+            self.drained.discard(address)
+        pools = [p for p in self.pools.pools.values() if p.address == address]
+        for pool in pools:
+            state = self.state(pool.key)
+            if state.drained == drained:
+                continue
+            state.drained = drained
+            self.update(pool)
+            if drained:
+                pool.close_idle()
+        return pools
 
     # --- active checks --------------------------------------------------------------------
 
     def start(self) -> None:
         self.running = True
+        self.stopped = False
         self.start_probes()
 
     def start_probes(self) -> None:
@@ -159,7 +213,10 @@ class HealthMonitor:
 
     async def stop(self) -> None:
         self.running = False
+        self.stopped = True
         probes, self._probes = list(self._probes.values()), {}
+        probes += self._connect_probes.values()
+        self._connect_probes = {}
         await cancel_and_wait(*probes)
         # Ejection timers stay: they only flip flags, and a restarted monitor needs them.
         if self._session is not None:
@@ -222,6 +279,8 @@ class HealthMonitor:
             # disproves (Envoy's successful_active_health_check_uneject_host, limited so that
             # a passing /healthz does not cut short an ejection for bad answers).
             recovered = state.fails > 0 or not state.healthy or state.unreachable
+            if state.connect_failed and pool is not None:
+                self.connect_recovered(pool, "its health check passes")
             state.fails = 0
             state.passes += 1
             if not state.healthy and (state.awaiting_first_check
@@ -244,6 +303,82 @@ class HealthMonitor:
                             state.fails, check.path, outcome)
         if pool is not None:
             self.update(pool)
+
+    # --- failed connects ------------------------------------------------------------------
+
+    def connect_failed(self, pool: UpstreamPool) -> None:
+        """Called by a pool when a connect to it failed (refused, unreachable, timed out, TLS
+        handshake failed). Nothing of a request reached the app, and the next connect would
+        most likely fail the same way, so by default the upstream is out of rotation at once
+        and a background connect probe brings it back, as a restarting instance comes and
+        goes. The last upstream of a version stays in, handicapped so that the balancer does
+        not prefer it for failing fast."""
+        state = self.state(pool.key)
+        if state.connect_failed or not self.eject_on_connect_failure:
+            return
+        state.connect_failed = True
+        state.connect_failed_since = time.time()
+        policy = self.policies.get(pool.key)
+        used_by = policy.used_by if policy else "no longer configured"
+        if self.last_in_rotation(pool):
+            pool.penalty = FAILING_PENALTY  # cleared by the next connect that succeeds
+            log.warning("upstream %s (%s): a connect to it failed; it stays in rotation as "
+                        "the last upstream of its version, probed until a connect succeeds",
+                        pool.key, used_by)
+        else:
+            state.connect_ejected = True
+            self.update(pool)
+            pool.close_idle()  # the instance went away: what it left open is no use
+            log.warning("upstream %s (%s) is out of rotation: a connect to it failed; "
+                        "probing it until a connect succeeds", pool.key, used_by)
+        if not self.stopped and pool.key not in self._connect_probes:
+            self._connect_probes[pool.key] = self.loop.create_task(self.probe_connect(pool))
+
+    def last_in_rotation(self, pool: UpstreamPool) -> bool:
+        """Whether some version using this upstream would have none left without it."""
+        for balancer in self.balancers.get(pool.key, ()):
+            if not any(p.available for p in balancer.pools if p is not pool):
+                return True
+        return False
+
+    async def probe_connect(self, pool: UpstreamPool) -> None:
+        """Connect, close, and bring the upstream back at the first connect that succeeds."""
+        state = self.state(pool.key)
+        delay = CONNECT_PROBE_FIRST
+        try:
+            while state.connect_failed:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, CONNECT_PROBE_MAX)
+                if not state.connect_failed:
+                    return  # a passing health check was quicker
+                try:
+                    conn = await pool.connect()
+                except (OSError, TimeoutError):
+                    continue
+                conn.close()
+                self.connect_recovered(pool, "a connect probe succeeded")
+        except Exception:  # a bug must not leave the upstream out for good
+            log.exception("connect probe of %s failed unexpectedly; it is back in rotation",
+                          pool.key)
+            self.connect_recovered(pool, "its probe failed")
+        finally:
+            if self._connect_probes.get(pool.key) is asyncio.current_task():
+                del self._connect_probes[pool.key]
+
+    def connect_recovered(self, pool: UpstreamPool, why: str) -> None:
+        state = self.state(pool.key)
+        pool.penalty = 0
+        if not state.connect_failed:
+            return
+        state.connect_failed = False
+        out_for = time.time() - state.connect_failed_since
+        if state.connect_ejected:
+            state.connect_ejected = False
+            self.update(pool)
+            log.info("upstream %s is back in rotation after %.1fs: %s", pool.key, out_for, why)
+        else:
+            log.info("upstream %s accepts connections again after %.1fs: %s", pool.key,
+                     out_for, why)
 
     # --- outlier detection ----------------------------------------------------------------
 
@@ -308,11 +443,17 @@ class HealthMonitor:
                     f"breaker's limit; try again shortly", True)
         unhealthy = sum(1 for p in pools if not self.state(p.key).healthy)
         ejected = sum(1 for p in pools if self.state(p.key).ejected_until)
+        unreachable = sum(1 for p in pools if self.state(p.key).connect_ejected)
+        drained = sum(1 for p in pools if self.state(p.key).drained)
         reasons = []
         if unhealthy:
             reasons.append(f"{unhealthy} failing health checks")
         if ejected:
             reasons.append(f"{ejected} ejected after consecutive failures")
+        if unreachable:
+            reasons.append(f"{unreachable} refusing connections")
+        if drained:
+            reasons.append(f"{drained} drained")
         return (f"{where} has no healthy upstream ({len(pools)} configured: "
                 f"{', '.join(reasons)})", False)
 
@@ -330,6 +471,9 @@ class HealthMonitor:
             "health_checked": policy is not None and policy.check is not None,
             "last_check": state.last_check,
             "checks": dict(state.checks),
+            "connect_failed": state.connect_failed,
+            "connect_ejected": state.connect_ejected,
+            "connect_failed_since": state.connect_failed_since if state.connect_failed else None,
             "ejected": bool(state.ejected_until),
             "ejected_until": time.time() + remaining if state.ejected_until else None,
             "ejection_seconds": state.ejected_for if state.ejected_until else None,

@@ -32,6 +32,9 @@ CONNECTION_OPTIONS_IGNORED: Final = frozenset({b"close", b"keep-alive", b"upgrad
 # for this one it needs no hashing in the set and dict lookups that follow.
 GET: Final = b"GET"
 IDEMPOTENT_METHODS: Final = frozenset({GET, b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+# Safe methods (RFC 9110 9.2.1): sent again to another upstream by default when a connection
+# broke before any byte of an answer, as nginx's default proxy_next_upstream does.
+SAFE_METHODS: Final = frozenset({GET, b"HEAD", b"OPTIONS", b"TRACE"})
 
 STATUS_LINES: Final[dict[int, bytes]] = {
     s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus

@@ -33,6 +33,7 @@ from .http11 import (
     LAST_CHUNK,
     PLAIN_CONNECTION_VALUES,
     REQUEST_REWRITTEN,
+    SAFE_METHODS,
     STATUS_LINES,
     TRANSFER_CHUNKED,
     VIA,
@@ -148,7 +149,7 @@ class Exchange(ResponseSink):
 
     __slots__ = (
         "body_buffer", "body_received", "buffered", "bytes_out", "chunked", "client",
-        "connecting",
+        "connect_deadline", "connecting",
         "content_length", "dup_host", "extra_headers", "finished", "forward", "has_body",
         "head_sent", "hmap", "http10", "keep_alive", "keep_client", "method", "mirrors",
         "out_chunked", "outbuf", "pool", "primary_digest", "reason", "request_complete",
@@ -188,6 +189,9 @@ class Exchange(ResponseSink):
         self.pool: UpstreamPool | None = None
         self.upstream: UpstreamConnection | None = None
         self.connecting: asyncio.Task[None] | None = None
+        # Loop time by which every connect of this request must be done: set by the first
+        # connect, so that failing over to other upstreams fits in one connect timeout.
+        self.connect_deadline = 0.0
         self.retried = False
         self.tried: list[UpstreamPool] | None = None  # upstreams already tried, once retrying
         self.status = 0
@@ -303,8 +307,17 @@ class Exchange(ResponseSink):
         self.dup_host = False
 
     async def connect(self, pool: UpstreamPool) -> None:
+        route = self.route
+        assert route is not None
+        now = self.client.loop.time()
+        if self.connect_deadline == 0.0:
+            self.connect_deadline = now + route.connect_timeout
+        if now >= self.connect_deadline:  # failing over took the whole connect timeout
+            self.connecting = None
+            self.upstream_failed(504, f"connecting to upstream {pool.address} timed out")
+            return
         try:
-            conn = await pool.connect(self.route.connect_timeout)  # type: ignore[union-attr]
+            conn = await pool.connect(self.connect_deadline - now)
         except TimeoutError:
             self.connecting = None
             pool.timeouts += 1
@@ -602,14 +615,14 @@ class Exchange(ResponseSink):
             return
         if self.pool is not None:
             self.pool.record_failure()
-        if self.retry_request(RETRY_RESET):
+        if self.retry_request(RETRY_RESET, conn is not None and not conn.got_bytes):
             return
         self.upstream_failed(502, "upstream closed the connection before answering")
 
-    def retry_request(self, reason: str) -> bool:
+    def retry_request(self, reason: str, nothing_read: bool = False) -> bool:
         """Send the request again if the service's retry policy and budget allow it, to an
         upstream of the version not yet tried when there is one. False, with nothing done,
-        when the failure must be relayed instead.
+        when the failure must be relayed instead. With no retry policy, ``fail_over`` decides.
 
         A failed connect is retried for any request: nothing of it has left Weir, and its
         body so far is still held (as nginx passes a POST on to the next server when the
@@ -619,9 +632,13 @@ class Exchange(ResponseSink):
         http_requests_total still counts the client's request once, with the status of its
         last attempt (see ``record``); retries show in weir_retries_total."""
         route = self.route
-        policy = route.retry if route is not None else None
-        if (policy is None or reason not in policy.reasons or self.finished
-                or self.response_started or self.upgrade or self.pool is None):
+        if (route is None or self.finished or self.response_started or self.upgrade
+                or self.pool is None):
+            return False
+        policy = route.retry
+        if policy is None:
+            return self.fail_over(reason, nothing_read)
+        if reason not in policy.reasons:
             return False
         unsent = reason == RETRY_CONNECT_FAILURE and self.buffered == self.body_received
         if not unsent and (self.has_body or self.method not in IDEMPOTENT_METHODS):
@@ -640,6 +657,38 @@ class Exchange(ResponseSink):
             stats.count_retry_budget_exhausted(route.name, target.name)
             return False
         stats.count_retry(route.name, target.name, reason)
+        self.connect_deadline = 0.0  # each of a policy's attempts gets a whole connect timeout
+        self.send_again(pool, reason)
+        return True
+
+    def fail_over(self, reason: str, nothing_read: bool) -> bool:
+        """The default with no ``retries`` block: a request whose connect failed goes to
+        another upstream of its version, whatever its method (none of it has left Weir); a
+        safe request (GET, HEAD, ...) whose fresh connection broke before any byte of an
+        answer does too. Each upstream of the version is tried at most once, all within one
+        connect timeout, and no budget applies: a failed connect cost the app nothing."""
+        if reason == RETRY_CONNECT_FAILURE:
+            if self.buffered != self.body_received:
+                return False  # some of the body went out on an earlier connection
+        elif not (reason == RETRY_RESET and nothing_read and not self.has_body
+                  and self.method in SAFE_METHODS):
+            return False
+        if self.client.loop.time() >= self.connect_deadline > 0.0:
+            return False
+        route = self.route
+        target = self.target
+        assert route is not None and target is not None and self.pool is not None
+        tried = self.tried = [*(self.tried or ()), self.pool]
+        balancer: Balancer = target.balancer  # type: ignore[assignment]
+        pool = balancer.pick_untried(tried)
+        if pool is None:
+            return False  # every upstream of the version tried: the failure is the answer
+        self.client.server.stats.count_retry(route.name, target.name, reason)
+        self.send_again(pool, reason)
+        return True
+
+    def send_again(self, pool: UpstreamPool, reason: str) -> None:
+        """Move the request to ``pool`` and send it there (a retry or a fail-over)."""
         conn, self.upstream = self.upstream, None
         if conn is not None:
             conn.detach()  # a dropped response: closing beats reading a body of unknown size
@@ -655,7 +704,6 @@ class Exchange(ResponseSink):
             self.attach(conn)
         else:
             self.connecting = self.client.loop.create_task(self.connect(pool))
-        return True
 
     def pause_client_reading(self, paused: bool) -> None:
         self.client.set_pause(PAUSE_UPSTREAM, paused)

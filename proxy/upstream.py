@@ -381,8 +381,8 @@ class UpstreamPool:
     __slots__ = ("_drain_timer", "active", "address", "available", "connect_errors",
                  "connect_timeout", "corker", "drain_label", "draining", "eject_after",
                  "failures", "host", "idle", "idle_timeout", "key", "loop", "max_idle",
-                 "max_requests", "on_outlier", "port", "reported", "retries", "server_hostname",
-                 "ssl", "timeouts", "tls", "unreachable")
+                 "max_requests", "on_outlier", "on_unreachable", "penalty", "port", "reported",
+                 "retries", "server_hostname", "ssl", "timeouts", "tls", "unreachable")
 
     def __init__(self, address: str, settings: UpstreamSettings,
                  loop: asyncio.AbstractEventLoop, corker: Corker,
@@ -423,6 +423,12 @@ class UpstreamPool:
         self.unreachable = False  # whether the latest failure was a failed connect
         self.eject_after = 0  # 0: outlier detection is off
         self.on_outlier: Callable[[UpstreamPool], None] | None = None
+        # Told of every failed connect (health.py takes the upstream out of rotation).
+        self.on_unreachable: Callable[[UpstreamPool], None] | None = None
+        # Added to the requests in flight when the balancer compares loads: set while the
+        # latest connect failed and the upstream stayed in rotation (the last of its version),
+        # so that an upstream that fails fast, and so has nothing in flight, is not preferred.
+        self.penalty = 0
         self.apply(settings)
 
     @property
@@ -448,6 +454,8 @@ class UpstreamPool:
         ``unreachable``: a connect that failed, which a passing health check disproves."""
         self.failures += 1
         self.unreachable = unreachable
+        if unreachable and self.on_unreachable is not None:
+            self.on_unreachable(self)
         if 0 < self.eject_after <= self.failures and self.on_outlier is not None:
             self.on_outlier(self)
 
@@ -480,10 +488,13 @@ class UpstreamPool:
             except ssl.SSLError as exc:
                 raise ConnectionError(f"TLS handshake failed: {exc.reason or exc}") from exc
         conn.reused = False
+        self.penalty = 0
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
-        if conn.closed or self.draining or len(self.idle) >= self.max_idle:
+        # Not pooled for a pool out of rotation (drained, ejected, failing checks): nobody
+        # would take it, and a drained instance should see its connections close.
+        if conn.closed or self.draining or not self.available or len(self.idle) >= self.max_idle:
             conn.close()
             return
         conn.idle_since = self.corker.now()
@@ -554,8 +565,9 @@ class Balancer:
         best_load = sys.maxsize
         for offset in range(count):
             pool = pools[(start + offset) % count]
-            load = len(pool.active)
-            if load < best_load and load < pool.max_requests and pool.available:
+            active = len(pool.active)
+            load = active + pool.penalty
+            if load < best_load and active < pool.max_requests and pool.available:
                 best = pool
                 best_load = load
         return best
@@ -564,13 +576,22 @@ class Balancer:
         """For a retry: the least loaded available upstream not yet tried for this request;
         once every one has been tried, the usual pick (so a version with one upstream retries
         on it). None when no upstream can take it."""
-        best: UpstreamPool | None = None
-        for pool in self.pools:
-            load = len(pool.active)
-            if (pool not in tried and pool.available and load < pool.max_requests
-                    and (best is None or load < len(best.active))):
-                best = pool
+        best = self.pick_untried(tried)
         return best if best is not None else self.pick()
+
+    def pick_untried(self, tried: Collection[UpstreamPool]) -> UpstreamPool | None:
+        """The least loaded available upstream not yet tried for this request; None once
+        every one has been (a failed connect tries each upstream of its version once)."""
+        best: UpstreamPool | None = None
+        best_load = sys.maxsize
+        for pool in self.pools:
+            active = len(pool.active)
+            load = active + pool.penalty
+            if (pool not in tried and pool.available and active < pool.max_requests
+                    and load < best_load):
+                best = pool
+                best_load = load
+        return best
 
     def all_full(self) -> bool:
         """After pick() found nothing: is it only because the available upstreams are at their

@@ -397,19 +397,35 @@ async def test_budget_stops_retries_when_most_requests_fail(
     assert requests_of(metrics, "503") == requests
 
 
-async def test_no_retries_block_means_no_retries(
+async def test_no_retries_block_fails_over_connects_but_retries_nothing_else(
         start_backend: Callable[..., Awaitable[Backend]], raw_backend: Callable[..., Any],
         weir: Callable[..., Awaitable[Weir]]) -> None:
     good = await start_backend("good")
     busy = await start_raw(raw_backend, answer(BUSY))
     dead = f"127.0.0.1:{free_port()}"
     w = await weir([busy.address, dead, good.address], None)
-    statuses = [(await w.request(f"/r{i}")).status for i in range(6)]
+    statuses = [(await w.request(f"/r{i}", method="POST" if i % 2 else "GET",
+                                 data=b"x" if i % 2 else None)).status for i in range(8)]
+    # An answer is relayed as it is; a refused connect, POST or not, goes to another upstream.
     assert statuses.count(503) == len(busy.paths) >= 1
-    assert statuses.count(502) == pool(w, dead).connect_errors >= 1
+    assert statuses.count(502) == 0 and pool(w, dead).connect_errors >= 1
     metrics = await w.metrics()
-    assert sample(metrics, "weir_retries_total") is None
+    assert retries_of(metrics, "connect_failure") == pool(w, dead).connect_errors
+    assert retries_of(metrics, "status") == 0
     assert sample(metrics, "weir_retry_budget_exhausted_total") is None
+
+
+async def test_attempts_1_turns_every_retry_off_fail_over_included(
+        start_backend: Callable[..., Awaitable[Backend]],
+        weir: Callable[..., Awaitable[Weir]]) -> None:
+    good = await start_backend("good")
+    dead = f"127.0.0.1:{free_port()}"
+    w = await weir([dead, good.address], {"attempts": 1})
+    statuses = [(await w.request(f"/r{i}")).status for i in range(6)]
+    # The one request that met the refused connect failed; the upstream was then out.
+    assert statuses.count(502) == pool(w, dead).connect_errors == 1
+    assert statuses.count(200) == 5
+    assert sample(await w.metrics(), "weir_retries_total") is None
 
 
 # --- the budget and the config, without sockets -----------------------------------------------
