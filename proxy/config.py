@@ -257,11 +257,28 @@ class CircuitBreaker(Strict):
     max_requests: int = Field(default=1024, ge=1)
 
 
+class SlowStart(Strict):
+    """An upstream that joins while others of its version serve (added by a reload,
+    undrained, back from an ejection or from failing health checks) gets a share of its
+    version's requests that grows from a tenth of its full share to all of it over
+    ``window``, as Envoy's slow_start_config and HAProxy's slowstart do for a cold instance."""
+
+    window: Duration
+
+    @field_validator("window")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be above 0")
+        return value
+
+
 class VersionConfig(Strict):
     upstreams: list[Address] = Field(min_length=1)
     revision: str | None = None
     tls: UpstreamTLS | None = None
     health_check: HealthCheck | None = None  # fields set here override the service's
+    slow_start: SlowStart | None = None  # overrides the service's
 
 
 class ServiceMatch(Strict):
@@ -479,6 +496,10 @@ class Service(Strict):
     health_check: HealthCheck | None = None
     outlier_detection: OutlierDetection | None = None
     circuit_breaker: CircuitBreaker | None = None
+    slow_start: SlowStart | None = None  # off unless configured
+
+    def slow_start_for(self, version: str) -> SlowStart | None:
+        return self.versions[version].slow_start or self.slow_start
 
     def health_check_for(self, version: str) -> HealthCheck | None:
         """The version's probe: the service's block with the version's own fields on top."""

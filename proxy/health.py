@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .config import Config, HealthCheck, OutlierDetection
+from .config import Config, HealthCheck, OutlierDetection, SlowStart
 from .tasks import cancel_and_wait
 from .upstream import pool_key
 
@@ -49,6 +49,7 @@ class UpstreamPolicy:
     check: HealthCheck | None
     outlier: OutlierDetection | None
     max_requests: int
+    slow_start: SlowStart | None
     used_by: str  # "service/version, ..." for log lines
 
 
@@ -139,6 +140,12 @@ class HealthMonitor:
                         members.append(balancer)
         for address, policy in policies.items():
             self.configure(self.pools.pools[address], policy, address in added)
+        for address in added:
+            self.begin_slow_start(self.pools.pools[address])  # if it serves from now on
+        for address, balancers in self.balancers.items():
+            if self.pools.pools[address].ramp_window > 0.0:
+                for balancer in balancers:  # a reload's new upstream set, with a ramp on
+                    balancer.ramping = True
         for address in list(self._probes):
             wanted = policies.get(address)
             if wanted is None or wanted.check is None or address in added | changed:
@@ -197,6 +204,8 @@ class HealthMonitor:
             self.update(pool)
             if drained:
                 pool.close_idle()
+            else:
+                self.begin_slow_start(pool)
         return pools
 
     # --- active checks --------------------------------------------------------------------
@@ -273,6 +282,7 @@ class HealthMonitor:
         state.checks[outcome] += 1
         state.last_check = outcome
         pool = self.pools.pools.get(address)
+        joined = False
         if outcome == "success":
             # An ejection ends when a check shows the upstream up again: after checks that
             # saw it down, or when it was ejected for failed connects, which a passing check
@@ -286,6 +296,7 @@ class HealthMonitor:
             if not state.healthy and (state.awaiting_first_check
                                       or state.passes >= check.healthy_threshold):
                 state.healthy = True
+                joined = True
                 log.info("upstream %s (%s) is healthy: %s", address, policy.used_by,
                          "passed its first check" if state.awaiting_first_check
                          else f"{state.passes} checks passed in a row")
@@ -303,6 +314,8 @@ class HealthMonitor:
                             state.fails, check.path, outcome)
         if pool is not None:
             self.update(pool)
+            if joined:
+                self.begin_slow_start(pool)
 
     # --- failed connects ------------------------------------------------------------------
 
@@ -376,6 +389,7 @@ class HealthMonitor:
             state.connect_ejected = False
             self.update(pool)
             log.info("upstream %s is back in rotation after %.1fs: %s", pool.key, out_for, why)
+            self.begin_slow_start(pool)
         else:
             log.info("upstream %s accepts connections again after %.1fs: %s", pool.key,
                      out_for, why)
@@ -426,6 +440,26 @@ class HealthMonitor:
         policy = self.policies.get(pool.key)
         log.info("upstream %s (%s) is back from ejection", pool.key,
                  policy.used_by if policy else "no longer configured")
+        self.begin_slow_start(pool)
+
+    # --- slow start -----------------------------------------------------------------------
+
+    def begin_slow_start(self, pool: UpstreamPool) -> None:
+        """An upstream joins (added, undrained, back from an ejection or failing checks): with
+        ``slow_start``, and others of its version serving, its share ramps over the window."""
+        policy = self.policies.get(pool.key)
+        if policy is None or policy.slow_start is None or not pool.available:
+            return
+        serving = [b for b in self.balancers.get(pool.key, ())
+                   if any(p.available for p in b.pools if p is not pool)]
+        if not serving:
+            return  # alone in its version: a ramp would only hold requests back
+        pool.ramp_start = pool.corker.now()
+        pool.ramp_window = policy.slow_start.window
+        for balancer in serving:
+            balancer.ramping = True
+        log.info("upstream %s (%s): slow start, its share grows over %gs", pool.key,
+                 policy.used_by, pool.ramp_window)
 
     # --- no upstream to pick --------------------------------------------------------------
 
@@ -471,6 +505,10 @@ class HealthMonitor:
             "health_checked": policy is not None and policy.check is not None,
             "last_check": state.last_check,
             "checks": dict(state.checks),
+            "drained": state.drained,  # by an operator: weir drain
+            "slow_start": ({"window": pool.ramp_window,
+                            "factor": round(pool.ramp_factor(self.loop.time()), 3)}
+                           if pool is not None and pool.ramp_window > 0.0 else None),
             "connect_failed": state.connect_failed,
             "connect_ejected": state.connect_ejected,
             "connect_failed_since": state.connect_failed_since if state.connect_failed else None,
@@ -488,7 +526,8 @@ class HealthMonitor:
 
 def resolve_policies(config: Config) -> dict[str, UpstreamPolicy]:
     """Each configured address's settings; the first version listing an address sets them."""
-    first: dict[str, tuple[HealthCheck | None, OutlierDetection | None, int]] = {}
+    first: dict[str, tuple[HealthCheck | None, OutlierDetection | None, int,
+                           SlowStart | None]] = {}
     users: dict[str, list[str]] = {}
     for service in config.services:
         breaker = service.circuit_breaker
@@ -498,6 +537,7 @@ def resolve_policies(config: Config) -> dict[str, UpstreamPolicy]:
             for address in version.upstreams:
                 key = pool_key(address, version.tls)  # TLS or not: separate pools
                 users.setdefault(key, []).append(f"{service.name}/{name}")
-                first.setdefault(key, (check, service.outlier_detection, max_requests))
+                first.setdefault(key, (check, service.outlier_detection, max_requests,
+                                       service.slow_start_for(name)))
     return {address: UpstreamPolicy(*settings, ", ".join(users[address]))
             for address, settings in first.items()}

@@ -13,6 +13,7 @@ import select
 import ssl
 import sys
 from collections.abc import Callable, Collection
+from random import random
 from typing import Final, Protocol
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -40,6 +41,10 @@ _response_keep_alive: Final = HttpResponseParser.should_keep_alive
 
 # Like nginx's proxy_buffer_size, but roomier: a response head is held whole until it ends.
 MAX_RESPONSE_HEAD: Final = 32 * 1024
+
+# A slow-starting upstream's share begins at this fraction of its full share (Envoy's
+# min_weight_percent default), so that it warms up from its first moment back.
+RAMP_FLOOR: Final = 0.1
 
 
 class ResponseSink:
@@ -381,8 +386,9 @@ class UpstreamPool:
     __slots__ = ("_drain_timer", "active", "address", "available", "connect_errors",
                  "connect_timeout", "corker", "drain_label", "draining", "eject_after",
                  "failures", "host", "idle", "idle_timeout", "key", "loop", "max_idle",
-                 "max_requests", "on_outlier", "on_unreachable", "penalty", "port", "reported",
-                 "retries", "server_hostname", "ssl", "timeouts", "tls", "unreachable")
+                 "max_requests", "on_outlier", "on_unreachable", "penalty", "port", "ramp_start",
+                 "ramp_window", "reported", "retries", "server_hostname", "ssl", "timeouts",
+                 "tls", "unreachable")
 
     def __init__(self, address: str, settings: UpstreamSettings,
                  loop: asyncio.AbstractEventLoop, corker: Corker,
@@ -429,6 +435,10 @@ class UpstreamPool:
         # latest connect failed and the upstream stayed in rotation (the last of its version),
         # so that an upstream that fails fast, and so has nothing in flight, is not preferred.
         self.penalty = 0
+        # Slow start (health.py starts it): over ramp_window seconds from ramp_start, the
+        # balancer gives this upstream a growing part of its share; 0 when not ramping.
+        self.ramp_start = 0.0
+        self.ramp_window = 0.0
         self.apply(settings)
 
     @property
@@ -458,6 +468,16 @@ class UpstreamPool:
             self.on_unreachable(self)
         if 0 < self.eject_after <= self.failures and self.on_outlier is not None:
             self.on_outlier(self)
+
+    def ramp_factor(self, now: float) -> float:
+        """The part of its full share this upstream gets now: 1.0 unless slow-starting."""
+        if self.ramp_window <= 0.0:
+            return 1.0
+        elapsed = now - self.ramp_start
+        if elapsed >= self.ramp_window:
+            self.ramp_window = 0.0
+            return 1.0
+        return max(RAMP_FLOOR, elapsed / self.ramp_window)
 
     def take_idle(self, must_be_open: bool = False) -> UpstreamConnection | None:
         """The most recently used idle connection. ``must_be_open`` (for a request that
@@ -545,15 +565,18 @@ class Balancer:
     """The upstreams of one version; picks the one with the fewest requests in flight among
     those that are available (healthy, not ejected) and below their circuit-breaker limit."""
 
-    __slots__ = ("_next", "pools")
+    __slots__ = ("_next", "pools", "ramping")
 
     def __init__(self, pools: list[UpstreamPool]) -> None:
         self.pools = pools
         self._next = 0
+        self.ramping = False  # some upstream is slow-starting (health.py sets it)
 
     def pick(self) -> UpstreamPool | None:
         """None when no upstream can take a request now (``all_full`` tells the reasons
         apart)."""
+        if self.ramping:
+            return self.pick_ramping()
         pools = self.pools
         count = len(pools)
         if count == 1:
@@ -571,6 +594,44 @@ class Balancer:
                 best = pool
                 best_load = load
         return best
+
+    def pick_ramping(self) -> UpstreamPool | None:
+        """While an upstream slow-starts: a weighted draw, each available upstream weighing
+        its ramp factor over its requests in flight plus one, so that at any load the
+        ramping one gets about its factor's part of a full share. Least-in-flight resumes
+        when every ramp has ended."""
+        now = self.pools[0].corker.now()
+        ramping = False
+        candidates: list[UpstreamPool] = []
+        weights: list[float] = []
+        total = 0.0
+        for pool in self.pools:
+            factor = pool.ramp_factor(now)
+            if factor < 1.0:
+                ramping = True
+            active = len(pool.active)
+            if pool.available and active < pool.max_requests:
+                weight = factor / (active + 1 + pool.penalty)
+                candidates.append(pool)
+                weights.append(weight)
+                total += weight
+        self.ramping = ramping
+        if not candidates:
+            return None
+        draw = random() * total
+        for pool, weight in zip(candidates, weights, strict=True):
+            draw -= weight
+            if draw < 0.0:
+                return pool
+        return candidates[-1]
+
+    def shares(self) -> dict[str, float]:
+        """Each available upstream's expected part of this version's requests at equal
+        load, for /api/status: equal parts, less what slow starts hold back."""
+        now = self.pools[0].corker.now()
+        factors = {p.key: p.ramp_factor(now) for p in self.pools if p.available}
+        total = sum(factors.values())
+        return {p.key: factors.get(p.key, 0.0) / total if total else 0.0 for p in self.pools}
 
     def pick_excluding(self, tried: Collection[UpstreamPool]) -> UpstreamPool | None:
         """For a retry: the least loaded available upstream not yet tried for this request;
