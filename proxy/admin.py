@@ -2,7 +2,9 @@
 dashboard (``/`` and ``/dashboard``, fed by ``/api/status`` and ``/api/history``).
 
 Reads are open; every mutation needs ``Authorization: Bearer <admin.token>``. Errors are JSON
-``{"error": "..."}`` with 400 (bad body), 401 (token), 404 (unknown service or version).
+``{"error": "..."}`` with 400 (bad body), 401 (token), 404 (unknown service, version or
+upstream), 409 (refused: a rollout's state, a conflicting write, a drain that would leave a
+weighted version with no upstream).
 """
 
 from __future__ import annotations
@@ -16,9 +18,16 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from .config import MAX_WEIGHT, ConfigError, split_address
-from .control import StateConflictError, StateWriteError, UnknownName
+from .control import (
+    DrainRefused,
+    StateConflictError,
+    StateWriteError,
+    UnknownName,
+    UnknownUpstream,
+)
 from .dashboard import Dashboard
 from .history import HistorySampler
+from .listen import ADMIN_API, ListenError
 from .rollout import RolloutError
 
 if TYPE_CHECKING:
@@ -37,6 +46,10 @@ def error(status: int, message: str) -> web.Response:
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except UnknownUpstream as exc:
+        return web.json_response({"error": str(exc.args[0]), "known": exc.known}, status=404)
+    except DrainRefused as exc:
+        return web.json_response({"error": str(exc), "versions": exc.versions}, status=409)
     except UnknownName as exc:
         return error(404, str(exc.args[0]))
     except RolloutError as exc:
@@ -68,6 +81,8 @@ class AdminServer:
             web.put("/api/services/{name}/weights", self.set_weights),
             web.post("/api/services/{name}/switch", self.switch),
             web.post("/api/reload", self.reload),
+            web.post("/api/upstreams/drain", self.drain),
+            web.post("/api/upstreams/undrain", self.undrain),
             web.get("/api/services/{name}/rollout", self.rollout_status),
             web.post("/api/services/{name}/rollout/{action}", self.rollout_action),
             *Dashboard().routes(),
@@ -83,7 +98,12 @@ class AdminServer:
         self.runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
         await self.runner.setup()
         self.site = web.TCPSite(self.runner, host, port)
-        await self.site.start()
+        try:
+            await self.site.start()
+        except OSError as exc:
+            await self.runner.cleanup()
+            self.runner = self.site = None
+            raise ListenError(ADMIN_API, self.control.config.admin.listen, exc) from exc
         self.history.start()
 
     @property
@@ -148,6 +168,7 @@ class AdminServer:
 
     async def set_weights(self, request: web.Request) -> web.Response:
         self.authorize(request)
+        await self.control.take_in_file_changes()  # an edit made before this call, first
         name = request.match_info["name"]
         self.control.service(name)  # 404 before 400 for an unknown service
         weights = (await self.body(request)).get("weights")
@@ -165,6 +186,7 @@ class AdminServer:
 
     async def switch(self, request: web.Request) -> web.Response:
         self.authorize(request)
+        await self.control.take_in_file_changes()
         name = request.match_info["name"]
         self.control.service(name)
         to = (await self.body(request)).get("to")
@@ -184,13 +206,38 @@ class AdminServer:
                                       **result}, status=422)
         return web.json_response(result)
 
+    async def upstream_body(self, request: web.Request, *flags: str) -> tuple[str, dict[str, bool]]:
+        """``{"upstream": "host:port", <flag>: bool ...}`` → the address and the flags."""
+        body = await self.body(request)
+        address = body.get("upstream")
+        if not isinstance(address, str) or not address.strip():
+            raise web.HTTPBadRequest(reason='expected {"upstream": "host:port"}')
+        values = {}
+        for flag in flags:
+            value = body.get(flag, False)
+            if not isinstance(value, bool):
+                raise web.HTTPBadRequest(reason=f'"{flag}" must be true or false')
+            values[flag] = value
+        return address.strip(), values
+
+    async def drain(self, request: web.Request) -> web.Response:
+        """One app instance out of rotation in every service and version (weir drain)."""
+        self.authorize(request)
+        address, flags = await self.upstream_body(request, "force")
+        return web.json_response(await self.control.drain(address, force=flags["force"]))
+
+    async def undrain(self, request: web.Request) -> web.Response:
+        self.authorize(request)
+        address, _ = await self.upstream_body(request)
+        return web.json_response(await self.control.undrain(address))
+
     async def rollout_status(self, request: web.Request) -> web.Response:
         rollout = self.control.rollouts.get(request.match_info["name"])
         return web.json_response(rollout.status())
 
     async def rollout_action(self, request: web.Request) -> web.Response:
         self.authorize(request)
-        rollout = self.control.rollouts.get(request.match_info["name"])
+        rollout = await self.control.rollouts.for_operator(request.match_info["name"])
         action = request.match_info["action"]
         if action == "promote":
             full = False

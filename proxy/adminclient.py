@@ -27,15 +27,17 @@ class AdminError(Exception):
     """The admin API could not be reached or answered with an error.
 
     ``status`` is the HTTP status (None when the API was not reached) and ``body`` the
-    decoded JSON body of the error response, when it had one.
+    decoded JSON body of the error response, when it had one. ``unreachable``: no answer at
+    all (refused, unknown host, timed out), as opposed to an answer that was an error.
     """
 
     def __init__(self, message: str, status: int | None = None,
-                 body: dict[str, Any] | None = None) -> None:
+                 body: dict[str, Any] | None = None, unreachable: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.body = body or {}
+        self.unreachable = unreachable
 
 
 def normalize_url(url: str) -> str:
@@ -105,6 +107,13 @@ class AdminClient:
     def rollout_status(self, service: str) -> dict[str, Any]:
         return self.request("GET", f"/api/services/{_seg(service)}/rollout")
 
+    def drain(self, upstream: str, force: bool = False) -> dict[str, Any]:
+        return self.request("POST", "/api/upstreams/drain",
+                            {"upstream": upstream, "force": force})
+
+    def undrain(self, upstream: str) -> dict[str, Any]:
+        return self.request("POST", "/api/upstreams/undrain", {"upstream": upstream})
+
     # --- transport ------------------------------------------------------------------------
 
     def request(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
@@ -145,7 +154,8 @@ class AdminClient:
 
     def _unreachable(self, why: str) -> AdminError:
         return AdminError(f"cannot reach the admin API at {self.url}: {why} (is Weir running? "
-                          f"--admin or ${URL_ENV} must be its admin.listen address)")
+                          f"--admin or ${URL_ENV} must be its admin.listen address)",
+                          unreachable=True)
 
     def _http_error(self, method: str, path: str, status: int, reason: str,
                     raw: bytes) -> AdminError:

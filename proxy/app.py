@@ -17,6 +17,7 @@ from .admin import AdminServer
 from .config import Config, ConfigError, load_config, split_address
 from .control import ControlPlane
 from .health import HealthMonitor
+from .listen import DATA_PLANE, ListenError
 from .routing import RouteTable, build_route_table
 from .server import ClientConnection, DataPlaneSettings, PlaneState
 from .stats import StatsRegistry
@@ -126,6 +127,15 @@ class ProxyServer:
         self.pools.use_contexts(tls.upstream)
         warn_unverified(config)
 
+    def apply_drained(self, drained: set[str]) -> None:
+        """Exactly these upstream addresses are drained by an operator (weir drain): out of
+        rotation in every service and version, their idle connections closed; the others
+        back in (as far as their health allows)."""
+        for address in sorted(self.health.drained - drained):
+            self.health.set_drained(address, False)
+        for address in sorted(drained - self.health.drained):
+            self.health.set_drained(address, True)
+
     def protocol(self) -> ClientConnection:
         return ClientConnection(self)
 
@@ -137,9 +147,13 @@ class ProxyServer:
             tls = {"ssl": self.listener_tls.listener,
                    "ssl_handshake_timeout": self.settings.header_timeout or None,
                    "ssl_shutdown_timeout": TLS_SHUTDOWN_TIMEOUT}
-        server = await self.loop.create_server(self.protocol, host, port, reuse_address=True,
-                                               reuse_port=self.reuse_port or None,
-                                               backlog=4096, **tls)
+        try:
+            server = await self.loop.create_server(self.protocol, host, port,
+                                                   reuse_address=True,
+                                                   reuse_port=self.reuse_port or None,
+                                                   backlog=4096, **tls)
+        except OSError as exc:
+            raise ListenError(DATA_PLANE, self.config.listen, exc) from exc
         self.listeners.append(server)
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
         if self.active_checks:
@@ -251,8 +265,15 @@ async def serve(config_path: Path, config: Config) -> int:
         return 2
     control = signals.control = ControlPlane(config_path, config, loop, store=store)
     admin = AdminServer(control)
-    await control.proxy.start()
-    await admin.start()
+    try:
+        await control.proxy.start()
+        await admin.start()
+    except ListenError:
+        # Nothing is left listening, and a shared store's lock is let go at once.
+        await control.proxy.shutdown(0)
+        await finish_within(STORE_CLOSE_SECONDS, control.store.close(),
+                            "closing the state store")
+        raise
     control.start_sync()
     control.start_watching()
     control.rollouts.start()
@@ -327,6 +348,9 @@ def run(config_path: str, workers: int = 1) -> int:
         return asyncio.run(main)
     except TLSConfigError as exc:  # a file changed since it was validated a moment ago
         print(ConfigError(config_path, exc.errors), file=sys.stderr)
+        return 2
+    except ListenError as exc:  # like an invalid config: exit 2, one line, nothing listens
+        print(f"weir: {exc.message(config_path)}", file=sys.stderr)
         return 2
     except OSError as exc:
         log.error("cannot start: %s", exc)

@@ -3,13 +3,16 @@
 ``run``, ``validate`` and ``schema`` work on a config file; ``demo`` needs nothing and runs a
 canary rollout to watch; every other command is a thin client of a running Weir's admin API
 (``--admin URL``, token from ``$WEIR_ADMIN_TOKEN``).
-Exit codes: 0 done, 1 the admin API refused or could not be reached, 2 bad usage.
+Exit codes: 0 done, 1 the admin API refused or could not be reached, 2 bad usage;
+``drain`` and ``undrain``: 0 done, 1 refused or (``--wait``) timed out, 2 bad usage or the admin
+API unreachable.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -141,6 +144,88 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return emit(args, data, line)
 
 
+DRAIN_POLL_SECONDS = 0.2
+
+
+def wait_duration(text: str) -> float:
+    """'30s', '1m', '500ms' or plain seconds, for --timeout of drain --wait."""
+    from .config import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _versions(used_by: Any) -> str:
+    return ", ".join(used_by) if isinstance(used_by, list) and used_by else "no service"
+
+
+def _requests(count: Any) -> str:
+    return f"{count} request{'' if count == 1 else 's'}"
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    admin = client(args)
+    data = admin.drain(args.address, force=args.force)
+    say = sys.stderr if args.json else sys.stdout  # with --json, stdout is the JSON alone
+    if args.json:
+        json.dump(data, sys.stdout, indent=2)
+        print(flush=True)
+    else:
+        state = "drained" if data.get("changed", True) else "already drained"
+        print(f"{args.address} {state}: no new requests in {_versions(data.get('used_by'))}; "
+              f"{_requests(data.get('inflight', 0))} in flight", flush=True)
+    for version in data.get("without_upstream") or []:
+        print(f"weir: warning: {version} has weight and no upstream left in rotation: its "
+              f"requests are answered 503 until one is undrained or its weight moves",
+              file=sys.stderr)
+    if not args.wait:
+        return 0
+    return wait_drained(admin, args.address, args.timeout, say)
+
+
+def wait_drained(admin: AdminClient, address: str, timeout: float, say: Any) -> int:
+    """Poll /api/status until nothing is in flight to ``address`` (0), or time out (1)."""
+    start = time.monotonic()
+    deadline = start + timeout
+    shown: tuple[Any, ...] | None = None
+    while True:
+        admin.timeout = max(0.5, min(DEFAULT_TIMEOUT, deadline - time.monotonic()))
+        status = admin.status()
+        entry = next((e for e in status.get("drained") or []
+                      if isinstance(e, dict) and e.get("upstream") == address), None)
+        if entry is None:
+            raise AdminError(f"{address} is not drained any more (undrained meanwhile?)")
+        inflight = entry.get("inflight", 0)
+        confirmed = entry.get("confirmed", True) is not False
+        where = _versions(entry.get("used_by"))
+        if inflight == 0 and confirmed:
+            print(f"{address}: nothing in flight after {time.monotonic() - start:.1f}s; "
+                  f"safe to stop", file=say, flush=True)
+            return 0
+        left = deadline - time.monotonic()
+        if left <= 0:
+            print(f"weir: {address}: still {_requests(inflight)} in flight on {where} after "
+                  f"{timeout:g}s" + ("" if confirmed else " (not every worker has reported "
+                                                           "since the drain)"),
+                  file=sys.stderr, flush=True)
+            return 1
+        if shown != (inflight, confirmed):
+            shown = (inflight, confirmed)
+            print(f"{address}: {_requests(inflight)} in flight on {where}"
+                  + ("" if confirmed else ", waiting for every worker to report")
+                  + f"; waiting up to {math.ceil(left)}s more", file=say, flush=True)
+        time.sleep(min(DRAIN_POLL_SECONDS, left))
+
+
+def cmd_undrain(args: argparse.Namespace) -> int:
+    data = client(args).undrain(args.address)
+    state = "undrained" if data.get("changed", True) else "was not drained"
+    return emit(args, data, f"{args.address} {state}: in rotation in "
+                            f"{_versions(data.get('used_by'))}")
+
+
 ROLLOUT_DONE = {"start": "rollout started", "promote": "rollout promoted",
                 "abort": "rollout aborted", "pause": "rollout paused",
                 "resume": "rollout resumed", "retry": "rollout restarted"}
@@ -251,6 +336,14 @@ def render_status(data: dict[str, Any], url: str) -> str:
             cells += [cell.rjust(width) for cell, width in zip(row[1:-1], widths[1:], strict=True)]
             lines.append(("  " + "  ".join(cells) + "  " + row[-1]).rstrip())
 
+    drained = data.get("drained") or []
+    if drained:
+        lines.append("")
+        lines.append("drained upstreams (weir undrain ADDRESS puts one back):")
+        for entry in drained:
+            lines.append(f"  {entry.get('upstream', '?')} ({_versions(entry.get('used_by'))}): "
+                         f"{entry.get('inflight', '?')} in flight")
+
     draining = data.get("draining") or []
     if draining:
         lines.append("")
@@ -264,15 +357,16 @@ def render_status(data: dict[str, Any], url: str) -> str:
 # --- the parser -------------------------------------------------------------------------------
 
 
-def admin_options() -> argparse.ArgumentParser:
+def admin_options(request_timeout: bool = True) -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("admin API")
     group.add_argument("--admin", metavar="URL", default=None, type=admin_url,
                        help=f"the admin API's base URL (default: ${URL_ENV}, else "
                             f"{DEFAULT_ADMIN_URL}); the token comes from ${TOKEN_ENV}")
-    group.add_argument("--timeout", metavar="SECONDS", type=positive_float,
-                       default=DEFAULT_TIMEOUT,
-                       help=f"give up after this long (default: {DEFAULT_TIMEOUT:g})")
+    if request_timeout:  # a command with a --timeout of its own gives each call the default
+        group.add_argument("--timeout", metavar="SECONDS", type=positive_float,
+                           default=DEFAULT_TIMEOUT,
+                           help=f"give up after this long (default: {DEFAULT_TIMEOUT:g})")
     group.add_argument("--json", action="store_true", help="print the API's JSON answer")
     return parent
 
@@ -402,6 +496,31 @@ def build_parser() -> argparse.ArgumentParser:
         rollout_parser(verbs, action, text)
     rollout_parser(verbs, "retry", "start an aborted rollout again")
     rollout_parser(verbs, "status", "show a rollout's phase, step and analysis")
+
+    drain = sub.add_parser(
+        "drain", parents=[admin_options(request_timeout=False)],
+        help="take one app instance out of rotation everywhere",
+        description="Take an upstream address out of rotation in every service and version "
+        "(kept in the runtime state: restarts, workers and instances sharing the store honour "
+        "it). Its requests in flight finish and its idle connections close. Refused (exit 1) "
+        "if it is the last upstream of a version that has weight, unless --force. Exit codes: "
+        "0 done (with --wait: nothing in flight any more), 1 refused or timed out, 2 bad usage "
+        "or the admin API unreachable.")
+    drain.add_argument("address", metavar="ADDRESS", help="host:port, as in the config")
+    drain.add_argument("--wait", action="store_true",
+                       help="then wait until no request is in flight to it")
+    drain.add_argument("--timeout", metavar="D", type=wait_duration, default=60.0,
+                       help="how long --wait waits: 30s, 1m or plain seconds (default: 60s)")
+    drain.add_argument("--force", action="store_true",
+                       help="drain it even if a version with weight is left with no upstream "
+                            "(its requests are answered 503)")
+    drain.set_defaults(func=cmd_drain, unreachable_code=2)
+    undrain = sub.add_parser(
+        "undrain", parents=admin, help="put a drained app instance back into rotation",
+        description="Put a drained upstream address back into rotation everywhere. Exit "
+        "codes: 0 done, 1 refused, 2 bad usage or the admin API unreachable.")
+    undrain.add_argument("address", metavar="ADDRESS", help="host:port, as in the config")
+    undrain.set_defaults(func=cmd_undrain, unreachable_code=2)
     return parser
 
 
@@ -418,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(errors, list):
             for error in errors:
                 print(f"  - {indent(error, 4)}", file=sys.stderr)
-        return 1
+        return int(getattr(args, "unreachable_code", 1)) if exc.unreachable else 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # weir status | head: not an error, and no traceback at exit

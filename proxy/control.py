@@ -18,8 +18,8 @@ from . import request_path_build
 from .config import Config, ConfigError, load_config
 from .metrics import Metrics
 from .rollout import RolloutController
-from .state import SOURCE_API, RuntimeState, WeightOverride
-from .store import StateStore, StoreConflict, make_store
+from .state import SOURCE_API, RuntimeState
+from .store import RemoteState, StateStore, StoreConflict, make_store
 from .tasks import cancel_and_wait
 from .tls import TLSConfigError, compile_tls
 
@@ -43,6 +43,23 @@ class StateWriteError(RuntimeError):
 
 class StateConflictError(StateWriteError):
     """Another instance changed the same state meanwhile; nothing changed, try again (409)."""
+
+
+class UnknownUpstream(UnknownName):
+    """An address that is no upstream of the config (404); ``known`` lists the ones that are."""
+
+    def __init__(self, message: str, known: list[str]) -> None:
+        super().__init__(message)
+        self.known = known
+
+
+class DrainRefused(RuntimeError):
+    """Draining would leave a version that has weight with no upstream (409, unless forced);
+    ``versions`` names them as "service/version"."""
+
+    def __init__(self, message: str, versions: list[str]) -> None:
+        super().__init__(message)
+        self.versions = versions
 
 
 class ControlPlane:
@@ -75,6 +92,7 @@ class ControlPlane:
         self.metrics.attach_rollouts(self.rollouts)
         if self.previews:
             self.apply()
+        self.apply_drained()
         self.last_reload: dict[str, Any] = {"generation": 1, "outcome": "success",
                                             "trigger": "start", "at": time.time(),
                                             "errors": []}
@@ -95,12 +113,17 @@ class ControlPlane:
         except (OSError, UnicodeDecodeError):
             return None
 
-    async def reload(self, trigger: str) -> dict[str, Any]:
-        """Re-read the config file. An invalid file changes nothing but the record of it."""
+    async def reload(self, trigger: str, unless_unchanged: bool = False) -> dict[str, Any]:
+        """Re-read the config file. An invalid file changes nothing but the record of it.
+        ``unless_unchanged``: only if its text differs from what was last read (decided under
+        the lock, so a watcher pass and an API change never both take in the same edit)."""
         async with self._reload_lock:
             if self.config_path is None:
                 raise ConfigError("<config>", ["no config file to reload"])
-            self._last_text = self._read_text()
+            text = self._read_text()
+            if unless_unchanged and text == self._last_text:
+                return self.last_reload
+            self._last_text = text
             try:
                 config = load_config(self.config_path)
                 # Loaded once more for use: these are the contexts swapped in below, so what
@@ -166,13 +189,13 @@ class ControlPlane:
             self._reconciled_at_start = False
             self.rollouts.save_soon()  # the dropped overrides, on the controller's clock
 
-    async def _adopt(self, remote: tuple[dict[str, WeightOverride], dict[str, dict[str, Any]]],
-                     rollouts_changed: set[str]) -> None:
+    async def _adopt(self, remote: RemoteState, rollouts_changed: set[str]) -> None:
         """Another instance changed the shared state: take it (called with the state lock
         held, so no local change is half-made meanwhile). Only the rollout records that
         changed there are taken: the controller's own record may be ahead of the store."""
-        weights, rollouts = remote
+        weights, rollouts, drained = remote
         self.state.weights = dict(weights)
+        self.state.drained = dict(drained)
         # An override that does not fit this instance's config is not applied here; it is
         # left in the store for the instances whose config it fits.
         self.state.reconcile(self.config)
@@ -183,6 +206,7 @@ class ControlPlane:
                 self.state.rollouts.pop(name, None)
         self.rollouts.adopt(rollouts_changed)
         self.apply()
+        self.apply_drained()
         log.info("state store: applied a change from another instance (weights %s)",
                  self.state.weights_override())
 
@@ -222,7 +246,17 @@ class ControlPlane:
                 break
             text = again
         if text != self._last_text:
-            await self.reload("file")
+            await self.reload("file", unless_unchanged=True)
+
+    async def take_in_file_changes(self) -> None:
+        """Before an operator's change through the API: a config file edited on disk since it
+        was last read is reloaded first, so the two apply in the order they were made; the
+        watcher's later pass then finds nothing new. Without a watcher (``watch: false``)
+        edits wait for a reload as always. An invalid file is recorded as a failed reload and
+        does not stand in the way of the change."""
+        if self._watcher is None or self._watcher.done():
+            return
+        await self.reload("file", unless_unchanged=True)
 
     # --- runtime changes ------------------------------------------------------------------
 
@@ -235,6 +269,8 @@ class ControlPlane:
     async def set_weights(self, name: str, weights: dict[str, int],
                           source: str = SOURCE_API) -> dict[str, int]:
         """Replace a service's weights (versions left out get 0) and persist the change."""
+        if source == SOURCE_API:
+            await self.take_in_file_changes()  # before the state lock: reload() takes it
         service = self.service(name)
         unknown = sorted(set(weights) - set(service.versions))
         if unknown:
@@ -264,6 +300,8 @@ class ControlPlane:
         return applied
 
     async def switch(self, name: str, version: str, source: str = SOURCE_API) -> dict[str, int]:
+        if source == SOURCE_API:
+            await self.take_in_file_changes()
         service = self.service(name)
         if version not in service.versions:
             raise UnknownName(f"service {name!r} has no version {version!r} "
@@ -273,6 +311,123 @@ class ControlPlane:
     async def save_state(self) -> None:
         async with self._state_lock:
             await self.store.save(self.state)
+
+    # --- draining one app instance (weir drain) -------------------------------------------
+
+    def upstream_users(self) -> dict[str, list[str]]:
+        """Every upstream address of the config → the "service/version"s that list it."""
+        users: dict[str, list[str]] = {}
+        for service in self.config.services:
+            for name, version in service.versions.items():
+                for address in version.upstreams:
+                    used = users.setdefault(address, [])
+                    if f"{service.name}/{name}" not in used:
+                        used.append(f"{service.name}/{name}")
+        return users
+
+    def apply_drained(self) -> None:
+        """Hand the drained set to the data plane (and, under --workers, to every worker)."""
+        self.proxy.apply_drained(set(self.state.drained))
+
+    def inflight_to(self, address: str) -> int:
+        """Requests in flight to an address, over all its pools (under --workers, the sum of
+        the workers' last reports)."""
+        return sum(p.inflight for p in self.proxy.pools.pools.values() if p.address == address)
+
+    def drained_entry(self, address: str) -> dict[str, Any]:
+        workers = getattr(self.proxy, "workers", None)  # only under `weir run --workers N`
+        return {"upstream": address, "used_by": self.upstream_users().get(address, []),
+                "inflight": self.inflight_to(address),
+                "drained_at": self.state.drained.get(address),
+                # Under --workers: whether every worker has reported since it applied the
+                # drain, so that "inflight" counts everything still open (always in one
+                # process). `weir drain --wait` waits for this too.
+                "confirmed": workers is None or workers.confirmed_drained(address)}
+
+    def drained_status(self) -> list[dict[str, Any]]:
+        return [self.drained_entry(address) for address in sorted(self.state.drained)]
+
+    def _stranded(self, address: str) -> list[str]:
+        """The versions that have weight now (runtime weights included) and would be left
+        with no upstream that is not drained, were ``address`` drained too."""
+        drained = set(self.state.drained) | {address}
+        stranded = []
+        for route in self.proxy.table.routes:
+            for name, target in route.versions.items():
+                if (route.weights.get(name, 0) > 0 and address in target.upstreams
+                        and all(u in drained for u in target.upstreams)):
+                    stranded.append(f"{route.name}/{name}")
+        return stranded
+
+    async def _persist_drained(self, address: str, previous: float | None) -> None:
+        """Save the state; on failure put ``address`` back as it was and raise, so that a
+        change that would not survive a restart (or reach the other instances) is not made."""
+        try:
+            await self.store.save(self.state)
+        except OSError as exc:
+            if previous is None:
+                self.state.drained.pop(address, None)
+            else:
+                self.state.drained[address] = previous
+            if isinstance(exc, StoreConflict):
+                raise StateConflictError(f"nothing changed: {exc}") from exc
+            where = (f"the state file {self.state.path}" if self.store.kind == "file"
+                     else f"the {self.store.kind} state store")
+            raise StateWriteError(f"could not write {where}: {exc.strerror or exc}; "
+                                  f"nothing changed") from exc
+
+    async def drain(self, address: str, force: bool = False) -> dict[str, Any]:
+        """Take an upstream address out of rotation in every service and version, persisted.
+        Its requests in flight finish; its idle pooled connections close."""
+        await self.take_in_file_changes()  # a file edit made before this applies first
+        users = self.upstream_users()
+        if address not in users:
+            known = sorted(users)
+            raise UnknownUpstream(f"no upstream {address!r} in the config (known upstreams: "
+                                  f"{', '.join(known)})", known)
+        async with self._state_lock:  # no change from another instance lands meanwhile
+            changed = address not in self.state.drained
+            stranded = self._stranded(address)
+            if changed:
+                if stranded and not force:
+                    which = " and ".join("service {!r} version {!r}".format(*v.split("/", 1))
+                                         for v in stranded)
+                    raise DrainRefused(
+                        f"{address} is the last upstream in rotation of {which}, which "
+                        f"{'has' if len(stranded) == 1 else 'have'} weight: draining it would "
+                        f"leave no upstream to answer (move the weight first, or force)",
+                        stranded)
+                self.state.drained[address] = time.time()
+                await self._persist_drained(address, None)
+                self.apply_drained()
+        entry = self.drained_entry(address)
+        if changed:
+            log.warning("upstream %s drained (used by %s): no new requests; %d in flight%s",
+                        address, ", ".join(entry["used_by"]), entry["inflight"],
+                        f"; forced: {', '.join(stranded)} left with no upstream"
+                        if stranded else "")
+        return {**entry, "changed": changed, "without_upstream": stranded,
+                "drained": sorted(self.state.drained)}
+
+    async def undrain(self, address: str) -> dict[str, Any]:
+        """Put a drained address back into rotation everywhere, persisted."""
+        await self.take_in_file_changes()
+        users = self.upstream_users()
+        async with self._state_lock:
+            previous = self.state.drained.get(address)
+            if previous is None and address not in users:
+                known = sorted(users)
+                raise UnknownUpstream(f"no upstream {address!r} in the config nor drained "
+                                      f"(known upstreams: {', '.join(known)})", known)
+            if previous is not None:
+                del self.state.drained[address]
+                await self._persist_drained(address, previous)
+                self.apply_drained()
+        if previous is not None:
+            log.warning("upstream %s undrained (used by %s): back in rotation", address,
+                        ", ".join(users.get(address, [])) or "no service")
+        return {"upstream": address, "used_by": users.get(address, []),
+                "changed": previous is not None, "drained": sorted(self.state.drained)}
 
     # --- reporting ------------------------------------------------------------------------
 
@@ -298,6 +453,10 @@ class ControlPlane:
                     "draining": sum(p.inflight for p in pools if p.draining),
                     "upstream_health": {p.key: self.proxy.health.describe(p.key)
                                         for p in pools},
+                    # Each upstream's expected part of the version's requests (slow start
+                    # holds a joining one's back; one out of rotation gets none).
+                    "upstream_share": {key: round(share, 3) for key, share
+                                       in target.balancer.shares().items()},
                 }
             services.append({
                 "name": service.name,
@@ -326,6 +485,7 @@ class ControlPlane:
             "ready": not self.proxy.draining,
             "services": services,
             "draining": draining,
+            "drained": self.drained_status(),
         }
         workers = getattr(self.proxy, "workers", None)  # only under `weir run --workers N`
         if workers is not None:

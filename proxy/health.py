@@ -327,6 +327,10 @@ class HealthMonitor:
         goes. The last upstream of a version stays in, handicapped so that the balancer does
         not prefer it for failing fast."""
         state = self.state(pool.key)
+        if state.ejected_until:
+            # Ejected for other failures (a crash resets what was in flight), and now it
+            # refuses connects: a passing health check may end that ejection too.
+            state.unreachable = True
         if state.connect_failed or not self.eject_on_connect_failure:
             return
         state.connect_failed = True

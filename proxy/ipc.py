@@ -5,9 +5,11 @@ One Unix socketpair per worker, carrying frames of a 4-byte length and a pickled
 on a private socketpair: nothing else can write to it, and the config travels as the
 validated ``Config`` object itself, so a worker compiles exactly the table the supervisor did.
 
-Supervisor → worker: ``config`` (the config, runtime overrides, generation, listen address and
-health flags), ``health`` (changed active-check flags), ``drain`` (shut down).
-Worker → supervisor: ``ready`` (listening), ``report`` (counter deltas and gauges).
+Supervisor → worker: ``config`` (the config, runtime overrides, generation, listen address,
+health flags and drained upstreams), ``health`` (changed active-check flags), ``drained`` (the
+upstream addresses an operator drained, whole, when they change), ``drain`` (shut down).
+Worker → supervisor: ``ready`` (listening), ``report`` (counter deltas and gauges, and the
+drained addresses it applies).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ MAX_FRAME = 256 * 1024 * 1024  # a corrupt length must not make us allocate giga
 
 CONFIG = "config"
 HEALTH = "health"
+DRAINED = "drained"
 DRAIN = "drain"
 READY = "ready"
 REPORT = "report"

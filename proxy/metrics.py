@@ -51,6 +51,7 @@ class LiveStateCollector(Collector):
         yield from self.collect_versions()
         yield from self.collect_retries()
         yield from self.collect_health()
+        yield from self.collect_drained()
 
     def collect_requests(self) -> Iterator[Metric]:
         stats = self.proxy.stats
@@ -218,6 +219,22 @@ class LiveStateCollector(Collector):
         yield ejections
         yield checks
         yield rejections
+
+    def collect_drained(self) -> Iterator[Metric]:
+        """Per address, as `weir drain` takes it: every upstream of the config, and any
+        address still drained that the config no longer lists."""
+        drained = GaugeMetricFamily(
+            "weir_upstream_drained", "1 while an operator has the upstream drained (weir "
+            "drain): no new requests in any service or version; 0 otherwise.",
+            labels=["upstream"])
+        health = self.proxy.health
+        addresses = set(health.drained)
+        for service in self.proxy.config.services:
+            for version in service.versions.values():
+                addresses.update(version.upstreams)
+        for address in sorted(addresses):
+            drained.add_metric([address], 1 if address in health.drained else 0)
+        yield drained
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

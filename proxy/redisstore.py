@@ -2,7 +2,8 @@
 timestamps, rollout records), shared by every instance behind one load balancer.
 
 Layout under ``key_prefix`` (default ``weir``):
-  ``weir:state``    hash, one JSON value per field: ``weights:<service>``, ``rollout:<service>``
+  ``weir:state``    hash, one JSON value per field: ``weights:<service>``, ``rollout:<service>``,
+                    ``drained:<host:port>`` (an upstream an operator drained: ``{"at": time}``)
   ``weir:revs``     hash, a write counter per field (the compare-and-set below)
   ``weir:version``  a counter bumped by every write; ``weir:changes`` is published with it
   ``weir:leader``   the controller lock (leader.py)
@@ -35,7 +36,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .config import StateStore as StoreSettings
 from .leader import Lease
-from .state import RuntimeState, WeightOverride, parse_override
+from .state import RuntimeState, WeightOverride, parse_drained, parse_override
 from .store import (
     OnChange,
     RemoteState,
@@ -101,12 +102,16 @@ def document_fields(state: RuntimeState) -> dict[str, str]:
               for name, o in state.weights.items()}
     fields.update({f"rollout:{name}": json.dumps(r, sort_keys=True)
                    for name, r in state.rollouts.items()})
+    # One field per address, so that two instances draining two addresses never conflict.
+    fields.update({f"drained:{address}": json.dumps({"at": at})
+                   for address, at in state.drained.items()})
     return fields
 
 
 def parse_fields(fields: dict[str, str]) -> RemoteState:
     weights: dict[str, WeightOverride] = {}
     rollouts: dict[str, dict[str, Any]] = {}
+    drained: dict[str, float] = {}
     for field, text in fields.items():
         kind, _, service = field.partition(":")
         try:
@@ -115,9 +120,11 @@ def parse_fields(fields: dict[str, str]) -> RemoteState:
                 weights[service] = parse_override(value)
             elif kind == "rollout" and isinstance(value, dict):
                 rollouts[service] = value
+            elif kind == "drained" and isinstance(value, dict):
+                drained.update(parse_drained({service: value.get("at")}))
         except (ValueError, TypeError) as exc:
             log.error("Redis state: ignoring the unreadable field %s (%s)", field, exc)
-    return weights, rollouts
+    return weights, rollouts, drained
 
 
 class RedisStore(StateStore):
@@ -138,7 +145,7 @@ class RedisStore(StateStore):
         self.synced: dict[str, str] = {}  # each field as last read from or written to Redis
         self.revs: dict[str, int] = {}
         self.version = 0
-        self.initial: RemoteState = ({}, {})
+        self.initial: RemoteState = ({}, {}, {})
         self.connected = False
         self.last_error: str | None = None
         self._lock = Lock()               # one read or write of the store at a time
@@ -200,8 +207,9 @@ class RedisStore(StateStore):
         return fields, revs, int(raw_version) if raw_version is not None else None
 
     def load_into(self, state: RuntimeState) -> None:
-        weights, rollouts = self.initial
+        weights, rollouts, drained = self.initial
         state.weights, state.rollouts = dict(weights), dict(rollouts)
+        state.drained = dict(drained)
 
     def start(self, state: RuntimeState, on_change: OnChange, lock: Lock) -> None:
         self._state, self._on_change, self._outer = state, on_change, lock

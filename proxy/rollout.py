@@ -157,6 +157,9 @@ class ServiceRollout:
         self.background: MeasurementWindow | PrometheusWindow | None = None
         self.ramp: asyncio.Task[None] | None = None
         self.pending_start = False
+        # The start a config change set off (see config_changed): an operator's action waits
+        # for it, so that it applies to the rollout the edit began.
+        self.starting: asyncio.Task[None] | None = None
 
     @property
     def spec(self) -> Rollout:
@@ -233,7 +236,7 @@ class ServiceRollout:
         if self.spec.auto_start and revision != self.record.aborted_revision:
             log.info("service %s: %s changed; starting a rollout", self.name, self.new_version)
             self.preset_first_weight()
-            self.controller.spawn(self.start("config change"))
+            self.starting = self.controller.spawn(self.start("config change"))
         else:
             self.save()
 
@@ -649,6 +652,17 @@ class RolloutController:
         if rollout is None:
             raise UnknownName(f"service {name!r} has no rollout configured")
         return rollout
+
+    async def for_operator(self, name: str) -> ServiceRollout:
+        """A service's rollout for an action through the API, once what the operator did
+        before has been taken in: a config file edited on disk since it was last read, and
+        a rollout that the edit started."""
+        await self.control.take_in_file_changes()
+        rollout = self.get(name)
+        starting = rollout.starting
+        if starting is not None and not starting.done():
+            await asyncio.wait({starting})  # not cancelled if the API call is
+        return self.get(name)
 
     def start(self) -> None:
         """Start the clock, and pick up what a restart interrupted."""

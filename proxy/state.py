@@ -53,6 +53,16 @@ def parse_override(entry: dict[str, Any]) -> WeightOverride:
     return override
 
 
+def parse_drained(entry: Any) -> dict[str, float]:
+    """The drained upstreams from the state file (``{"host:port": drained_at}``), or from a
+    shared store's fields; raises ValueError for anything else."""
+    if not isinstance(entry, dict) or not all(
+            isinstance(k, str) and k and isinstance(v, int | float) and not isinstance(v, bool)
+            for k, v in entry.items()):
+        raise ValueError(f"invalid drained upstreams {entry!r}")
+    return {address: float(at) for address, at in entry.items()}
+
+
 class RuntimeState:
     """Owns the overrides and their file. Not thread-safe; lives on the event loop."""
 
@@ -62,6 +72,9 @@ class RuntimeState:
         # The rollout controller's record per service (phase, step, analyses); it owns the
         # content, this class only keeps it with the rest.
         self.rollouts: dict[str, dict[str, Any]] = {}
+        # Upstream addresses ("host:port") an operator drained (weir drain), each with the
+        # time it was drained: out of rotation in every service and version until undrained.
+        self.drained: dict[str, float] = {}
 
     # --- persistence ----------------------------------------------------------------------
 
@@ -78,12 +91,14 @@ class RuntimeState:
             }
             self.rollouts = {name: dict(entry["rollout"]) for name, entry in services.items()
                              if isinstance(entry.get("rollout"), dict)}
+            self.drained = parse_drained(data.get("drained", {}))  # absent in older files
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
             aside = self.path.with_suffix(self.path.suffix + ".corrupt")
             log.error("state file %s is unreadable (%s); moved it to %s and starting from "
                       "the config file alone", self.path, exc, aside)
             self.weights = {}
             self.rollouts = {}
+            self.drained = {}
             os.replace(self.path, aside)
 
     def save(self) -> None:
@@ -96,6 +111,8 @@ class RuntimeState:
         for name, rollout in self.rollouts.items():
             services.setdefault(name, {})["rollout"] = rollout
         data: dict[str, Any] = {"format": STATE_FORMAT, "services": services}
+        if self.drained:
+            data["drained"] = dict(self.drained)
         directory = self.path.parent
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=directory)

@@ -21,9 +21,9 @@ from .state import RuntimeState, WeightOverride
 STORE_CLOSE_SECONDS = 5.0
 
 # What a shared store hands over when another instance changed the state: the weights
-# overrides and the rollout records, whole (the control plane adopts them), and the services
-# whose rollout record is what changed.
-RemoteState = tuple[dict[str, WeightOverride], dict[str, dict[str, Any]]]
+# overrides, the rollout records and the drained upstreams (address → when), whole (the control
+# plane adopts them), and the services whose rollout record is what changed.
+RemoteState = tuple[dict[str, WeightOverride], dict[str, dict[str, Any]], dict[str, float]]
 OnChange = Callable[[RemoteState, set[str]], Awaitable[None]]
 
 

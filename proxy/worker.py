@@ -4,9 +4,10 @@ Started by the supervisor (workers.py) as ``python -m proxy.worker FD``, a fresh
 with its own uvloop (nothing of the supervisor's running loop is inherited), holding one end
 of a socketpair at FD. It serves the listen address with SO_REUSEPORT beside its siblings, so
 the kernel spreads new connections among them. It has no admin listener, config watcher,
-controller or health probes: config, weights and health flags come from the supervisor, and it
-reports its counters back every ``REPORT_INTERVAL``. When the supervisor goes away (the socket
-reaches EOF, whatever killed it) the worker drains and exits: it never outlives it.
+controller or health probes: config, weights, health flags and drained upstreams come from the
+supervisor, and it reports its counters back every ``REPORT_INTERVAL``. When the supervisor goes
+away (the socket reaches EOF, whatever killed it) the worker drains and exits: it never
+outlives it.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Worker:
                     log.error("worker %d: keeping the old certificates: %s", os.getpid(), exc)
             proxy.apply_config(config, body["weights"], body["generation"], body["previews"])
         self.apply_health(body["health"])
+        proxy.apply_drained(set(body.get("drained", ())))
         return proxy
 
     def apply_health(self, flags: dict[str, bool]) -> None:
@@ -68,10 +70,15 @@ class Worker:
                 pool = self.proxy.pools.pools.get(key)
                 if pool is not None:
                     health.update(pool)
+                    if healthy:
+                        health.begin_slow_start(pool)  # back from failing checks
 
     def report(self) -> None:
-        if self.reporter is not None:
-            ipc.send(self.writer, ipc.REPORT, self.reporter.build())
+        if self.reporter is not None and self.proxy is not None:
+            report = self.reporter.build()
+            # Its gauges were read with these drained: `weir drain --wait` can trust them.
+            report["drained"] = sorted(self.proxy.health.drained)
+            ipc.send(self.writer, ipc.REPORT, report)
 
     async def reporting(self) -> None:
         while True:
@@ -100,6 +107,8 @@ class Worker:
                 self.configure(body)
             elif kind == ipc.HEALTH:
                 self.apply_health(body)
+            elif kind == ipc.DRAINED:
+                proxy.apply_drained(set(body))
             elif kind == ipc.DRAIN:
                 timeout = float(body["timeout"])
                 break

@@ -27,6 +27,7 @@ from .admin import AdminServer
 from .app import ProcessSignals, ProxyServer, open_store, settle_garbage_collector
 from .config import Config, split_address
 from .control import ControlPlane
+from .listen import DATA_PLANE, ListenError
 from .report import forget_worker, merge
 from .store import STORE_CLOSE_SECONDS
 from .tasks import finish_within
@@ -76,6 +77,12 @@ class SupervisorProxy(ProxyServer):
         super().use_tls(tls, config)
         self._reload_tls = True  # the workers load the files again with the next config
 
+    def apply_drained(self, drained: set[str]) -> None:
+        changed = drained != self.health.drained
+        super().apply_drained(drained)
+        if changed and self.workers is not None:
+            self.workers.broadcast(ipc.DRAINED, sorted(drained))
+
     def health_flags(self) -> dict[str, bool]:
         return {key: state.healthy for key, state in self.health.upstreams.items()}
 
@@ -83,7 +90,8 @@ class SupervisorProxy(ProxyServer):
         self._health_flags = self.health_flags()
         return {"config": self.config, "listen": self.listen, "weights": self._weights,
                 "generation": self.table.generation, "previews": self._previews or {},
-                "reload_tls": self._reload_tls, "health": self._health_flags}
+                "reload_tls": self._reload_tls, "health": self._health_flags,
+                "drained": sorted(self.health.drained)}
 
     async def _push_health(self) -> None:
         while True:
@@ -126,6 +134,9 @@ class WorkerProcess:
         self.alive = True
         self.requests = 0
         self.started = time.monotonic()
+        # The drained addresses this worker had applied when it built its last report (None
+        # before its first): its in-flight counts for those include all it still has open.
+        self.drained: frozenset[str] | None = None
 
 
 class WorkerSet:
@@ -145,17 +156,30 @@ class WorkerSet:
         """Bind (without listening) the listen address with SO_REUSEPORT for the supervisor's
         whole life: a config's port 0 becomes one port that every worker, restarts included,
         then shares, and no other program can take the port while workers restart."""
-        host, port = split_address(self.proxy.config.listen)
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listen = self.proxy.config.listen
+        host, port = split_address(listen)
         try:
-            sock.bind(address)
-        except OSError:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        except OSError as exc:
+            raise ListenError(DATA_PLANE, listen, exc) from exc
+        # First bound as a single Weir would bind it, without SO_REUSEPORT: that fails if
+        # anything listens there, even another `weir run --workers` (whose SO_REUSEPORT
+        # sockets would otherwise take ours in and split the traffic with us in silence).
+        # Held until the reservation is bound: the two do not conflict while neither listens.
+        probe = socket.socket(family, kind, proto)
+        sock = socket.socket(family, kind, proto)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(probe.getsockname())  # port 0: the port the probe got
+        except OSError as exc:
             sock.close()
-            raise
+            raise ListenError(DATA_PLANE, listen, exc) from exc
+        finally:
+            probe.close()
         self._reserved = sock
         bound = sock.getsockname()[1]
         self.proxy.listen = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
@@ -209,6 +233,7 @@ class WorkerSet:
             if kind == ipc.REPORT:
                 merge(self.proxy, worker.ident, body)
                 worker.requests += body["requests"]
+                worker.drained = frozenset(body.get("drained", ()))
             elif kind == ipc.READY:
                 worker.ready.set()
                 log.info("worker %d (pid %d) listening on %s", worker.slot, body["pid"],
@@ -280,6 +305,12 @@ class WorkerSet:
             if worker is not None:
                 await asyncio.to_thread(worker.process.wait)
 
+    def confirmed_drained(self, address: str) -> bool:
+        """Whether every serving worker has reported since it applied the drain of
+        ``address``, so that the in-flight sum counts all that is still open to it."""
+        return all(w.drained is not None and address in w.drained for w in self.slots
+                   if w is not None and w.alive and w.ready.is_set())
+
     def describe(self) -> list[dict[str, Any]]:
         """For /api/status: each slot's current worker."""
         return [{"slot": slot, "pid": w.process.pid if w else None,
@@ -315,9 +346,21 @@ async def serve_supervised(config_path: Path, config: Config, count: int) -> int
         log.error("cannot start: %s", exc)
         await workers.kill_all()
         return 1
+    except ListenError:
+        await finish_within(STORE_CLOSE_SECONDS, control.store.close(),
+                            "closing the state store")
+        raise
     admin = AdminServer(control)
     await proxy.start()
-    await admin.start()
+    try:
+        await admin.start()
+    except ListenError:
+        # The workers listen already: stopped before the error is told, so that nothing is
+        # left listening once `weir run` has exited.
+        await proxy.shutdown(0)
+        await finish_within(STORE_CLOSE_SECONDS, control.store.close(),
+                            "closing the state store")
+        raise
     control.start_sync()
     control.start_watching()
     control.rollouts.start()

@@ -550,3 +550,50 @@ async def test_dashboard_in_headless_chromium_draws_charts_and_drives_the_rollou
     assert (seen["width"], seen["height"]) == (width, height)
     assert seen["colours"] > 100 and seen["commonest"] < 0.95, seen
     assert tab.errors() == []
+
+
+@needs_chromium
+@pytest.mark.timeout(90)
+async def test_dashboard_shows_a_drained_upstream_with_a_badge(start_backend, weir, browser,
+                                                               tmp_path):
+    one, two, canary = (await start_backend("one"), await start_backend("two"),
+                        await start_backend("canary"))
+    live: Live = await weir(base_config({
+        "name": "shop",
+        "versions": {"stable": {"upstreams": [one.address, two.address]},
+                     "canary": {"upstreams": [canary.address]}},
+        "weights": {"stable": 100, "canary": 0}}))
+    code, reply = await live.api.call("POST", "/api/upstreams/drain", {"upstream": two.address})
+    assert code == 200, reply
+
+    tab = await browser.new_tab()
+    await tab.call("Page.navigate", url=live.api.base + "/dashboard")
+    await tab.wait("document.body && document.body.dataset.ready === 'true'",
+                   "the first status and history to render")
+    chip = ("document.querySelector('section[data-service=\"shop\"] tr[data-version=\"stable\"]"
+            " .chip[data-upstream=\"%s\"]')")
+    drained = await tab.wait(
+        f"(() => {{ const c = {chip % two.address}; const b = c && c.querySelector("
+        "'.badge.drained'); return c && b && c.dataset.drained === 'true' && "
+        "[c.textContent, b.textContent, getComputedStyle(b).display]; })()",
+        "the drained badge next to the upstream")
+    assert drained[0].startswith(two.address) and drained[1] == "drained", drained
+    assert drained[2] != "none"
+    assert await tab.evaluate(
+        f"(() => {{ const c = {chip % one.address}; return c.dataset.drained === 'false' && "
+        "!c.querySelector('.badge') && c.textContent; })()") == f"{one.address} healthy"
+    assert "1 upstream(s) drained" in await tab.evaluate(
+        "document.getElementById('summary').textContent")
+    screenshot = base64.b64decode((await tab.call("Page.captureScreenshot", format="png"))
+                                  ["data"])
+    (tmp_path / "drained.png").write_bytes(screenshot)
+    check_png(screenshot)
+
+    code, reply = await live.api.call("POST", "/api/upstreams/undrain",
+                                      {"upstream": two.address})
+    assert code == 200, reply
+    await tab.wait(f"(() => {{ const c = {chip % two.address}; return c && "
+                   "c.dataset.drained === 'false' && !c.querySelector('.badge'); })()",
+                   "the badge to go")
+    assert "drained" not in await tab.evaluate("document.getElementById('summary').textContent")
+    assert tab.errors() == []

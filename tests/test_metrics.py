@@ -235,7 +235,8 @@ async def test_promtool_check_metrics_accepts_the_exposition(
                    "weir_traffic_weight", "weir_upstream_inflight",
                    "weir_mirror_requests_total", "weir_mirror_comparisons_total",
                    "weir_unrouted_requests_total", "weir_upstream_connect_errors_total",
-                   "weir_config_reloads_total", "weir_config_generation"):
+                   "weir_config_reloads_total", "weir_config_generation",
+                   "weir_upstream_drained"):
         assert f"\n{family}" in text, family
     result = subprocess.run([promtool, "check", "metrics"], input=text.encode(),
                             capture_output=True, timeout=30, check=False)

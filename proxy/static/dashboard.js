@@ -501,11 +501,21 @@
       } else if (!health.healthy) {
         kind = 'bad';
         word = 'unhealthy';
+      } else if (health.drained) {
+        kind = 'drained';
+        word = health.inflight ? `${health.inflight} in flight` : '';
       } else if (!health.available) {
         kind = 'warn';
         word = 'at limit';
       }
-      return h('span', {class: `chip ${kind}`, title: upstream}, `${upstream} ${word}`);
+      // Drained by an operator (weir drain): a badge next to the upstream, whatever its health.
+      const badge = health.drained
+        ? h('span', {class: 'badge drained', title: 'out of rotation (weir drain); ' +
+                                                    'weir undrain puts it back'}, 'drained')
+        : null;
+      return h('span', {class: `chip ${kind}`, title: upstream, 'data-upstream': upstream,
+                        'data-drained': health.drained ? 'true' : 'false'},
+               upstream, badge, word ? ` ${word}` : '');
     });
   }
 
@@ -657,7 +667,11 @@
                 : '',
       status.ready ? '' : h('span', {class: 'bad-text'}, ' · draining for shutdown'),
       status.draining && status.draining.length
-        ? ` · ${status.draining.length} upstream(s) draining` : '');
+        ? ` · ${status.draining.length} upstream(s) draining` : '',
+      status.drained && status.drained.length
+        ? h('span', {class: 'warn-text', id: 'drained-summary',
+                     title: status.drained.map((d) => d.upstream).join(', ')},
+            ` · ${status.drained.length} upstream(s) drained`) : '');
     const banner = $('reload-error');
     if (reload.outcome === 'failure') {
       banner.textContent = 'The last config reload failed; still serving generation ' +
