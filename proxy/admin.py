@@ -166,9 +166,15 @@ class AdminServer:
                                             "answer)") from None
         return web.json_response(self.history.export(after))
 
-    async def set_weights(self, request: web.Request) -> web.Response:
+    async def begin_change(self, request: web.Request) -> None:
+        """Every runtime change through the API: the token, then a config file edited before
+        this call taken in first (see ControlPlane.take_in_file_changes), so that names the
+        edit added are known and the two apply in the order they were made."""
         self.authorize(request)
-        await self.control.take_in_file_changes()  # an edit made before this call, first
+        await self.control.take_in_file_changes()
+
+    async def set_weights(self, request: web.Request) -> web.Response:
+        await self.begin_change(request)
         name = request.match_info["name"]
         self.control.service(name)  # 404 before 400 for an unknown service
         weights = (await self.body(request)).get("weights")
@@ -185,8 +191,7 @@ class AdminServer:
         return web.json_response({"service": name, "weights": applied})
 
     async def switch(self, request: web.Request) -> web.Response:
-        self.authorize(request)
-        await self.control.take_in_file_changes()
+        await self.begin_change(request)
         name = request.match_info["name"]
         self.control.service(name)
         to = (await self.body(request)).get("to")
@@ -222,12 +227,12 @@ class AdminServer:
 
     async def drain(self, request: web.Request) -> web.Response:
         """One app instance out of rotation in every service and version (weir drain)."""
-        self.authorize(request)
+        await self.begin_change(request)
         address, flags = await self.upstream_body(request, "force")
         return web.json_response(await self.control.drain(address, force=flags["force"]))
 
     async def undrain(self, request: web.Request) -> web.Response:
-        self.authorize(request)
+        await self.begin_change(request)
         address, _ = await self.upstream_body(request)
         return web.json_response(await self.control.undrain(address))
 
@@ -236,7 +241,7 @@ class AdminServer:
         return web.json_response(rollout.status())
 
     async def rollout_action(self, request: web.Request) -> web.Response:
-        self.authorize(request)
+        await self.begin_change(request)
         rollout = await self.control.rollouts.for_operator(request.match_info["name"])
         action = request.match_info["action"]
         if action == "promote":

@@ -168,14 +168,12 @@ def _requests(count: Any) -> str:
 def cmd_drain(args: argparse.Namespace) -> int:
     admin = client(args)
     data = admin.drain(args.address, force=args.force)
+    state = "drained" if data.get("changed", True) else "already drained"
+    emit(args, data, f"{args.address} {state}: no new requests in "
+                     f"{_versions(data.get('used_by'))}; {_requests(data.get('inflight', 0))} "
+                     f"in flight")
+    sys.stdout.flush()  # seen before the wait below begins
     say = sys.stderr if args.json else sys.stdout  # with --json, stdout is the JSON alone
-    if args.json:
-        json.dump(data, sys.stdout, indent=2)
-        print(flush=True)
-    else:
-        state = "drained" if data.get("changed", True) else "already drained"
-        print(f"{args.address} {state}: no new requests in {_versions(data.get('used_by'))}; "
-              f"{_requests(data.get('inflight', 0))} in flight", flush=True)
     for version in data.get("without_upstream") or []:
         print(f"weir: warning: {version} has weight and no upstream left in rotation: its "
               f"requests are answered 503 until one is undrained or its weight moves",

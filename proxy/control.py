@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -249,7 +250,8 @@ class ControlPlane:
             await self.reload("file", unless_unchanged=True)
 
     async def take_in_file_changes(self) -> None:
-        """Before an operator's change through the API: a config file edited on disk since it
+        """Before an operator's change through the API (the admin API calls it once per
+        change, before the change looks anything up): a config file edited on disk since it
         was last read is reloaded first, so the two apply in the order they were made; the
         watcher's later pass then finds nothing new. Without a watcher (``watch: false``)
         edits wait for a reload as always. An invalid file is recorded as a failed reload and
@@ -269,8 +271,6 @@ class ControlPlane:
     async def set_weights(self, name: str, weights: dict[str, int],
                           source: str = SOURCE_API) -> dict[str, int]:
         """Replace a service's weights (versions left out get 0) and persist the change."""
-        if source == SOURCE_API:
-            await self.take_in_file_changes()  # before the state lock: reload() takes it
         service = self.service(name)
         unknown = sorted(set(weights) - set(service.versions))
         if unknown:
@@ -279,29 +279,13 @@ class ControlPlane:
         async with self._state_lock:  # no change from another instance lands meanwhile
             previous = self.state.weights.get(name)
             self.state.set_weights(self.config, name, weights, source)
-            try:
-                # Persisted first: a change that would not survive a restart is refused
-                # rather than silently applied.
-                await self.store.save(self.state)
-            except OSError as exc:
-                if previous is None:
-                    del self.state.weights[name]
-                else:
-                    self.state.weights[name] = previous
-                where = (f"the state file {self.state.path}" if self.store.kind == "file"
-                         else f"the {self.store.kind} state store")
-                if isinstance(exc, StoreConflict):
-                    raise StateConflictError(f"nothing changed: {exc}") from exc
-                raise StateWriteError(f"could not write {where}: "
-                                      f"{exc.strerror or exc}; nothing changed") from exc
+            await self._persist_or_undo(restore(self.state.weights, name, previous))
             self.apply()
             applied = self.state.weights[name].weights
         log.info("service %s: weights set to %s by %s", name, applied, source)
         return applied
 
     async def switch(self, name: str, version: str, source: str = SOURCE_API) -> dict[str, int]:
-        if source == SOURCE_API:
-            await self.take_in_file_changes()
         service = self.service(name)
         if version not in service.versions:
             raise UnknownName(f"service {name!r} has no version {version!r} "
@@ -311,6 +295,22 @@ class ControlPlane:
     async def save_state(self) -> None:
         async with self._state_lock:
             await self.store.save(self.state)
+
+    async def _persist_or_undo(self, undo: Callable[[], None]) -> None:
+        """Save a runtime change just made to ``self.state`` (under the state lock). Persisted
+        first: a change that would not survive a restart (or reach the other instances) is
+        refused rather than silently applied, so on failure ``undo`` puts the state back and
+        the caller's change is reported as not made."""
+        try:
+            await self.store.save(self.state)
+        except OSError as exc:
+            undo()
+            if isinstance(exc, StoreConflict):
+                raise StateConflictError(f"nothing changed: {exc}") from exc
+            where = (f"the state file {self.state.path}" if self.store.kind == "file"
+                     else f"the {self.store.kind} state store")
+            raise StateWriteError(f"could not write {where}: {exc.strerror or exc}; "
+                                  f"nothing changed") from exc
 
     # --- draining one app instance (weir drain) -------------------------------------------
 
@@ -359,27 +359,9 @@ class ControlPlane:
                     stranded.append(f"{route.name}/{name}")
         return stranded
 
-    async def _persist_drained(self, address: str, previous: float | None) -> None:
-        """Save the state; on failure put ``address`` back as it was and raise, so that a
-        change that would not survive a restart (or reach the other instances) is not made."""
-        try:
-            await self.store.save(self.state)
-        except OSError as exc:
-            if previous is None:
-                self.state.drained.pop(address, None)
-            else:
-                self.state.drained[address] = previous
-            if isinstance(exc, StoreConflict):
-                raise StateConflictError(f"nothing changed: {exc}") from exc
-            where = (f"the state file {self.state.path}" if self.store.kind == "file"
-                     else f"the {self.store.kind} state store")
-            raise StateWriteError(f"could not write {where}: {exc.strerror or exc}; "
-                                  f"nothing changed") from exc
-
     async def drain(self, address: str, force: bool = False) -> dict[str, Any]:
         """Take an upstream address out of rotation in every service and version, persisted.
         Its requests in flight finish; its idle pooled connections close."""
-        await self.take_in_file_changes()  # a file edit made before this applies first
         users = self.upstream_users()
         if address not in users:
             known = sorted(users)
@@ -398,7 +380,7 @@ class ControlPlane:
                         f"leave no upstream to answer (move the weight first, or force)",
                         stranded)
                 self.state.drained[address] = time.time()
-                await self._persist_drained(address, None)
+                await self._persist_or_undo(restore(self.state.drained, address, None))
                 self.apply_drained()
         entry = self.drained_entry(address)
         if changed:
@@ -411,7 +393,6 @@ class ControlPlane:
 
     async def undrain(self, address: str) -> dict[str, Any]:
         """Put a drained address back into rotation everywhere, persisted."""
-        await self.take_in_file_changes()
         users = self.upstream_users()
         async with self._state_lock:
             previous = self.state.drained.get(address)
@@ -421,7 +402,7 @@ class ControlPlane:
                                       f"(known upstreams: {', '.join(known)})", known)
             if previous is not None:
                 del self.state.drained[address]
-                await self._persist_drained(address, previous)
+                await self._persist_or_undo(restore(self.state.drained, address, previous))
                 self.apply_drained()
         if previous is not None:
             log.warning("upstream %s undrained (used by %s): back in rotation", address,
@@ -491,3 +472,14 @@ class ControlPlane:
         if workers is not None:
             status["workers"] = workers.describe()
         return status
+
+
+def restore(entries: dict[str, Any], key: str, previous: Any) -> Callable[[], None]:
+    """What undoes setting ``entries[key]``: its previous value back, or the key gone when
+    it had none."""
+    def undo() -> None:
+        if previous is None:
+            entries.pop(key, None)
+        else:
+            entries[key] = previous
+    return undo

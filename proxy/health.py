@@ -57,8 +57,7 @@ class UpstreamHealth:
     """One address's health record."""
 
     __slots__ = ("address", "awaiting_first_check", "back_since", "checked", "checks",
-                 "connect_ejected", "connect_failed", "connect_failed_since", "drained",
-                 "ejected_for",
+                 "connect_ejected", "connect_failed", "connect_failed_since", "ejected_for",
                  "ejected_until", "ejections", "fails", "healthy", "last_check", "passes",
                  "timer", "times_ejected", "unreachable")
 
@@ -78,7 +77,6 @@ class UpstreamHealth:
         self.back_since = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.unreachable = False  # ejected after a failed connect (not for its answers)
-        self.drained = False  # taken out by an operator (weir drain) until undrained
         # A connect to it failed: probed until a connect succeeds, and meanwhile out of
         # rotation (connect_ejected) or, as the last upstream of a version, handicapped.
         self.connect_failed = False
@@ -155,7 +153,6 @@ class HealthMonitor:
 
     def configure(self, pool: UpstreamPool, policy: UpstreamPolicy, added: bool) -> None:
         state = self.state(pool.key)
-        state.drained = pool.address in self.drained  # a pool a reload added, of a drained address
         pool.max_requests = policy.max_requests
         pool.eject_after = policy.outlier.consecutive_failures if policy.outlier else 0
         pool.on_outlier = self.eject
@@ -181,32 +178,30 @@ class HealthMonitor:
 
     def update(self, pool: UpstreamPool) -> None:
         state = self.state(pool.key)
-        pool.available = (state.healthy and not state.ejected_until and not state.drained
-                          and not state.connect_ejected)
+        pool.available = (state.healthy and not state.ejected_until
+                          and not state.connect_ejected and pool.address not in self.drained)
 
     # --- operator drain -------------------------------------------------------------------
 
-    def set_drained(self, address: str, drained: bool) -> list[UpstreamPool]:
+    def set_drained(self, address: str, drained: bool) -> None:
         """Take an address ("host:port") out of rotation everywhere, or put it back. Its
         requests in flight finish; its idle pooled connections close now (and the ones in use
-        close as their requests end: a pool that is not available pools nothing). Returns the
-        pools of that address (empty when no pool has it). Idempotent."""
+        close as their requests end: a pool that is not available pools nothing). A pool a
+        reload adds later for a drained address is drained from the start (``update``)."""
+        if drained == (address in self.drained):
+            return
         if drained:
             self.drained.add(address)
         else:
-            self.drained.discard(address)
-        pools = [p for p in self.pools.pools.values() if p.address == address]
-        for pool in pools:
-            state = self.state(pool.key)
-            if state.drained == drained:
+            self.drained.remove(address)
+        for pool in self.pools.pools.values():
+            if pool.address != address:
                 continue
-            state.drained = drained
             self.update(pool)
             if drained:
                 pool.close_idle()
             else:
                 self.begin_slow_start(pool)
-        return pools
 
     # --- active checks --------------------------------------------------------------------
 
@@ -316,6 +311,19 @@ class HealthMonitor:
             self.update(pool)
             if joined:
                 self.begin_slow_start(pool)
+
+    def set_healthy(self, address: str, healthy: bool) -> None:
+        """An active-check verdict reached elsewhere (the supervisor's, under --workers)."""
+        state = self.state(address)
+        if state.healthy == healthy:
+            return
+        state.healthy = healthy
+        state.awaiting_first_check = False
+        pool = self.pools.pools.get(address)
+        if pool is not None:
+            self.update(pool)
+            if healthy:
+                self.begin_slow_start(pool)  # back from failing checks
 
     # --- failed connects ------------------------------------------------------------------
 
@@ -482,7 +490,7 @@ class HealthMonitor:
         unhealthy = sum(1 for p in pools if not self.state(p.key).healthy)
         ejected = sum(1 for p in pools if self.state(p.key).ejected_until)
         unreachable = sum(1 for p in pools if self.state(p.key).connect_ejected)
-        drained = sum(1 for p in pools if self.state(p.key).drained)
+        drained = sum(1 for p in pools if p.address in self.drained)
         reasons = []
         if unhealthy:
             reasons.append(f"{unhealthy} failing health checks")
@@ -509,7 +517,7 @@ class HealthMonitor:
             "health_checked": policy is not None and policy.check is not None,
             "last_check": state.last_check,
             "checks": dict(state.checks),
-            "drained": state.drained,  # by an operator: weir drain
+            "drained": pool is not None and pool.address in self.drained,  # weir drain
             "slow_start": ({"window": pool.ramp_window,
                             "factor": round(pool.ramp_factor(self.loop.time()), 3)}
                            if pool is not None and pool.ramp_window > 0.0 else None),

@@ -654,10 +654,8 @@ class RolloutController:
         return rollout
 
     async def for_operator(self, name: str) -> ServiceRollout:
-        """A service's rollout for an action through the API, once what the operator did
-        before has been taken in: a config file edited on disk since it was last read, and
-        a rollout that the edit started."""
-        await self.control.take_in_file_changes()
+        """A service's rollout for an action through the API, once a rollout that the
+        operator's earlier config edit started (taken in by the admin API first) has begun."""
         rollout = self.get(name)
         starting = rollout.starting
         if starting is not None and not starting.done():

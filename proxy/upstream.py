@@ -13,7 +13,7 @@ import select
 import ssl
 import sys
 from collections.abc import Callable, Collection
-from random import random
+from random import choices
 from typing import Final, Protocol
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -604,26 +604,16 @@ class Balancer:
         ramping = False
         candidates: list[UpstreamPool] = []
         weights: list[float] = []
-        total = 0.0
         for pool in self.pools:
             factor = pool.ramp_factor(now)
             if factor < 1.0:
                 ramping = True
             active = len(pool.active)
             if pool.available and active < pool.max_requests:
-                weight = factor / (active + 1 + pool.penalty)
                 candidates.append(pool)
-                weights.append(weight)
-                total += weight
+                weights.append(factor / (active + 1 + pool.penalty))
         self.ramping = ramping
-        if not candidates:
-            return None
-        draw = random() * total
-        for pool, weight in zip(candidates, weights, strict=True):
-            draw -= weight
-            if draw < 0.0:
-                return pool
-        return candidates[-1]
+        return choices(candidates, weights)[0] if candidates else None
 
     def shares(self) -> dict[str, float]:
         """Each available upstream's expected part of this version's requests at equal

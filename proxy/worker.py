@@ -61,17 +61,8 @@ class Worker:
     def apply_health(self, flags: dict[str, bool]) -> None:
         """Active-check results from the supervisor; outlier ejection stays this worker's."""
         assert self.proxy is not None
-        health = self.proxy.health
         for key, healthy in flags.items():
-            state = health.state(key)
-            if state.healthy != healthy:
-                state.healthy = healthy
-                state.awaiting_first_check = False
-                pool = self.proxy.pools.pools.get(key)
-                if pool is not None:
-                    health.update(pool)
-                    if healthy:
-                        health.begin_slow_start(pool)  # back from failing checks
+            self.proxy.health.set_healthy(key, healthy)
 
     def report(self) -> None:
         if self.reporter is not None and self.proxy is not None:
