@@ -30,6 +30,7 @@ Weir, nginx and HAProxy side by side.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import itertools
 import json
 import os
@@ -42,12 +43,14 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
 
 import aiohttp
 import pytest
 
 from . import inprocess_weir
-from .conftest import REPO_ROOT, free_port, one_service, port_open, read_response, wait_for
+from .conftest import REPO_ROOT, free_port, one_service, port_open, wait_for
 from .inprocess_weir import TOKEN
 
 weir = inprocess_weir.weir  # the in-process Weir with its admin API (for drain and undrain)
@@ -152,80 +155,41 @@ async def instances(*names: str) -> AsyncIterator[list[Instance]]:
             instance.reap()
 
 
-@dataclass
-class Outcome:
-    started: float   # time.monotonic() when the request was sent
-    method: str
-    status: int      # 0: no response (the error says why)
-    backend: str     # x-backend of the answer, "" if none
-    detail: str      # for a failure: the error, or the start of the body
-    phase: str       # what the drill was doing when the request was sent
+def load_rolling_bench() -> ModuleType:
+    """bench/rolling.py as a module, for its load client (it imports bench/run.py)."""
+    spec = importlib.util.spec_from_file_location("bench_rolling",
+                                                  REPO_ROOT / "bench" / "rolling.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
-class Load:
-    """``clients`` workers, each sending requests back to back over a keep-alive connection of
-    its own until stopped; one in ``post_every`` is a POST with a 100-byte body (0: GETs only).
+rolling = load_rolling_bench()
 
-    A plain client that never retries (aiohttp's would send a GET again, once, after a kept-alive
-    connection failed): a connection closed, reset or refused is a failure, and the worker
-    opens a new one for its next request."""
+
+class Load(rolling.Load):  # type: ignore[name-defined,misc]
+    """bench/rolling.py's load, the same client the bench measures with: ``clients``
+    workers, each sending requests back to back over a keep-alive connection of its own; one
+    in ``post_every`` a POST with a 100-byte body (0: GETs only). A plain client that never
+    retries (aiohttp's would send a GET again, once, after a kept-alive connection failed).
+    ``step`` labels what the drill is doing; here, with what a test needs to read of it."""
 
     def __init__(self, port: int, clients: int = CLIENTS, post_every: int = 0) -> None:
-        self.port = port
-        self.clients = clients
-        self.post_every = post_every
-        self.outcomes: list[Outcome] = []
-        self.phase = "warm-up"
-        self._stopping = False
-        self._tasks: list[asyncio.Task[None]] = []
+        super().__init__(port, clients, post_every)
 
     async def __aenter__(self) -> Load:
-        self._tasks = [asyncio.create_task(self._worker(n)) for n in range(self.clients)]
+        self.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self._stopping = True
-        async with asyncio.timeout(15):
+        async with asyncio.timeout(15):  # each worker ends after its request in flight
             await asyncio.gather(*self._tasks)
 
-    async def _worker(self, number: int) -> None:
-        connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-        i = 0
-        while not self._stopping:
-            i += 1
-            post = self.post_every > 0 and (number + i) % self.post_every == 0
-            method = "POST" if post else "GET"
-            body = b"x" * 100 if post else b""
-            request = (f"{method} /w{i} HTTP/1.1\r\nHost: app\r\n"
-                       f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-            started, phase = time.monotonic(), self.phase
-            try:
-                async with asyncio.timeout(10):
-                    if connection is None:
-                        connection = await asyncio.open_connection("127.0.0.1", self.port)
-                    reader, writer = connection
-                    writer.write(request)
-                    response = await read_response(reader)
-            except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
-                self.outcomes.append(Outcome(started, method, 0, "",
-                                             f"{type(exc).__name__}: {exc}", phase))
-                if connection is not None:
-                    connection[1].close()
-                    connection = None
-                await asyncio.sleep(0.005)  # a refused connect must not spin
-                continue
-            detail = "" if response.status == 200 else \
-                response.body[:120].decode(errors="replace").strip()
-            self.outcomes.append(Outcome(started, method, response.status,
-                                         response.header("x-backend") or "", detail, phase))
-            if (response.header("connection") or "").lower() == "close":
-                writer.close()
-                connection = None
-        if connection is not None:
-            connection[1].close()
-
     @property
-    def failures(self) -> list[Outcome]:
+    def failures(self) -> list[Any]:
         return [o for o in self.outcomes if o.status != 200]
 
     def served(self, backend: str, since: float = 0.0, until: float = float("inf")) -> int:
@@ -238,11 +202,11 @@ class Load:
         return sum(1 for o in answered if o.backend == backend) / len(answered)
 
     def report(self) -> str:
-        counts = Counter((o.phase, o.method, o.status or "error", o.detail)
+        counts = Counter((o.step, o.method, o.status or "error", o.detail)
                          for o in self.failures)
         lines = [f"{len(self.failures)} failed of {len(self.outcomes)}"]
-        lines += [f"  {n:5d} x {phase}: {method} {status} {detail!r}"
-                  for (phase, method, status, detail), n in counts.most_common(12)]
+        lines += [f"  {n:5d} x {step}: {method} {status} {detail!r}"
+                  for (step, method, status, detail), n in counts.most_common(12)]
         return "\n".join(lines)
 
 
@@ -311,7 +275,7 @@ async def test_rolling_restart_of_three_instances_with_a_plain_config(start_prox
         async with aiohttp.ClientSession() as checks, Load(proxy.port) as load:
             await wait_served(load, list(pools), 50)
             for app in apps:
-                load.phase = f"{app.name} stopping"
+                load.step = f"{app.name} stopping"
                 if how == "graceful":
                     code = await app.stop()
                     assert code == 0, f"{app.name} exited {code} after SIGTERM"
@@ -320,18 +284,18 @@ async def test_rolling_restart_of_three_instances_with_a_plain_config(start_prox
                     # Sent to it before it died and not answered: nothing can have been sent
                     # since, as the loop has not run in between.
                     in_flight.append(len(pools[app.name].active))
-                load.phase = f"{app.name} down"
+                load.step = f"{app.name} down"
                 await asyncio.sleep(DOWN_SECONDS)
                 app.start()
                 await app.serving(checks)
-                load.phase = f"{app.name} back"
+                load.step = f"{app.name} back"
                 restarted = time.monotonic()
                 # Back in rotation before the next one goes.
                 await wait_served(load, [app.name], 20, since=restarted)
                 back_after.append(min(o.started for o in load.outcomes
                                       if o.backend == app.name and o.started >= restarted)
                                   - restarted)
-            load.phase = "after"
+            load.step = "after"
             settled = time.monotonic()
             await wait_served(load, list(pools), 20, since=settled)
 
@@ -358,7 +322,7 @@ async def test_killing_one_of_two_upstreams_with_only_health_checks_costs_what_w
         pool_a = proxy.pools.pools[a.address]
         async with Load(proxy.port, post_every=10) as load:
             await wait_served(load, ["a", "b"], 200)
-            load.phase = "a killed"
+            load.step = "a killed"
             a.kill()
             in_flight = len(pool_a.active)
             killed = time.monotonic()
@@ -403,30 +367,30 @@ async def test_deploy_script_drain_stop_start_undrain_fails_nothing(weir) -> Non
                 Load(live.port, post_every=10) as load:
             await wait_served(load, [app.name for app in apps], 50)
             for app in apps:
-                load.phase = f"{app.name} draining"
+                load.step = f"{app.name} draining"
                 code, output = await weir_cli("drain", app.address, "--wait", "--timeout", "20s",
                                               admin=admin)
                 assert code == 0, f"weir drain {app.address} --wait exited {code}:\n{output}"
                 drained = time.monotonic()
-                load.phase = f"{app.name} drained, stopping"
+                load.step = f"{app.name} drained, stopping"
                 code = await app.stop()
                 assert code == 0, f"{app.name} exited {code} after SIGTERM"
-                load.phase = f"{app.name} down"
+                load.step = f"{app.name} down"
                 await asyncio.sleep(DOWN_SECONDS)
                 app.start()
                 await app.serving(checks)
-                load.phase = f"{app.name} undraining"
+                load.step = f"{app.name} undraining"
                 undraining = time.monotonic()
                 code, output = await weir_cli("undrain", app.address, admin=admin)
                 assert code == 0, f"weir undrain {app.address} exited {code}:\n{output}"
                 undrained = time.monotonic()
-                load.phase = f"{app.name} back"
+                load.step = f"{app.name} back"
                 await wait_served(load, [app.name], 20, since=undrained)
                 # Counted now, with every request sent before the undrain answered.
                 sent_while_drained = load.served(app.name, since=drained, until=undraining)
                 assert sent_while_drained == 0, \
                     f"{sent_while_drained} requests sent to {app.name} after its drain returned"
-            load.phase = "after"
+            load.step = "after"
 
     posts = sum(1 for o in load.outcomes if o.method == "POST")
     print(f"\n{posts} POSTs\n{load.report()}")
