@@ -20,17 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
+import yaml
 
-from .conftest import Backend, RestartableWeir, free_port, sample, wait_for
+from . import test_ops_control
+from .conftest import Backend, RestartableWeir, sample, wait_for
 from .test_ops_control import (
     TOKEN,
     Api,
+    Sub,
     inotify_watched_inodes,
     versions_served,
     write_config,
 )
+
+weir_run = test_ops_control.weir_run  # Weir as a subprocess on fixed ports
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="uses /proc and inotify")
 
@@ -75,29 +79,26 @@ class Weir:
 
 
 @pytest.fixture
-async def weir(tmp_path: Path) -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[Weir]]]:
-    """Weir as a subprocess on fixed ports, its file watcher ready."""
+async def weir(weir_run: Callable[[dict[str, Any]], Awaitable[Sub]],
+               ) -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[Weir]]]:
+    """test_ops_control's Weir subprocess on fixed ports, once its file watcher is ready;
+    each must exit 0 when stopped at the end."""
     runs: list[RestartableWeir] = []
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
 
     async def start(data: dict[str, Any]) -> Weir:
-        port, admin_port = free_port(), free_port()
-        data = {**data, "listen": f"127.0.0.1:{port}",
-                "admin": {**data["admin"], "listen": f"127.0.0.1:{admin_port}"}}
-        path = tmp_path / "weir.yaml"
-        write_config(path, data)
-        run = RestartableWeir(path, admin_port, tmp_path / "weir.log")
-        runs.append(run)
-        await run.start(session)
-        assert run.process is not None
-        pid = str(run.process.pid)
+        sub = await weir_run(data)
+        runs.append(sub.run)
+        assert sub.run.process is not None
+        pid = str(sub.run.process.pid)
+        path = sub.run.path
         # The watcher is ready once the config's directory is among its inotify watches.
         await wait_for(lambda: path.parent.stat().st_ino in inotify_watched_inodes(pid),
                        timeout=10)
-        return Weir(run, port, Api(session, f"http://127.0.0.1:{admin_port}"), data)
+        # What weir_run wrote, listen ports included: edits rewrite the whole file.
+        written = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return Weir(sub.run, sub.port, sub.api, written)
 
     yield start
-    await session.close()
     for run in runs:
         if run.process is not None and run.process.poll() is None:
             assert await run.stop() == 0, run.output()[-4000:]
