@@ -497,6 +497,9 @@ class Service(Strict):
     outlier_detection: OutlierDetection | None = None
     circuit_breaker: CircuitBreaker | None = None
     slow_start: SlowStart | None = None  # off unless configured
+    # TRACE is answered 405 by Weir unless this is set (then it goes to the app, like any
+    # method): an app that echoes it would echo credentials and forwarding headers.
+    allow_trace: bool = False
 
     def slow_start_for(self, version: str) -> SlowStart | None:
         return self.versions[version].slow_start or self.slow_start

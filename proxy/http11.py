@@ -41,6 +41,9 @@ STATUS_LINES: Final[dict[int, bytes]] = {
 }
 
 CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+# On the 405 to a TRACE (RFC 9110 15.5.6 asks a 405 for an Allow): the usual methods, all
+# of which Weir passes on (the app behind may take fewer).
+ALLOW_WITHOUT_TRACE: Final = b"allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n"
 VIA: Final = b"via: 1.1 weir\r\n"
 CRLF: Final = b"\r\n"
 HEAD_END_WITH_VIA: Final = VIA + CRLF  # one item to join instead of two

@@ -187,8 +187,8 @@ class Route:
     """A compiled service: which requests it takes and how it picks a version for each."""
 
     __slots__ = ("_cumulative", "_only", "_sticky_cache", "_total", "_weighted",
-                 "connect_timeout", "hosts", "mirrors", "name", "path_prefix", "read_timeout",
-                 "retry", "rules", "sticky", "versions", "weights")
+                 "allow_trace", "connect_timeout", "hosts", "mirrors", "name", "path_prefix",
+                 "read_timeout", "retry", "rules", "sticky", "versions", "weights")
 
     def __init__(self, service: Service, weights: dict[str, int],
                  versions: dict[str, VersionTarget], stats: StatsRegistry | None = None,
@@ -201,6 +201,8 @@ class Route:
         self.read_timeout = timeouts.read
         self.hosts = tuple(service.match.hosts)
         self.path_prefix = service.match.path_prefix.encode()
+        # TRACE is refused with 405 unless the service takes it (server.Exchange.start).
+        self.allow_trace = service.allow_trace
         self.versions = versions
         self.weights = dict(weights)
         rules = [CompiledRule(r.match, versions[r.version]) for r in service.rules]
@@ -307,6 +309,7 @@ class RouteTable:
         self._default = tuple(r for r in ordered if not r.hosts)
         for route in ordered:
             for host in route.hosts:
+                host = without_root_dot(host)  # "shop.example.com." names the same host
                 if host.startswith("*."):
                     self._wildcards.append((host[1:], route))
                 else:
@@ -320,12 +323,16 @@ class RouteTable:
 
     def _candidates(self, raw_host: bytes) -> tuple[Route, ...]:
         """Routes that may take this Host header value, most specific first; cached by the
-        raw value so that the usual request costs one dict lookup."""
+        raw value so that the usual request costs one dict lookup (and this normalising
+        runs once per distinct value, not per request)."""
         host = raw_host.decode("latin-1").lower()
         if host.startswith("["):
             host = host.split("]", 1)[0] + "]"
         elif ":" in host:
             host = host.rsplit(":", 1)[0]
+        # A fully qualified name (RFC 1034 3.1), as some clients and resolvers send it: the
+        # same host, which must not miss its service and fall through to a catch-all.
+        host = without_root_dot(host)
         found = tuple(self._by_host.get(host, ()))
         found += tuple(r for suffix, r in self._wildcards if host.endswith(suffix))
         found += self._default
@@ -348,6 +355,12 @@ class RouteTable:
             if url.startswith(route.path_prefix):
                 return route
         return None
+
+
+def without_root_dot(host: str) -> str:
+    """``shop.example.com.`` → ``shop.example.com``: one trailing dot, the DNS root's, is
+    dropped (a second one makes a name no host has). Sliced only when there is one."""
+    return host[:-1] if host[-1:] == "." else host
 
 
 def build_route_table(config: Config,

@@ -22,6 +22,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from .corking import CorkedTransport
 from .http11 import (
+    ALLOW_WITHOUT_TRACE,
     CONNECTION_CLOSE,
     CONNECTION_KEEP_ALIVE,
     CONTINUE,
@@ -103,6 +104,12 @@ def default_max_connections() -> int:
 
 class HeadTooLarge(Exception):
     """Raised inside a parser callback; httptools reports it as the context of its error."""
+
+
+class CodingNotImplemented(Exception):
+    """A request Transfer-Encoding other than exactly ``chunked`` (raised like HeadTooLarge):
+    Weir forwards a body as plain chunked, so any other coding would reach the app as bytes
+    it cannot tell apart from the content. nginx answers it with 501 too."""
 
 
 class DataPlaneSettings:
@@ -229,6 +236,13 @@ class Exchange(ResponseSink):
         if route is None:
             self.respond_local(404, "no service matches this host and path")
             return
+        if self.method == b"TRACE" and not route.allow_trace:
+            # Like nginx: an app that echoes TRACE would echo what the proxy added too
+            # (X-Forwarded-*) and any credentials, to a page's script (cross-site tracing).
+            # Answered before a version is chosen: no version sees it.
+            self.respond_local(405, f"TRACE is not allowed for service {route.name!r}",
+                               headers=ALLOW_WITHOUT_TRACE)
+            return
         target, self.reason, self.extra_headers = route.pick_version(hmap, self.url)
         if target is None:
             self.respond_local(503, f"service {route.name!r} has no version with traffic")
@@ -254,7 +268,10 @@ class Exchange(ResponseSink):
         if pool is None:
             self.no_upstream(route, target)
             return
-        if self.has_body and hmap.get(b"expect", b"").lower() == b"100-continue":
+        # Never to an HTTP/1.0 client, which cannot take a 1xx (RFC 9110 10.1.1): it sends
+        # its body anyway, and the expectation is ignored.
+        if (self.has_body and not self.http10
+                and hmap.get(b"expect", b"").lower() == b"100-continue"):
             client.transport.write(CONTINUE)
         self.pool = pool
         self.upstream_address = pool.address
@@ -923,6 +940,9 @@ class ClientConnection(asyncio.Protocol):
             cause = exc.__context__
             if isinstance(cause, HeadTooLarge):
                 self.protocol_error(431, "request line and headers are too large")
+            elif isinstance(cause, CodingNotImplemented):
+                self.protocol_error(501, "a Transfer-Encoding other than chunked alone is "
+                                         "not supported")
             elif cause is not None:
                 # One of our callbacks raised: a bug of ours, not a bad request.
                 log.error("internal error handling a request from %s", self.peer,
@@ -1046,6 +1066,12 @@ class ClientConnection(asyncio.Protocol):
         ex.upgrade = (rewritten and b"upgrade" in hmap and parser.should_upgrade()
                       and method != b"CONNECT")
         if rewritten and b"transfer-encoding" in hmap:
+            # llhttp has refused a coding list that does not end in chunked (400); of the
+            # rest, Weir relays only chunked alone (in any case, with trailing blanks, as
+            # llhttp leaves it): codings before it would reach the app undone.
+            coding = hmap[b"transfer-encoding"]
+            if coding != b"chunked" and coding.rstrip(b" \t").lower() != b"chunked":
+                raise CodingNotImplemented
             ex.chunked = ex.has_body = True
         else:
             length = hmap.get(b"content-length")

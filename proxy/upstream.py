@@ -39,7 +39,8 @@ _feed_response: Final = HttpResponseParser.feed_data
 _status_code: Final = HttpResponseParser.get_status_code
 _response_keep_alive: Final = HttpResponseParser.should_keep_alive
 
-# Like nginx's proxy_buffer_size, but roomier: a response head is held whole until it ends.
+# Like nginx's proxy_buffer_size, but roomier: a response head is held whole until it ends,
+# so one over this is refused as nginx does ("upstream sent too big header": a 502).
 MAX_RESPONSE_HEAD: Final = 32 * 1024
 
 # A slow-starting upstream's share begins at this fraction of its full share (Envoy's
@@ -140,12 +141,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._reading = sink
         self.last_activity = self.pool.corker.now()
         if not self._head_done:
-            # llhttp sets no limit on a response head, and Weir holds it whole until it ends.
+            # llhttp sets no limit on a response head, Weir holds the head whole until it
+            # ends, and httptools holds a header whole until it ends (one huge header, sent a
+            # little at a time, reaches on_header only at its end). So the bytes read while a
+            # head is open are counted as they arrive: all of them are the head's (interim
+            # 1xx heads included) while it stays open after the read (checked below); a read
+            # that ends it is checked in on_headers_complete.
             self._head_bytes += len(data)
-            if self._head_bytes > 2 * MAX_RESPONSE_HEAD and self._head_too_large():
-                self._fail(502, "upstream sent a response head over "
-                                f"{MAX_RESPONSE_HEAD // 1024} KiB")
-                return
         try:
             _feed_response(self.parser, data)
         except HttpParserUpgrade as exc:
@@ -155,6 +157,9 @@ class UpstreamConnection(asyncio.Protocol):
                 self.sink.on_upstream_tunnel_data(rest)
         except HttpParserError as exc:
             self.reject(str(exc))
+            return
+        if not self._head_done and self._head_bytes > MAX_RESPONSE_HEAD and sink is self.sink:
+            self._head_too_large()  # every byte read for this response is still its head
             return
         if sink is self.sink:
             sink.flush()  # a completed response has flushed itself
@@ -240,11 +245,15 @@ class UpstreamConnection(asyncio.Protocol):
         lines.append(value)
         lines.append(CRLF)
 
-    def _head_too_large(self) -> bool:
-        """Many bytes read and the head not over: too large if the headers held are (the
-        bytes read may well be a small head and the start of a large body)."""
-        held = sum(len(part) for part in self._lines) + sum(len(v) for v in self._noted)
-        return held > MAX_RESPONSE_HEAD
+    def _head_too_large(self) -> None:
+        """A response head over MAX_RESPONSE_HEAD: nginx's "upstream sent too big header".
+        A 502 (the head is held until it ends, so nothing of it has reached the client), and
+        the connection is closed: the rest of the response can no longer be framed."""
+        log.warning("upstream sent too big header: a response head from %s over %d KiB; "
+                    "connection closed", self.pool.address, MAX_RESPONSE_HEAD // 1024)
+        self.pool.record_failure()
+        self._fail(502, "upstream sent too big header (a response head over "
+                        f"{MAX_RESPONSE_HEAD // 1024} KiB)")
 
     def on_headers_complete(self) -> None:
         status = _status_code(self.parser)
@@ -261,6 +270,15 @@ class UpstreamConnection(asyncio.Protocol):
             # Expect: 100-continue itself, and the final response follows on this connection.
             self._informational = True
             noted.clear()
+            return
+        # The head ended in this read: its bytes are at most those counted (the read may
+        # also have brought the start of the body); only when those are over the limit are
+        # the headers held measured.
+        if self._head_bytes > MAX_RESPONSE_HEAD and (
+                sum(len(part) for part in lines) + sum(len(part) for part in noted)
+                > MAX_RESPONSE_HEAD):
+            noted.clear()
+            self._head_too_large()
             return
         self._head_done = True
         if status >= 500:
