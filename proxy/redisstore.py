@@ -14,6 +14,14 @@ nothing is written and the writer re-reads (last writer wins per field, as with 
 never by overwriting a change it had not seen). Fields a write does not touch are left alone,
 so one instance's weights never undo another's rollout record.
 
+Every write carries a deadline in Redis's own clock, and the script writes nothing if it runs
+past it. A write the client gave up on (no reply within REDIS_TIMEOUT: Redis stalled, or the
+link to it) is reported as not made, and the control plane undoes the change; but the EVAL may
+still sit in Redis's socket buffer and run when Redis resumes. The deadline, set before the
+moment the client stops waiting, makes it change nothing then. The client's clock is never
+compared with Redis's directly (they may be on different hosts): the store learns the offset
+between its monotonic clock and Redis's TIME (``RedisClock``) and converts.
+
 Other instances hear of a write on the pub/sub channel within milliseconds and re-read; they
 also poll the version every second, in case a message was missed. A lost connection never
 reaches the data plane: the last state applied stays in force, and the store retries.
@@ -27,6 +35,7 @@ import json
 import logging
 import os
 import socket
+import time
 import uuid
 from asyncio import Lock
 from dataclasses import asdict
@@ -51,19 +60,35 @@ log = logging.getLogger("weir.store")
 POLL_INTERVAL = 1.0
 REDIS_TIMEOUT = 1.0  # per command: a dead Redis must not hold up an admin call for long
 
+# A write's deadline is this long before the client stops waiting for its reply: a script that
+# starts just before the deadline still has this long for its reply to reach the client (a
+# lost packet costs a 200 ms TCP retransmission; a busy Redis writes replies after the other
+# commands it read at the same time), so a write that lands is a write reported as made. A
+# healthy Redis starts a script within milliseconds, so half the timeout is still plenty.
+WRITE_MARGIN = REDIS_TIMEOUT / 2
+# How long one measurement of Redis's clock is trusted before a newer one replaces it: keeps
+# the drift between the two clocks (NTP slewing Redis's) to a millisecond or so.
+CLOCK_WINDOW = 10.0
+
+# ARGV: channel, origin, deadline (µs in Redis's clock), n, then per field: name, expected
+# revision, delete flag, value. Redis runs a script whole, so the TIME read first decides it.
 WRITE = """
-local n = tonumber(ARGV[3])
+if redis.replicate_commands then redis.replicate_commands() end  -- TIME then writes (Redis < 5)
+local now = redis.call('TIME')
+local late = tonumber(now[1]) * 1000000 + tonumber(now[2]) - tonumber(ARGV[3])
+if late > 0 then return {-2, late} end
+local n = tonumber(ARGV[4])
 for i = 0, n - 1 do
-  local rev = redis.call('HGET', KEYS[2], ARGV[4 + i * 4]) or '0'
-  if rev ~= ARGV[5 + i * 4] then return {-1, ARGV[4 + i * 4]} end
+  local rev = redis.call('HGET', KEYS[2], ARGV[5 + i * 4]) or '0'
+  if rev ~= ARGV[6 + i * 4] then return {-1, ARGV[5 + i * 4]} end
 end
 local result = {0}
 for i = 0, n - 1 do
-  local field = ARGV[4 + i * 4]
-  if ARGV[6 + i * 4] == '1' then
+  local field = ARGV[5 + i * 4]
+  if ARGV[7 + i * 4] == '1' then
     redis.call('HDEL', KEYS[1], field)
   else
-    redis.call('HSET', KEYS[1], field, ARGV[7 + i * 4])
+    redis.call('HSET', KEYS[1], field, ARGV[8 + i * 4])
   end
   result[i + 2] = redis.call('HINCRBY', KEYS[2], field, 1)
 end
@@ -127,6 +152,38 @@ def parse_fields(fields: dict[str, str]) -> RemoteState:
     return weights, rollouts, drained
 
 
+class RedisClock:
+    """Redis's clock (TIME) as seen through the local monotonic clock.
+
+    A TIME call sent at ``sent`` and answered at ``received`` (local, monotonic) read Redis's
+    clock at some moment in between, so the offset (Redis time minus local time) lies in
+    ``[redis - received, redis - sent]``. The lower bound (the midpoint less half the round
+    trip) is what is used: a local moment converted with it is never later in Redis's clock
+    than the true one, so a deadline cannot come out late. Each sample is a valid lower bound,
+    so the highest (tightest) recent one is kept; a sample whose upper bound is below it means
+    Redis's clock stepped back, or this is another Redis (a failover), and starts afresh."""
+
+    def __init__(self) -> None:
+        self.offset: float | None = None  # seconds to add to time.monotonic()
+        self.learned_at = 0.0
+
+    def sample(self, sent: float, received: float, redis_time: tuple[int, int]) -> None:
+        now = redis_time[0] + redis_time[1] / 1_000_000
+        low, high = now - received, now - sent
+        if (self.offset is None or self.offset > high
+                or received - self.learned_at > CLOCK_WINDOW or low >= self.offset):
+            self.offset, self.learned_at = low, received
+
+    def forget(self) -> None:
+        """The connection failed: the next one may reach another server with another clock."""
+        self.offset = None
+
+    def deadline_us(self, local: float) -> int:
+        """A local monotonic moment in Redis's clock, in whole µs (rounded down: earlier)."""
+        assert self.offset is not None
+        return int((local + self.offset) * 1_000_000)
+
+
 class RedisStore(StateStore):
     kind = "redis"
 
@@ -148,6 +205,7 @@ class RedisStore(StateStore):
         self.initial: RemoteState = ({}, {}, {})
         self.connected = False
         self.last_error: str | None = None
+        self.clock = RedisClock()
         self._lock = Lock()               # one read or write of the store at a time
         self._outer: Lock | None = None   # the control plane's state lock
         self._state: RuntimeState | None = None
@@ -164,7 +222,10 @@ class RedisStore(StateStore):
         except ImportError:
             raise StoreUnavailable("state_store type redis needs the redis package: "
                                    "pip install 'weir[redis]'") from None
-        # No retries inside the client: the store's own loops retry, with backoff.
+        # No retries inside the client: the store's own loops retry, with backoff, and a
+        # write is never sent twice. On a timeout redis-py closes the connection (it does not
+        # read a late reply as the answer to the next command on it), so what a stalled Redis
+        # answers in the end goes nowhere.
         self.client = aioredis.Redis.from_url(
             self.url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT,
             retry=Retry(NoBackoff(), 0))
@@ -173,6 +234,7 @@ class RedisStore(StateStore):
             if version is None:
                 await self._seed_from_file()
                 fields, revs, version = await self._read()
+            await self._sync_clock()
         except Exception as exc:
             await self.client.aclose()
             raise StoreUnavailable(f"cannot reach the Redis state store at "
@@ -197,6 +259,12 @@ class RedisStore(StateStore):
         for field, value in fields.items():
             args += [field, value]
         return int(await self.client.eval(SEED, 3, *self.keys, *args))
+
+    async def _sync_clock(self) -> None:
+        """Measure Redis's clock against the local one (see RedisClock)."""
+        sent = time.monotonic()
+        redis_time = await self.client.time()
+        self.clock.sample(sent, time.monotonic(), redis_time)
 
     async def _read(self) -> tuple[dict[str, str], dict[str, int], int | None]:
         async with self.client.pipeline(transaction=True) as pipe:
@@ -229,15 +297,27 @@ class RedisStore(StateStore):
             changes += [(f, None) for f in self.synced if f not in wanted]
             if not changes:
                 return
-            args = [self.channel, self.identity, str(len(changes))]
-            for field, value in changes:
-                args += [field, str(self.revs.get(field, 0)), "1" if value is None else "0",
-                         value or ""]
             try:
+                if self.clock.offset is None:  # not measured since (re)connecting
+                    await self._sync_clock()
+                # The client stops waiting no earlier than REDIS_TIMEOUT after this (the read
+                # timeout starts once the command is sent); Redis must start the script
+                # WRITE_MARGIN before that, or write nothing.
+                deadline = self.clock.deadline_us(time.monotonic() + REDIS_TIMEOUT
+                                                  - WRITE_MARGIN)
+                args = [self.channel, self.identity, str(deadline), str(len(changes))]
+                for field, value in changes:
+                    args += [field, str(self.revs.get(field, 0)),
+                             "1" if value is None else "0", value or ""]
                 result = await self.client.eval(WRITE, 3, *self.keys, *args)
             except Exception as exc:
+                # Not written, and it cannot be later: past its deadline the script refuses.
                 self._failed(exc)
                 raise StoreError(f"cannot write to the Redis state store: {exc}") from None
+            if int(result[0]) == -2:
+                raise StoreError(f"Redis got to the write {int(result[1]) / 1000:.0f} ms past "
+                                 f"its deadline ({REDIS_TIMEOUT - WRITE_MARGIN:g}s after it "
+                                 f"was sent: Redis is too slow) and wrote nothing")
             if int(result[0]) == -1:
                 field = result[1].decode() if isinstance(result[1], bytes) else result[1]
                 self._spawn_refresh()
@@ -319,7 +399,11 @@ class RedisStore(StateStore):
         while True:
             await asyncio.sleep(POLL_INTERVAL)
             try:
-                raw = await self.client.get(self.keys[2])
+                # The version, and a fresh reading of Redis's clock for the writes' deadlines.
+                sent = time.monotonic()
+                async with self.client.pipeline(transaction=False) as pipe:
+                    raw, redis_time = await pipe.get(self.keys[2]).time().execute()
+                self.clock.sample(sent, time.monotonic(), redis_time)
                 if raw is None or int(raw) != self.version:
                     await self.refresh()
                 self._recovered()
@@ -334,6 +418,7 @@ class RedisStore(StateStore):
                       "force; retrying", exc)
         self.connected = False
         self.last_error = str(exc) or type(exc).__name__
+        self.clock.forget()
 
     def _recovered(self) -> None:
         if not self.connected:
