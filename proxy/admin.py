@@ -42,6 +42,31 @@ def error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+# No request of this API nests more than three levels ({"weights": {"v": 1}}). A body that
+# parses but nests far deeper is refused before a handler walks or echoes it: repr() and
+# json.dumps recurse too, and would fail as a 500 depending on how deep the stack already is.
+MAX_BODY_DEPTH = 32
+TOO_DEEP = f"the body is nested too deeply (more than {MAX_BODY_DEPTH} levels)"
+
+
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether a parsed JSON value nests objects and arrays more than ``limit`` deep. A loop,
+    not a recursion: the check must not fail the way it guards against."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -134,6 +159,12 @@ class AdminServer:
             data = await request.json(loads=json.loads)
         except (ValueError, UnicodeDecodeError):
             raise web.HTTPBadRequest(reason="the body must be a JSON object") from None
+        except RecursionError:
+            # json.loads recurses once per level: `[[[[…` some thousand deep (the body is
+            # capped at 1 MiB, not in depth) ends here, and is the client's error.
+            raise web.HTTPBadRequest(reason=TOO_DEEP) from None
+        if nested_deeper_than(data, MAX_BODY_DEPTH):
+            raise web.HTTPBadRequest(reason=TOO_DEEP)
         if not isinstance(data, dict):
             raise web.HTTPBadRequest(reason="the body must be a JSON object")
         return data
@@ -256,5 +287,11 @@ class AdminServer:
         else:
             raise web.HTTPNotFound(reason=f"no rollout action {action!r} (start, promote, "
                                           f"abort, pause, resume, retry)")
-        await self.control.save_state()  # acknowledged means persisted
-        return web.json_response(rollout.status())
+        # A move forward was saved before it counted (or refused: 500, nothing changed);
+        # an abort or a pause is in force whatever the save does, and the answer says
+        # whether it is saved yet.
+        answer = rollout.status()
+        answer["saved"] = await self.control.save_or_report()
+        if not answer["saved"]:
+            answer["warning"] = self.control.unsaved_warning()
+        return web.json_response(answer)

@@ -59,6 +59,8 @@ class ProxyServer:
                               stats=self.stats),
             AccessLog(config.access_log) if config.access_log else None)
         self.health.sync(config, self.table, initial=True)
+        # Blue/green: the idle colour each service's preview header reaches (see live_pools).
+        self.previews: dict[str, tuple[str, str]] = {}
         self.connections: set[ClientConnection] = set()
         self.listeners: list[asyncio.Server] = []
         self._sweeper: asyncio.TimerHandle | None = None
@@ -98,10 +100,12 @@ class ProxyServer:
         """Swap in a new config: compiled off to the side, then replaced in one assignment.
         Upstreams that lose all their traffic start draining; those that regain it stop."""
         self.pools.apply(config.upstream)
+        previews = previews or {}
         table = build_route_table(config, self.pools.balancer_for, weights_override,
                                   generation or self.table.generation + 1, self.stats, previews)
-        old_config, old_live = self.config, live_pools(self.table)
-        new_live = live_pools(table)
+        old_config, old_live = self.config, live_pools(self.table, self.previews)
+        new_live = live_pools(table, previews)
+        self.previews = previews
         self.config = config
         self.settings = DataPlaneSettings(config)
         self.table = table
@@ -197,13 +201,20 @@ class ProxyServer:
             self.access_log.close()
 
 
-def live_pools(table: RouteTable) -> dict[UpstreamPool, tuple[str, str]]:
+def live_pools(table: RouteTable, previews: dict[str, tuple[str, str]]
+               ) -> dict[UpstreamPool, tuple[str, str]]:
     """Upstream pools that can receive traffic under ``table`` (a weight above 0, or a rule
-    or a mirror pointing at their version), each with a (service, version) that uses it."""
+    or a mirror pointing at their version), each with a (service, version) that uses it.
+
+    A blue/green preview rule (``previews``: service → (header, idle colour); the route puts it
+    first among its rules) does not keep a colour live: after a promotion the colour just
+    vacated becomes the preview target, and its users' connections must still drain. Preview
+    requests reach it as before, over fresh connections."""
     live: dict[UpstreamPool, tuple[str, str]] = {}
     for route in table.routes:
         names = {name for name, weight in route.weights.items() if weight > 0}
-        names.update(rule.version.name for rule in route.rules)
+        rules = route.rules[1:] if route.name in previews else route.rules
+        names.update(rule.version.name for rule in rules)
         names.update(mirror.target.name for mirror in route.mirrors)
         for name in names:
             for pool in route.versions[name].balancer.pools:

@@ -141,6 +141,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
     line = (f"config reloaded: generation {data.get('generation', '?')}"
             if data.get("outcome", "success") == "success"
             else f"config reload: {data.get('outcome')}")
+    pending = data.get("restart_required") or []
+    if pending:  # a changed listen address and the like: applied only by a restart
+        line += "\nrestart required to apply: " + "; ".join(pending)
     return emit(args, data, line)
 
 
@@ -238,7 +241,11 @@ def rollout_command(action: str) -> Callable[[argparse.Namespace], int]:
         data = client(args).rollout(args.service, action, body)
         done = ROLLOUT_DONE[action] + (" fully" if action == "promote" and args.full else "")
         detail = describe_rollout(data)
-        return emit(args, data, f"{args.service}: {done}" + (f" ({detail})" if detail else ""))
+        code = emit(args, data, f"{args.service}: {done}" + (f" ({detail})" if detail else ""))
+        if isinstance(data, dict) and data.get("warning"):
+            # In force but not saved yet (a full disk, Redis away): done, and said plainly.
+            print(f"weir: warning: {data['warning']}", file=sys.stderr)
+        return code
 
     return command
 

@@ -765,18 +765,151 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     return config
 
 
-def load_config(path: str | Path) -> Config:
-    source = str(path)
+# Bounds on what a config file may make Weir do before it is even validated. YAML aliases
+# repeat whatever they point at, so a few hundred bytes can stand for billions of values (a
+# "billion laughs" alias bomb): expanding one took minutes and gigabytes. Real configs are a
+# few KiB with at most some dozens of aliases, nested about ten levels; these leave a wide
+# margin, and the worst file they let through (about 100k values) takes some seconds and
+# about 100 MB to load, off the event loop. Each refusal names its limit.
+MAX_CONFIG_BYTES = 1 << 20       # the file itself
+MAX_YAML_ALIASES = 10_000        # alias uses (*name) in the file
+MAX_YAML_NODES = 100_000         # values (keys, scalars, lists, mappings) once aliases expand
+MAX_YAML_DEPTH = 64              # nesting, counted through aliases too
+
+
+class YAMLLimitError(yaml.YAMLError):
+    """A file that is YAML but goes past one of the bounds above; the message names it."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader with the bounds above, checked on the composed node graph, before
+    anything is constructed. An alias is one shared node there, so a bomb is cheap to hold
+    and to measure: the cost is only in expanding it, which is what is measured (each node
+    counted every time the document reaches it) and refused past the limit."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._aliases = 0
+        self._nodes = 0
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                raise _limit(f"more than {MAX_YAML_ALIASES} alias uses (*name); the limit "
+                             f"is {MAX_YAML_ALIASES}", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        # Counted as they are read, to stop early: the pure-Python parser takes some
+        # seconds per 100k values, and a file of that many is refused anyway.
+        self._nodes += 1
+        if self._nodes > MAX_YAML_NODES:
+            raise _too_many_values(self.peek_event().start_mark)
+        # The composer recurses once per level: bounded here, long before Python's own
+        # recursion limit, so that `[[[[…` is an error message and not a RecursionError.
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _limit(f"nested more than {MAX_YAML_DEPTH} levels deep; the limit is "
+                             f"{MAX_YAML_DEPTH}", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self) -> yaml.Node | None:
+        node = super().compose_document()
+        if node is not None:
+            _measure(node, 1, {}, set())
+        return node
+
+
+def _limit(problem: str, mark: Any) -> YAMLLimitError:
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return YAMLLimitError(f"{where}{problem}")
+
+
+def _too_many_values(mark: Any) -> YAMLLimitError:
+    return _limit(f"more than {MAX_YAML_NODES} values once aliases (*name) are expanded (a "
+                  f"YAML alias bomb?); the limit is {MAX_YAML_NODES}", mark)
+
+
+def _measure(node: yaml.Node, depth: int, seen: dict[int, tuple[int, int]],
+             path: set[int]) -> tuple[int, int]:
+    """(values, levels) of ``node`` with every alias expanded, refusing past the limits.
+    ``seen`` memoizes by node, so the walk costs the distinct nodes, not the expansion;
+    ``path`` holds the nodes above, to catch an alias inside its own anchor."""
+    key = id(node)
+    if key in path:
+        raise _limit("an alias refers to a node that contains it (a recursive alias); that "
+                     "cannot be expanded", node.start_mark)
+    if key in seen:
+        size, height = seen[key]
+    else:
+        if depth > MAX_YAML_DEPTH:
+            raise _limit(f"nested more than {MAX_YAML_DEPTH} levels deep once aliases are "
+                         f"expanded; the limit is {MAX_YAML_DEPTH}", node.start_mark)
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [item for pair in node.value for item in pair]
+        size, height = 1, 1
+        path.add(key)
+        for child in children:
+            child_size, child_height = _measure(child, depth + 1, seen, path)
+            size += child_size
+            height = max(height, child_height + 1)
+            if size > MAX_YAML_NODES:
+                raise _too_many_values(node.start_mark)
+        path.discard(key)
+        seen[key] = size, height
+    if depth - 1 + height > MAX_YAML_DEPTH:  # reached again, deeper than the first time
+        raise _limit(f"nested more than {MAX_YAML_DEPTH} levels deep once aliases are "
+                     f"expanded; the limit is {MAX_YAML_DEPTH}", node.start_mark)
+    return size, height
+
+
+def load_yaml(text: str) -> Any:
+    """Parse one YAML document within the bounds above (raises YAMLLimitError past them)."""
+    loader = _BoundedLoader(text)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def read_config_file(path: str | Path) -> bytes:
+    """A config file's bytes, never more than one past the size bound however large it is."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(source, [f"cannot read file: {exc.strerror or exc}"]) from None
+        raise ConfigError(str(path), [f"cannot read file: {exc.strerror or exc}"]) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, parse and validate a config file."""
+    return config_from_bytes(read_config_file(path), str(path))
+
+
+def config_from_bytes(raw: bytes, source: str) -> Config:
+    """Parse and validate a config file's content. CPU-bound (some seconds for the largest
+    file the bounds above let through): the event loop calls it in a thread."""
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(source, [f"refused: the file is larger than {MAX_CONFIG_BYTES} "
+                                   f"bytes, the limit for a config file"])
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(source, [f"not UTF-8 text: {exc}"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
+    except YAMLLimitError as exc:
+        raise ConfigError(source, [f"refused: {exc}"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError(source, [f"not valid YAML: {exc}"]) from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise ConfigError(source, [f"not a usable YAML value: {exc}"]) from None
     return parse_config(data, source)
 
 

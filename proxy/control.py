@@ -9,6 +9,7 @@ metrics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -16,9 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import request_path_build
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, config_from_bytes, load_config, read_config_file
 from .metrics import Metrics
-from .rollout import RolloutController
+from .rollout import RolloutController, StateWriteError
 from .state import SOURCE_API, RuntimeState
 from .store import RemoteState, StateStore, StoreConflict, make_store
 from .tasks import cancel_and_wait
@@ -33,13 +34,16 @@ log = logging.getLogger("weir.control")
 # again after this long before calling the reload a failure.
 SETTLE_SECONDS = 0.3
 
+# Runtime changes in force but not saved (a full disk, a read-only folder, Redis away) are
+# saved again after this long, doubling up to the second; any new change tries at once.
+SAVE_RETRY_FIRST = 0.5
+SAVE_RETRY_MAX = 5.0
+# How long an API answer waits for its change's save, to say whether it was saved.
+SAVE_WAIT = 3.0
+
 
 class UnknownName(LookupError):
     """A service or version the config does not have (the admin API answers 404)."""
-
-
-class StateWriteError(RuntimeError):
-    """A runtime change that could not be persisted, and so was not made (500)."""
 
 
 class StateConflictError(StateWriteError):
@@ -80,9 +84,24 @@ class ControlPlane:
         self.state = RuntimeState(self.store.path)
         self.store.load_into(self.state)
         self._reconciled_at_start = bool(self.state.reconcile(config))
+        self._state_lock = asyncio.Lock()  # one change or save of the runtime state at a time
+        # Saving: changes made in memory are counted, and each save records up to which
+        # count it wrote; the state is unsaved while the two differ after a failed save.
+        self.unsaved: dict[str, Any] | None = None  # since, error, attempts (for status)
+        self.save_failures = 0
+        self._changes = 0
+        self._saved_upto = 0
+        self._last_save_ok = True
+        self._saver: asyncio.Task[None] | None = None
+        self._wake_saver = asyncio.Event()
+        self._save_attempted = asyncio.Event()
         if self._reconciled_at_start and self.store.kind == "file":
-            self.state.save()
+            self.changed()  # a shared store's is saved once it is followed (start_sync)
         self.generation = 1
+        # What the listeners, the state store, the watcher and logging were set up from: a
+        # reload compares its restart-only settings with these (see restart_required).
+        self.started_with = config
+        self.restart_required: list[str] = []
         self.previews: dict[str, tuple[str, str]] = {}  # blue/green preview routes
         # proxy_class: workers.SupervisorProxy under `weir run --workers N`, which forwards
         # every change to the worker processes and sums their statistics.
@@ -97,21 +116,21 @@ class ControlPlane:
         self.last_reload: dict[str, Any] = {"generation": 1, "outcome": "success",
                                             "trigger": "start", "at": time.time(),
                                             "errors": []}
-        self._last_text: str | None = self._read_text()
+        self._last_read: bytes | None = self._read_file()
         self._reload_lock = asyncio.Lock()
-        self._state_lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop_watch = asyncio.Event()
 
     # --- config reloads -------------------------------------------------------------------
 
-    def _read_text(self) -> str | None:
+    def _read_file(self) -> bytes | None:
+        """The config file as it is now (bounded in size, see config.read_config_file)."""
         if self.config_path is None:
             return None
         try:
-            return self.config_path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
+            return read_config_file(self.config_path)
+        except ConfigError:
             return None
 
     async def reload(self, trigger: str, unless_unchanged: bool = False) -> dict[str, Any]:
@@ -121,33 +140,41 @@ class ControlPlane:
         async with self._reload_lock:
             if self.config_path is None:
                 raise ConfigError("<config>", ["no config file to reload"])
-            text = self._read_text()
-            if unless_unchanged and text == self._last_text:
+            raw = self._read_file()
+            if unless_unchanged and raw == self._last_read:
                 return self.last_reload
-            self._last_text = text
+            self._last_read = raw
             try:
-                config = load_config(self.config_path)
+                # In a thread: parsing and validating is CPU-bound (config.py bounds it to
+                # some seconds for the worst file it lets through), and the data plane on
+                # this loop must keep answering meanwhile. What is parsed is what was just
+                # read and compared: a file rewritten in place meanwhile is the next reload's.
+                if raw is None:  # unreadable: load_config says why
+                    config = await asyncio.to_thread(load_config, self.config_path)
+                else:
+                    config = await asyncio.to_thread(config_from_bytes, raw,
+                                                     str(self.config_path))
                 # Loaded once more for use: these are the contexts swapped in below, so what
                 # serves is what was checked, even if the files change again meanwhile.
                 try:
-                    tls = compile_tls(config)
+                    tls = await asyncio.to_thread(compile_tls, config)
                 except TLSConfigError as exc:
                     raise ConfigError(str(self.config_path), exc.errors) from None
             except ConfigError as exc:
                 self.metrics.config_reloads.labels("failure").inc()
                 self.last_reload = {"generation": self.generation, "outcome": "failure",
                                     "trigger": trigger, "at": time.time(),
-                                    "errors": exc.errors}
+                                    "errors": exc.errors,
+                                    "restart_required": list(self.restart_required)}
                 log.error("config reload (%s) failed; still serving generation %d:\n%s",
                           trigger, self.generation, exc)
                 return self.last_reload
             self._warn_about_restart_only_changes(config)
             if self.state.reconcile(config):
-                try:
-                    await self.save_state()
-                except OSError as exc:
-                    # On restart the same reconciliation drops the same overrides again.
-                    log.error("could not write the state file %s: %s", self.state.path, exc)
+                # Saved with the reload (a failure leaves it to the saver's retries; on a
+                # restart the same reconciliation drops the same overrides again).
+                self.changed()
+                await self.save_or_report()
             self.generation += 1
             self.config = config
             self.proxy.use_tls(tls, config)
@@ -155,7 +182,8 @@ class ControlPlane:
             self.apply()
             self.metrics.config_reloads.labels("success").inc()
             self.last_reload = {"generation": self.generation, "outcome": "success",
-                                "trigger": trigger, "at": time.time(), "errors": []}
+                                "trigger": trigger, "at": time.time(), "errors": [],
+                                "restart_required": list(self.restart_required)}
             log.info("config reloaded (%s): generation %d", trigger, self.generation)
             return self.last_reload
 
@@ -171,24 +199,54 @@ class ControlPlane:
         task.add_done_callback(self._tasks.discard)
 
     def _warn_about_restart_only_changes(self, config: Config) -> None:
-        running = self.proxy.config
-        if config.listen != running.listen or config.admin.listen != running.admin.listen:
-            log.warning("listen addresses changed in the config file; they take effect on "
-                        "restart (still listening on %s, admin %s)", running.listen,
-                        running.admin.listen)
-        if config.state_store != running.state_store:
-            log.warning("state_store changed in the config file; it takes effect on restart")
-        if (config.tls is None) != (self.proxy.listener_tls is None):
-            log.warning("tls was %s the config file; the listener keeps speaking %s until a "
-                        "restart", "added to" if config.tls else "removed from",
-                        "HTTPS" if self.proxy.listener_tls else "plain HTTP")
+        """Set ``restart_required`` to the settings of ``config`` that differ from what this
+        process runs with and that only a restart applies, each "field: running -> file",
+        and log them. Compared with the config the process started with (what its sockets,
+        state store, watcher and logging were set up from), not with the last one loaded:
+        an edit and its revert leave nothing pending."""
+        from .redisstore import redacted
+
+        started = self.started_with
+        changes: list[str] = []
+
+        def as_written(value: Any) -> str:  # as the config file writes it: true, null
+            if isinstance(value, bool):
+                return "true" if value else "false"
+            return "null" if value is None else str(value)
+
+        def url(value: Any) -> str:  # its password stays out of logs and status
+            return redacted(value) if isinstance(value, str) else as_written(value)
+
+        def compare(field: str, running: Any, wanted: Any,
+                    show: Callable[[Any], str] = as_written) -> None:
+            if running != wanted:
+                changes.append(f"{field}: {show(running)} -> {show(wanted)}")
+
+        compare("listen", started.listen, config.listen)
+        compare("admin.listen", started.admin.listen, config.admin.listen)
+        # Whether the listener speaks TLS was fixed when it opened (certificates reload).
+        compare("tls", "HTTPS" if self.proxy.listener_tls else "plain HTTP",
+                "HTTPS" if config.tls else "plain HTTP")
+        compare("state_file", started.state_file, config.state_file)
+        for field in ("type", "url", "key_prefix", "leader_ttl"):
+            compare(f"state_store.{field}", getattr(started.state_store, field),
+                    getattr(config.state_store, field), url if field == "url" else as_written)
+        compare("watch", started.watch, config.watch)
+        compare("log_level", started.log_level, config.log_level)
+        if changes:
+            log.warning("the config file changes settings that take effect on restart; until "
+                        "then Weir keeps what it started with: %s", "; ".join(changes))
+        elif self.restart_required:
+            log.info("the restart-only settings in the config file are back to what Weir "
+                     "runs with: no restart needed")
+        self.restart_required = changes
 
     def start_sync(self) -> None:
         """Follow a shared store: changes other instances make are applied here too."""
         self.store.start(self.state, self._adopt, self._state_lock)
         if self._reconciled_at_start and self.store.kind != "file":
             self._reconciled_at_start = False
-            self.rollouts.save_soon()  # the dropped overrides, on the controller's clock
+            self.changed()  # the dropped overrides
 
     async def _adopt(self, remote: RemoteState, rollouts_changed: set[str]) -> None:
         """Another instance changed the shared state: take it (called with the state lock
@@ -239,14 +297,14 @@ class ControlPlane:
     async def _reload_when_settled(self) -> None:
         """Reload after a change, but only once the file has stopped changing: an editor that
         saves in two steps must not get its first step applied, nor reported as a failure."""
-        text = self._read_text()
+        text = self._read_file()
         while True:
             await asyncio.sleep(SETTLE_SECONDS)
-            again = self._read_text()
+            again = self._read_file()
             if again == text:
                 break
             text = again
-        if text != self._last_text:
+        if text != self._last_read:
             await self.reload("file", unless_unchanged=True)
 
     async def take_in_file_changes(self) -> None:
@@ -269,13 +327,22 @@ class ControlPlane:
         raise UnknownName(f"no service named {name!r}")
 
     async def set_weights(self, name: str, weights: dict[str, int],
-                          source: str = SOURCE_API) -> dict[str, int]:
-        """Replace a service's weights (versions left out get 0) and persist the change."""
+                          source: str = SOURCE_API, fail_safe: bool = False) -> dict[str, int]:
+        """Replace a service's weights (versions left out get 0) and persist the change.
+        ``fail_safe``: traffic going back to safety (a rollback): in force at once, without
+        waiting for the state lock or the save, and saved in the background (retried)."""
         service = self.service(name)
         unknown = sorted(set(weights) - set(service.versions))
         if unknown:
             raise UnknownName(f"service {name!r} has no version {unknown[0]!r} "
                               f"(versions: {', '.join(service.versions)})")
+        if fail_safe:
+            self.state.set_weights(self.config, name, weights, source)
+            self.apply()
+            self.changed()
+            applied = self.state.weights[name].weights
+            log.info("service %s: weights set to %s by %s", name, applied, source)
+            return applied
         async with self._state_lock:  # no change from another instance lands meanwhile
             previous = self.state.weights.get(name)
             self.state.set_weights(self.config, name, weights, source)
@@ -292,25 +359,128 @@ class ControlPlane:
                               f"(versions: {', '.join(service.versions)})")
         return await self.set_weights(name, {version: 100}, source)
 
-    async def save_state(self) -> None:
-        async with self._state_lock:
-            await self.store.save(self.state)
-
     async def _persist_or_undo(self, undo: Callable[[], None]) -> None:
         """Save a runtime change just made to ``self.state`` (under the state lock). Persisted
         first: a change that would not survive a restart (or reach the other instances) is
         refused rather than silently applied, so on failure ``undo`` puts the state back and
         the caller's change is reported as not made."""
         try:
-            await self.store.save(self.state)
+            await self._save_locked()
         except OSError as exc:
             undo()
             if isinstance(exc, StoreConflict):
                 raise StateConflictError(f"nothing changed: {exc}") from exc
-            where = (f"the state file {self.state.path}" if self.store.kind == "file"
-                     else f"the {self.store.kind} state store")
-            raise StateWriteError(f"could not write {where}: {exc.strerror or exc}; "
-                                  f"nothing changed") from exc
+            raise StateWriteError(f"could not write {self.store_name()}: "
+                                  f"{exc.strerror or exc}; nothing changed") from exc
+
+    # --- saving what is in force ----------------------------------------------------------
+    # Two kinds of runtime change. Those that send traffic somewhere new on an operator's or
+    # the controller's say (weights, switches, drains, a rollout's steps forward) are saved
+    # before they count: if the save fails they are undone and reported as not made. Those
+    # that take traffic back to safety (an abort, a rollback, a pause) and the controller's
+    # bookkeeping are in force at once and saved after, by one background saver that keeps
+    # retrying; until it succeeds the state is "unsaved" (/api/status, weir_state_unsaved).
+
+    def store_name(self) -> str:
+        return (f"the state file {self.state.path}" if self.store.kind == "file"
+                else f"the {self.store.kind} state store")
+
+    def changed(self) -> None:
+        """The runtime state changed in memory and is in force: save it in the background,
+        now and then again until a save succeeds."""
+        self._changes += 1
+        self._wake_saver.set()
+        if self._saver is None or self._saver.done():
+            self._saver = self.loop.create_task(self._save_until_saved())
+
+    @property
+    def saved(self) -> bool:
+        return self._saved_upto >= self._changes
+
+    async def _save_locked(self) -> None:
+        """One save of the whole state (the state lock held): what it writes is taken when it
+        starts, so it covers every change counted so far."""
+        upto = self._changes
+        try:
+            await self.store.save(self.state)
+        except OSError as exc:
+            self._last_save_ok = False
+            if not self.saved:
+                self._record_unsaved(exc)
+            raise
+        finally:
+            attempted, self._save_attempted = self._save_attempted, asyncio.Event()
+            attempted.set()
+        self._last_save_ok = True
+        self._saved_upto = max(self._saved_upto, upto)
+        if self.saved and self.unsaved is not None:
+            log.warning("runtime state saved to %s after %d failed attempt(s); it was "
+                        "unsaved for %.1fs", self.store_name(), self.unsaved["attempts"],
+                        time.time() - self.unsaved["since"])
+            self.unsaved = None
+
+    def _record_unsaved(self, exc: OSError) -> None:
+        self.save_failures += 1
+        error = str(exc.strerror or exc)
+        previous = self.unsaved
+        self.unsaved = {"since": previous["since"] if previous else time.time(),
+                        "error": error, "store": self.store_name(),
+                        "attempts": previous["attempts"] + 1 if previous else 1}
+        if previous is None or previous["error"] != error:
+            log.error("runtime state not saved: could not write %s: %s; the changes are in "
+                      "force here, and Weir keeps trying to save them", self.store_name(),
+                      error)
+
+    async def _save_until_saved(self) -> None:
+        delay = SAVE_RETRY_FIRST
+        while not self.saved:
+            self._wake_saver.clear()
+            try:
+                async with self._state_lock:
+                    if self.saved:
+                        return  # a change saved first (under the lock) took these along
+                    await self._save_locked()
+            except OSError:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake_saver.wait(), delay)
+                delay = min(delay * 2, SAVE_RETRY_MAX)
+
+    async def save_or_report(self) -> bool:
+        """For an answer to the API: wait (a while) for the changes made so far to be saved.
+        True once they are; False after a failed attempt or ``SAVE_WAIT``: they stay in force
+        and the saver keeps trying."""
+        target = self._changes
+        if self._saved_upto >= target:
+            return True
+        if self._saver is None or self._saver.done():
+            self.changed()
+        self._wake_saver.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SAVE_WAIT):
+                while self._saved_upto < target:
+                    await self._save_attempted.wait()
+                    if not self._last_save_ok:
+                        break
+        return self._saved_upto >= target
+
+    def unsaved_warning(self) -> str:
+        error = self.unsaved["error"] if self.unsaved else "the save is still under way"
+        return (f"applied, not saved: could not write {self.store_name()} ({error}); the "
+                f"change is in force on this instance and Weir keeps trying to save it")
+
+    async def stop_saving(self) -> None:
+        """On stopping: one last try to save what is unsaved; a failure is logged (the state
+        on record is then the last one saved)."""
+        if self._saver is not None:
+            await cancel_and_wait(self._saver)
+        if self.saved:
+            return
+        try:
+            async with self._state_lock:
+                await self._save_locked()
+        except OSError as exc:
+            log.error("stopping with runtime changes not saved to %s: %s", self.store_name(),
+                      exc.strerror or exc)
 
     # --- draining one app instance (weir drain) -------------------------------------------
 
@@ -463,10 +633,15 @@ class ControlPlane:
             "state_file": str(self.state.path) if self.state.path else None,
             "state_store": self.store.describe(),
             "last_reload": self.last_reload,
+            # Settings the config file changes that wait for a restart ("field: running ->
+            # file"); empty when what runs is what the file says.
+            "restart_required": list(self.restart_required),
             "ready": not self.proxy.draining,
             "services": services,
             "draining": draining,
             "drained": self.drained_status(),
+            # Runtime changes in force here but not yet saved (null when all are saved).
+            "state_unsaved": self.unsaved,
         }
         workers = getattr(self.proxy, "workers", None)  # only under `weir run --workers N`
         if workers is not None:

@@ -272,6 +272,16 @@ class RolloutCollector(Collector):
             "weir_state_store_connected", "1 while the runtime state store can be reached.",
             labels=["type"])
         connected.add_metric([store.kind], 1 if store.connected else 0)
+        control = self.rollouts.control
+        unsaved = GaugeMetricFamily(
+            "weir_state_unsaved", "1 while runtime changes are in force here but not yet "
+            "saved to the state file or store (Weir keeps retrying the save).")
+        unsaved.add_metric([], 1 if control.unsaved is not None else 0)
+        save_failures = CounterMetricFamily(
+            "weir_state_save_failures", "Attempts to save the runtime state that failed.")
+        save_failures.add_metric([], control.save_failures)
+        yield unsaved
+        yield save_failures
         yield step
         yield phase
         yield analyses

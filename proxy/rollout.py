@@ -13,19 +13,25 @@ Phases, as Argo Rollouts names them: ``idle`` (nothing to do), ``progressing``, 
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Coroutine
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .config import Analysis, Rollout, Service
+from .config import Analysis, Rollout, Service, Step
 from .promanalysis import PrometheusWindow
 from .stats import VersionStats, Window
 
 if TYPE_CHECKING:
     from .control import ControlPlane
+
+
+class StateWriteError(RuntimeError):
+    """A runtime change that could not be persisted, and so was not made (500)."""
 
 log = logging.getLogger("weir.rollout")
 
@@ -57,14 +63,59 @@ class RolloutRecord:
     started_at: float | None = None
     updated_at: float = 0.0
     analyses: list[dict[str, Any]] = field(default_factory=list)
+    # The steps this record's step number counts in (see steps_digest): a restart with other
+    # steps in the file holds the rollout rather than reading the number against them.
+    steps_digest: str = ""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RolloutRecord:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        record = cls(**known)
-        if record.phase not in PHASES:
-            raise ValueError(f"unknown phase {record.phase!r}")
-        return record
+        checked = check_rollout_record(data)
+        return cls(**{k: v for k, v in checked.items() if k in cls.__dataclass_fields__})
+
+
+_COUNTS = ("step", "failures", "inconclusives")
+_TIMES = ("step_started_at", "updated_at")
+_OPTIONAL_TIMES = ("promoted_at", "started_at")
+_TEXTS = ("revision", "steps_digest")
+_OPTIONAL_TEXTS = ("paused_by", "aborted_revision", "reason", "active")
+
+
+def check_rollout_record(data: object) -> dict[str, Any]:
+    """A rollout record as stored (state file or shared store), checked field by field;
+    raises ValueError naming the first field that is not what the controller needs (a record
+    damaged by hand must be set aside where it is read, not fail on every tick)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a rollout record must be an object, got {data!r:.80}")
+
+    def number(value: object) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    for name, value in data.items():
+        if name == "phase":
+            ok = value in PHASES
+        elif name in _COUNTS:
+            ok = type(value) is int and value >= 0
+        elif name in _TIMES:
+            ok = number(value)
+        elif name in _OPTIONAL_TIMES:
+            ok = value is None or number(value)
+        elif name in _TEXTS:
+            ok = isinstance(value, str)
+        elif name in _OPTIONAL_TEXTS:
+            ok = value is None or isinstance(value, str)
+        elif name == "analyses":
+            ok = isinstance(value, list) and all(isinstance(a, dict) for a in value)
+        else:
+            continue  # written by a newer Weir: ignored
+        if not ok:
+            raise ValueError(f"rollout record field {name!r} has the invalid value "
+                             f"{value!r:.80}")
+    return dict(data)
+
+
+def steps_digest(steps: list[Step]) -> str:
+    text = json.dumps([s.model_dump(mode="json") for s in steps], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def fingerprint(service: Service, version: str) -> str:
@@ -157,6 +208,8 @@ class ServiceRollout:
         self.background: MeasurementWindow | PrometheusWindow | None = None
         self.ramp: asyncio.Task[None] | None = None
         self.pending_start = False
+        self.pending_why = "the new version changed while Weir was stopped"
+        self.tick_error = ""  # the last failure of this rollout's tick, logged once
         # The start a config change set off (see config_changed): an operator's action waits
         # for it, so that it applies to the rollout the edit began.
         self.starting: asyncio.Task[None] | None = None
@@ -182,6 +235,18 @@ class ServiceRollout:
             # The new version changed while Weir was down: as if the file had been edited.
             self.pending_start = self.spec.auto_start and current != self.record.aborted_revision
         self.record.revision = current
+        if not self.record.steps_digest:  # a record from before steps were recorded
+            self.record.steps_digest = steps_digest(self.spec.steps)
+        if self.controller.leading:
+            self.check_steps("while Weir was stopped")
+
+    def check_steps(self, when: str) -> None:
+        """On taking up a record (a start, a new leader): if its step number counts in steps
+        that are no longer the file's, hold the rollout (see steps_changed)."""
+        record = self.record
+        if (record.steps_digest != steps_digest(self.spec.steps) and not self.pending_start
+                and self.spec.strategy == "canary" and record.phase in (PROGRESSING, PAUSED)):
+            self.hold_for_changed_steps(f"{when} (the rollout was at step {record.step + 1})")
 
     def adopt(self, data: dict[str, Any]) -> None:
         """The record as another instance wrote it (a shared state store)."""
@@ -202,9 +267,14 @@ class ServiceRollout:
         self.update_preview()
 
     def save(self) -> None:
+        """The record, in force at once and saved in the background (retried until saved)."""
+        self.stage()
+        self.control.changed()
+
+    def stage(self) -> None:
+        """The record into the runtime state, to go with the next save."""
         self.record.updated_at = time.time()
         self.control.state.rollouts[self.name] = asdict(self.record)
-        self.controller.save_soon()
 
     @property
     def new_version(self) -> str:
@@ -228,17 +298,76 @@ class ServiceRollout:
 
     def config_changed(self, service: Service) -> None:
         """A reload: start a rollout if the new version's upstreams or revision changed."""
+        old_steps = self.spec.steps
         self.service = service
         revision = fingerprint(service, self.new_version)
-        if revision == self.record.revision or not self.controller.leading:
-            return  # a follower leaves starting a rollout to the controller's instance
+        if not self.controller.leading:
+            return  # a follower leaves its rollouts to the controller's instance
+        if revision == self.record.revision:
+            self.steps_changed(old_steps)
+            return
         self.record.revision = revision
         if self.spec.auto_start and revision != self.record.aborted_revision:
             log.info("service %s: %s changed; starting a rollout", self.name, self.new_version)
             self.preset_first_weight()
-            self.starting = self.controller.spawn(self.start("config change"))
+            self.starting = self.controller.spawn(self.start_or_retry("config change"))
         else:
             self.save()
+
+    def steps_changed(self, old_steps: list[Step]) -> None:
+        """The file's steps may differ from those the rollout is counting in. A rollout in
+        progress carries on when only steps it has not reached changed; otherwise its step
+        number means something else now (fewer steps could even read as "all done" and send
+        the canary to 100%): it is held, paused, at a step that raises no weight."""
+        record = self.record
+        digest = steps_digest(self.spec.steps)
+        if digest == (record.steps_digest or steps_digest(old_steps)):
+            return
+        if self.spec.strategy != "canary" or record.phase not in (PROGRESSING, PAUSED):
+            record.steps_digest = digest
+            self.save()
+            return
+        new_steps, done = self.spec.steps, record.step
+        if done < len(new_steps) and ([s.model_dump() for s in old_steps[:done]]
+                                      == [s.model_dump() for s in new_steps[:done]]):
+            record.steps_digest = digest
+            self.save()
+            log.info("service %s: the rollout's later steps changed; carrying on at step "
+                     "%d of %d", self.name, done + 1, len(new_steps))
+            return
+        self.hold_for_changed_steps(f"at step {done + 1} of {len(old_steps)}")
+
+    def canary_percent(self) -> float:
+        """The canary's share of the traffic now, in percent."""
+        route = next((r for r in self.control.proxy.table.routes if r.name == self.name), None)
+        if route is None:
+            return 0.0
+        total = sum(route.weights.values())
+        return 100.0 * route.weights.get(self.spec.canary, 0) / total if total else 0.0
+
+    def hold_for_changed_steps(self, was: str) -> None:
+        """Pause at the furthest step that the steps before it do not take above the
+        canary's share now, and say so."""
+        record, steps = self.record, self.spec.steps
+        share = self.canary_percent()
+        held, highest = 0, 0
+        for index, step in enumerate(steps[:-1]):
+            if step.set_weight is not None:
+                highest = max(highest, step.set_weight)
+            if highest > share:
+                break
+            held = index + 1
+        record.step = held
+        record.step_started_at = time.time()
+        record.phase, record.paused_by = PAUSED, "config"
+        record.steps_digest = steps_digest(steps)
+        record.reason = (f"the rollout's steps changed in the config file {was}, with the "
+                         f"canary at {share:g}%: held at step {held + 1} of {len(steps)} "
+                         f"without changing any weight; resume or promote to go on")
+        self.step_window = self.background = None
+        self.cancel_ramp()
+        self.save()
+        log.warning("service %s: rollout paused: %s", self.name, record.reason)
 
     def first_weights(self) -> dict[str, int]:
         steps = self.spec.steps
@@ -259,9 +388,14 @@ class ServiceRollout:
     # --- actions --------------------------------------------------------------------------
 
     async def start(self, why: str = "api") -> None:
+        """Saved before it counts: if the state cannot be saved, the rollout is as it was
+        (a rollback ramp cut short goes on) and StateWriteError says nothing changed."""
         record = self.record
         if record.phase in (PROGRESSING, PAUSED) and why == "api":
             raise RolloutError(f"a rollout of {self.name} is already {record.phase}")
+        before = copy.deepcopy(record)
+        before_entry = self.control.state.rollouts.get(self.name)
+        ramp_cut = self.ramp is not None and not self.ramp.done()
         self.cancel_ramp()
         record.phase = PROGRESSING
         record.step = 0
@@ -272,18 +406,42 @@ class ServiceRollout:
         record.started_at = time.time()
         record.promoted_at = None
         record.aborted_revision = None
+        record.steps_digest = steps_digest(self.spec.steps)
         self.step_window = self.background = None
-        self.save()
-        log.info("service %s: rollout started (%s)", self.name, why)
         if self.spec.strategy == "canary":
             # From the first step's weight at once: a new canary revision must not inherit
-            # the traffic share the previous one had reached.
-            await self.set_weights(self.first_weights())
+            # the traffic share the previous one had reached. Saved with the record.
+            self.stage()
+            try:
+                await self.set_weights(self.first_weights())
+            except StateWriteError:
+                self.record = before
+                if before_entry is None:
+                    self.control.state.rollouts.pop(self.name, None)
+                else:
+                    self.control.state.rollouts[self.name] = before_entry
+                if ramp_cut:
+                    self.ramp = self.controller.spawn(self.roll_back())
+                raise
+        else:
+            self.save()
+        log.info("service %s: rollout started (%s)", self.name, why)
         if not await self.webhook("pre_rollout", required=True):
             await self.abort("the pre_rollout webhook failed")
             return
         if self.spec.strategy == "blue_green":
             self.controller.spawn(self.run_smoke_checks())
+
+    async def start_or_retry(self, why: str) -> None:
+        """A start the operator did not ask for through the API (a config change, a restart):
+        when the state cannot be saved, the clock tries it again."""
+        try:
+            await self.start(why)
+        except StateWriteError as exc:
+            self.pending_start, self.pending_why = True, why
+            self.control.changed()  # what start left in force (the preset first weight)
+            log.error("service %s: rollout not started yet (%s): %s; trying again",
+                      self.name, why, exc)
 
     async def promote(self, full: bool = False) -> None:
         record = self.record
@@ -330,16 +488,17 @@ class ServiceRollout:
             self.record.aborted_revision = self.record.revision
             self.update_preview()
             self.save()
+        # Back to safety: in force at once, saved in the background (see ControlPlane).
         ramp = [w for w in self.spec.rollback_ramp if w > 0]
         if not ramp:
-            await self.set_weights({old: 100, new: 0})
+            await self.set_weights({old: 100, new: 0}, fail_safe=True)
             return
 
         async def walk() -> None:
             for weight in ramp:
-                await self.set_weights({old: 100 - weight, new: weight})
+                await self.set_weights({old: 100 - weight, new: weight}, fail_safe=True)
                 await asyncio.sleep(self.spec.rollback_ramp_interval)
-            await self.set_weights({old: 100, new: 0})
+            await self.set_weights({old: 100, new: 0}, fail_safe=True)
 
         self.ramp = self.controller.spawn(walk())
 
@@ -384,6 +543,9 @@ class ServiceRollout:
     # --- the engine -----------------------------------------------------------------------
 
     async def tick(self) -> None:
+        if self.pending_start:
+            self.pending_start = False
+            await self.start_or_retry(self.pending_why)
         record = self.record
         if record.phase not in (PROGRESSING, PAUSED):
             return
@@ -575,8 +737,9 @@ class ServiceRollout:
 
     # --- plumbing -------------------------------------------------------------------------
 
-    async def set_weights(self, weights: dict[str, int]) -> None:
-        await self.control.set_weights(self.name, weights, source="controller")
+    async def set_weights(self, weights: dict[str, int], fail_safe: bool = False) -> None:
+        await self.control.set_weights(self.name, weights, source="controller",
+                                       fail_safe=fail_safe)
 
     async def webhook(self, event: str, required: bool = False) -> bool:
         url = getattr(self.spec.webhooks, event)
@@ -607,7 +770,6 @@ class RolloutController:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._clock: asyncio.Task[None] | None = None
         self._session: Any = None
-        self._save_pending = False
         self._leading = False  # whether the clock acted as the controller last round
         self.sync(initial=True)
 
@@ -673,7 +835,7 @@ class RolloutController:
         for rollout in self.rollouts.values():
             if rollout.pending_start:
                 rollout.pending_start = False
-                self.spawn(rollout.start("the new version changed while Weir was stopped"))
+                self.spawn(rollout.start_or_retry(rollout.pending_why))
             elif rollout.rollback_unfinished():
                 log.info("service %s: finishing an interrupted rollback", rollout.name)
                 self.spawn(rollout.roll_back())
@@ -682,12 +844,8 @@ class RolloutController:
         for task in [self._clock, *self._tasks]:
             if task is not None:
                 task.cancel()
-        if self._save_pending:
-            self._save_pending = False
-            try:
-                await self.control.save_state()
-            except OSError as exc:  # e.g. Redis away at shutdown: the stop goes on
-                log.error("could not save the rollout state on stopping: %s", exc)
+        # The last records, and whatever else is unsaved (a failure is logged: the stop goes on).
+        await self.control.stop_saving()
         if self._session is not None:
             await self._session.close()
 
@@ -709,6 +867,7 @@ class RolloutController:
             rollout.step_window = rollout.background = None
             if rollout.name not in self.control.state.rollouts:
                 rollout.save()
+            rollout.check_steps("since the previous leader acted")
         log.info("rollout controller: acting on this instance from now on")
         self.resume_interrupted()
 
@@ -735,17 +894,26 @@ class RolloutController:
             for rollout in list(self.rollouts.values()) if leading else []:
                 try:
                     await rollout.tick()
-                except Exception:  # one service's rollout must not stop the others
-                    log.exception("service %s: rollout tick failed", rollout.name)
-            if self._save_pending:
-                self._save_pending = False
-                try:
-                    await self.control.save_state()
-                except OSError as exc:
-                    log.error("could not write the state file: %s", exc)
+                except Exception as exc:  # one service's rollout must not stop the others
+                    self.tick_failed(rollout, exc)
+                else:
+                    rollout.tick_error = ""
 
-    def save_soon(self) -> None:
-        self._save_pending = True
+    @staticmethod
+    def tick_failed(rollout: ServiceRollout, exc: Exception) -> None:
+        """Said once per distinct failure, not on every tick: a step that cannot be saved
+        (the rollout waits there; it moves on once the state can be saved again) in one line,
+        anything else with its traceback."""
+        error = f"{type(exc).__name__}: {exc}"
+        if error == rollout.tick_error:
+            return
+        rollout.tick_error = error
+        if isinstance(exc, StateWriteError):
+            log.error("service %s: the rollout waits at step %d: %s; trying again each "
+                      "tick", rollout.name, rollout.record.step + 1, exc)
+        else:
+            log.exception("service %s: rollout tick failed (repeats are not logged)",
+                          rollout.name)
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coroutine)

@@ -9,6 +9,7 @@ file is the newer writer and the API value is dropped.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import MAX_WEIGHT, Config
+from .rollout import check_rollout_record
 from .routing import effective_weights
 
 log = logging.getLogger("weir.state")
@@ -89,8 +91,10 @@ class RuntimeState:
                 name: parse_override(entry["weights"])
                 for name, entry in services.items() if "weights" in entry
             }
-            self.rollouts = {name: dict(entry["rollout"]) for name, entry in services.items()
-                             if isinstance(entry.get("rollout"), dict)}
+            # Checked field by field as the controller will use it: a damaged record is
+            # set aside with the file, not found out by the controller on every tick.
+            self.rollouts = {name: check_rollout_record(entry["rollout"])
+                             for name, entry in services.items() if "rollout" in entry}
             self.drained = parse_drained(data.get("drained", {}))  # absent in older files
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
             aside = self.path.with_suffix(self.path.suffix + ".corrupt")
@@ -101,18 +105,26 @@ class RuntimeState:
             self.drained = {}
             os.replace(self.path, aside)
 
-    def save(self) -> None:
-        """Write atomically: a temp file in the same directory, fsync, then rename."""
-        if self.path is None:
-            return
+    def document(self) -> dict[str, Any]:
+        """The state file's content, as of now: taken on the event loop, so that a write in
+        a thread never reads dicts the loop is changing."""
         services: dict[str, dict[str, Any]] = {}
         for name, override in self.weights.items():
             services.setdefault(name, {})["weights"] = asdict(override)
         for name, rollout in self.rollouts.items():
-            services.setdefault(name, {})["rollout"] = rollout
+            services.setdefault(name, {})["rollout"] = copy.deepcopy(rollout)
         data: dict[str, Any] = {"format": STATE_FORMAT, "services": services}
         if self.drained:
             data["drained"] = dict(self.drained)
+        return data
+
+    def save(self) -> None:
+        self.write(self.document())
+
+    def write(self, data: dict[str, Any]) -> None:
+        """Write atomically: a temp file in the same directory, fsync, then rename."""
+        if self.path is None:
+            return
         directory = self.path.parent
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=directory)

@@ -60,7 +60,7 @@ class StateStore:
         state.load()
 
     async def save(self, state: RuntimeState) -> None:
-        await asyncio.to_thread(state.save)
+        await asyncio.to_thread(state.write, state.document())
 
     def start(self, state: RuntimeState, on_change: OnChange, lock: asyncio.Lock) -> None:
         """Begin following changes made elsewhere (nothing to follow for a private file).

@@ -3,13 +3,16 @@
 Everything is real: a redis-server started here on a free port (no persistence), Weir as
 subprocesses sharing it, aiohttp backends. A switch through one instance's admin API must be
 in force on the other's data plane within a second; exactly one instance runs the controller,
-and killing it hands the rollout over at the step it had reached; Redis going away never
-breaks proxying, and its return re-syncs.
+and killing it hands the rollout over at the step it had reached, within leader_ttl; Redis going
+away never breaks proxying, and its return re-syncs; a write refused while Redis stalled never
+lands when it resumes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import shutil
 import signal
 import subprocess
@@ -17,7 +20,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +29,12 @@ import aiohttp
 import pytest
 import yaml
 
+from proxy.config import StateStore as StoreSettings
 from proxy.config import parse_config
 from proxy.control import ControlPlane
-from proxy.store import STORE_CLOSE_SECONDS
+from proxy.redisstore import REDIS_TIMEOUT, WRITE_MARGIN, RedisClock, RedisStore
+from proxy.state import RuntimeState
+from proxy.store import STORE_CLOSE_SECONDS, StoreError
 
 from .conftest import REPO_ROOT, RestartableWeir, free_port, port_open, sample, wait_for
 
@@ -78,6 +84,19 @@ async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
     server.kill()
 
 
+@contextlib.contextmanager
+def stalled(server: RedisServer) -> Iterator[None]:
+    """redis-server frozen (SIGSTOP), as in a stalled disk or a VM pause: connections stay
+    open and what clients send queues in its socket buffers, to be run when it resumes.
+    Always resumed (SIGCONT), whatever the test does meanwhile."""
+    assert server.process is not None
+    server.process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+
+
 # --- Weir instances ---------------------------------------------------------------------------
 
 
@@ -124,13 +143,14 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Any]:
                                     cookie_jar=aiohttp.DummyCookieJar())
     prefix = f"weir-test-{uuid.uuid4().hex[:8]}"
 
-    async def start(services: list[dict[str, Any]], redis_url: str) -> Instance:
+    async def start(services: list[dict[str, Any]], redis_url: str,
+                    leader_ttl: str = "2s") -> Instance:
         port, admin_port = free_port(), free_port()
         data = {"listen": f"127.0.0.1:{port}",
                 "admin": {"listen": f"127.0.0.1:{admin_port}", "token": TOKEN},
                 "watch": False, "shutdown": {"timeout": "2s"},
                 "state_store": {"type": "redis", "url": redis_url, "key_prefix": prefix,
-                                "leader_ttl": "2s"},
+                                "leader_ttl": leader_ttl},
                 "services": services}
         path = tmp_path / f"weir-{len(runs)}.yaml"
         path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
@@ -342,6 +362,225 @@ async def test_a_stop_while_redis_does_not_answer_still_ends_in_bounded_time(sta
     assert took < 2 + STORE_CLOSE_SECONDS + 2, a.run.output()[-3000:]
 
 
+# === a write whose answer never came must not land later (issue 17) ============================
+
+
+def reader_for(redis_server: RedisServer) -> Any:
+    """A plain client beside Weir's, to look at what Redis holds."""
+    import redis.asyncio as aioredis
+
+    return aioredis.from_url(redis_server.url)
+
+
+async def eval_calls(client: Any) -> int:
+    """How many EVALs Redis has run (its command statistics)."""
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_eval", {}).get("calls", 0))
+
+
+async def open_store(redis_server: RedisServer) -> tuple[RedisStore, str]:
+    prefix = f"weir-test-{uuid.uuid4().hex[:8]}"
+    store = RedisStore(StoreSettings(type="redis", url=redis_server.url, key_prefix=prefix))
+    await store.open()
+    return store, prefix
+
+
+async def test_a_write_that_timed_out_in_a_stall_does_not_land_when_redis_resumes(
+        redis_server):
+    """The store's write is sent, then Redis freezes: the client gives up after REDIS_TIMEOUT
+    and the write is reported as not made. When Redis resumes it runs the EVAL that was queued;
+    that must change nothing. The connection that timed out is not used again, so the next
+    write gets its own answer, not the late one."""
+    store, prefix = await open_store(redis_server)
+    reader = reader_for(redis_server)
+    state = RuntimeState(None)
+    try:
+        state.drained["10.0.0.1:80"] = 1.0
+        await store.save(state)  # the connection the next write reuses
+        assert await reader.hget(f"{prefix}:state", "drained:10.0.0.1:80") is not None
+        version = await reader.get(f"{prefix}:version")
+        evals = await eval_calls(reader)
+
+        state.drained["10.0.0.2:80"] = 2.0
+        with stalled(redis_server):
+            sent = time.monotonic()
+            with pytest.raises(StoreError) as failed:
+                await store.save(state)
+            waited = time.monotonic() - sent
+        print(f"\nthe write failed after {waited:.2f}s: {failed.value}")
+        assert waited < REDIS_TIMEOUT + 0.5, waited
+
+        # Resumed: Redis runs the queued EVAL (before anything sent from now on).
+        await poll(lambda: eval_calls(reader), lambda n: n > evals, 5,
+                   "Redis to run the write that was queued")
+        assert await reader.hget(f"{prefix}:state", "drained:10.0.0.2:80") is None
+        assert await reader.get(f"{prefix}:version") == version
+
+        # The same change again, now that Redis answers: it lands, and the store's view of
+        # the revisions is Redis's (a late reply read as this write's answer would skew it).
+        await store.save(state)
+        assert json.loads(await reader.hget(f"{prefix}:state", "drained:10.0.0.2:80")) == \
+            {"at": 2.0}
+        assert store.version == int(await reader.get(f"{prefix}:version")) == int(version) + 1
+        revs = await reader.hgetall(f"{prefix}:revs")
+        assert store.revs == {k.decode(): int(v) for k, v in revs.items()}
+    finally:
+        await store.close()
+        await reader.aclose()
+
+
+async def test_a_write_redis_runs_only_after_its_deadline_changes_nothing(redis_server):
+    """Redis holds the write back (CLIENT PAUSE WRITE, as a Redis busy with a slow command
+    would) until shortly before the client would give up: the script sees on Redis's own clock
+    that it runs past the deadline the store gave it, writes nothing and says so; the store
+    reports the write as not made."""
+    store, prefix = await open_store(redis_server)
+    reader = reader_for(redis_server)
+    state = RuntimeState(None)
+    try:
+        version = await reader.get(f"{prefix}:version")
+        state.drained["10.0.0.3:80"] = 3.0
+        # Past the deadline (WRITE_MARGIN before the client's timeout), well short of the
+        # timeout (Redis ends a pause on its next cron tick, up to 100 ms late).
+        await reader.client_pause(int((REDIS_TIMEOUT - WRITE_MARGIN + 0.05) * 1000), all=False)
+        try:
+            with pytest.raises(StoreError) as refused:
+                await store.save(state)
+        finally:
+            await reader.client_unpause()
+        print(f"\nrefused: {refused.value}")
+        assert "past its deadline" in str(refused.value)  # the script's answer, not a timeout
+        assert await reader.hget(f"{prefix}:state", "drained:10.0.0.3:80") is None
+        assert await reader.get(f"{prefix}:version") == version
+
+        await store.save(state)  # unpaused: it goes through
+        assert json.loads(await reader.hget(f"{prefix}:state", "drained:10.0.0.3:80")) == \
+            {"at": 3.0}
+    finally:
+        await store.close()
+        await reader.aclose()
+
+
+async def test_the_redis_clock_converts_local_moments_without_ever_putting_them_late(
+        redis_server):
+    """Deadlines go to Redis in its own clock, converted from the local monotonic clock (never
+    the local wall clock, which may disagree with Redis's on another host). The conversion may
+    err early by a round trip, never late; a step back of Redis's clock (or a failover to a
+    server whose clock is behind) is noticed at the next reading."""
+    clock = RedisClock()
+    clock.sample(100.0, 100.004, (1_700_000_000, 500_000))  # TIME read in those 4 ms
+    true_offsets = [1_700_000_000.5 - t for t in (100.0, 100.002, 100.004)]
+    for offset in true_offsets:  # wherever in the round trip Redis read its clock
+        assert clock.deadline_us(101.0) <= int((101.0 + offset) * 1_000_000)
+    assert clock.deadline_us(101.0) == int((101.0 + min(true_offsets)) * 1_000_000)
+    clock.sample(200.0, 200.001, (1_700_000_100, 499_500))  # a tighter bound: taken
+    assert abs(clock.deadline_us(201.0) - 1_700_000_101_498_500) <= 1  # float rounding
+    clock.sample(201.0, 201.010, (1_700_000_101, 504_000))  # looser: the tighter one stays
+    assert abs(clock.deadline_us(201.0) - 1_700_000_101_498_500) <= 1
+    clock.sample(202.0, 202.001, (1_700_000_097, 0))  # Redis's clock went back 5 s
+    assert abs(clock.deadline_us(203.0) - 1_700_000_097_999_000) <= 1
+
+    # Against a real Redis: a deadline for "now" is at or just before Redis's TIME.
+    store, _ = await open_store(redis_server)
+    reader = reader_for(redis_server)
+    try:
+        before = store.clock.deadline_us(time.monotonic())
+        seconds, micros = await reader.time()
+        after = store.clock.deadline_us(time.monotonic())
+        assert before <= seconds * 1_000_000 + micros, (before, seconds, micros)
+        assert seconds * 1_000_000 + micros - after < 50_000
+    finally:
+        await store.close()
+        await reader.aclose()
+
+
+async def test_a_change_refused_while_redis_stalled_is_never_applied_when_it_resumes(
+        start_backend, redis_server, fleet):
+    """Issue 17: Redis frozen; a switch through A is refused ("nothing changed") while both
+    instances keep serving. When Redis resumes, the refused switch must appear neither in
+    Redis nor on either instance; a switch made after the recovery goes through."""
+    blue, green = await start_backend("blue"), await start_backend("green")
+    a = await fleet(shop(blue, green), redis_server.url)
+    b = await fleet(shop(blue, green), redis_server.url)
+    await poll(lambda: leaders(a, b), lambda found: len(found) == 1, 5, "exactly one leader")
+    prefix = (await a.status())["state_store"]["key_prefix"]
+    reader = reader_for(redis_server)
+    try:
+        version = await reader.get(f"{prefix}:version")
+        fields = await reader.hgetall(f"{prefix}:state")
+        with stalled(redis_server):
+            code, reply = await a.call("POST", "/api/services/app/switch", {"to": "green"})
+            assert code in (500, 503) and reply.get("error"), (code, reply)
+            print(f"\nrefused with {code}: {reply['error']}")
+            for instance in (a, b):
+                assert await all_served(instance, 5) == Counter(blue=5)
+                await poll(instance.status, lambda s: s["state_store"]["connected"] is False, 5,
+                           "the store to notice Redis does not answer")
+        for instance in (a, b):
+            await poll(instance.status, lambda s: s["state_store"]["connected"] is True, 5,
+                       "the store to reconnect")
+
+        # For 3 s after the recovery (the issue saw the refused switch in force after 1.5 s):
+        # Redis holds what it held, and both instances still say and serve blue.
+        watch_until = time.monotonic() + 3.0
+        while time.monotonic() < watch_until:
+            assert await reader.get(f"{prefix}:version") == version
+            assert await reader.hgetall(f"{prefix}:state") == fields
+            for instance in (a, b):
+                service = (await instance.status())["services"][0]
+                assert service["weights"] == {"blue": 100, "green": 0}, service
+                assert await instance.served() == "blue"
+            await asyncio.sleep(0.05)
+
+        code, reply = await a.call("POST", "/api/services/app/switch", {"to": "green"})
+        assert code == 200, reply
+        await poll(b.served, lambda version: version == "green", 2, "green on B")
+        stored = json.loads(await reader.hget(f"{prefix}:state", "weights:app"))
+        assert stored["weights"] == {"blue": 0, "green": 100}
+    finally:
+        await reader.aclose()
+
+
+async def test_an_abort_while_redis_stalled_is_in_force_at_once_and_shared_once_saved(
+        start_backend, redis_server, fleet):
+    """Issue 17: sending traffic back to stable never waits on the store. Redis frozen; an
+    abort through A is in force on A at once and answered "applied, not saved"; once Redis
+    resumes, A's saver writes it and B takes it too."""
+    stable, canary = await start_backend("stable"), await start_backend("canary")
+    services = [{"name": "app",
+                 "versions": {"stable": {"upstreams": [stable.address], "revision": "s1"},
+                              "canary": {"upstreams": [canary.address], "revision": "c1"}},
+                 "weights": {"stable": 100, "canary": 0},
+                 "rollout": {"strategy": "canary", "stable": "stable", "canary": "canary",
+                             "steps": [{"set_weight": 50}, {"pause": {}}]}}]
+    a = await fleet(services, redis_server.url)
+    b = await fleet(services, redis_server.url)
+    await poll(lambda: leaders(a, b), lambda found: len(found) == 1, 5, "exactly one leader")
+    code, reply = await a.call("POST", "/api/services/app/rollout/start")
+    assert code == 200, reply
+    for instance in (a, b):
+        await poll(instance.status, lambda s: s["services"][0]["weights"]
+                   == {"stable": 50, "canary": 50}, 5, "the first step on both")
+
+    with stalled(redis_server):
+        asked = time.monotonic()
+        code, reply = await a.call("POST", "/api/services/app/rollout/abort")
+        assert code == 200, reply
+        assert time.monotonic() - asked < 4.5
+        assert reply["phase"] == "aborted" and reply["saved"] is False, reply
+        assert "applied, not saved" in reply["warning"]
+        assert await all_served(a, 10) == Counter(stable=10)
+        status = await a.status()
+        assert status["state_unsaved"] is not None
+        assert status["services"][0]["weights"] == {"stable": 100, "canary": 0}
+
+    await poll(a.status, lambda s: s["state_unsaved"] is None, 10, "A's abort to be saved")
+    await poll(b.rollout, lambda r: r["phase"] == "aborted", 5, "B to take the abort")
+    await poll(b.status, lambda s: s["services"][0]["weights"]
+               == {"stable": 100, "canary": 0}, 5, "B back on stable")
+    assert await all_served(b, 10) == Counter(stable=10)
+
+
 # === the controller runs on one instance ========================================================
 
 
@@ -378,6 +617,7 @@ async def test_killing_the_controllers_instance_hands_the_rollout_over(start_bac
     after = await follower.rollout()
     print(f"\nleader killed at step {before['step']}; the other instance led after "
           f"{took:.2f}s, at step {after['step']}")
+    assert took < 2.0 + TAKEOVER_SLACK, took  # within leader_ttl (2s) of the kill
     assert after["started_at"] == before["started_at"]
     assert after["step"] >= 1
     if after["step"] == 1:
@@ -395,3 +635,48 @@ async def test_killing_the_controllers_instance_hands_the_rollout_over(start_bac
     assert steps_seen == sorted(steps_seen), steps_seen  # never back to an earlier step
     assert (await follower.status())["services"][0]["weights"] == {"stable": 0, "canary": 100}
     assert await all_served(follower, 10) == Counter(canary=10)
+
+
+# How late a takeover may be on a busy machine, beyond the bound the lock allows (leader_ttl
+# after the holder's last renewal, plus leader.TAKEOVER_MARGIN and a round trip to Redis).
+TAKEOVER_SLACK = 0.3
+
+
+async def test_a_killed_leaders_lock_is_taken_within_leader_ttl(start_backend, redis_server,
+                                                                  fleet):
+    """SIGKILL the controller's instance just after it renewed its lock (the worst moment: its
+    lock then lives a whole leader_ttl on) and time how long the other instance takes to say
+    it leads: leader_ttl and a little, not leader_ttl plus a follower's retry interval. Three
+    handovers, so that a follower that happened to retry right at the lapse does not pass by
+    luck; each also checks the lock was not taken before it lapsed."""
+    ttl = 3.0
+    blue, green = await start_backend("blue"), await start_backend("green")
+    a = await fleet(shop(blue, green), redis_server.url, leader_ttl="3s")
+    b = await fleet(shop(blue, green), redis_server.url, leader_ttl="3s")
+    key = f"{(await a.status())['state_store']['key_prefix']}:leader"
+    reader = reader_for(redis_server)
+    took: list[float] = []
+    try:
+        for _ in range(3):
+            [leader] = await poll(lambda: leaders(a, b), lambda found: len(found) == 1,
+                                  2 * ttl, "exactly one leader")
+            follower = b if leader is a else a
+            # A renewal shows as the lock's remaining time jumping back up.
+            async with asyncio.timeout(ttl):
+                last = await reader.pttl(key)
+                while (remaining := await reader.pttl(key)) <= last:
+                    last = remaining
+                    await asyncio.sleep(0.002)
+            assert leader.run.process is not None
+            leader.run.process.send_signal(signal.SIGKILL)
+            killed_at = time.monotonic()
+            await poll(follower.status, lambda s: s["state_store"]["leader"], ttl + 2,
+                       "the takeover")
+            took.append(time.monotonic() - killed_at)
+            leader.run.process.wait()
+            await leader.run.start(leader.session)  # back, as a follower
+    finally:
+        await reader.aclose()
+    print(f"\nleader_ttl {ttl}s; killed right after a renewal, the other instance led after "
+          f"{', '.join(f'{t:.3f}s' for t in took)}")
+    assert all(ttl - 0.3 < t < ttl + TAKEOVER_SLACK for t in took), took

@@ -680,6 +680,17 @@
     } else {
       banner.hidden = true;
     }
+    // Changes in force here that the state file or store does not have yet.
+    const unsaved = status.state_unsaved;
+    const unsavedBanner = $('state-unsaved');
+    if (unsaved) {
+      unsavedBanner.textContent = `Runtime changes are in force but not saved since ` +
+        `${clock(unsaved.since)}: could not write ${unsaved.store} (${unsaved.error}); ` +
+        `retrying (${unsaved.attempts} attempt(s) so far).`;
+      unsavedBanner.hidden = false;
+    } else {
+      unsavedBanner.hidden = true;
+    }
 
     const main = $('services');
     const seen = new Set();
