@@ -276,6 +276,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def proc_status_bytes(pid: int, field: str) -> int:
+    """A memory figure of a process from /proc/PID/status (``VmRSS``, ``VmHWM``: kB there)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
 @dataclass
 class WeirProcess:
     process: subprocess.Popen[bytes]
@@ -283,11 +292,7 @@ class WeirProcess:
     admin_port: int
 
     def rss_bytes(self) -> int:
-        with open(f"/proc/{self.process.pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
+        return proc_status_bytes(self.process.pid, "VmRSS")
 
 
 @pytest.fixture
@@ -313,7 +318,12 @@ async def weir_process(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[
         return WeirProcess(process, port, admin_port)
 
     yield start
-    for process in started:
+    stop_processes(started)
+
+
+def stop_processes(processes: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each one still running, SIGKILL it if it has not exited 10 s later."""
+    for process in processes:
         if process.poll() is None:
             process.terminate()
             try:

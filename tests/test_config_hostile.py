@@ -43,7 +43,15 @@ from proxy.config import (
 )
 
 from . import test_ops_control
-from .conftest import REPO_ROOT, free_port, port_open, sample, wait_for
+from .conftest import (
+    REPO_ROOT,
+    free_port,
+    port_open,
+    proc_status_bytes,
+    sample,
+    stop_processes,
+    wait_for,
+)
 from .test_ops_control import (
     TOKEN,
     Api,
@@ -245,11 +253,7 @@ class LimitedWeir:
         return self.log.read_text(errors="replace")
 
     def peak_rss(self) -> int:
-        with open(f"/proc/{self.process.pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        raise AssertionError("no VmHWM in /proc/PID/status")
+        return proc_status_bytes(self.process.pid, "VmHWM")
 
 
 @pytest.fixture
@@ -283,14 +287,7 @@ async def limited_weir(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[
 
     yield start
     await session.close()
-    for process in started:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    stop_processes(started)
 
 
 @dataclass

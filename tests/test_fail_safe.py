@@ -54,6 +54,11 @@ class StateFolder:
     def saved(self) -> dict:
         return json.loads(self.file.read_text())
 
+    async def weir(self, start, data: dict):
+        """Weir started (the harness's ``weir`` fixture) with its state file in this folder."""
+        data["state_file"] = str(self.file)
+        return await start(data)
+
 
 async def at_step(api, step: int, phase: str = "paused") -> dict:
     return await api.wait_rollout(lambda r: r["phase"] == phase and r["step"] == step,
@@ -140,8 +145,7 @@ async def test_an_abort_with_the_state_folder_unwritable_is_applied_and_saved_la
     stable, canary = await backends("stable"), await backends("canary")
     folder = StateFolder(tmp_path)
     data = canary_config(stable, canary, EIGHT_STEPS)
-    data["state_file"] = str(folder.file)
-    live = await weir(data)
+    live = await folder.weir(weir, data)
     api = live.api
     await api.act("start")
     await at_step(api, 1)
@@ -193,8 +197,7 @@ async def test_a_rollback_after_failed_analysis_does_not_wait_for_the_disk(backe
                 "checks": {"max_error_rate": 0.1}}
     data = canary_config(stable, canary, [{"set_weight": 50}, {"pause": {}}],
                          analysis=analysis)
-    data["state_file"] = str(folder.file)
-    live = await weir(data)
+    live = await folder.weir(weir, data)
     api = live.api
     await api.act("start")
     await at_step(api, 1)
@@ -217,8 +220,7 @@ async def test_a_start_that_cannot_be_saved_changes_nothing_and_stays_undone(
     stable, canary = await backends("stable"), await backends("canary")
     folder = StateFolder(tmp_path)
     data = canary_config(stable, canary, EIGHT_STEPS)
-    data["state_file"] = str(folder.file)
-    live = await weir(data)
+    live = await folder.weir(weir, data)
     api = live.api
     await api.wait_rollout(lambda r: r["phase"] == "idle", timeout=2)
     folder.break_it()
@@ -243,8 +245,7 @@ async def test_a_step_that_cannot_be_saved_waits_there_and_says_so_once(backends
     folder = StateFolder(tmp_path)
     steps = [{"set_weight": 10}, {"pause": {}}, {"set_weight": 40}, {"pause": {}}]
     data = canary_config(stable, canary, steps)
-    data["state_file"] = str(folder.file)
-    live = await weir(data)
+    live = await folder.weir(weir, data)
     api = live.api
     await api.act("start")
     await at_step(api, 1)

@@ -172,6 +172,16 @@ def shop(blue: Any, green: Any, **extra: Any) -> list[dict[str, Any]]:
              "weights": {"blue": 100, "green": 0}, **extra}]
 
 
+def canary_service(stable: Any, canary: Any, steps: list[dict[str, Any]]
+                   ) -> list[dict[str, Any]]:
+    return [{"name": "app",
+             "versions": {"stable": {"upstreams": [stable.address], "revision": "s1"},
+                          "canary": {"upstreams": [canary.address], "revision": "c1"}},
+             "weights": {"stable": 100, "canary": 0},
+             "rollout": {"strategy": "canary", "stable": "stable", "canary": "canary",
+                         "steps": steps}}]
+
+
 async def poll(fetch: Any, predicate: Any, timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -547,12 +557,7 @@ async def test_an_abort_while_redis_stalled_is_in_force_at_once_and_shared_once_
     abort through A is in force on A at once and answered "applied, not saved"; once Redis
     resumes, A's saver writes it and B takes it too."""
     stable, canary = await start_backend("stable"), await start_backend("canary")
-    services = [{"name": "app",
-                 "versions": {"stable": {"upstreams": [stable.address], "revision": "s1"},
-                              "canary": {"upstreams": [canary.address], "revision": "c1"}},
-                 "weights": {"stable": 100, "canary": 0},
-                 "rollout": {"strategy": "canary", "stable": "stable", "canary": "canary",
-                             "steps": [{"set_weight": 50}, {"pause": {}}]}}]
+    services = canary_service(stable, canary, [{"set_weight": 50}, {"pause": {}}])
     a = await fleet(services, redis_server.url)
     b = await fleet(services, redis_server.url)
     await poll(lambda: leaders(a, b), lambda found: len(found) == 1, 5, "exactly one leader")
@@ -587,13 +592,9 @@ async def test_an_abort_while_redis_stalled_is_in_force_at_once_and_shared_once_
 async def test_killing_the_controllers_instance_hands_the_rollout_over(start_backend,
                                                                        redis_server, fleet):
     stable, canary = await start_backend("stable"), await start_backend("canary")
-    services = [{"name": "app",
-                 "versions": {"stable": {"upstreams": [stable.address], "revision": "s1"},
-                              "canary": {"upstreams": [canary.address], "revision": "c1"}},
-                 "weights": {"stable": 100, "canary": 0},
-                 "rollout": {"strategy": "canary", "stable": "stable", "canary": "canary",
-                             "steps": [{"set_weight": 20}, {"pause": {"duration": "4s"}},
-                                       {"set_weight": 50}, {"pause": {"duration": "1s"}}]}}]
+    services = canary_service(stable, canary, [
+        {"set_weight": 20}, {"pause": {"duration": "4s"}}, {"set_weight": 50},
+        {"pause": {"duration": "1s"}}])
     a = await fleet(services, redis_server.url)
     b = await fleet(services, redis_server.url)
     [leader] = await poll(lambda: leaders(a, b), lambda found: len(found) == 1, 5,
