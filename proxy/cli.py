@@ -307,6 +307,14 @@ def render_status(data: dict[str, Any], url: str) -> str:
                          f"{_when(reload.get('at'))}; still serving generation "
                          f"{reload.get('generation', data.get('generation', '?'))}")
         lines += [f"    - {indent(error, 6)}" for error in reload.get("errors") or []]
+    pending = data.get("restart_required") or []
+    if pending:
+        lines.append(f"  restart required to apply: {'; '.join(pending)}")
+    unsaved = data.get("state_unsaved")
+    if isinstance(unsaved, dict):
+        lines.append(f"  runtime state NOT SAVED{_when(unsaved.get('since'))}: could not write "
+                     f"{unsaved.get('store', 'the state')} ({unsaved.get('error')}); in force "
+                     f"here, retrying ({unsaved.get('attempts')} attempt(s) so far)")
 
     for service in data.get("services") or []:
         lines.append("")

@@ -290,7 +290,10 @@ class ControlPlane:
         try:
             async for _ in awatch(path.parent, watch_filter=relevant, recursive=False,
                                   stop_event=self._stop_watch, debounce=400, step=50):
-                await self._reload_when_settled()
+                try:
+                    await self._reload_when_settled()
+                except Exception:  # a bug in one reload must not end the watching
+                    log.exception("config reload (file) failed unexpectedly; still watching")
         except Exception:  # the watcher must never take the proxy down
             log.exception("config file watcher stopped; SIGHUP and POST /api/reload still work")
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,8 +23,9 @@ import aiohttp
 import pytest
 import yaml
 
-from .conftest import sample
+from .conftest import REPO_ROOT, sample
 from .rollout_harness import (
+    TOKEN,
     blue_green_config,
     canary_config,
     versions_seen,
@@ -58,6 +61,16 @@ class StateFolder:
         """Weir started (the harness's ``weir`` fixture) with its state file in this folder."""
         data["state_file"] = str(self.file)
         return await start(data)
+
+
+async def weir_command(*args: str) -> str:
+    """`weir ARGS` (the CLI, a client of the admin API) run as a process; its output."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", *args, cwd=REPO_ROOT,
+        env={**os.environ, "WEIR_ADMIN_TOKEN": TOKEN},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    output, _ = await asyncio.wait_for(process.communicate(), 30)
+    return output.decode()
 
 
 async def at_step(api, step: int, phase: str = "paused") -> dict:
@@ -211,6 +224,8 @@ async def test_a_rollback_after_failed_analysis_does_not_wait_for_the_disk(backe
         assert await versions_seen(live.port, 10) == Counter(stable=10)
         status = (await api.call("GET", "/api/status", auth=False))[1]
         assert status["state_unsaved"] is not None
+        shown = await weir_command("status", "--admin", f"http://127.0.0.1:{live.admin.port}")
+        assert "runtime state NOT SAVED" in shown and "retrying" in shown, shown
     finally:
         folder.mend()
 
@@ -251,8 +266,10 @@ async def test_a_step_that_cannot_be_saved_waits_there_and_says_so_once(backends
     await at_step(api, 1)
     folder.break_it()
     try:
-        promoted = await api.act("promote")  # to step 2 (set_weight 40): not saved
-        assert promoted["saved"] is False
+        # To step 2 (set_weight 40), not saved: done, and the CLI says so.
+        said = await weir_command("promote", "app", "--admin",
+                                  f"http://127.0.0.1:{live.admin.port}")
+        assert "rollout promoted" in said and "warning: applied, not saved" in said, said
         # The canary's weight is not raised while it cannot be saved...
         await api.holds(lambda r: r["step"] == 2, 1.5, "waiting at the set_weight step")
         assert await api.weights() == {"stable": 90, "canary": 10}
