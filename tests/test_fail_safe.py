@@ -169,7 +169,8 @@ async def test_an_abort_with_the_state_folder_unwritable_is_applied_and_saved_la
     folder.break_it()
     asked = time.monotonic()
     aborted = await api.act("abort")
-    assert time.monotonic() - asked < 1.0 + 3.5  # the answer waits a bounded while for the save
+    # Answered within a second: the traffic moved first, and the failed save was quick.
+    assert time.monotonic() - asked < 1.0
     assert aborted["phase"] == "aborted"
     assert aborted["saved"] is False
     assert aborted["warning"].startswith("applied, not saved"), aborted
