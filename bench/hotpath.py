@@ -22,9 +22,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.app import ProxyServer
-from proxy.config import parse_config
-from proxy.upstream import UpstreamConnection
+from proxy.config.loader import parse_config
+from proxy.dataplane.proxyserver import ProxyServer
+from proxy.dataplane.upstream import UpstreamConnection
 
 CONFIG = {
     "listen": "127.0.0.1:0",

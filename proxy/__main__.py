@@ -1,7 +1,7 @@
 import sys
 
 try:
-    from .cli import main
+    from .cli.commands import main
 except KeyboardInterrupt:  # Ctrl-C while still importing: no traceback, the usual code
     sys.exit(130)
 

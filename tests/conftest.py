@@ -23,8 +23,9 @@ import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import ProxyServer
-from proxy.config import Config, parse_config
+from proxy.config.loader import parse_config
+from proxy.config.model import Config
+from proxy.dataplane.proxyserver import ProxyServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -20,9 +20,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from proxy.admin import AdminServer
-from proxy.config import load_config
-from proxy.control import ControlPlane
+from proxy.admin.api import AdminServer
+from proxy.config.loader import load_config
+from proxy.control.plane import ControlPlane
 
 TOKEN = "metrics-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -22,9 +22,9 @@ import pytest
 import yaml
 from aiohttp import web
 
-from proxy.admin import AdminServer
-from proxy.config import load_config
-from proxy.control import ControlPlane
+from proxy.admin.api import AdminServer
+from proxy.config.loader import load_config
+from proxy.control.plane import ControlPlane
 
 from .conftest import serve_on_loopback, wait_for
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from proxy.admin import MAX_BODY_DEPTH
+from proxy.admin.api import MAX_BODY_DEPTH
 
 from . import test_ops_control
 from .test_ops_control import shop_config, versions_served

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-import proxy
+from proxy.dataplane.build import request_path_build
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,13 +38,13 @@ def test_the_compiled_modules_are_all_or_none() -> None:
     # mypyc's modules share one runtime library: a mix means a half-built tree.
     kinds = {is_extension(module) for module in compiled_modules()}
     assert len(kinds) == 1, {module: is_extension(module) for module in compiled_modules()}
-    assert proxy.request_path_build() == ("compiled" if kinds == {True} else "interpreted")
+    assert request_path_build() == ("compiled" if kinds == {True} else "interpreted")
 
 
 @pytest.mark.skipif(os.environ.get("WEIR_EXPECT_COMPILED") != "1",
                     reason="WEIR_EXPECT_COMPILED=1 is set by .ci/run")
 def test_ci_tests_the_compiled_request_path() -> None:
-    assert proxy.request_path_build() == "compiled", (
+    assert request_path_build() == "compiled", (
         "the request path was installed as pure Python: see the `weir:` lines of pip's "
         "output (pip install -v -e .) for mypyc's type errors or the compiler's")
 
@@ -59,3 +59,16 @@ def test_compiled_modules_are_not_older_than_their_source() -> None:
         if is_extension(module) and source.stat().st_mtime > built.stat().st_mtime:
             stale.append(module)
     assert not stale, f"rebuild with `pip install -e .`: {stale} changed since they were compiled"
+
+
+def test_no_extension_module_outside_the_compiled_list() -> None:
+    # A .so left from an older layout (or a module dropped from COMPILED_MODULES) would be
+    # imported instead of the .py beside it, or stand in for a module that no longer exists.
+    listed = {REPO / (module.replace(".", "/")) for module in compiled_modules()}
+    suffixes = sorted(EXTENSION_SUFFIXES, key=len, reverse=True)  # the full ABI tag first
+    strays = []
+    for path in (REPO / "proxy").rglob("*.so"):
+        suffix = next(s for s in suffixes if path.name.endswith(s))
+        if path.with_name(path.name.removesuffix(suffix)) not in listed:
+            strays.append(path)
+    assert not strays, f"extension modules that setup.py does not build: {strays}"

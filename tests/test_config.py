@@ -9,15 +9,8 @@ from typing import Any
 
 import pytest
 
-from proxy.config import (
-    Config,
-    ConfigError,
-    json_schema,
-    load_config,
-    parse_config,
-    parse_duration,
-    parse_size,
-)
+from proxy.config.loader import load_config, parse_config
+from proxy.config.model import Config, ConfigError, json_schema, parse_duration, parse_size
 
 # The example from /work/shared/interface.md, verbatim.
 INTERFACE_EXAMPLE = """\

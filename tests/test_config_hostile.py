@@ -31,16 +31,16 @@ import aiohttp
 import pytest
 import yaml
 
-from proxy.config import (
+from proxy.config.loader import (
     MAX_CONFIG_BYTES,
     MAX_YAML_ALIASES,
     MAX_YAML_DEPTH,
     MAX_YAML_NODES,
-    ConfigError,
     YAMLLimitError,
     load_config,
     load_yaml,
 )
+from proxy.config.model import ConfigError
 
 from . import test_ops_control
 from .conftest import (

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from proxy.config import ConfigError, parse_config
+from proxy.config.loader import parse_config
+from proxy.config.model import ConfigError
 
 from . import inprocess_weir
 from .conftest import free_port, wait_for

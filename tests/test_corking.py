@@ -1,6 +1,7 @@
-"""Writes held to the end of the loop iteration (proxy/corking.py): on real loopback sockets,
-what is held reaches the peer whole and in order, before whatever ends the stream; and through
-the proxy, an answer finished in the same iteration as a FIN is not lost."""
+"""Writes held to the end of the loop iteration (proxy/dataplane/corking.py): on real
+loopback sockets, what is held reaches the peer whole and in order, before whatever ends the
+stream; and through the proxy, an answer finished in the same iteration as a FIN is not
+lost."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from proxy.corking import JOIN_BYTES, NOTHING_HELD, CorkedTransport, Corker, coalesced
+from proxy.dataplane.corking import JOIN_BYTES, NOTHING_HELD, CorkedTransport, Corker, coalesced
 
 from .conftest import one_service, read_response, read_until_closed
 

@@ -42,7 +42,7 @@ needs_chromium = pytest.mark.skipif(
     reason="chromium is not installed (Debian: apt-get install chromium chromium-driver; "
            ".ci/run installs it)")
 
-STATIC = REPO_ROOT / "proxy" / "static"
+STATIC = REPO_ROOT / "proxy" / "admin" / "static"
 
 
 def shop(stable: Backend, canary: Backend, **extra: Any) -> dict[str, Any]:
@@ -158,9 +158,9 @@ async def test_dashboard_files_are_served_self_contained_and_packaged(start_back
 
     # A non-editable install ships every file (package data globs in pyproject.toml).
     globs = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())[
-        "tool"]["setuptools"]["package-data"]["proxy"]
+        "tool"]["setuptools"]["package-data"]["proxy.admin"]
     for path in STATIC.iterdir():
-        relative = path.relative_to(REPO_ROOT / "proxy").as_posix()
+        relative = path.relative_to(REPO_ROOT / "proxy" / "admin").as_posix()
         assert any(fnmatch.fnmatch(relative, g) for g in globs), relative
 
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.config import parse_config
-from proxy.demo import DemoOptions, choose_port, demo_config
-from proxy.demoapp import DemoApp
+from proxy.config.loader import parse_config
+from proxy.demo.app import DemoApp
+from proxy.demo.options import DemoOptions, choose_port, demo_config
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_DEADLINE = 40.0   # the whole --fast demo, on a busy machine

@@ -38,7 +38,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.app import ProxyServer
+from proxy.dataplane.proxyserver import ProxyServer
 
 DEADLINE = 5.0  # seconds for the proxy to answer or close one input
 STATUS_LINE = re.compile(rb"HTTP/1\.1 [1-5][0-9][0-9] ")

@@ -42,7 +42,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from hypothesis import currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
-from proxy.app import ProxyServer
+from proxy.dataplane.proxyserver import ProxyServer
 
 from .conftest import one_service
 from .test_fuzz import (

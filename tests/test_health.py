@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from proxy.config import ConfigError, json_schema, parse_config
-from proxy.health import UpstreamHealth
+from proxy.config.loader import parse_config
+from proxy.config.model import ConfigError, json_schema
+from proxy.dataplane.health import UpstreamHealth
 
 from . import inprocess_weir
 from .conftest import free_port, sample, serve_on_loopback, wait_for

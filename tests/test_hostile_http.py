@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from proxy.app import ProxyServer
-from proxy.config import Service
-from proxy.metrics import Metrics
-from proxy.upstream import MAX_RESPONSE_HEAD
+from proxy.config.model import Service
+from proxy.control.metrics import Metrics
+from proxy.dataplane.proxyserver import ProxyServer
+from proxy.dataplane.upstream import MAX_RESPONSE_HEAD
 
 from .conftest import (
     exchange,

@@ -796,7 +796,7 @@ async def test_service_timeouts_override_the_global_ones(start_backend, start_pr
 
 def test_header_names_lowered_from_a_bounded_table() -> None:
     # Clients choose header names: a flood of new ones must not grow the table without end.
-    from proxy import http11
+    from proxy.dataplane import http11
 
     assert http11.lowered(b"Content-LENGTH") == b"content-length"
     for i in range(3000):
@@ -811,7 +811,7 @@ def test_names_taken_without_lowering_are_what_lowering_would_give() -> None:
     # The data plane compares Host, Content-Length and Connection as sent before it lowers a
     # name, and acts on what it knows of them: Content-Length is noted and passed on,
     # Connection noted and rewritten, Host passed on.
-    from proxy import http11
+    from proxy.dataplane import http11
 
     for spelling, known in ((b"Host", http11.HOST), (b"Content-Length", http11.CONTENT_LENGTH),
                             (b"Connection", http11.CONNECTION)):

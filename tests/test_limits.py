@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from proxy.app import ProxyServer
-from proxy.metrics import Metrics
+from proxy.control.metrics import Metrics
+from proxy.dataplane.proxyserver import ProxyServer
 
 from .conftest import exchange, one_service, read_response, read_until_closed, sample, wait_for
 

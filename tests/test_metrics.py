@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import yaml
 
-from proxy.stats import FINE_BUCKETS, VersionStats
+from proxy.dataplane.stats import FINE_BUCKETS, VersionStats
 
 from . import inprocess_weir
 from .conftest import Backend, exchange, free_port, wait_for

@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import websockets
 
-from proxy.mirror import MirrorPolicy, MirrorStats
+from proxy.dataplane.mirror import MirrorPolicy, MirrorStats
 
 from . import inprocess_weir
 from .conftest import Backend, RawHandler, WeirProcess, exchange, free_port, wait_for
@@ -548,8 +548,8 @@ async def test_exchanges_and_copies_are_freed_without_the_cycle_collector(start_
     up as latency spikes (measured: 5-29 ms pauses with mirroring before this was fixed)."""
     import gc
 
-    from proxy.mirror import MirrorCopy
-    from proxy.server import Exchange
+    from proxy.dataplane.mirror import MirrorCopy
+    from proxy.dataplane.server import Exchange
 
     from .conftest import exchange as raw_exchange
 

@@ -26,9 +26,10 @@ import aiohttp
 import pytest
 import yaml
 
-from proxy.admin import AdminServer
-from proxy.config import ConfigError, load_config, parse_config
-from proxy.control import ControlPlane
+from proxy.admin.api import AdminServer
+from proxy.config.loader import load_config, parse_config
+from proxy.config.model import ConfigError
+from proxy.control.plane import ControlPlane
 
 from .conftest import REPO_ROOT, Backend, RestartableWeir, free_port, sample, wait_for
 

@@ -16,12 +16,13 @@ import aiohttp
 import pytest
 import yaml
 
-from proxy.admin import AdminServer
-from proxy.config import ConfigError, load_config, parse_config
-from proxy.control import ControlPlane
-from proxy.retry import BUDGET_SLOTS, RetryBudget
-from proxy.routing import build_route_table
-from proxy.stats import StatsRegistry
+from proxy.admin.api import AdminServer
+from proxy.config.loader import load_config, parse_config
+from proxy.config.model import ConfigError
+from proxy.control.plane import ControlPlane
+from proxy.dataplane.retry import BUDGET_SLOTS, RetryBudget
+from proxy.dataplane.routing import build_route_table
+from proxy.dataplane.stats import StatsRegistry
 
 from .conftest import Backend, free_port, sample, wait_for
 

@@ -1,4 +1,5 @@
-"""proxy/routing.py without sockets: host/path matching, rules, weights and sticky hashing."""
+"""proxy/dataplane/routing.py without sockets: host/path matching, rules, weights and sticky
+hashing."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from proxy.config import parse_config
-from proxy.routing import (
+from proxy.config.loader import parse_config
+from proxy.dataplane.routing import (
     REASON_RULE,
     REASON_STICKY,
     REASON_WEIGHT,
@@ -439,8 +440,8 @@ def test_sticky_share_follows_weights() -> None:
 
 _SUBPROCESS_PICKS = """
 import json, sys
-from proxy.config import parse_config
-from proxy.routing import build_route_table
+from proxy.config.loader import parse_config
+from proxy.dataplane.routing import build_route_table
 
 class Balancer:
     def __init__(self, upstreams, tls=None):

@@ -29,12 +29,12 @@ import aiohttp
 import pytest
 import yaml
 
-from proxy.config import StateStore as StoreSettings
-from proxy.config import parse_config
-from proxy.control import ControlPlane
-from proxy.redisstore import REDIS_TIMEOUT, WRITE_MARGIN, RedisClock, RedisStore
-from proxy.state import RuntimeState
-from proxy.store import STORE_CLOSE_SECONDS, StoreError
+from proxy.config.loader import parse_config
+from proxy.config.model import StateStore as StoreSettings
+from proxy.control.plane import ControlPlane
+from proxy.control.redisstore import REDIS_TIMEOUT, WRITE_MARGIN, RedisClock, RedisStore
+from proxy.control.state import RuntimeState
+from proxy.control.store import STORE_CLOSE_SECONDS, StoreError
 
 from .conftest import REPO_ROOT, RestartableWeir, free_port, port_open, sample, wait_for
 

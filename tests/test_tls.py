@@ -18,8 +18,8 @@ import trustme
 import yaml
 from aiohttp import web
 
-from proxy.config import load_config
-from proxy.control import ControlPlane
+from proxy.config.loader import load_config
+from proxy.control.plane import ControlPlane
 
 from .conftest import (
     REPO_ROOT,

@@ -1,0 +1,1 @@
+"""The admin API, the dashboard and its history: HTTP over the control plane."""

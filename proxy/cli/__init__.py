@@ -1,0 +1,1 @@
+"""The `weir` command line: a thin client of the admin API, and `weir run`."""

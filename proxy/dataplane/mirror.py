@@ -1,0 +1,334 @@
+"""Shadow traffic: copies of live requests sent to a shadow version, answers thrown away.
+
+A copy never touches the user's response: it is built from the request as it streams to the
+primary, sent only once the request is complete, on the shadow version's own pooled
+connections, and read to the end and discarded. What a copy may hold is bounded (body size,
+copies in flight, bytes queued); when the shadow is slow or down, copies are dropped and
+counted instead of piling up. The copies ride the same data-plane machinery as user requests
+(UpstreamConnection) rather than an HTTP client library: a copy then costs about what a proxied
+request costs, which is what keeps mirroring 100% of traffic affordable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+from collections import deque
+from time import monotonic
+from typing import TYPE_CHECKING, Any
+
+from ..config.model import Mirror
+from .http11 import REQUEST_REWRITTEN
+from .upstream import ResponseSink
+
+if TYPE_CHECKING:
+    from .accesslog import AccessLog
+    from .routing import VersionTarget
+    from .server import Exchange
+    from .upstream import UpstreamConnection, UpstreamPool
+
+log = logging.getLogger("weir.mirror")
+
+OUTCOMES = ("success", "error", "timeout", "dropped")
+MIRROR_SKIP = REQUEST_REWRITTEN | {b"host", b"content-length"}
+# After this many connect failures in a row, mirroring to that shadow pauses for a while:
+# a shadow that refuses connections must not cost a failed connect per user request.
+FAILURES_BEFORE_BACKOFF = 5
+BACKOFF_SECONDS = 1.0
+MISMATCHES_KEPT = 20
+# Weight of the newest copy in the running average of how long a copy takes (see pacing).
+DURATION_SMOOTHING = 0.1
+# Copies that may start back to back, after a lull, before the pacing spaces them out.
+PACING_BURST = 4
+
+
+class MirrorStats:
+    """Counters for one (service, shadow version); lives as long as the process."""
+
+    def __init__(self, service: str, version: str) -> None:
+        self.service = service
+        self.version = version
+        self.outcomes = dict.fromkeys(OUTCOMES, 0)
+        self.comparisons = {"match": 0, "mismatch": 0}
+        self.mismatches: deque[dict[str, Any]] = deque(maxlen=MISMATCHES_KEPT)
+
+
+class MirrorPolicy:
+    """One compiled ``mirror`` entry of a service, with its shared limits."""
+
+    __slots__ = ("average_seconds", "backoff_until", "compare", "consecutive_failures",
+                 "fraction", "host_suffix", "inflight", "max_body", "max_concurrent",
+                 "max_queued", "methods", "next_start", "queued_bytes", "stats", "target",
+                 "timeout")
+
+    def __init__(self, config: Mirror, target: VersionTarget, stats: MirrorStats) -> None:
+        self.target = target
+        self.stats = stats
+        self.fraction = config.percent / 100.0
+        self.methods = frozenset(m.encode() for m in config.methods)
+        self.max_body = config.max_body_bytes
+        self.max_concurrent = config.max_concurrent
+        self.max_queued = config.max_queued_bytes
+        self.timeout = config.timeout
+        self.host_suffix = config.host_suffix
+        self.compare = config.compare
+        self.inflight = 0
+        self.queued_bytes = 0
+        self.consecutive_failures = 0
+        self.backoff_until = 0.0
+        # Pacing. A shadow slower than the traffic holds all max_concurrent slots; they free
+        # up together and would be taken again together, so copies would go out and their
+        # answers come back in bursts that delay the users' requests around them. Instead
+        # copies start no closer together than average_seconds / max_concurrent: the rate
+        # at which the shadow finishes them, spread evenly (PACING_BURST may go together).
+        # A shadow that keeps up holds few slots and is not paced at all (see has_room).
+        self.average_seconds = 0.0  # of a copy, from sending to its end; 0 until one ends
+        self.next_start = 0.0
+
+    def wants(self, method: bytes) -> bool:
+        return method in self.methods and (self.fraction >= 1.0
+                                           or random.random() < self.fraction)
+
+    def count(self, outcome: str) -> None:
+        self.stats.outcomes[outcome] += 1
+
+    def has_room(self) -> bool:
+        """Whether a copy could be sent now: fewer than max_concurrent in flight, not backing
+        off from a shadow that refuses connections, and due by the pacing. Checked before a
+        copy is built, so that while the shadow is busy or down the copies it cannot take
+        cost a counter, not an object per request."""
+        inflight = self.inflight
+        if inflight >= self.max_concurrent:
+            return False
+        # Paced only once the shadow holds half its slots: below that it keeps up, and the
+        # copies go out as the requests come.
+        paced = self.average_seconds and inflight * 2 >= self.max_concurrent
+        if self.backoff_until or paced:
+            now = monotonic()
+            return now >= self.backoff_until and (not paced or now >= self.next_start)
+        return True
+
+    def started(self, now: float) -> None:
+        """A copy is on its way: the next one is due one spacing later (a token bucket that
+        holds PACING_BURST spacings)."""
+        if self.average_seconds:
+            spacing = self.average_seconds / self.max_concurrent
+            self.next_start = max(self.next_start, now - PACING_BURST * spacing) + spacing
+
+    def ended(self, seconds: float) -> None:
+        """A sent copy was answered or timed out after ``seconds``."""
+        if self.average_seconds:
+            self.average_seconds += DURATION_SMOOTHING * (seconds - self.average_seconds)
+        else:
+            self.average_seconds = seconds
+
+    def drop(self, exchange: Exchange) -> None:
+        """Count a copy dropped before it was built (see has_room)."""
+        self.stats.outcomes["dropped"] += 1
+        access_log = exchange.client.server.access_log
+        if access_log is not None:
+            access_log.mirror(self.target, 0, "dropped", exchange.url, exchange.method)
+
+
+class MirrorCopy(ResponseSink):
+    """The copy of one request; it implements what UpstreamConnection reports to."""
+
+    __slots__ = ("access_log", "body", "body_size", "conn", "digest", "done", "exchange",
+                 "keep_alive", "method", "path", "policy", "pool", "primary",
+                 "sent_at", "shadow_status", "too_large")
+
+    def __init__(self, policy: MirrorPolicy, exchange: Exchange) -> None:
+        self.policy = policy
+        self.exchange: Exchange | None = exchange
+        self.head_request = exchange.head_request
+        self.method = exchange.method
+        self.path = exchange.url
+        self.access_log: AccessLog | None = exchange.client.server.access_log
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.too_large = False
+        self.conn: UpstreamConnection | None = None
+        self.pool: UpstreamPool | None = None
+        self.digest = hashlib.sha256() if policy.compare else None
+        self.shadow_status = 0
+        self.keep_alive = False
+        self.primary: tuple[int, str] | None = None  # (status, body digest) once known
+        self.done = False
+        self.sent_at = 0.0
+
+    # --- fed by the primary exchange ------------------------------------------------------
+
+    def add_body(self, data: bytes) -> None:
+        if self.too_large:
+            return
+        self.body_size += len(data)
+        if self.body_size > self.policy.max_body:
+            self.too_large = True
+            self.body = []
+        else:
+            self.body.append(data)
+
+    def send(self) -> None:
+        """The user's request is complete: send the copy, or drop it if over a limit."""
+        policy = self.policy
+        exchange = self.exchange
+        if exchange is None:
+            return
+        now = monotonic()
+        if (self.too_large or policy.inflight >= policy.max_concurrent
+                or policy.queued_bytes + self.body_size > policy.max_queued
+                or now < policy.backoff_until):
+            self.finish("dropped")
+            return
+        pool: UpstreamPool | None = policy.target.balancer.pick()  # type: ignore[assignment]
+        if pool is None:  # the shadow's upstreams are down, ejected or full
+            self.finish("dropped")
+            return
+        head = self.build_head(exchange)
+        self.exchange = None  # no reference cycle with the exchange: refcounting frees both
+        payload = head + b"".join(self.body)
+        self.body = []
+        policy.inflight += 1
+        policy.queued_bytes += self.body_size
+        policy.started(now)
+        self.sent_at = now
+        self.pool = pool
+        pool.active.add(self)  # type: ignore[arg-type]
+        conn = pool.take_idle()
+        if conn is not None:
+            self.attach(conn, payload)
+        else:
+            asyncio.get_running_loop().create_task(self.connect(pool, payload))
+
+    def build_head(self, exchange: Exchange) -> bytes:
+        host = exchange.hmap.get(b"host", b"")
+        if self.policy.host_suffix:
+            name, colon, port = host.rpartition(b":") if b"]" not in host[-1:] else (host, b"",
+                                                                                    b"")
+            if not colon or not port.isdigit():
+                name, colon, port = host, b"", b""
+            host = name + b"-shadow" + colon + port
+        extra = b"host: %b\r\ncontent-length: %d\r\n" % (host, self.body_size)
+        return exchange.build_head(MIRROR_SKIP, extra)
+
+    async def connect(self, pool: UpstreamPool, payload: bytes) -> None:
+        policy = self.policy
+        try:
+            conn = await pool.connect(min(policy.timeout, 5.0))
+        except TimeoutError:
+            pool.timeouts += 1
+            pool.record_failure(unreachable=True)
+            self.connect_failed("timeout")
+            return
+        except OSError:
+            pool.connect_errors += 1
+            pool.record_failure(unreachable=True)
+            self.connect_failed("error")
+            return
+        if self.done:
+            pool.release(conn)
+            return
+        self.attach(conn, payload)
+
+    def connect_failed(self, outcome: str) -> None:
+        policy = self.policy
+        policy.consecutive_failures += 1
+        if policy.consecutive_failures >= FAILURES_BEFORE_BACKOFF:
+            policy.backoff_until = monotonic() + BACKOFF_SECONDS
+        self.finish(outcome)
+
+    def attach(self, conn: UpstreamConnection, payload: bytes) -> None:
+        self.conn = conn
+        self.policy.consecutive_failures = 0
+        conn.send(self, payload, self.policy.timeout)
+
+    # --- what the shadow's connection reports ---------------------------------------------
+
+    def on_upstream_head(self, status: int, lines: list[bytes],
+                         noted: list[bytes], keep_alive: bool) -> None:
+        self.shadow_status = status
+        self.keep_alive = keep_alive
+
+    def on_upstream_body(self, data: bytes) -> None:
+        if self.digest is not None:
+            self.digest.update(data)
+
+    def on_upstream_complete(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            if self.keep_alive:
+                conn.pool.release(conn)
+            else:
+                conn.close()
+        self.finish("success")
+
+    def on_upstream_tunnel_data(self, data: bytes) -> None:
+        pass  # a shadow has no business upgrading; the copy ends when it closes
+
+    def on_upstream_failed(self, status: int, reason: str, got_bytes: bool) -> None:
+        self.conn = None
+        self.finish("timeout" if status == 504 else "error")
+
+    def on_upstream_closed(self) -> None:
+        self.conn = None
+        self.finish("error")
+
+    def pause_client_reading(self, paused: bool) -> None:
+        pass  # nothing to pause: the copy's body is already in memory
+
+    def flush(self) -> None:
+        pass
+
+    def close_for_drain(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.detach()
+        self.finish("error")
+
+    # --- the end --------------------------------------------------------------------------
+
+    def finish(self, outcome: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.exchange = None
+        policy = self.policy
+        policy.count(outcome)
+        if self.pool is not None:
+            if outcome in ("success", "timeout"):
+                policy.ended(monotonic() - self.sent_at)
+            self.pool.active.discard(self)  # type: ignore[arg-type]
+            policy.inflight -= 1
+            policy.queued_bytes -= self.body_size
+            self.pool = None
+        if outcome == "success" and self.digest is not None:
+            self.compare_when_ready()
+        if self.access_log is not None:
+            self.access_log.mirror(policy.target, self.shadow_status, outcome, self.path,
+                                   self.method)
+
+    def primary_finished(self, status: int, digest: str) -> None:
+        self.primary = (status, digest)
+        if self.done and self.shadow_status:
+            self.compare_when_ready()
+
+    def compare_when_ready(self) -> None:
+        if self.primary is None or self.digest is None:
+            return
+        status, digest = self.primary
+        shadow_digest = self.digest.hexdigest()
+        self.digest = None
+        stats = self.policy.stats
+        if status == self.shadow_status and digest == shadow_digest:
+            stats.comparisons["match"] += 1
+            return
+        stats.comparisons["mismatch"] += 1
+        stats.mismatches.append({
+            "method": self.method.decode(),
+            "path": self.path[:200].decode("latin-1"),
+            "primary_status": status,
+            "shadow_status": self.shadow_status,
+            "same_body": digest == shadow_digest,
+        })

@@ -1,0 +1,898 @@
+"""The embedded rollout controller: canary steps and blue/green promotion, judged from Weir's
+own per-version counts, with automatic rollback.
+
+One ``ServiceRollout`` per service with a ``rollout`` block. It is driven by a one-second tick
+(or faster when an analysis interval is shorter), and everything it decides goes through the
+control plane (weights with source "controller") and into the state file, so a restart resumes
+at the same step without repeating it.
+
+Phases, as Argo Rollouts names them: ``idle`` (nothing to do), ``progressing``, ``paused``
+(by a step, a person, or inconclusive analysis), ``completed`` and ``aborted``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Coroutine
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..config.model import Analysis, Rollout, Service, Step
+from ..dataplane.stats import VersionStats
+from ..errors import StateWriteError
+from .analysis import MeasurementWindow
+from .prometheus import PrometheusWindow
+
+if TYPE_CHECKING:
+    from .surface import ControlSurface
+
+log = logging.getLogger("weir.rollout")
+
+
+IDLE, PROGRESSING, PAUSED, COMPLETED, ABORTED = (
+    "idle", "progressing", "paused", "completed", "aborted")
+
+
+PHASES = (IDLE, PROGRESSING, PAUSED, COMPLETED, ABORTED)
+
+
+ANALYSES_KEPT = 20
+
+
+class RolloutError(Exception):
+    """An action that does not fit the rollout's phase (the admin API answers 409)."""
+
+@dataclass
+class RolloutRecord:
+    """What survives a restart, for one service."""
+
+    phase: str = IDLE
+    step: int = 0
+    step_started_at: float = 0.0
+    paused_by: str | None = None        # "step", "user" or "inconclusive"
+    revision: str = ""                  # fingerprint of the new version's upstreams/revision
+    aborted_revision: str | None = None
+    reason: str | None = None
+    failures: int = 0
+    inconclusives: int = 0
+    active: str | None = None           # blue/green: the colour with the traffic
+    promoted_at: float | None = None
+    started_at: float | None = None
+    updated_at: float = 0.0
+    analyses: list[dict[str, Any]] = field(default_factory=list)
+    # The steps this record's step number counts in (see steps_digest): a restart with other
+    # steps in the file holds the rollout rather than reading the number against them.
+    steps_digest: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RolloutRecord:
+        checked = check_rollout_record(data)
+        return cls(**{k: v for k, v in checked.items() if k in cls.__dataclass_fields__})
+
+
+_COUNTS = ("step", "failures", "inconclusives")
+
+
+_TIMES = ("step_started_at", "updated_at")
+
+
+_OPTIONAL_TIMES = ("promoted_at", "started_at")
+
+
+_TEXTS = ("revision", "steps_digest")
+
+
+_OPTIONAL_TEXTS = ("paused_by", "aborted_revision", "reason", "active")
+
+
+def check_rollout_record(data: object) -> dict[str, Any]:
+    """A rollout record as stored (state file or shared store), checked field by field;
+    raises ValueError naming the first field that is not what the controller needs (a record
+    damaged by hand must be set aside where it is read, not fail on every tick)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a rollout record must be an object, got {data!r:.80}")
+
+    def number(value: object) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    for name, value in data.items():
+        if name == "phase":
+            ok = value in PHASES
+        elif name in _COUNTS:
+            ok = type(value) is int and value >= 0
+        elif name in _TIMES:
+            ok = number(value)
+        elif name in _OPTIONAL_TIMES:
+            ok = value is None or number(value)
+        elif name in _TEXTS:
+            ok = isinstance(value, str)
+        elif name in _OPTIONAL_TEXTS:
+            ok = value is None or isinstance(value, str)
+        elif name == "analyses":
+            ok = isinstance(value, list) and all(isinstance(a, dict) for a in value)
+        else:
+            continue  # written by a newer Weir: ignored
+        if not ok:
+            raise ValueError(f"rollout record field {name!r} has the invalid value "
+                             f"{value!r:.80}")
+    return dict(data)
+
+
+def steps_digest(steps: list[Step]) -> str:
+    text = json.dumps([s.model_dump(mode="json") for s in steps], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def fingerprint(service: Service, version: str) -> str:
+    config = service.versions[version]
+    text = "\n".join([*sorted(config.upstreams), config.revision or ""])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class ServiceRollout:
+    """The controller for one service."""
+
+    def __init__(self, controller: RolloutController, service: Service) -> None:
+        self.controller = controller
+        self.control = controller.control
+        self.name = service.name
+        self.service = service
+        self.record = RolloutRecord()
+        self.step_window: MeasurementWindow | PrometheusWindow | None = None
+        self.background: MeasurementWindow | PrometheusWindow | None = None
+        self.ramp: asyncio.Task[None] | None = None
+        self.pending_start = False
+        self.pending_why = "the new version changed while Weir was stopped"
+        self.tick_error = ""  # the last failure of this rollout's tick, logged once
+        # The start a config change set off (see config_changed): an operator's action waits
+        # for it, so that it applies to the rollout the edit began.
+        self.starting: asyncio.Task[None] | None = None
+
+    @property
+    def spec(self) -> Rollout:
+        assert self.service.rollout is not None
+        return self.service.rollout
+
+    # --- persistence and config -----------------------------------------------------------
+
+    def restore(self, data: dict[str, Any] | None) -> None:
+        if data:
+            try:
+                self.record = RolloutRecord.from_dict(data)
+            except (TypeError, ValueError) as exc:
+                log.error("service %s: ignoring unreadable rollout state (%s)", self.name, exc)
+        if self.spec.strategy == "blue_green":
+            self.record.active = self.record.active or self.spec.active
+            self.update_preview()
+        current = fingerprint(self.service, self.new_version)
+        if self.record.revision and self.record.revision != current:
+            # The new version changed while Weir was down: as if the file had been edited.
+            self.pending_start = self.spec.auto_start and current != self.record.aborted_revision
+        self.record.revision = current
+        if not self.record.steps_digest:  # a record from before steps were recorded
+            self.record.steps_digest = steps_digest(self.spec.steps)
+        if self.controller.leading:
+            self.check_steps("while Weir was stopped")
+
+    def check_steps(self, when: str) -> None:
+        """On taking up a record (a start, a new leader): if its step number counts in steps
+        that are no longer the file's, hold the rollout (see steps_changed)."""
+        record = self.record
+        if (record.steps_digest != steps_digest(self.spec.steps) and not self.pending_start
+                and self.spec.strategy == "canary" and record.phase in (PROGRESSING, PAUSED)):
+            self.hold_for_changed_steps(f"{when} (the rollout was at step {record.step + 1})")
+
+    def adopt(self, data: dict[str, Any]) -> None:
+        """The record as another instance wrote it (a shared state store)."""
+        try:
+            record = RolloutRecord.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            log.error("service %s: ignoring an unreadable rollout record (%s)", self.name, exc)
+            return
+        if record == self.record:
+            return
+        old = self.record
+        self.record = record
+        if (record.phase, record.step, record.started_at) != (old.phase, old.step,
+                                                              old.started_at):
+            self.step_window = self.background = None  # judged afresh from here
+            if record.phase not in (PROGRESSING, PAUSED):
+                self.cancel_ramp()
+        self.update_preview()
+
+    def save(self) -> None:
+        """The record, in force at once and saved in the background (retried until saved)."""
+        self.stage()
+        self.control.changed()
+
+    def stage(self) -> None:
+        """The record into the runtime state, to go with the next save."""
+        self.record.updated_at = time.time()
+        self.control.state.rollouts[self.name] = asdict(self.record)
+
+    @property
+    def new_version(self) -> str:
+        """The version a rollout brings in: the canary, or the idle blue/green colour."""
+        if self.spec.strategy == "canary":
+            return self.spec.canary
+        return self.idle_colour
+
+    @property
+    def old_version(self) -> str:
+        return self.spec.stable if self.spec.strategy == "canary" else self.active_colour
+
+    @property
+    def active_colour(self) -> str:
+        return self.record.active or self.spec.active
+
+    @property
+    def idle_colour(self) -> str:
+        spec = self.spec
+        return spec.preview if self.active_colour == spec.active else spec.active
+
+    def config_changed(self, service: Service) -> None:
+        """A reload: start a rollout if the new version's upstreams or revision changed."""
+        old_steps = self.spec.steps
+        self.service = service
+        revision = fingerprint(service, self.new_version)
+        if not self.controller.leading:
+            return  # a follower leaves its rollouts to the controller's instance
+        if revision == self.record.revision:
+            self.steps_changed(old_steps)
+            return
+        self.record.revision = revision
+        if self.spec.auto_start and revision != self.record.aborted_revision:
+            log.info("service %s: %s changed; starting a rollout", self.name, self.new_version)
+            self.preset_first_weight()
+            self.starting = self.controller.spawn(self.start_or_retry("config change"))
+        else:
+            self.save()
+
+    def steps_changed(self, old_steps: list[Step]) -> None:
+        """The file's steps may differ from those the rollout is counting in. A rollout in
+        progress carries on when only steps it has not reached changed; otherwise its step
+        number means something else now (fewer steps could even read as "all done" and send
+        the canary to 100%): it is held, paused, at a step that raises no weight."""
+        record = self.record
+        digest = steps_digest(self.spec.steps)
+        if digest == (record.steps_digest or steps_digest(old_steps)):
+            return
+        if self.spec.strategy != "canary" or record.phase not in (PROGRESSING, PAUSED):
+            record.steps_digest = digest
+            self.save()
+            return
+        new_steps, done = self.spec.steps, record.step
+        if done < len(new_steps) and ([s.model_dump() for s in old_steps[:done]]
+                                      == [s.model_dump() for s in new_steps[:done]]):
+            record.steps_digest = digest
+            self.save()
+            log.info("service %s: the rollout's later steps changed; carrying on at step "
+                     "%d of %d", self.name, done + 1, len(new_steps))
+            return
+        self.hold_for_changed_steps(f"at step {done + 1} of {len(old_steps)}")
+
+    def canary_percent(self) -> float:
+        """The canary's share of the traffic now, in percent."""
+        route = next((r for r in self.control.proxy.table.routes if r.name == self.name), None)
+        if route is None:
+            return 0.0
+        total = sum(route.weights.values())
+        return 100.0 * route.weights.get(self.spec.canary, 0) / total if total else 0.0
+
+    def hold_for_changed_steps(self, was: str) -> None:
+        """Pause at the furthest step that the steps before it do not take above the
+        canary's share now, and say so."""
+        record, steps = self.record, self.spec.steps
+        share = self.canary_percent()
+        held, highest = 0, 0
+        for index, step in enumerate(steps[:-1]):
+            if step.set_weight is not None:
+                highest = max(highest, step.set_weight)
+            if highest > share:
+                break
+            held = index + 1
+        record.step = held
+        record.step_started_at = time.time()
+        record.phase, record.paused_by = PAUSED, "config"
+        record.steps_digest = steps_digest(steps)
+        record.reason = (f"the rollout's steps changed in the config file {was}, with the "
+                         f"canary at {share:g}%: held at step {held + 1} of {len(steps)} "
+                         f"without changing any weight; resume or promote to go on")
+        self.step_window = self.background = None
+        self.cancel_ramp()
+        self.save()
+        log.warning("service %s: rollout paused: %s", self.name, record.reason)
+
+    def first_weights(self) -> dict[str, int]:
+        steps = self.spec.steps
+        first = steps[0].set_weight if steps and steps[0].set_weight is not None else 0
+        return {self.spec.stable: 100 - first, self.spec.canary: first}
+
+    def preset_first_weight(self) -> None:
+        """Before a reload's table is applied: new canary upstreams start at the first step's
+        weight in that very table, not at the share the previous canary had reached."""
+        if self.spec.strategy == "canary":
+            self.control.state.set_weights(self.control.config, self.name,
+                                           self.first_weights(), "controller")
+
+    def update_preview(self) -> None:
+        if self.spec.strategy == "blue_green":
+            self.control.previews[self.name] = (self.spec.preview_header, self.idle_colour)
+
+    # --- actions --------------------------------------------------------------------------
+
+    async def start(self, why: str = "api") -> None:
+        """Saved before it counts: if the state cannot be saved, the rollout is as it was
+        (a rollback ramp cut short goes on) and StateWriteError says nothing changed."""
+        record = self.record
+        if record.phase in (PROGRESSING, PAUSED) and why == "api":
+            raise RolloutError(f"a rollout of {self.name} is already {record.phase}")
+        before = copy.deepcopy(record)
+        before_entry = self.control.state.rollouts.get(self.name)
+        ramp_cut = self.ramp is not None and not self.ramp.done()
+        self.cancel_ramp()
+        record.phase = PROGRESSING
+        record.step = 0
+        record.step_started_at = time.time()
+        record.paused_by = None
+        record.reason = None
+        record.failures = record.inconclusives = 0
+        record.started_at = time.time()
+        record.promoted_at = None
+        record.aborted_revision = None
+        record.steps_digest = steps_digest(self.spec.steps)
+        self.step_window = self.background = None
+        if self.spec.strategy == "canary":
+            # From the first step's weight at once: a new canary revision must not inherit
+            # the traffic share the previous one had reached. Saved with the record.
+            self.stage()
+            try:
+                await self.set_weights(self.first_weights())
+            except StateWriteError:
+                self.record = before
+                if before_entry is None:
+                    self.control.state.rollouts.pop(self.name, None)
+                else:
+                    self.control.state.rollouts[self.name] = before_entry
+                if ramp_cut:
+                    self.ramp = self.controller.spawn(self.roll_back())
+                raise
+        else:
+            self.save()
+        log.info("service %s: rollout started (%s)", self.name, why)
+        if not await self.webhook("pre_rollout", required=True):
+            await self.abort("the pre_rollout webhook failed")
+            return
+        if self.spec.strategy == "blue_green":
+            self.controller.spawn(self.run_smoke_checks())
+
+    async def start_or_retry(self, why: str) -> None:
+        """A start the operator did not ask for through the API (a config change, a restart):
+        when the state cannot be saved, the clock tries it again."""
+        try:
+            await self.start(why)
+        except StateWriteError as exc:
+            self.pending_start, self.pending_why = True, why
+            self.control.changed()  # what start left in force (the preset first weight)
+            log.error("service %s: rollout not started yet (%s): %s; trying again",
+                      self.name, why, exc)
+
+    async def promote(self, full: bool = False) -> None:
+        record = self.record
+        if record.phase not in (PROGRESSING, PAUSED):
+            raise RolloutError(f"no rollout of {self.name} in progress (phase {record.phase})")
+        if self.spec.strategy == "blue_green":
+            if record.promoted_at is not None:
+                await self.complete("promoted past the post-promotion window")
+            else:
+                await self.switch_colours()
+            return
+        if full:
+            await self.complete("promoted in full")
+            return
+        steps = self.spec.steps
+        if record.step < len(steps) and steps[record.step].pause is not None:
+            await self.next_step()
+        elif record.phase == PAUSED:
+            record.phase, record.paused_by = PROGRESSING, None
+            record.inconclusives = 0
+            self.save()
+
+    async def abort(self, reason: str = "aborted by a person") -> None:
+        record = self.record
+        if record.phase not in (PROGRESSING, PAUSED):
+            raise RolloutError(f"no rollout of {self.name} in progress (phase {record.phase})")
+        record.phase = ABORTED
+        record.reason = reason
+        record.aborted_revision = record.revision
+        self.step_window = self.background = None
+        self.save()
+        log.warning("service %s: rollout aborted: %s", self.name, reason)
+        await self.roll_back()
+        await self.webhook("rollback")
+
+    async def roll_back(self) -> None:
+        """All traffic back to the old version: at once, or along rollback_ramp."""
+        old, new = self.old_version, self.new_version
+        if self.spec.strategy == "blue_green" and self.record.promoted_at is not None:
+            # Promoted already: the previous colour is the rollback target.
+            old, new = new, old
+            self.record.active = old
+            self.record.revision = fingerprint(self.service, self.idle_colour)
+            self.record.aborted_revision = self.record.revision
+            self.update_preview()
+            self.save()
+        # Back to safety: in force at once, saved in the background (see control/plane.py).
+        ramp = [w for w in self.spec.rollback_ramp if w > 0]
+        if not ramp:
+            await self.set_weights({old: 100, new: 0}, fail_safe=True)
+            return
+
+        async def walk() -> None:
+            for weight in ramp:
+                await self.set_weights({old: 100 - weight, new: weight}, fail_safe=True)
+                await asyncio.sleep(self.spec.rollback_ramp_interval)
+            await self.set_weights({old: 100, new: 0}, fail_safe=True)
+
+        self.ramp = self.controller.spawn(walk())
+
+    def rollback_unfinished(self) -> bool:
+        """An aborted canary that still has traffic: a restart cut its rollback ramp short."""
+        if self.spec.strategy != "canary" or self.record.phase != ABORTED:
+            return False
+        route = next((r for r in self.control.proxy.table.routes if r.name == self.name), None)
+        return route is not None and route.weights.get(self.spec.canary, 0) > 0
+
+    def cancel_ramp(self) -> None:
+        if self.ramp is not None:
+            self.ramp.cancel()
+            self.ramp = None
+
+    async def pause(self) -> None:
+        record = self.record
+        if record.phase != PROGRESSING:
+            raise RolloutError(f"no progressing rollout of {self.name} (phase {record.phase})")
+        record.phase, record.paused_by = PAUSED, "user"
+        self.save()
+
+    async def resume(self) -> None:
+        record = self.record
+        if record.phase != PAUSED:
+            raise RolloutError(f"the rollout of {self.name} is not paused (phase {record.phase})")
+        steps = self.spec.steps
+        if (record.paused_by == "step" and record.step < len(steps)
+                and steps[record.step].pause is not None):
+            await self.next_step()
+            return
+        record.phase, record.paused_by = PROGRESSING, None
+        record.inconclusives = 0
+        self.save()
+
+    async def retry(self) -> None:
+        if self.record.phase != ABORTED:
+            raise RolloutError(f"only an aborted rollout can be retried "
+                               f"(phase {self.record.phase})")
+        await self.start("retry")
+
+    # --- the engine -----------------------------------------------------------------------
+
+    async def tick(self) -> None:
+        if self.pending_start:
+            self.pending_start = False
+            await self.start_or_retry(self.pending_why)
+        record = self.record
+        if record.phase not in (PROGRESSING, PAUSED):
+            return
+        await self.run_background_analysis()
+        if record.phase != PROGRESSING:
+            return
+        if self.spec.strategy == "blue_green":
+            await self.tick_blue_green()
+            return
+        steps = self.spec.steps
+        if record.step >= len(steps):
+            await self.complete("all steps done")
+            return
+        step = steps[record.step]
+        if step.set_weight is not None:
+            new = step.set_weight
+            await self.set_weights({self.spec.stable: 100 - new, self.spec.canary: new})
+            await self.next_step()
+        elif step.pause is not None:
+            duration = step.pause.duration
+            if duration is None:
+                record.phase, record.paused_by = PAUSED, "step"
+                self.save()
+            elif time.time() - record.step_started_at >= duration:
+                await self.next_step()
+        elif step.analysis is not None:
+            await self.run_step_analysis(step.analysis)
+
+    async def next_step(self) -> None:
+        record = self.record
+        record.step += 1
+        record.step_started_at = time.time()
+        record.phase, record.paused_by = PROGRESSING, None
+        self.step_window = None
+        self.save()
+        log.info("service %s: rollout at step %d", self.name, record.step)
+
+    async def complete(self, why: str) -> None:
+        record = self.record
+        if self.spec.strategy == "canary":
+            await self.set_weights({self.spec.stable: 0, self.spec.canary: 100})
+            record.step = len(self.spec.steps)
+        record.phase, record.paused_by, record.reason = COMPLETED, None, why
+        record.promoted_at = record.promoted_at or time.time()
+        self.step_window = self.background = None
+        self.save()
+        log.info("service %s: rollout completed (%s)", self.name, why)
+        await self.webhook("promoted")
+
+    def windows(self, analysis: Analysis) -> MeasurementWindow | PrometheusWindow:
+        canary_version: str = self.new_version
+        baseline_version: str | None = self.old_version
+        if self.spec.strategy == "blue_green" and self.record.promoted_at is not None:
+            canary_version = self.active_colour
+            baseline_version = None  # after a switch the old colour has no traffic to compare
+        if analysis.source.type == "prometheus":
+            return PrometheusWindow(self.controller, analysis.source, self.name,
+                                    canary_version, baseline_version, analysis.interval)
+        stats = self.control.proxy.stats
+        baseline: VersionStats | None = (stats.for_version(self.name, baseline_version)
+                                         if baseline_version is not None else None)
+        return MeasurementWindow(stats.for_version(self.name, canary_version), baseline,
+                                 analysis.interval)
+
+    async def run_step_analysis(self, analysis: Analysis) -> None:
+        if self.step_window is None:
+            self.step_window = self.windows(analysis)
+            return
+        if not self.step_window.due():
+            return
+        result = await self.step_window.measure(analysis)
+        self.step_window = None
+        if await self.decide(analysis, result, "step") and result["outcome"] == "success":
+            await self.next_step()
+
+    async def run_background_analysis(self) -> None:
+        analysis = self.spec.analysis
+        record = self.record
+        if analysis is None or record.step < analysis.start_step:
+            return
+        if self.spec.strategy == "blue_green" and record.promoted_at is None:
+            return  # judged after the switch, on real traffic
+        if record.phase == PAUSED and record.paused_by != "step":
+            self.background = None  # held by a person or for inconclusive: not judging
+            return
+        if self.background is None:
+            self.background = self.windows(analysis)
+            return
+        if not self.background.due():
+            return
+        window = self.background
+        self.background = self.windows(analysis)  # the next window starts now, not after
+        result = await window.measure(analysis)   # a query to Prometheus returns
+        await self.decide(analysis, result, "background")
+
+    async def decide(self, analysis: Analysis, result: dict[str, Any], kind: str) -> bool:
+        """Count a measurement; abort or pause past the limits. False if the rollout stopped."""
+        if not self.controller.leading:
+            return False  # lost the controller lock while measuring: the new leader judges
+        record = self.record
+        result["kind"] = kind
+        result["step"] = record.step
+        record.analyses = [*record.analyses, result][-ANALYSES_KEPT:]
+        self.controller.count_analysis(self.name, result["outcome"])
+        log.info("service %s: analysis %s: %s %s", self.name, kind, result["outcome"],
+                 result.get("failed_checks") or result.get("why") or "")
+        if result["outcome"] == "failure":
+            record.failures += 1
+            if record.failures > analysis.failure_limit:
+                failed = ", ".join(result["failed_checks"])
+                await self.abort(f"analysis failed {record.failures} time(s) "
+                                 f"(failure_limit {analysis.failure_limit}): {failed}")
+                return False
+        elif result["outcome"] == "inconclusive":
+            record.inconclusives += 1
+            if record.inconclusives > analysis.inconclusive_limit:
+                record.phase, record.paused_by = PAUSED, "inconclusive"
+                record.reason = (f"analysis inconclusive {record.inconclusives} time(s): "
+                                 f"{result.get('why')}; resume or promote to go on")
+                self.save()
+                log.warning("service %s: rollout paused: %s", self.name, record.reason)
+                return False
+        self.save()
+        return True
+
+    # --- blue/green -----------------------------------------------------------------------
+
+    async def run_smoke_checks(self) -> None:
+        """Pre-promotion checks against every upstream of the preview colour."""
+        preview = self.idle_colour
+        version = self.service.versions[preview]
+        scheme, tls = "http", dict[str, Any]()
+        if version.tls is not None:
+            # Checked as the proxy would connect: the same CA, verification and name.
+            scheme = "https"
+            tls = {"ssl": self.controller.control.proxy.pools.context_for(version.tls),
+                   "server_hostname": version.tls.server_name}
+        failures = []
+        for check in self.spec.checks:
+            for upstream in version.upstreams:
+                url = f"{scheme}://{upstream}{check.path}"
+                for _ in range(check.count):
+                    status = await self.controller.probe(check.method, url, check.timeout,
+                                                         **tls)
+                    if status != check.status:
+                        failures.append(f"{check.method} {url} gave {status or 'no answer'}, "
+                                        f"expected {check.status}")
+                        break
+        self.record.analyses = [*self.record.analyses, {
+            "at": time.time(), "kind": "smoke", "outcome": "failure" if failures else "success",
+            "failures": failures[:10]}][-ANALYSES_KEPT:]
+        if failures:
+            await self.abort("pre-promotion checks failed: " + "; ".join(failures[:3]))
+            return
+        self.record.step = 1  # checks passed; waiting for promotion
+        self.record.step_started_at = time.time()
+        if not self.spec.promotion.auto:
+            self.record.phase, self.record.paused_by = PAUSED, "step"
+        self.save()
+
+    async def tick_blue_green(self) -> None:
+        record = self.record
+        if record.promoted_at is None:
+            promotion = self.spec.promotion
+            if (record.step >= 1 and promotion.auto
+                    and time.time() - record.step_started_at >= promotion.delay):
+                await self.switch_colours()
+            return
+        if time.time() - record.promoted_at >= self.spec.post_promotion_window:
+            await self.complete("post-promotion analysis passed")
+
+    async def switch_colours(self) -> None:
+        record = self.record
+        if record.step < 1 and self.spec.checks:
+            raise RolloutError("the pre-promotion checks have not passed yet")
+        new = self.idle_colour
+        await self.set_weights({new: 100, self.active_colour: 0})
+        record.active = new
+        # The colour just vacated is the next rollout's; a change to it starts one.
+        record.revision = fingerprint(self.service, self.idle_colour)
+        record.promoted_at = time.time()
+        record.step = 2
+        record.phase, record.paused_by = PROGRESSING, None
+        self.background = None
+        self.update_preview()
+        self.control.apply()
+        self.save()
+        log.info("service %s: switched to %s", self.name, new)
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    async def set_weights(self, weights: dict[str, int], fail_safe: bool = False) -> None:
+        await self.control.set_weights(self.name, weights, source="controller",
+                                       fail_safe=fail_safe)
+
+    async def webhook(self, event: str, required: bool = False) -> bool:
+        url = getattr(self.spec.webhooks, event)
+        if not url:
+            return True
+        payload = {"event": event, "service": self.name, "rollout": asdict(self.record)}
+        ok = await self.controller.post_json(url, payload, self.spec.webhooks.timeout)
+        if not ok:
+            log.warning("service %s: %s webhook to %s failed", self.name, event, url)
+        return ok or not required
+
+    def status(self) -> dict[str, Any]:
+        spec = self.spec
+        data = asdict(self.record)
+        data["strategy"] = spec.strategy
+        data["steps"] = [s.model_dump(exclude_none=True) for s in spec.steps]
+        data["versions"] = {"old": self.old_version, "new": self.new_version}
+        return data
+
+
+class RolloutController:
+    """All the services' rollouts, their clock, and the off-path HTTP client they share."""
+
+    def __init__(self, control: ControlSurface) -> None:
+        self.control = control
+        self.rollouts: dict[str, ServiceRollout] = {}
+        self.analysis_outcomes: dict[tuple[str, str], int] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._clock: asyncio.Task[None] | None = None
+        self._session: Any = None
+        self._leading = False  # whether the clock acted as the controller last round
+        self.sync(initial=True)
+
+    def sync(self, initial: bool = False) -> None:
+        """Match the set of rollouts to the config (at start and after each reload)."""
+        services = {s.name: s for s in self.control.config.services if s.rollout is not None}
+        for name in list(self.rollouts):
+            if name not in services:
+                del self.rollouts[name]
+                self.control.previews.pop(name, None)
+        for name, service in services.items():
+            rollout = self.rollouts.get(name)
+            if rollout is None or rollout.spec.strategy != service.rollout.strategy:  # type: ignore[union-attr]
+                rollout = self.rollouts[name] = ServiceRollout(self, service)
+                saved = self.control.state.rollouts.get(name)
+                rollout.restore(saved)
+                if (not initial or saved is None) and self.leading:
+                    rollout.save()  # the revision is on record from now on
+            else:
+                rollout.config_changed(service)
+            rollout.update_preview()
+
+    @property
+    def leading(self) -> bool:
+        """Whether this instance runs the controller: always with a state file; with a shared
+        store, while it holds the store's lock. Followers only mirror the records."""
+        return self.control.store.leading
+
+    def adopt(self, services: set[str]) -> None:
+        """Records another instance changed (a shared state store)."""
+        for name in services:
+            rollout = self.rollouts.get(name)
+            data = self.control.state.rollouts.get(name)
+            if rollout is not None and data is not None:
+                rollout.adopt(data)
+
+    def get(self, name: str) -> ServiceRollout:
+        from ..errors import UnknownName
+
+        self.control.service(name)
+        rollout = self.rollouts.get(name)
+        if rollout is None:
+            raise UnknownName(f"service {name!r} has no rollout configured")
+        return rollout
+
+    async def for_operator(self, name: str) -> ServiceRollout:
+        """A service's rollout for an action through the API, once a rollout that the
+        operator's earlier config edit started (taken in by the admin API first) has begun."""
+        rollout = self.get(name)
+        starting = rollout.starting
+        if starting is not None and not starting.done():
+            await asyncio.wait({starting})  # not cancelled if the API call is
+        return self.get(name)
+
+    def start(self) -> None:
+        """Start the clock, and pick up what a restart interrupted."""
+        self._clock = asyncio.get_running_loop().create_task(self._run())
+        if self.leading:
+            self._leading = True
+            self.resume_interrupted()
+
+    def resume_interrupted(self) -> None:
+        for rollout in self.rollouts.values():
+            if rollout.pending_start:
+                rollout.pending_start = False
+                self.spawn(rollout.start_or_retry(rollout.pending_why))
+            elif rollout.rollback_unfinished():
+                log.info("service %s: finishing an interrupted rollback", rollout.name)
+                self.spawn(rollout.roll_back())
+
+    async def stop(self) -> None:
+        for task in [self._clock, *self._tasks]:
+            if task is not None:
+                task.cancel()
+        # The last records, and whatever else is unsaved (a failure is logged: the stop goes on).
+        await self.control.stop_saving()
+        if self._session is not None:
+            await self._session.close()
+
+    def tick_interval(self) -> float:
+        intervals = [1.0]
+        for rollout in self.rollouts.values():
+            spec = rollout.spec
+            analyses = [spec.analysis] + [s.analysis for s in spec.steps]
+            intervals += [a.interval / 4 for a in analyses if a is not None]
+            intervals += [s.pause.duration / 4 for s in spec.steps
+                          if s.pause is not None and s.pause.duration]
+        return max(0.05, min(intervals))
+
+    async def take_over(self) -> None:
+        """This instance just became the controller: from the latest shared records, at the
+        step they are at."""
+        await self.control.store.refresh()
+        for rollout in self.rollouts.values():
+            rollout.step_window = rollout.background = None
+            if rollout.name not in self.control.state.rollouts:
+                rollout.save()
+            rollout.check_steps("since the previous leader acted")
+        log.info("rollout controller: acting on this instance from now on")
+        self.resume_interrupted()
+
+    def step_down(self) -> None:
+        log.warning("rollout controller: no longer the leader; following the shared state")
+        for rollout in self.rollouts.values():
+            rollout.cancel_ramp()
+            rollout.step_window = rollout.background = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_interval())
+            leading = self.leading
+            if leading != self._leading:
+                try:
+                    if leading:
+                        await self.take_over()
+                    else:
+                        self.step_down()
+                    self._leading = leading
+                except Exception:  # e.g. the store went away while taking over: next round
+                    log.exception("rollout controller: change of leadership failed")
+                    continue
+            for rollout in list(self.rollouts.values()) if leading else []:
+                try:
+                    await rollout.tick()
+                except Exception as exc:  # one service's rollout must not stop the others
+                    self.tick_failed(rollout, exc)
+                else:
+                    rollout.tick_error = ""
+
+    @staticmethod
+    def tick_failed(rollout: ServiceRollout, exc: Exception) -> None:
+        """Said once per distinct failure, not on every tick: a step that cannot be saved
+        (the rollout waits there; it moves on once the state can be saved again) in one line,
+        anything else with its traceback."""
+        error = f"{type(exc).__name__}: {exc}"
+        if error == rollout.tick_error:
+            return
+        rollout.tick_error = error
+        if isinstance(exc, StateWriteError):
+            log.error("service %s: the rollout waits at step %d: %s; trying again each "
+                      "tick", rollout.name, rollout.record.step + 1, exc)
+        else:
+            log.exception("service %s: rollout tick failed (repeats are not logged)",
+                          rollout.name)
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def count_analysis(self, service: str, outcome: str) -> None:
+        key = (service, outcome)
+        self.analysis_outcomes[key] = self.analysis_outcomes.get(key, 0) + 1
+
+    async def client(self) -> Any:
+        if self._session is None:
+            import aiohttp
+
+            self._session = aiohttp.ClientSession(
+                auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
+        return self._session
+
+    async def probe(self, method: str, url: str, timeout: float, ssl: Any = True,
+                    server_hostname: str | None = None) -> int:
+        import aiohttp
+
+        session = await self.client()
+        try:
+            async with session.request(method, url, allow_redirects=False, ssl=ssl,
+                                       server_hostname=server_hostname,
+                                       timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                await resp.read()
+                return int(resp.status)
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return 0
+
+    async def post_json(self, url: str, payload: dict[str, Any], timeout: float) -> bool:
+        import aiohttp
+
+        session = await self.client()
+        try:
+            async with session.post(url, json=payload,
+                                    timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                return 200 <= resp.status < 300
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False

@@ -1,0 +1,51 @@
+"""What the rollout controller needs of the control plane, declared on the controller's side:
+the control plane (control/plane.py) provides it, and the controller never imports it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ..config.model import Config, Service
+    from ..dataplane.proxyserver import ProxyServer
+
+
+class RuntimeStateView(Protocol):
+    """The runtime state the control plane persists: the controller keeps its records there."""
+
+    rollouts: dict[str, dict[str, Any]]
+
+    def set_weights(self, config: Config, service: str, weights: dict[str, int],
+                    source: str = ...) -> None: ...
+
+
+class StoreView(Protocol):
+    @property
+    def leading(self) -> bool: ...
+
+    async def refresh(self) -> None: ...
+
+
+class ControlSurface(Protocol):
+    config: Config
+    previews: dict[str, tuple[str, str]]
+
+    @property
+    def state(self) -> RuntimeStateView: ...
+
+    @property
+    def store(self) -> StoreView: ...
+
+    @property
+    def proxy(self) -> ProxyServer: ...
+
+    def service(self, name: str) -> Service: ...
+
+    def apply(self) -> None: ...
+
+    def changed(self) -> None: ...
+
+    async def set_weights(self, name: str, weights: dict[str, int], source: str = ...,
+                          fail_safe: bool = ...) -> dict[str, int]: ...
+
+    async def stop_saving(self) -> None: ...

@@ -1,0 +1,138 @@
+"""A worker's periodic report to its supervisor, and the supervisor's sum of them.
+
+A worker counts on its request path exactly as a single process does (plain ints in
+``StatsRegistry``, ``UpstreamPool`` and ``HealthMonitor``); every ``REPORT_INTERVAL`` it sends
+what those counters gained since its last report, and its gauges as they are. The supervisor
+adds the deltas into its own registry, so its counters are the sum over every worker that ever
+ran: a worker's death costs at most the counts of its last unreported interval, and counters
+never go down. Gauges (requests in flight, idle connections) are kept per worker and summed at
+read time, so a dead worker's drop out at once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..dataplane.proxyserver import ProxyServer
+
+REPORT_INTERVAL = 0.25
+POOL_COUNTERS = ("connect_errors", "timeouts", "retries")
+
+
+def _gain(now: dict[Any, int], then: dict[Any, int]) -> dict[Any, int]:
+    return {key: count - then.get(key, 0) for key, count in now.items()
+            if count != then.get(key, 0)}
+
+
+class ReportBuilder:
+    """Worker side: remembers what was last reported, and reports the difference."""
+
+    def __init__(self, proxy: ProxyServer) -> None:
+        self.proxy = proxy
+        self._versions: dict[tuple[str, str], tuple[int, int, float, dict[Any, int],
+                                                    list[int]]] = {}
+        self._flat: dict[str, dict[Any, int]] = {}
+
+    def _flat_gain(self, name: str, now: dict[Any, int]) -> dict[Any, int]:
+        gain = _gain(now, self._flat.get(name, {}))
+        if gain:
+            self._flat[name] = dict(now)
+        return gain
+
+    def build(self) -> dict[str, Any]:
+        stats = self.proxy.stats
+        versions = []
+        requests = 0
+        for key, vs in list(stats.versions.items()):
+            then = self._versions.get(key)
+            if then is not None and then[0] == vs.total:
+                continue  # nothing new; the usual case for most versions
+            total, errors, duration, by_status, buckets = then or (0, 0, 0.0, {}, [])
+            now_buckets = list(vs.buckets)
+            bucket_gain = {i: n - (buckets[i] if buckets else 0)
+                           for i, n in enumerate(now_buckets)
+                           if n != (buckets[i] if buckets else 0)}
+            versions.append((key, vs.total - total, vs.errors - errors,
+                             vs.duration_sum - duration, _gain(vs.requests, by_status),
+                             bucket_gain))
+            requests += vs.total - total
+            self._versions[key] = (vs.total, vs.errors, vs.duration_sum, dict(vs.requests),
+                                   now_buckets)
+        unrouted = self._flat_gain("unrouted", stats.unrouted)
+        requests += sum(unrouted.values())
+        mirrors = []
+        for key, ms in list(stats.mirrors.items()):
+            outcomes = self._flat_gain(f"mirror.outcomes.{key}", ms.outcomes)
+            comparisons = self._flat_gain(f"mirror.comparisons.{key}", ms.comparisons)
+            if outcomes or comparisons:
+                new = comparisons.get("mismatch", 0)
+                mismatches = list(ms.mismatches)[-new:] if new else []
+                mirrors.append((key, outcomes, comparisons, mismatches))
+        pools = self.proxy.pools.pools
+        health = self.proxy.health
+        return {
+            "requests": requests,
+            "versions": versions,
+            "unrouted": unrouted,
+            "mirrors": mirrors,
+            "retries": self._flat_gain("retries", stats.retries),
+            "retry_budget_exhausted": self._flat_gain("exhausted",
+                                                      stats.retry_budget_exhausted),
+            "pool_counters": {
+                name: self._flat_gain(f"pool.{name}",
+                                      {key: getattr(pool, name) for key, pool in pools.items()})
+                for name in POOL_COUNTERS},
+            "gauges": {key: (len(pool.active), len(pool.idle)) for key, pool in pools.items()
+                       if pool.active or pool.idle},
+            "rejections": self._flat_gain("rejections", health.rejections),
+            "ejections": self._flat_gain("ejections", {k: s.ejections
+                                                       for k, s in health.upstreams.items()}),
+        }
+
+
+def merge(proxy: ProxyServer, worker: int, report: dict[str, Any]) -> None:
+    """Supervisor side: add one worker's report into the supervisor's registries."""
+    stats = proxy.stats
+    for (service, version), total, errors, duration, by_status, buckets in report["versions"]:
+        vs = stats.for_version(service, version)
+        vs.total += total
+        vs.errors += errors
+        vs.duration_sum += duration
+        for (method, status), count in by_status.items():
+            vs.add_requests(method, status, count)
+        for index, count in buckets.items():
+            vs.buckets[index] += count
+    _add(stats.unrouted, report["unrouted"])
+    for (service, version), outcomes, comparisons, mismatches in report["mirrors"]:
+        ms = stats.for_mirror(service, version)
+        _add(ms.outcomes, outcomes)
+        _add(ms.comparisons, comparisons)
+        ms.mismatches.extend(mismatches)
+    _add(stats.retries, report["retries"])
+    _add(stats.retry_budget_exhausted, report["retry_budget_exhausted"])
+    pools = proxy.pools.pools
+    for attribute, gains in report["pool_counters"].items():
+        for key, count in gains.items():
+            pool = pools.get(key)
+            if pool is not None:
+                setattr(pool, attribute, getattr(pool, attribute) + count)
+    gauges = report["gauges"]
+    for key, pool in pools.items():
+        active, idle = gauges.get(key, (0, 0))
+        pool.reported[worker] = (active, idle)
+    health = proxy.health
+    _add(health.rejections, report["rejections"])
+    for key, count in report["ejections"].items():
+        health.state(key).ejections += count
+
+
+def forget_worker(proxy: ProxyServer, worker: int) -> None:
+    """A worker is gone: its in-flight and idle gauges drop out (its counters stay)."""
+    for pool in proxy.pools.pools.values():
+        pool.reported.pop(worker, None)
+
+
+def _add(into: dict[Any, int], gains: dict[Any, int]) -> None:
+    for key, count in gains.items():
+        into[key] = into.get(key, 0) + count
