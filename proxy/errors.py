@@ -7,5 +7,6 @@ from __future__ import annotations
 class UnknownName(LookupError):
     """A service or version the config does not have (the admin API answers 404)."""
 
+
 class StateWriteError(RuntimeError):
     """A runtime change that could not be persisted, and so was not made (500)."""

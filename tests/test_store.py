@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from proxy.config.loader import parse_config
-from proxy.config.model import StateStore as StoreSettings
+from proxy.config.model import StateStoreSettings
 from proxy.control.plane import ControlPlane
 from proxy.control.redisstore import REDIS_TIMEOUT, WRITE_MARGIN, RedisClock, RedisStore
 from proxy.control.state import RuntimeState
@@ -390,7 +390,7 @@ async def eval_calls(client: Any) -> int:
 
 async def open_store(redis_server: RedisServer) -> tuple[RedisStore, str]:
     prefix = f"weir-test-{uuid.uuid4().hex[:8]}"
-    store = RedisStore(StoreSettings(type="redis", url=redis_server.url, key_prefix=prefix))
+    store = RedisStore(StateStoreSettings(type="redis", url=redis_server.url, key_prefix=prefix))
     await store.open()
     return store, prefix
 

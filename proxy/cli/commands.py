@@ -72,6 +72,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 class UsageError(Exception):
     """Bad arguments found after parsing: reported like argparse's own errors (exit 2)."""
 
+
 _ASSIGNMENT_RE = re.compile(r"^\s*([^=\s]+)\s*=\s*(\S+)\s*$")
 
 

@@ -446,11 +446,6 @@ class Rollout(Strict):
     auto_start: bool = True  # start when the new version's upstreams or revision change
     webhooks: Webhooks = Webhooks()
 
-    def versions_used(self) -> tuple[str, str]:
-        if self.strategy == "canary":
-            return self.stable, self.canary
-        return self.active, self.preview
-
 
 class Timeouts(Strict):
     connect: Duration = 5.0
@@ -567,7 +562,7 @@ class Shutdown(Strict):
     timeout: Duration = 30.0
 
 
-class StateStore(Strict):
+class StateStoreSettings(Strict):
     """Where runtime state lives. "file" (the default) is ``state_file``; "redis" shares it
     between instances behind one load balancer, and elects the one that runs the controller
     (then ``state_file``, if set, only seeds a Redis that holds no state yet)."""
@@ -578,7 +573,7 @@ class StateStore(Strict):
     leader_ttl: Duration = 3.0            # a dead controller's lock lapses after this long
 
     @model_validator(mode="after")
-    def _url_for_redis(self) -> StateStore:
+    def _url_for_redis(self) -> StateStoreSettings:
         if self.type == "redis" and not self.url:
             raise ValueError("a redis state_store needs a url")
         if self.leader_ttl < 1.5:
@@ -591,7 +586,7 @@ class Config(Strict):
     tls: ServerTLS | None = None
     admin: Admin = Admin()
     state_file: str | None = None
-    state_store: StateStore = StateStore()
+    state_store: StateStoreSettings = StateStoreSettings()
     watch: bool = True
     shutdown: Shutdown = Shutdown()
     trusted_proxies: list[str] = []

@@ -52,6 +52,7 @@ end
 return 0
 """
 
+
 class Lease:
     def __init__(self, client: Any, key: str, identity: str, ttl: float) -> None:
         self.client = client

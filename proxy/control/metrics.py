@@ -178,6 +178,7 @@ class LiveStateCollector(Collector):
             exhausted.add_metric([service, version], count)
         yield retries
         yield exhausted
+
     def collect_health(self) -> Iterator[Metric]:
         """Gauges per upstream of each version in the table; counters per address, like the
         other upstream counters, so that none vanishes when a reload moves or drops it."""

@@ -47,6 +47,7 @@ SAVE_WAIT = 3.0
 class StateConflictError(StateWriteError):
     """Another instance changed the same state meanwhile; nothing changed, try again (409)."""
 
+
 class UnknownUpstream(UnknownName):
     """An address that is no upstream of the config (404); ``known`` lists the ones that are."""
 

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from ..config.model import StateStore as StoreSettings
+from ..config.model import StateStoreSettings
 from .leader import Lease
 from .state import RuntimeState, WeightOverride, parse_drained, parse_override
 from .store import OnChange, RemoteState, StateStore, StoreConflict, StoreError, StoreUnavailable
@@ -103,6 +103,7 @@ local version = redis.call('INCR', KEYS[3])
 redis.call('PUBLISH', ARGV[1], version .. ' ' .. ARGV[2])
 return version
 """
+
 
 def redacted(url: str) -> str:
     """The URL without its password, for logs and /api/status."""
@@ -179,7 +180,7 @@ class RedisClock:
 class RedisStore(StateStore):
     kind = "redis"
 
-    def __init__(self, settings: StoreSettings, seed_file: Path | None = None) -> None:
+    def __init__(self, settings: StateStoreSettings, seed_file: Path | None = None) -> None:
         super().__init__(None)
         assert settings.url is not None
         self.url = settings.url

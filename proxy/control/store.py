@@ -30,6 +30,7 @@ OnChange = Callable[[RemoteState, set[str]], Awaitable[None]]
 class StoreError(OSError):
     """The store could not be read or written (an OSError, as a failed file write is)."""
 
+
 class StoreConflict(StoreError):
     """Another instance changed the same field since this one last read it: nothing was
     written, and the store is re-reading it."""

@@ -32,8 +32,9 @@ _HOST_CACHE_LIMIT: Final = 4096
 _STICKY_CACHE_LIMIT: Final = 65536
 
 
-class Balancer(Protocol):
-    """An upstream set for one version; owned by the data plane, looked up by address list."""
+class UpstreamPicker(Protocol):
+    """What routing needs of a version's upstreams: upstream.Balancer provides it (owned by the
+    data plane's pool registry, looked up by address list)."""
 
     @property
     def pools(self) -> Sequence[Any]: ...
@@ -127,7 +128,8 @@ class VersionTarget:
                  "sticky_seed", "upstreams")
 
     def __init__(self, service: str, name: str, upstreams: tuple[str, ...],
-                 balancer: Balancer, emit_header: bool, stats: VersionStats | None = None) -> None:
+                 balancer: UpstreamPicker, emit_header: bool,
+                 stats: VersionStats | None = None) -> None:
         self.service = service
         self.stats = stats if stats is not None else VersionStats(service, name)
         self.name = name
@@ -281,9 +283,6 @@ class Route:
                 best, best_score = target, score
         return best
 
-    def specificity(self) -> tuple[int, int]:
-        return (1 if self.hosts else 0, len(self.path_prefix))
-
 
 def effective_weights(service: Service) -> dict[str, int]:
     """Weights as configured; versions left out get 0; no weights at all → first version 100."""
@@ -364,7 +363,7 @@ def without_root_dot(host: str) -> str:
 
 
 def build_route_table(config: Config,
-                      balancer_for: Callable[[tuple[str, ...], UpstreamTLS | None], Balancer],
+                      balancer_for: Callable[[tuple[str, ...], UpstreamTLS | None], UpstreamPicker],
                       weights_override: dict[str, dict[str, int]] | None = None,
                       generation: int = 1, stats: StatsRegistry | None = None,
                       previews: dict[str, tuple[str, str]] | None = None) -> RouteTable:

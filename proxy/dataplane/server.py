@@ -105,6 +105,7 @@ def default_max_connections() -> int:
 class HeadTooLarge(Exception):
     """Raised inside a parser callback; httptools reports it as the context of its error."""
 
+
 class CodingNotImplemented(Exception):
     """A request Transfer-Encoding other than exactly ``chunked`` (raised like HeadTooLarge):
     Weir forwards a body as plain chunked, so any other coding would reach the app as bytes

@@ -10,7 +10,6 @@ if TYPE_CHECKING:
     from .app import DemoApp
 
 
-
 SERVICE = "shop"
 
 

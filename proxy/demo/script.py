@@ -53,6 +53,7 @@ EXIT_SIGNALS = {signal.SIGINT: EXIT_SIGINT, signal.SIGTERM: EXIT_SIGTERM}
 class DemoError(Exception):
     """The demo cannot go on; the message says why (exit 1, no traceback)."""
 
+
 class Demo:
     """Everything the demo starts, and the script it plays."""
 
@@ -342,7 +343,6 @@ async def main(options: DemoOptions) -> int:
     printer.line("Stopped: the proxy, the admin API, the apps and the load generator are "
                  "all closed.")
     return code
-
 
 
 def run(options: DemoOptions) -> int:

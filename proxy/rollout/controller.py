@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Coroutine
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from ..config.model import Analysis, Rollout, Service, Step
@@ -34,11 +35,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("weir.rollout")
 
 
-IDLE, PROGRESSING, PAUSED, COMPLETED, ABORTED = (
-    "idle", "progressing", "paused", "completed", "aborted")
+class Phase(StrEnum):
+    """A rollout's phase, named as Argo Rollouts names them (stored and shown as the text)."""
+
+    IDLE = "idle"
+    PROGRESSING = "progressing"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    ABORTED = "aborted"
 
 
-PHASES = (IDLE, PROGRESSING, PAUSED, COMPLETED, ABORTED)
+IDLE, PROGRESSING, PAUSED, COMPLETED, ABORTED = Phase
+PHASES = tuple(Phase)
 
 
 ANALYSES_KEPT = 20
@@ -47,11 +55,12 @@ ANALYSES_KEPT = 20
 class RolloutError(Exception):
     """An action that does not fit the rollout's phase (the admin API answers 409)."""
 
+
 @dataclass
 class RolloutRecord:
     """What survives a restart, for one service."""
 
-    phase: str = IDLE
+    phase: Phase = IDLE
     step: int = 0
     step_started_at: float = 0.0
     paused_by: str | None = None        # "step", "user" or "inconclusive"
@@ -72,7 +81,9 @@ class RolloutRecord:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RolloutRecord:
         checked = check_rollout_record(data)
-        return cls(**{k: v for k, v in checked.items() if k in cls.__dataclass_fields__})
+        record = cls(**{k: v for k, v in checked.items() if k in cls.__dataclass_fields__})
+        record.phase = Phase(record.phase)
+        return record
 
 
 _COUNTS = ("step", "failures", "inconclusives")

@@ -29,6 +29,7 @@ from .report import REPORT_INTERVAL, ReportBuilder
 
 log = logging.getLogger("weir.worker")
 
+
 class Worker:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
