@@ -23,8 +23,9 @@ import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config.loader import parse_config
+from proxy.config.loader import load_config, parse_config
 from proxy.config.model import Config
+from proxy.control.plane import ControlPlane
 from proxy.dataplane.proxyserver import ProxyServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -275,6 +276,17 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def control_plane(path: Path | None, config: Config | None = None,
+                  store: Any = None) -> ControlPlane:
+    """A control plane over a fresh data plane, as `weir run` builds them (in the running loop):
+    from the config file at ``path``, or from ``config``."""
+    if config is None:
+        assert path is not None
+        config = load_config(path)
+    return ControlPlane(path, config, ProxyServer(config, asyncio.get_running_loop()),
+                        store=store)
 
 
 def proc_status_bytes(pid: int, field: str) -> int:

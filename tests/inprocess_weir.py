@@ -21,8 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from proxy.admin.api import AdminServer
-from proxy.config.loader import load_config
 from proxy.control.plane import ControlPlane
+
+from .conftest import control_plane
 
 TOKEN = "metrics-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -101,7 +102,7 @@ class WeirLauncher:
                                 "watch": False, "services": services, **top}
         path = self.tmp_path / f"weir-{len(self.started)}.yaml"
         path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-        control = ControlPlane(path, load_config(path), asyncio.get_running_loop())
+        control = control_plane(path)
         await control.proxy.start()
         admin = AdminServer(control)
         await admin.start()

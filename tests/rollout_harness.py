@@ -23,10 +23,9 @@ import yaml
 from aiohttp import web
 
 from proxy.admin.api import AdminServer
-from proxy.config.loader import load_config
 from proxy.control.plane import ControlPlane
 
-from .conftest import serve_on_loopback, wait_for
+from .conftest import control_plane, serve_on_loopback, wait_for
 
 TOKEN = "rollout-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -282,7 +281,7 @@ async def weir(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Live]]]:
         path = tmp_path / "weir.yaml"
         data.setdefault("state_file", str(tmp_path / "weir.state.json"))
         write_config(path, data)
-        control = ControlPlane(path, load_config(path), asyncio.get_running_loop())
+        control = control_plane(path)
         await control.proxy.start()
         admin = AdminServer(control)
         await admin.start()

@@ -27,11 +27,19 @@ import pytest
 import yaml
 
 from proxy.admin.api import AdminServer
-from proxy.config.loader import load_config, parse_config
+from proxy.config.loader import parse_config
 from proxy.config.model import ConfigError
 from proxy.control.plane import ControlPlane
 
-from .conftest import REPO_ROOT, Backend, RestartableWeir, free_port, sample, wait_for
+from .conftest import (
+    REPO_ROOT,
+    Backend,
+    RestartableWeir,
+    control_plane,
+    free_port,
+    sample,
+    wait_for,
+)
 
 TOKEN = "t0ken-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -173,7 +181,7 @@ async def live(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Live]]]:
     async def start(data: dict[str, Any], name: str = "weir.yaml") -> Live:
         path = tmp_path / name
         write_config(path, data)
-        control = ControlPlane(path, load_config(path), asyncio.get_running_loop())
+        control = control_plane(path)
         await control.proxy.start()
         admin = AdminServer(control)
         await admin.start()
@@ -714,7 +722,7 @@ async def test_watcher_follows_configmap_symlink_swaps(start_backend, live, tmp_
 
     # Start from the ConfigMap path (the live fixture writes a plain file; do it by hand).
     path = volume / "weir.yaml"
-    control = ControlPlane(path, load_config(path), asyncio.get_running_loop())
+    control = control_plane(path)
     await control.proxy.start()
     admin = AdminServer(control)
     await admin.start()

@@ -17,14 +17,14 @@ import pytest
 import yaml
 
 from proxy.admin.api import AdminServer
-from proxy.config.loader import load_config, parse_config
+from proxy.config.loader import parse_config
 from proxy.config.model import ConfigError
 from proxy.control.plane import ControlPlane
 from proxy.dataplane.retry import BUDGET_SLOTS, RetryBudget
 from proxy.dataplane.routing import build_route_table
 from proxy.dataplane.stats import StatsRegistry
 
-from .conftest import Backend, free_port, sample, wait_for
+from .conftest import Backend, control_plane, free_port, sample, wait_for
 
 # --- a real Weir in this event loop ---------------------------------------------------------
 
@@ -73,7 +73,7 @@ async def weir(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Weir]]]:
                 "services": [service]}
         path = tmp_path / f"weir-{len(started)}.yaml"
         path.write_text(yaml.safe_dump(data), encoding="utf-8")
-        control = ControlPlane(path, load_config(path), asyncio.get_running_loop())
+        control = control_plane(path)
         await control.proxy.start()
         admin = AdminServer(control)
         await admin.start()

@@ -31,12 +31,19 @@ import yaml
 
 from proxy.config.loader import parse_config
 from proxy.config.model import StateStoreSettings
-from proxy.control.plane import ControlPlane
 from proxy.control.redisstore import REDIS_TIMEOUT, WRITE_MARGIN, RedisClock, RedisStore
 from proxy.control.state import RuntimeState
 from proxy.control.store import STORE_CLOSE_SECONDS, StoreError
 
-from .conftest import REPO_ROOT, RestartableWeir, free_port, port_open, sample, wait_for
+from .conftest import (
+    REPO_ROOT,
+    RestartableWeir,
+    control_plane,
+    free_port,
+    port_open,
+    sample,
+    wait_for,
+)
 
 pytestmark = [
     pytest.mark.skipif(sys.platform != "linux", reason="subprocesses and signals"),
@@ -208,7 +215,7 @@ async def test_the_file_store_is_the_default(tmp_path):
                            "state_file": str(tmp_path / "s.json"),
                            "services": [{"name": "app", "versions": {
                                "v1": {"upstreams": ["127.0.0.1:1"]}}}]})
-    control = ControlPlane(None, config, asyncio.get_running_loop())
+    control = control_plane(None, config)
     store = control.status()["state_store"]
     assert store == {"type": "file", "path": str(tmp_path / "s.json"), "leader": True}
 

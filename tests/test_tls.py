@@ -18,7 +18,6 @@ import trustme
 import yaml
 from aiohttp import web
 
-from proxy.config.loader import load_config
 from proxy.control.plane import ControlPlane
 
 from .conftest import (
@@ -26,6 +25,7 @@ from .conftest import (
     Backend,
     RawResponse,
     backend_app,
+    control_plane,
     exchange,
     free_port,
     one_service,
@@ -261,7 +261,7 @@ async def live(tmp_path: Path) -> AsyncIterator[Callable[[dict[str, Any]], Await
     async def start(data: dict[str, Any]) -> ControlPlane:
         path = tmp_path / "weir.yaml"
         path.write_text(yaml.safe_dump(data))
-        control = ControlPlane(path, load_config(path), asyncio.get_running_loop())
+        control = control_plane(path)
         await control.proxy.start()
         started.append(control)
         return control

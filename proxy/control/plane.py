@@ -66,17 +66,16 @@ class DrainRefused(RuntimeError):
 
 
 class ControlPlane:
-    def __init__(self, config_path: Path | None, config: Config,
-                 loop: asyncio.AbstractEventLoop,
-                 proxy_class: type[ProxyServer] | None = None,
+    def __init__(self, config_path: Path | None, config: Config, proxy: ProxyServer,
                  store: StateStore | None = None) -> None:
-        """``store``: an opened store (serve() opens a shared one before this); by default
-        the state file, read here. ``proxy_class``: the supervisor's under --workers."""
-        from ..dataplane.proxyserver import ProxyServer
-
+        """``proxy``: the data plane this control plane drives, built from the same config
+        (under --workers, the supervisor's, which forwards every change to the workers and
+        sums their statistics); the runtime state's weights are applied to it here.
+        ``store``: an opened store (serve() opens a shared one before this); by default the
+        state file, read here."""
         self.config_path = config_path
         self.config = config
-        self.loop = loop
+        self.loop = proxy.loop
         self.metrics = Metrics()
         self.store = store if store is not None else make_store(config)
         self.state = RuntimeState(self.store.path)
@@ -101,15 +100,12 @@ class ControlPlane:
         self.started_with = config
         self.restart_required: list[str] = []
         self.previews: dict[str, tuple[str, str]] = {}  # blue/green preview routes
-        # proxy_class: workers.SupervisorProxy under `weir run --workers N`, which forwards
-        # every change to the worker processes and sums their statistics.
-        self.proxy: ProxyServer = (proxy_class or ProxyServer)(
-            config, loop, self.state.weights_override())
+        self.proxy = proxy
         self.metrics.attach(self.proxy)
         self.rollouts = RolloutController(self)
         self.metrics.attach_control(self)
-        if self.previews:
-            self.apply()
+        if self.state.weights or self.previews:
+            self.apply(initial=True)
         self.apply_drained()
         self.last_reload: dict[str, Any] = {"generation": 1, "outcome": "success",
                                             "trigger": "start", "at": time.time(),
@@ -185,10 +181,10 @@ class ControlPlane:
             log.info("config reloaded (%s): generation %d", trigger, self.generation)
             return self.last_reload
 
-    def apply(self) -> None:
+    def apply(self, initial: bool = False) -> None:
         """Compile the config with the runtime changes and hand it to the data plane."""
         self.proxy.apply_config(self.config, self.state.weights_override(), self.generation,
-                                self.previews)
+                                self.previews, initial=initial)
 
     def reload_soon(self, trigger: str) -> None:
         """Reload from a signal handler, which cannot await."""

@@ -13,7 +13,7 @@ from .accesslog import AccessLog
 from .health import HealthMonitor
 from .listen import DATA_PLANE, ListenError
 from .routing import RouteTable, build_route_table
-from .server import ClientConnection, DataPlaneSettings, PlaneState
+from .server import ClientConnection, DataPlaneContext, DataPlaneSettings
 from .stats import StatsRegistry
 from .upstream import PoolRegistry, UpstreamPool
 
@@ -36,7 +36,6 @@ class ProxyServer:
                  weights_override: dict[str, dict[str, int]] | None = None) -> None:
         self.loop = loop
         self.config = config
-        self.settings = DataPlaneSettings(config)
         tls = compile_tls(config)
         warn_unverified(config)
         # Whether the data listener speaks TLS is decided here, for the life of the process.
@@ -45,22 +44,35 @@ class ProxyServer:
         self.pools = PoolRegistry(config.upstream, loop, tls.upstream)
         self.health = HealthMonitor(self.pools, loop)
         self.stats = StatsRegistry()
-        # The route table, the access log and whether it is draining: read by the request
-        # path on every request (see the properties below).
-        self.plane = PlaneState(
+        # What every connection reads of the process: the route table, the access log,
+        # whether it is draining, the settings (see the properties below), and the rest.
+        self.plane = DataPlaneContext(
             build_route_table(config, self.pools.balancer_for, weights_override,
                               stats=self.stats),
-            AccessLog(config.access_log) if config.access_log else None)
+            AccessLog(config.access_log) if config.access_log else None,
+            DataPlaneSettings(config), self.stats, self.health, self.pools.corker, loop,
+            self.scheme, self.listener_tls)
         self.health.sync(config, self.table, initial=True)
         # Blue/green: the idle colour each service's preview header reaches (see live_pools).
         self.previews: dict[str, tuple[str, str]] = {}
-        self.connections: set[ClientConnection] = set()
         self.listeners: list[asyncio.Server] = []
         self._sweeper: asyncio.TimerHandle | None = None
         # A worker of `weir run --workers N` (see worker.py) shares its port with its siblings
         # (SO_REUSEPORT) and leaves the active health checks to the supervisor.
         self.reuse_port = False
         self.active_checks = True
+
+    @property
+    def connections(self) -> set[ClientConnection]:
+        return self.plane.connections
+
+    @property
+    def settings(self) -> DataPlaneSettings:
+        return self.plane.settings
+
+    @settings.setter
+    def settings(self, settings: DataPlaneSettings) -> None:
+        self.plane.settings = settings
 
     @property
     def table(self) -> RouteTable:
@@ -89,9 +101,12 @@ class ProxyServer:
     def apply_config(self, config: Config,
                      weights_override: dict[str, dict[str, int]] | None = None,
                      generation: int | None = None,
-                     previews: dict[str, tuple[str, str]] | None = None) -> RouteTable:
+                     previews: dict[str, tuple[str, str]] | None = None,
+                     initial: bool = False) -> RouteTable:
         """Swap in a new config: compiled off to the side, then replaced in one assignment.
-        Upstreams that lose all their traffic start draining; those that regain it stop."""
+        Upstreams that lose all their traffic start draining; those that regain it stop.
+        ``initial``: the runtime state's weights taken in at start, before anything was served
+        (nothing drains, nothing slow-starts)."""
         self.pools.apply(config.upstream)
         previews = previews or {}
         table = build_route_table(config, self.pools.balancer_for, weights_override,
@@ -102,14 +117,15 @@ class ProxyServer:
         self.config = config
         self.settings = DataPlaneSettings(config)
         self.table = table
-        self.health.sync(config, table)  # before any request can pick an upstream it added
+        # Before any request can pick an upstream it added.
+        self.health.sync(config, table, initial=initial)
         if config.access_log != old_config.access_log:
             if self.access_log is not None:
                 self.access_log.close()
             self.access_log = AccessLog(config.access_log) if config.access_log else None
         drain_timeouts = {s.name: s.drain.timeout for s in old_config.services}
         drain_timeouts.update({s.name: s.drain.timeout for s in config.services})
-        for pool, label in old_live.items():
+        for pool, label in ([] if initial else old_live.items()):
             if pool not in new_live:
                 pool.start_draining(drain_timeouts.get(label[0], 30.0), label)
         for pool in new_live:
@@ -134,7 +150,7 @@ class ProxyServer:
             self.health.set_drained(address, True)
 
     def protocol(self) -> ClientConnection:
-        return ClientConnection(self)
+        return ClientConnection(self.plane)
 
     async def start(self) -> None:
         host, port = split_address(self.config.listen)

@@ -52,7 +52,8 @@ from .upstream import ResponseSink
 if TYPE_CHECKING:
     from ..config.model import Config
     from .accesslog import AccessLog
-    from .proxyserver import ProxyServer
+    from .corking import Corker
+    from .stats import StatsRegistry
     from .upstream import Balancer, UpstreamConnection, UpstreamPool
 
 log = logging.getLogger("weir.server")
@@ -137,18 +138,31 @@ class DataPlaneSettings:
         return any(address in net for net in self.trusted_networks)
 
 
-class PlaneState:
-    """What the request path reads from the proxy on every request, on an object of a
-    compiled class: ``ProxyServer`` (app.py, interpreted) would cost a lookup by name for each
-    read. ``ProxyServer`` owns it and is the only writer; its ``table``, ``draining`` and
-    ``access_log`` read and write these."""
+class DataPlaneContext:
+    """All a client connection and its exchanges need of the process, on an object of a
+    compiled class (``ProxyServer``, interpreted, would cost a lookup by name for each read).
+    ``ProxyServer`` builds it and is the only writer of what changes: ``table``,
+    ``access_log``, ``settings`` (a reload) and ``draining`` (a shutdown); the rest is fixed
+    for the life of the process."""
 
-    __slots__ = ("access_log", "draining", "table")
+    __slots__ = ("access_log", "connections", "corker", "draining", "health", "listener_tls",
+                 "loop", "scheme", "settings", "stats", "table")
 
-    def __init__(self, table: RouteTable, access_log: AccessLog | None) -> None:
+    def __init__(self, table: RouteTable, access_log: AccessLog | None,
+                 settings: DataPlaneSettings, stats: StatsRegistry, health: Any,
+                 corker: Corker, loop: asyncio.AbstractEventLoop, scheme: bytes,
+                 listener_tls: Any) -> None:
         self.table = table
         self.access_log = access_log
         self.draining = False  # shutting down: answers tell clients to reconnect elsewhere
+        self.settings = settings  # read by each new connection
+        self.stats = stats
+        self.health = health  # health.HealthMonitor: marks upstreams failed or back
+        self.corker = corker  # holds writes, tells the time (see corking.py)
+        self.loop = loop
+        self.scheme = scheme  # b"https" on a TLS listener, else b"http"
+        self.listener_tls = listener_tls  # None for plain HTTP
+        self.connections: set[ClientConnection] = set()
 
 
 class Exchange(ResponseSink):
@@ -259,7 +273,7 @@ class Exchange(ResponseSink):
         limit = settings.max_body_bytes
         # body_received: a pipelined request that went over the limit while it was queued.
         if limit is not None and (self.content_length > limit or self.body_received > limit):
-            client.server.stats.limits.max_body_bytes += 1
+            client.plane.stats.limits.max_body_bytes += 1
             self.respond_local(413, f"request body is larger than {limit} bytes")
             return
         # Typed as the data plane's own Balancer: compiled, pick() is then a native call.
@@ -297,7 +311,7 @@ class Exchange(ResponseSink):
     def no_upstream(self, route: Route, target: VersionTarget) -> None:
         """Every upstream of the version is unhealthy, ejected or full: answer now rather than
         hang or try one known to be down."""
-        health = self.client.server.health
+        health = self.client.plane.health
         balancer: Balancer = target.balancer  # type: ignore[assignment]
         message, full = health.unavailable(route.name, target.name, balancer)
         self.respond_local(503, message, headers=RETRY_AFTER if full else b"")
@@ -398,7 +412,7 @@ class Exchange(ResponseSink):
         if client.trusted:
             forwarded = hmap.get(b"x-forwarded-for")
             xff = forwarded + b", " + client.peer_bytes if forwarded else client.peer_bytes
-            proto = hmap.get(b"x-forwarded-proto", client.server.scheme)
+            proto = hmap.get(b"x-forwarded-proto", client.plane.scheme)
             fhost = hmap.get(b"x-forwarded-host") or host or b""
             parts.extend((b"x-forwarded-for: ", xff, b"\r\nx-forwarded-proto: ", proto,
                           b"\r\nx-forwarded-host: ", fhost, CRLF))
@@ -456,7 +470,7 @@ class Exchange(ResponseSink):
             self.body_buffer = None
             self.buffered = 0
             return
-        client.server.stats.limits.max_body_bytes += 1
+        client.plane.stats.limits.max_body_bytes += 1
         message = f"request body is larger than {limit} bytes"
         if self.response_started:
             self.client.abort()
@@ -669,7 +683,7 @@ class Exchange(ResponseSink):
         pool: UpstreamPool | None = target.balancer.pick_excluding(tried)  # type: ignore
         if pool is None:
             return False  # nothing healthy left to try: the failure is the answer
-        stats = self.client.server.stats
+        stats = self.client.plane.stats
         if not policy.budget.try_withdraw(perf_counter()):
             stats.count_retry_budget_exhausted(route.name, target.name)
             return False
@@ -700,7 +714,7 @@ class Exchange(ResponseSink):
         pool = balancer.pick_untried(tried)
         if pool is None:
             return False  # every upstream of the version tried: the failure is the answer
-        self.client.server.stats.count_retry(route.name, target.name, reason)
+        self.client.plane.stats.count_retry(route.name, target.name, reason)
         self.send_again(pool, reason)
         return True
 
@@ -778,7 +792,7 @@ class Exchange(ResponseSink):
         target = self.target
         seconds = perf_counter() - self.started
         if target is None:
-            self.client.server.stats.count_unrouted(status)
+            self.client.plane.stats.count_unrouted(status)
         else:
             target.stats.observe(self.method, status, seconds)
         access_log = self.client.plane.access_log
@@ -844,16 +858,15 @@ class ClientConnection(asyncio.Protocol):
         "active", "closing", "corker", "current", "deadline", "forwarded_for", "head_bytes",
         "idle", "in_head", "lingering",
         "loop", "parser", "pause_flags", "peer", "peer_bytes", "pending_error", "plane", "queue",
-        "server", "settings",
+        "settings",
         "timer", "timer_at", "transport", "trusted", "tunnel", "tunnel_pending", "write_paused",
     )
 
-    def __init__(self, server: ProxyServer) -> None:
-        self.server = server
-        self.plane: PlaneState = server.plane
-        self.loop = server.loop
-        self.corker = server.pools.corker  # holds writes, tells the time (see corking.py)
-        self.settings = server.settings
+    def __init__(self, plane: DataPlaneContext) -> None:
+        self.plane = plane
+        self.loop = plane.loop
+        self.corker = plane.corker
+        self.settings = plane.settings
         self.transport: CorkedTransport = None  # type: ignore[assignment]
         self.parser = HttpRequestParser(self)
         self.current: Exchange | None = None
@@ -884,7 +897,7 @@ class ClientConnection(asyncio.Protocol):
     # --- asyncio.Protocol -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if len(self.server.connections) >= self.settings.max_connections:
+        if len(self.plane.connections) >= self.settings.max_connections:
             self.refuse(transport)
             return
         self.transport = CorkedTransport(transport, self.corker)
@@ -894,19 +907,19 @@ class ClientConnection(asyncio.Protocol):
         self.trusted = self.settings.is_trusted(self.peer)
         # The forwarding headers of every request on this connection, up to the host's value.
         self.forwarded_for = (b"x-forwarded-for: " + self.peer_bytes
-                              + b"\r\nx-forwarded-proto: " + self.server.scheme
+                              + b"\r\nx-forwarded-proto: " + self.plane.scheme
                               + b"\r\nx-forwarded-host: ")
-        self.server.connections.add(self)
+        self.plane.connections.add(self)
         self.set_deadline(self.settings.header_timeout)
 
     def refuse(self, transport: asyncio.BaseTransport) -> None:
         """Over max_connections. A 503 tells an HTTP client (or a load balancer in front) to
         retry elsewhere, where a bare close or reset looks like a crash; nothing is read, so a
-        refused connection costs only its accept, and it never enters ``server.connections``,
+        refused connection costs only its accept, and it never enters ``plane.connections``,
         so it takes no slot. (Were its request already here unread, the close is a reset, but
         Linux still delivers the 503 sent before it.)"""
         self.transport = CorkedTransport(transport, self.corker)
-        limits = self.server.stats.limits
+        limits = self.plane.stats.limits
         limits.max_connections += 1
         now = self.loop.time()
         if now - limits.last_warning >= LIMIT_WARNING_INTERVAL:
@@ -965,11 +978,11 @@ class ClientConnection(asyncio.Protocol):
             self.closing = True
             # TLS has no half-close: after a close_notify uvloop shuts the connection down
             # whatever we answer, and logs a warning if we ask to keep it open.
-            return True if self.server.listener_tls is None else None
+            return True if self.plane.listener_tls is None else None
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server.connections.discard(self)
+        self.plane.connections.discard(self)
         self.cancel_timer()
         for ex in (self.active, *self.queue):
             if ex is not None:
@@ -1112,7 +1125,7 @@ class ClientConnection(asyncio.Protocol):
         if pending is not None:
             self.pending_error = None
             if ex.keep_client and not self.transport.is_closing():
-                self.server.stats.count_unrouted(pending[0])
+                self.plane.stats.count_unrouted(pending[0])
                 self.transport.write(pending[1])
             self.linger()  # the broken request's bytes may still be coming
             return
@@ -1179,9 +1192,9 @@ class ClientConnection(asyncio.Protocol):
             active.abandon()
             self.active = active = None
         if status == 431:
-            self.server.stats.limits.max_header_bytes += 1
+            self.plane.stats.limits.max_header_bytes += 1
         if active is None:
-            self.server.stats.count_unrouted(status)
+            self.plane.stats.count_unrouted(status)
             self.transport.write(simple_response(status, message, close=True))
             self.linger()
             return
@@ -1234,7 +1247,7 @@ class ClientConnection(asyncio.Protocol):
             self.timer_at = deadline
             self.timer = self.loop.call_at(deadline, self.on_timer)
             return
-        limits = self.server.stats.limits
+        limits = self.plane.stats.limits
         if self.in_head:
             self.transport.write(simple_response(408, "request headers took too long", True))
             limits.header_timeout += 1

@@ -19,6 +19,7 @@ import aiohttp
 from ..admin.api import AdminServer
 from ..config.loader import parse_config
 from ..control.plane import ControlPlane
+from ..dataplane.proxyserver import ProxyServer
 from ..tasks import cancel_and_wait
 from .app import DemoApp
 from .load import LoadGenerator
@@ -82,7 +83,7 @@ class Demo:
         config = parse_config(demo_config(self.stable, self.canary, port, admin_port,
                                           self.token, self.options), "<weir demo>")
         loop = asyncio.get_running_loop()
-        self.control = ControlPlane(None, config, loop)
+        self.control = ControlPlane(None, config, ProxyServer(config, loop))
         self.admin = AdminServer(self.control)
         try:
             await self.control.proxy.start()

@@ -13,6 +13,7 @@ from ..control.plane import ControlPlane
 from ..control.store import STORE_CLOSE_SECONDS
 from ..dataplane.build import request_path_build
 from ..dataplane.listen import ListenError
+from ..dataplane.proxyserver import ProxyServer
 from ..tasks import finish_within
 from .process import ProcessSignals, open_store, settle_garbage_collector
 
@@ -25,7 +26,8 @@ async def serve(config_path: Path, config: Config) -> int:
     store = await open_store(config)
     if store is None:
         return 2
-    control = signals.control = ControlPlane(config_path, config, loop, store=store)
+    control = signals.control = ControlPlane(config_path, config, ProxyServer(config, loop),
+                                             store=store)
     admin = AdminServer(control)
     try:
         await control.proxy.start()

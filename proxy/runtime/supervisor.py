@@ -66,8 +66,9 @@ class SupervisorProxy(ProxyServer):
     def apply_config(self, config: Config,
                      weights_override: dict[str, dict[str, int]] | None = None,
                      generation: int | None = None,
-                     previews: dict[str, tuple[str, str]] | None = None) -> Any:
-        table = super().apply_config(config, weights_override, generation, previews)
+                     previews: dict[str, tuple[str, str]] | None = None,
+                     initial: bool = False) -> Any:
+        table = super().apply_config(config, weights_override, generation, previews, initial)
         self._weights, self._previews = weights_override, previews
         if self.workers is not None:
             self.workers.broadcast(ipc.CONFIG, self.config_message())
@@ -336,8 +337,8 @@ async def serve_supervised(config_path: Path, config: Config, count: int) -> int
     store = await open_store(config)
     if store is None:
         return 2
-    control = signals.control = ControlPlane(config_path, config, loop,
-                                             proxy_class=SupervisorProxy, store=store)
+    control = signals.control = ControlPlane(config_path, config,
+                                             SupervisorProxy(config, loop), store=store)
     proxy = control.proxy
     assert isinstance(proxy, SupervisorProxy)
     workers = proxy.workers = WorkerSet(proxy, count)
