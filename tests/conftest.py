@@ -269,6 +269,11 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0,
             await asyncio.sleep(interval)
 
 
+# The admin token every test's Weir is configured with, and the header that carries it.
+TOKEN = "weir-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
 # --- Weir as a real process -----------------------------------------------------------------
 
 

@@ -23,11 +23,7 @@ from prometheus_client.samples import Sample
 from proxy.admin.api import AdminServer
 from proxy.control.plane import ControlPlane
 
-from .conftest import control_plane
-
-TOKEN = "metrics-test-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
+from .conftest import AUTH, TOKEN, control_plane
 
 # --- a real Weir in this event loop -----------------------------------------------------------
 

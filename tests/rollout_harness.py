@@ -25,10 +25,8 @@ from aiohttp import web
 from proxy.admin.api import AdminServer
 from proxy.control.plane import ControlPlane
 
-from .conftest import control_plane, serve_on_loopback, wait_for
+from .conftest import AUTH, TOKEN, control_plane, serve_on_loopback, wait_for
 
-TOKEN = "rollout-test-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 NO_BODY = object()
 
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .conftest import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 20
 
@@ -17,12 +19,6 @@ def weir(*args: str, env: dict[str, str] | None = None,
          timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "proxy", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def is_listening(port: int) -> bool:

@@ -22,15 +22,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from .conftest import TOKEN, free_port
+
 REPO = Path(__file__).resolve().parent.parent
-TOKEN = "secret"
 TIMEOUT = 20  # for each subprocess; the calls themselves take well under a second
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- backends: aiohttp apps on a loop in a thread, each answering with its own name --------

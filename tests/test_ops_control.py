@@ -32,7 +32,9 @@ from proxy.config.model import ConfigError
 from proxy.control.plane import ControlPlane
 
 from .conftest import (
+    AUTH,
     REPO_ROOT,
+    TOKEN,
     Backend,
     RestartableWeir,
     control_plane,
@@ -41,8 +43,6 @@ from .conftest import (
     wait_for,
 )
 
-TOKEN = "t0ken-for-tests"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 NO_BODY = object()
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="uses /proc and inotify")

@@ -36,7 +36,9 @@ from proxy.control.state import RuntimeState
 from proxy.control.store import STORE_CLOSE_SECONDS, StoreError
 
 from .conftest import (
+    AUTH,
     REPO_ROOT,
+    TOKEN,
     RestartableWeir,
     control_plane,
     free_port,
@@ -50,8 +52,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server"),
 ]
 
-TOKEN = "store-test-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 # --- redis-server -----------------------------------------------------------------------------

@@ -20,12 +20,10 @@ import aiohttp
 import pytest
 import yaml
 
-from .conftest import REPO_ROOT, Backend, free_port, read_response, sample, wait_for
+from .conftest import AUTH, REPO_ROOT, TOKEN, Backend, free_port, read_response, sample, wait_for
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT spreading")
 
-TOKEN = "workers-test-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 class Supervised:

@@ -32,7 +32,9 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from .conftest import (
+    AUTH,
     REPO_ROOT,
+    TOKEN,
     Backend,
     backend_app,
     exchange,
@@ -43,8 +45,6 @@ from .conftest import (
     wait_for,
 )
 
-TOKEN = "zero-downtime-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SERVICE = "app"
 
 # The load test: 20 workers, 100 switches, 50 weight shifts, 50 config rewrites.
