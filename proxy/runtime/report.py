@@ -11,13 +11,54 @@ read time, so a dead worker's drop out at once.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from ..dataplane.proxyserver import ProxyServer
 
 REPORT_INTERVAL = 0.25
 POOL_COUNTERS = ("connect_errors", "timeouts", "retries")
+
+
+class VersionGain(NamedTuple):
+    """What one version's counters gained since the worker's last report."""
+
+    key: tuple[str, str]                 # (service, version)
+    requests: int
+    errors: int
+    duration: float                      # seconds, summed
+    by_status: dict[Any, int]            # (method, status) -> requests
+    buckets: dict[int, int]              # latency histogram bucket index -> requests
+
+
+class MirrorGain(NamedTuple):
+    """What one shadow version's counters gained since the last report."""
+
+    key: tuple[str, str]                 # (service, shadow version)
+    outcomes: dict[str, int]
+    comparisons: dict[str, int]
+    mismatches: list[Any]                # the newest mismatch examples
+
+
+@dataclass
+class WorkerReport:
+    """One worker's report (pickled over the supervisor's socketpair, see ipc.py): counter
+    gains since the last report, and gauges as they are."""
+
+    requests: int
+    versions: list[VersionGain]
+    unrouted: dict[int, int]
+    mirrors: list[MirrorGain]
+    retries: dict[Any, int]
+    retry_budget_exhausted: dict[Any, int]
+    pool_counters: dict[str, dict[Any, int]]     # counter name -> pool key -> gain
+    gauges: dict[Any, tuple[int, int]]           # pool key -> (active, idle)
+    rejections: dict[Any, int]
+    ejections: dict[Any, int]
+    # The drained upstreams the worker had applied when it read its gauges: `weir drain
+    # --wait` trusts a count of 0 in flight only once every worker reports the drain.
+    drained: list[str] = field(default_factory=list)
 
 
 def _gain(now: dict[Any, int], then: dict[Any, int]) -> dict[Any, int]:
@@ -40,7 +81,7 @@ class ReportBuilder:
             self._flat[name] = dict(now)
         return gain
 
-    def build(self) -> dict[str, Any]:
+    def build(self) -> WorkerReport:
         stats = self.proxy.stats
         versions = []
         requests = 0
@@ -53,9 +94,9 @@ class ReportBuilder:
             bucket_gain = {i: n - (buckets[i] if buckets else 0)
                            for i, n in enumerate(now_buckets)
                            if n != (buckets[i] if buckets else 0)}
-            versions.append((key, vs.total - total, vs.errors - errors,
-                             vs.duration_sum - duration, _gain(vs.requests, by_status),
-                             bucket_gain))
+            versions.append(VersionGain(key, vs.total - total, vs.errors - errors,
+                                        vs.duration_sum - duration,
+                                        _gain(vs.requests, by_status), bucket_gain))
             requests += vs.total - total
             self._versions[key] = (vs.total, vs.errors, vs.duration_sum, dict(vs.requests),
                                    now_buckets)
@@ -68,62 +109,61 @@ class ReportBuilder:
             if outcomes or comparisons:
                 new = comparisons.get("mismatch", 0)
                 mismatches = list(ms.mismatches)[-new:] if new else []
-                mirrors.append((key, outcomes, comparisons, mismatches))
+                mirrors.append(MirrorGain(key, outcomes, comparisons, mismatches))
         pools = self.proxy.pools.pools
         health = self.proxy.health
-        return {
-            "requests": requests,
-            "versions": versions,
-            "unrouted": unrouted,
-            "mirrors": mirrors,
-            "retries": self._flat_gain("retries", stats.retries),
-            "retry_budget_exhausted": self._flat_gain("exhausted",
-                                                      stats.retry_budget_exhausted),
-            "pool_counters": {
+        return WorkerReport(
+            requests=requests,
+            versions=versions,
+            unrouted=unrouted,
+            mirrors=mirrors,
+            retries=self._flat_gain("retries", stats.retries),
+            retry_budget_exhausted=self._flat_gain("exhausted", stats.retry_budget_exhausted),
+            pool_counters={
                 name: self._flat_gain(f"pool.{name}",
                                       {key: getattr(pool, name) for key, pool in pools.items()})
                 for name in POOL_COUNTERS},
-            "gauges": {key: (len(pool.active), len(pool.idle)) for key, pool in pools.items()
-                       if pool.active or pool.idle},
-            "rejections": self._flat_gain("rejections", health.rejections),
-            "ejections": self._flat_gain("ejections", {k: s.ejections
-                                                       for k, s in health.upstreams.items()}),
-        }
+            gauges={key: (len(pool.active), len(pool.idle)) for key, pool in pools.items()
+                    if pool.active or pool.idle},
+            rejections=self._flat_gain("rejections", health.rejections),
+            ejections=self._flat_gain("ejections", {k: s.ejections
+                                                    for k, s in health.upstreams.items()}),
+        )
 
 
-def merge(proxy: ProxyServer, worker: int, report: dict[str, Any]) -> None:
+def merge(proxy: ProxyServer, worker: int, report: WorkerReport) -> None:
     """Supervisor side: add one worker's report into the supervisor's registries."""
     stats = proxy.stats
-    for (service, version), total, errors, duration, by_status, buckets in report["versions"]:
-        vs = stats.for_version(service, version)
-        vs.total += total
-        vs.errors += errors
-        vs.duration_sum += duration
-        for (method, status), count in by_status.items():
+    for gain in report.versions:
+        vs = stats.for_version(*gain.key)
+        vs.total += gain.requests
+        vs.errors += gain.errors
+        vs.duration_sum += gain.duration
+        for (method, status), count in gain.by_status.items():
             vs.add_requests(method, status, count)
-        for index, count in buckets.items():
+        for index, count in gain.buckets.items():
             vs.buckets[index] += count
-    _add(stats.unrouted, report["unrouted"])
-    for (service, version), outcomes, comparisons, mismatches in report["mirrors"]:
-        ms = stats.for_mirror(service, version)
-        _add(ms.outcomes, outcomes)
-        _add(ms.comparisons, comparisons)
-        ms.mismatches.extend(mismatches)
-    _add(stats.retries, report["retries"])
-    _add(stats.retry_budget_exhausted, report["retry_budget_exhausted"])
+    _add(stats.unrouted, report.unrouted)
+    for mirror in report.mirrors:
+        ms = stats.for_mirror(*mirror.key)
+        _add(ms.outcomes, mirror.outcomes)
+        _add(ms.comparisons, mirror.comparisons)
+        ms.mismatches.extend(mirror.mismatches)
+    _add(stats.retries, report.retries)
+    _add(stats.retry_budget_exhausted, report.retry_budget_exhausted)
     pools = proxy.pools.pools
-    for attribute, gains in report["pool_counters"].items():
+    for attribute, gains in report.pool_counters.items():
         for key, count in gains.items():
             pool = pools.get(key)
             if pool is not None:
                 setattr(pool, attribute, getattr(pool, attribute) + count)
-    gauges = report["gauges"]
+    gauges = report.gauges
     for key, pool in pools.items():
         active, idle = gauges.get(key, (0, 0))
         pool.reported[worker] = (active, idle)
     health = proxy.health
-    _add(health.rejections, report["rejections"])
-    for key, count in report["ejections"].items():
+    _add(health.rejections, report.rejections)
+    for key, count in report.ejections.items():
         health.state(key).ejections += count
 
 

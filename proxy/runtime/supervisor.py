@@ -234,8 +234,8 @@ class WorkerSet:
             kind, body = message
             if kind == ipc.REPORT:
                 merge(self.proxy, worker.ident, body)
-                worker.requests += body["requests"]
-                worker.drained = frozenset(body.get("drained", ()))
+                worker.requests += body.requests
+                worker.drained = frozenset(body.drained)
             elif kind == ipc.READY:
                 worker.ready.set()
                 log.info("worker %d (pid %d) listening on %s", worker.slot, body["pid"],

@@ -70,7 +70,7 @@ class Worker:
         if self.reporter is not None and self.proxy is not None:
             report = self.reporter.build()
             # Its gauges were read with these drained: `weir drain --wait` can trust them.
-            report["drained"] = sorted(self.proxy.health.drained)
+            report.drained = sorted(self.proxy.health.drained)
             ipc.send(self.writer, ipc.REPORT, report)
 
     async def reporting(self) -> None:
