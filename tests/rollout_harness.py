@@ -24,6 +24,7 @@ from aiohttp import web
 
 from proxy.admin.api import AdminServer
 from proxy.control.plane import ControlPlane
+from proxy.runtime.lifecycle import stop
 
 from .conftest import AUTH, TOKEN, control_plane, serve_on_loopback, wait_for
 
@@ -262,10 +263,7 @@ class Live:
             return
         self.closed = True
         await self.api.session.close()
-        await self.control.stop_watching()
-        await self.control.rollouts.stop()
-        await self.control.proxy.shutdown(1)
-        await self.admin.stop()
+        await stop(self.control, self.admin, delay=0, timeout=1)
 
 
 @pytest.fixture

@@ -10,11 +10,10 @@ from pathlib import Path
 from ..admin.api import AdminServer
 from ..config.model import Config
 from ..control.plane import ControlPlane
-from ..control.store import STORE_CLOSE_SECONDS
 from ..dataplane.build import request_path_build
 from ..dataplane.listen import ListenError
 from ..dataplane.proxyserver import ProxyServer
-from ..tasks import finish_within
+from .lifecycle import abandon_start, run_control, stop
 from .process import ProcessSignals, open_store, settle_garbage_collector
 
 log = logging.getLogger("weir")
@@ -33,14 +32,9 @@ async def serve(config_path: Path, config: Config) -> int:
         await control.proxy.start()
         await admin.start()
     except ListenError:
-        # Nothing is left listening, and a shared store's lock is let go at once.
-        await control.proxy.shutdown(0)
-        await finish_within(STORE_CLOSE_SECONDS, control.store.close(),
-                            "closing the state store")
+        await abandon_start(control)
         raise
-    control.start_sync()
-    control.start_watching()
-    control.rollouts.start()
+    run_control(control)
     log.info("weir listening on %s (admin on %s), %d service(s), config generation %d, "
              "request path %s", config.listen, config.admin.listen, len(config.services),
              control.generation, request_path_build())
@@ -49,14 +43,5 @@ async def serve(config_path: Path, config: Config) -> int:
 
     shutdown = control.config.shutdown
     log.info("shutting down: /readyz is 503; closing the listener in %.1fs", shutdown.delay)
-    control.proxy.draining = True
-    await asyncio.sleep(shutdown.delay)
-    await control.stop_watching()
-    await control.rollouts.stop()
-    # After the controller's last save; releases its lock. Bounded: were Redis to stop
-    # answering, the lock lapses by itself, and the stop must go on.
-    await finish_within(STORE_CLOSE_SECONDS, control.store.close(), "closing the state store")
-    await control.proxy.shutdown(shutdown.timeout)
-    await admin.stop()
-    log.info("stopped")
+    await stop(control, admin, shutdown.delay, shutdown.timeout)
     return 0

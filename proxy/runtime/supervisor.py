@@ -26,11 +26,10 @@ from ..admin.api import AdminServer
 from ..config.model import Config, split_address
 from ..config.tls import CompiledTLS
 from ..control.plane import ControlPlane
-from ..control.store import STORE_CLOSE_SECONDS
 from ..dataplane.listen import DATA_PLANE, ListenError
 from ..dataplane.proxyserver import ProxyServer
-from ..tasks import finish_within
 from . import ipc
+from .lifecycle import abandon_start, close_store, run_control, stop
 from .process import ProcessSignals, open_store, settle_garbage_collector
 from .report import forget_worker, merge
 
@@ -349,8 +348,7 @@ async def serve_supervised(config_path: Path, config: Config, count: int) -> int
         await workers.kill_all()
         return 1
     except ListenError:
-        await finish_within(STORE_CLOSE_SECONDS, control.store.close(),
-                            "closing the state store")
+        await close_store(control)
         raise
     admin = AdminServer(control)
     await proxy.start()
@@ -359,13 +357,9 @@ async def serve_supervised(config_path: Path, config: Config, count: int) -> int
     except ListenError:
         # The workers listen already: stopped before the error is told, so that nothing is
         # left listening once `weir run` has exited.
-        await proxy.shutdown(0)
-        await finish_within(STORE_CLOSE_SECONDS, control.store.close(),
-                            "closing the state store")
+        await abandon_start(control)
         raise
-    control.start_sync()
-    control.start_watching()
-    control.rollouts.start()
+    run_control(control)
     log.info("weir listening on %s with %d workers (admin on %s), %d service(s), config "
              "generation %d", proxy.listen, count, config.admin.listen, len(config.services),
              control.generation)
@@ -375,14 +369,5 @@ async def serve_supervised(config_path: Path, config: Config, count: int) -> int
     shutdown = control.config.shutdown
     log.info("shutting down: /readyz is 503; workers close the listener in %.1fs",
              shutdown.delay)
-    proxy.draining = True
-    await asyncio.sleep(shutdown.delay)
-    await control.stop_watching()
-    await control.rollouts.stop()
-    # After the controller's last save; releases its lock. Bounded: were Redis to stop
-    # answering, the lock lapses by itself, and the stop must go on.
-    await finish_within(STORE_CLOSE_SECONDS, control.store.close(), "closing the state store")
-    await proxy.shutdown(shutdown.timeout)
-    await admin.stop()
-    log.info("stopped")
+    await stop(control, admin, shutdown.delay, shutdown.timeout)
     return 0
