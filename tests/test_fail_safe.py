@@ -11,12 +11,14 @@ stop a write); putting the folder back makes it writable again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -53,6 +55,15 @@ class StateFolder:
     def mend(self) -> None:
         self.path.unlink()
         self.away.rename(self.path)
+
+    @contextlib.contextmanager
+    def broken(self) -> Iterator[None]:
+        """Unwritable for the block, and writable again after it, however it ends."""
+        self.break_it()
+        try:
+            yield
+        finally:
+            self.mend()
 
     def saved(self) -> dict:
         return json.loads(self.file.read_text())
@@ -217,8 +228,7 @@ async def test_a_rollback_after_failed_analysis_does_not_wait_for_the_disk(backe
     api = live.api
     await api.act("start")
     await at_step(api, 1)
-    folder.break_it()
-    try:
+    with folder.broken():
         deadline = time.monotonic() + 10
         while (await api.rollout())["phase"] != "aborted":
             assert time.monotonic() < deadline, "the failing canary was not rolled back"
@@ -229,8 +239,6 @@ async def test_a_rollback_after_failed_analysis_does_not_wait_for_the_disk(backe
         assert status["state_unsaved"] is not None
         shown = await weir_command("status", "--admin", f"http://127.0.0.1:{live.admin.port}")
         assert "runtime state NOT SAVED" in shown and "retrying" in shown, shown
-    finally:
-        folder.mend()
 
 
 async def test_a_start_that_cannot_be_saved_changes_nothing_and_stays_undone(
@@ -267,8 +275,7 @@ async def test_a_step_that_cannot_be_saved_waits_there_and_says_so_once(backends
     api = live.api
     await api.act("start")
     await at_step(api, 1)
-    folder.break_it()
-    try:
+    with folder.broken():
         # To step 2 (set_weight 40), not saved: done, and the CLI says so.
         said = await weir_command("promote", "app", "--admin",
                                   f"http://127.0.0.1:{live.admin.port}")
@@ -278,8 +285,6 @@ async def test_a_step_that_cannot_be_saved_waits_there_and_says_so_once(backends
         assert await api.weights() == {"stable": 90, "canary": 10}
         assert caplog.text.count("the rollout waits at step 3") == 1, caplog.text
         assert "Traceback" not in caplog.text
-    finally:
-        folder.mend()
     # ... and is once it can.
     await api.wait_weights({"stable": 60, "canary": 40})
     await at_step(api, 3)

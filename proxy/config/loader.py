@@ -12,6 +12,7 @@ import yaml
 from pydantic import ValidationError
 
 from .model import Config, ConfigError
+from .tls import TLSConfigError, compile_tls
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -138,7 +139,6 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     if config is not None:
         # Certificates and keys are loaded here, so that `weir validate`, start and reload all
         # refuse a config whose files are missing or do not fit together.
-        from .tls import TLSConfigError, compile_tls
 
         try:
             compile_tls(config)

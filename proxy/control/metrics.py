@@ -15,6 +15,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from ..rollout.controller import PHASES
+
 if TYPE_CHECKING:
     from ..dataplane.proxyserver import ProxyServer
     from .plane import ControlPlane
@@ -248,8 +250,6 @@ class RolloutCollector(Collector):
         self.control = control
 
     def collect(self) -> Iterator[Metric]:
-        from ..rollout.controller import PHASES
-
         step = GaugeMetricFamily("weir_rollout_step", "Current step of the rollout.",
                                  labels=["service"])
         phase = GaugeMetricFamily("weir_rollout_phase", "1 for the rollout's current phase.",

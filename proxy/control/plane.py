@@ -24,6 +24,7 @@ from ..errors import StateWriteError, UnknownName
 from ..rollout.controller import RolloutController
 from ..tasks import cancel_and_wait
 from .metrics import Metrics
+from .redisstore import redacted
 from .state import SOURCE_API, RuntimeState
 from .store import RemoteState, StateStore, StoreConflict, make_store
 
@@ -198,8 +199,6 @@ class ControlPlane:
         and log them. Compared with the config the process started with (what its sockets,
         state store, watcher and logging were set up from), not with the last one loaded:
         an edit and its revert leave nothing pending."""
-        from .redisstore import redacted
-
         started = self.started_with
         changes: list[str] = []
 
@@ -386,6 +385,10 @@ class ControlPlane:
         """The runtime state changed in memory and is in force: save it in the background,
         now and then again until a save succeeds."""
         self._changes += 1
+        self._save_soon()
+
+    def _save_soon(self) -> None:
+        """The saver tries at once: started if it is not running, woken from its backoff."""
         self._wake_saver.set()
         if self._saver is None or self._saver.done():
             self._saver = self.loop.create_task(self._save_until_saved())
@@ -449,9 +452,7 @@ class ControlPlane:
         target = self._changes
         if self._saved_upto >= target:
             return True
-        if self._saver is None or self._saver.done():
-            self.changed()
-        self._wake_saver.set()
+        self._save_soon()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(SAVE_WAIT):
                 while self._saved_upto < target:

@@ -118,9 +118,6 @@ class RuntimeState:
             data["drained"] = dict(self.drained)
         return data
 
-    def save(self) -> None:
-        self.write(self.document())
-
     def write(self, data: dict[str, Any]) -> None:
         """Write atomically: a temp file in the same directory, fsync, then rename."""
         if self.path is None:
