@@ -18,11 +18,13 @@ from setuptools.command.build_ext import build_ext
 # The modules every proxied request runs through (mirror.py for every request of a mirrored
 # service); the rest of Weir stays interpreted.
 COMPILED_MODULES = [
+    "proxy/dataplane/context.py",
     "proxy/dataplane/corking.py",
+    "proxy/dataplane/exchange.py",
+    "proxy/dataplane/http1.py",
     "proxy/dataplane/http11.py",
     "proxy/dataplane/mirror.py",
     "proxy/dataplane/routing.py",
-    "proxy/dataplane/server.py",
     "proxy/dataplane/stats.py",
     "proxy/dataplane/upstream.py",
 ]

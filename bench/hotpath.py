@@ -1,6 +1,6 @@
 """Microbenchmark of Weir's per-request Python work, without sockets or a load generator.
 
-It drives the real ClientConnection and UpstreamConnection with in-memory transports: each
+It drives the real Http1Connection and UpstreamConnection with in-memory transports: each
 iteration feeds one request to the client side and one canned response to the upstream side,
 so what is measured is exactly the proxy's own CPU cost per request (parsing callbacks,
 routing, sticky hashing, head rewriting), free of kernel and scheduler noise.

@@ -548,8 +548,8 @@ async def test_exchanges_and_copies_are_freed_without_the_cycle_collector(start_
     up as latency spikes (measured: 5-29 ms pauses with mirroring before this was fixed)."""
     import gc
 
+    from proxy.dataplane.exchange import Exchange
     from proxy.dataplane.mirror import MirrorCopy
-    from proxy.dataplane.server import Exchange
 
     from .conftest import exchange as raw_exchange
 

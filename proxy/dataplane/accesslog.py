@@ -12,8 +12,8 @@ import time
 from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .exchange import Exchange
     from .routing import VersionTarget
-    from .server import Exchange
 
 
 class AccessLog:
@@ -27,7 +27,7 @@ class AccessLog:
         target = ex.target
         entry = {
             "time": round(time.time(), 3),
-            "client": ex.client.peer,
+            "client": ex.peer.address,
             "method": ex.method.decode(),
             "host": ex.hmap.get(b"host", b"").decode("latin-1"),
             "path": ex.url.decode("latin-1"),

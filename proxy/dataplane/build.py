@@ -9,6 +9,6 @@ def request_path_build() -> str:
     "interpreted" when Weir was installed as pure Python (no compiler, or WEIR_PURE_PYTHON)."""
     from importlib.machinery import EXTENSION_SUFFIXES
 
-    from . import server
+    from . import exchange
 
-    return "compiled" if server.__file__.endswith(tuple(EXTENSION_SUFFIXES)) else "interpreted"
+    return "compiled" if exchange.__file__.endswith(tuple(EXTENSION_SUFFIXES)) else "interpreted"

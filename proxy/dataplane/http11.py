@@ -134,3 +134,12 @@ def simple_response(status: int, message: str, close: bool, extra: bytes = b"",
         CRLF,
     ]
     return b"".join(head) if head_only else b"".join(head) + body
+
+
+def without_headers(forward: list[bytes], names: frozenset[bytes] | set[bytes]) -> list[bytes]:
+    """A flat [name, b": ", value, CRLF, ...] list less the headers named (lower-case)."""
+    kept: list[bytes] = []
+    for i in range(0, len(forward), 4):
+        if forward[i].lower() not in names:
+            kept += forward[i:i + 4]
+    return kept

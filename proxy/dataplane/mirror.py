@@ -25,8 +25,8 @@ from .upstream import ResponseSink
 
 if TYPE_CHECKING:
     from .accesslog import AccessLog
+    from .exchange import Exchange
     from .routing import VersionTarget
-    from .server import Exchange
     from .upstream import UpstreamConnection, UpstreamPool
 
 log = logging.getLogger("weir.mirror")
@@ -127,7 +127,7 @@ class MirrorPolicy:
     def drop(self, exchange: Exchange) -> None:
         """Count a copy dropped before it was built (see has_room)."""
         self.stats.outcomes["dropped"] += 1
-        access_log = exchange.client.plane.access_log
+        access_log = exchange.plane.access_log
         if access_log is not None:
             access_log.mirror(self.target, 0, "dropped", exchange.url, exchange.method)
 
@@ -145,7 +145,7 @@ class MirrorCopy(ResponseSink):
         self.head_request = exchange.head_request
         self.method = exchange.method
         self.path = exchange.url
-        self.access_log: AccessLog | None = exchange.client.plane.access_log
+        self.access_log: AccessLog | None = exchange.plane.access_log
         self.body: list[bytes] = []
         self.body_size = 0
         self.too_large = False

@@ -10,10 +10,11 @@ from typing import Any
 from ..config.model import Config, split_address
 from ..config.tls import CompiledTLS, ListenerTLS, compile_tls, warn_unverified
 from .accesslog import AccessLog
+from .context import ClientSide, DataPlaneContext, DataPlaneSettings
 from .health import HealthMonitor
+from .http1 import Http1Connection
 from .listen import DATA_PLANE, ListenError
 from .routing import RouteTable, build_route_table
-from .server import ClientConnection, DataPlaneContext, DataPlaneSettings
 from .stats import StatsRegistry
 from .upstream import PoolRegistry, UpstreamPool
 
@@ -63,7 +64,7 @@ class ProxyServer:
         self.active_checks = True
 
     @property
-    def connections(self) -> set[ClientConnection]:
+    def connections(self) -> set[ClientSide]:
         return self.plane.connections
 
     @property
@@ -149,8 +150,8 @@ class ProxyServer:
         for address in sorted(drained - self.health.drained):
             self.health.set_drained(address, True)
 
-    def protocol(self) -> ClientConnection:
-        return ClientConnection(self.plane)
+    def protocol(self) -> Http1Connection:
+        return Http1Connection(self.plane)
 
     async def start(self) -> None:
         host, port = split_address(self.config.listen)

@@ -203,7 +203,7 @@ class Route:
         self.read_timeout = timeouts.read
         self.hosts = tuple(service.match.hosts)
         self.path_prefix = service.match.path_prefix.encode()
-        # TRACE is refused with 405 unless the service takes it (server.Exchange.start).
+        # TRACE is refused with 405 unless the service takes it (exchange.Exchange.dispatch).
         self.allow_trace = service.allow_trace
         self.versions = versions
         self.weights = dict(weights)

@@ -1,7 +1,7 @@
 """Upstream side of the data plane: keep-alive connection pools and least-in-flight balancing.
 
 An ``UpstreamConnection`` parses one response at a time with httptools and hands what it reads
-to the exchange that owns it (see ``server.Exchange``). Pools are keyed by address (and TLS
+to the exchange that owns it (see ``exchange.Exchange``). Pools are keyed by address (and TLS
 settings) and outlive config reloads, so a reload does not throw away warm connections.
 """
 
@@ -49,7 +49,7 @@ RAMP_FLOOR: Final = 0.1
 
 
 class ResponseSink:
-    """What an upstream connection reports to the exchange it is serving (``server.Exchange``,
+    """What an upstream connection reports to the exchange it is serving (``exchange.Exchange``,
     or a shadow's ``mirror.MirrorCopy``). A base class rather than a Protocol: compiled, the
     connection then calls these through a vtable, where a Protocol costs a method lookup by
     name and boxed arguments on each of the four or five calls every response makes."""
