@@ -20,6 +20,7 @@ from ..admin.api import AdminServer
 from ..config.loader import parse_config
 from ..control.plane import ControlPlane
 from ..dataplane.proxyserver import ProxyServer
+from ..runtime.lifecycle import open_listeners, run_control, stop
 from ..tasks import cancel_and_wait
 from .app import DemoApp
 from .load import LoadGenerator
@@ -83,17 +84,17 @@ class Demo:
         config = parse_config(demo_config(self.stable, self.canary, port, admin_port,
                                           self.token, self.options), "<weir demo>")
         loop = asyncio.get_running_loop()
-        self.control = ControlPlane(None, config, ProxyServer(config, loop))
-        self.admin = AdminServer(self.control)
+        control = ControlPlane(None, config, ProxyServer(config, loop))
+        admin = AdminServer(control)
         try:
-            await self.control.proxy.start()
-            await self.admin.start()
+            await open_listeners(control, admin)
         except OSError as exc:
             what = "address in use" if exc.errno == errno.EADDRINUSE else exc.strerror or exc
             raise DemoError(f"cannot listen on 127.0.0.1 (port {port} for the proxy, "
                             f"{admin_port} for the admin API): {what}; choose others with "
                             "--port and --admin-port (0: any free port)") from None
-        self.control.rollouts.start()
+        self.control, self.admin = control, admin  # started: close() stops them
+        run_control(control)
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         self.load = LoadGenerator(self.proxy_url, RATE, WORKERS)
         self.intro(port_busy, admin_busy)
@@ -111,11 +112,8 @@ class Demo:
             steps.append(("load", self.load.stop()))
         if self.session is not None:
             steps.append(("admin client", self.session.close()))
-        if self.control is not None:
-            steps.append(("rollouts", self.control.rollouts.stop()))
-            steps.append(("proxy", self.control.proxy.shutdown(timeout=0.5)))
-        if self.admin is not None:
-            steps.append(("admin API", self.admin.stop()))
+        if self.control is not None and self.admin is not None:
+            steps.append(("proxy", stop(self.control, self.admin, delay=0, timeout=0.5)))
         steps += [("stable app", self.stable.stop()), ("canary app", self.canary.stop())]
         for what, step in steps:
             try:

@@ -1,5 +1,6 @@
 """The order a Weir process starts and stops its parts, in one place: `weir run` as one
-process, the supervisor of `--workers N`, and the test harnesses all go through it.
+process, the supervisor of `--workers N`, `weir demo` and the test harnesses all go through
+it. (A worker of `--workers N` runs a data plane alone: it starts and drains that, no more.)
 
 Start: the state store is opened and the control plane built over its data plane (by the
 caller, which knows which data plane), then the listeners; only once everything listens does
@@ -18,9 +19,21 @@ import logging
 from ..admin.api import AdminServer
 from ..control.plane import ControlPlane
 from ..control.store import STORE_CLOSE_SECONDS
+from ..dataplane.listen import ListenError
 from ..tasks import finish_within
 
 log = logging.getLogger("weir")
+
+
+async def open_listeners(control: ControlPlane, admin: AdminServer) -> None:
+    """Open the data plane's listeners, then the admin API's. When one cannot bind, nothing
+    is left listening and the ListenError goes on to the caller, which says which one."""
+    try:
+        await control.proxy.start()
+        await admin.start()
+    except ListenError:
+        await abandon_start(control)
+        raise
 
 
 def run_control(control: ControlPlane) -> None:

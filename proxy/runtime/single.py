@@ -11,9 +11,8 @@ from ..admin.api import AdminServer
 from ..config.model import Config
 from ..control.plane import ControlPlane
 from ..dataplane.build import request_path_build
-from ..dataplane.listen import ListenError
 from ..dataplane.proxyserver import ProxyServer
-from .lifecycle import abandon_start, run_control, stop
+from .lifecycle import open_listeners, run_control, stop
 from .process import ProcessSignals, open_store, settle_garbage_collector
 
 log = logging.getLogger("weir")
@@ -28,12 +27,7 @@ async def serve(config_path: Path, config: Config) -> int:
     control = signals.control = ControlPlane(config_path, config, ProxyServer(config, loop),
                                              store=store)
     admin = AdminServer(control)
-    try:
-        await control.proxy.start()
-        await admin.start()
-    except ListenError:
-        await abandon_start(control)
-        raise
+    await open_listeners(control, admin)
     run_control(control)
     log.info("weir listening on %s (admin on %s), %d service(s), config generation %d, "
              "request path %s", config.listen, config.admin.listen, len(config.services),

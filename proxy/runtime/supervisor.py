@@ -29,7 +29,7 @@ from ..control.plane import ControlPlane
 from ..dataplane.listen import DATA_PLANE, ListenError
 from ..dataplane.proxyserver import ProxyServer
 from . import ipc
-from .lifecycle import abandon_start, close_store, run_control, stop
+from .lifecycle import close_store, open_listeners, run_control, stop
 from .process import ProcessSignals, open_store, settle_garbage_collector
 from .report import forget_worker, merge
 
@@ -351,14 +351,9 @@ async def serve_supervised(config_path: Path, config: Config, count: int) -> int
         await close_store(control)
         raise
     admin = AdminServer(control)
-    await proxy.start()
-    try:
-        await admin.start()
-    except ListenError:
-        # The workers listen already: stopped before the error is told, so that nothing is
-        # left listening once `weir run` has exited.
-        await abandon_start(control)
-        raise
+    # The workers listen already: when the admin API cannot, they are stopped before the
+    # error is told, so that nothing is left listening once `weir run` has exited.
+    await open_listeners(control, admin)
     run_control(control)
     log.info("weir listening on %s with %d workers (admin on %s), %d service(s), config "
              "generation %d", proxy.listen, count, config.admin.listen, len(config.services),
