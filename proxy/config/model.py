@@ -524,7 +524,7 @@ class Admin(Strict):
 class Limits(Strict):
     # Client connections open at once on the data listener, per process; more are answered
     # 503 and closed. None: half the open-file limit, as each client may hold an upstream
-    # connection too (see server.default_max_connections).
+    # connection too (see dataplane.context.default_max_connections).
     max_connections: int | None = Field(default=None, ge=1)
     max_header_bytes: ByteSize = Field(default=64 * 1024, ge=1024)
     max_body_bytes: ByteSize | None = None
