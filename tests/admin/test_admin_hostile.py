@@ -2,8 +2,8 @@
 used to end in a RecursionError and a 500. Every endpoint that reads a body answers 400 with
 ``{"error": ...}`` and changes nothing; ordinary bodies work as before.
 
-Real sockets: the admin API and the data plane in this event loop (test_ops_control's
-``live``), an aiohttp client, aiohttp backends.
+Real sockets: the admin API and the data plane in this event loop (conftest's ``weir``), an
+aiohttp client, aiohttp backends.
 """
 
 from __future__ import annotations
@@ -16,10 +16,7 @@ import pytest
 
 from proxy.admin.api import MAX_BODY_DEPTH
 
-from ..control import test_ops_control
 from ..control.test_ops_control import shop_config, versions_served
-
-live = test_ops_control.live
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="uses /proc and inotify")
 
@@ -54,10 +51,10 @@ def config(blue: Any, green: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("method", "path", "template"), ENDPOINTS, ids=IDS)
-async def test_deeply_nested_bodies_are_400_and_change_nothing(start_backend, live, method,
+async def test_deeply_nested_bodies_are_400_and_change_nothing(start_backend, weir, method,
                                                                path, template):
     blue, green = await start_backend("blue"), await start_backend("green")
-    weir = await live(config(blue, green))
+    w = await weir(config(blue, green))
     bodies = {
         "whole body, 100k deep": nested_list(DEEP),
         "value, 100k deep": template % nested_list(DEEP),
@@ -67,44 +64,44 @@ async def test_deeply_nested_bodies_are_400_and_change_nothing(start_backend, li
         "value, just past the limit": template % nested_list(MAX_BODY_DEPTH),
     }
     for what, body in bodies.items():
-        code, answer = await weir.api.call(method, path, raw=body.encode())
+        code, answer = await w.api.call(method, path, raw=body.encode())
         assert code == 400, (what, code, answer)
         assert answer == {"error": f"the body is nested too deeply (more than "
                                    f"{MAX_BODY_DEPTH} levels)"}, what
 
-    status = await weir.api.status()
+    status = await w.api.status()
     assert status["generation"] == 1
     [shop] = status["services"]
     assert (shop["weights"], shop["weights_source"]) == ({"blue": 100, "green": 0}, "file")
     assert status["drained"] == []
-    assert await versions_served(weir.port, 10) == Counter(blue=10)
-    code, _ = await weir.api.call("GET", "/healthz", auth=False)
+    assert await versions_served(w.port, 10) == Counter(blue=10)
+    code, _ = await w.api.call("GET", "/healthz", auth=False)
     assert code == 200
 
 
-async def test_reasonable_bodies_still_work(start_backend, live):
+async def test_reasonable_bodies_still_work(start_backend, weir):
     blue, green = await start_backend("blue"), await start_backend("green")
-    weir = await live(config(blue, green))
+    w = await weir(config(blue, green))
     # Nested right up to the limit (an unknown key, ignored) beside a real value: accepted.
     within = ('{"weights": {"blue": 20, "green": 80}, "note": '
               + nested_list(MAX_BODY_DEPTH - 1) + "}")
-    code, answer = await weir.api.call("PUT", "/api/services/shop/weights", raw=within.encode())
+    code, answer = await w.api.call("PUT", "/api/services/shop/weights", raw=within.encode())
     assert code == 200, answer
     assert answer == {"service": "shop", "weights": {"blue": 20, "green": 80}}
-    code, answer = await weir.api.call("POST", "/api/services/shop/switch", {"to": "green"})
+    code, answer = await w.api.call("POST", "/api/services/shop/switch", {"to": "green"})
     assert code == 200, answer
-    assert await versions_served(weir.port, 10) == Counter(green=10)
-    code, answer = await weir.api.call("POST", "/api/upstreams/drain",
+    assert await versions_served(w.port, 10) == Counter(green=10)
+    code, answer = await w.api.call("POST", "/api/upstreams/drain",
                                        {"upstream": blue.address})
     assert code == 200, answer
-    code, answer = await weir.api.call("POST", "/api/upstreams/undrain",
+    code, answer = await w.api.call("POST", "/api/upstreams/undrain",
                                        {"upstream": blue.address})
     assert code == 200, answer
     # The other 400s keep their own messages.
-    code, answer = await weir.api.call("PUT", "/api/services/shop/weights", raw=b"[1, 2]")
+    code, answer = await w.api.call("PUT", "/api/services/shop/weights", raw=b"[1, 2]")
     assert (code, answer) == (400, {"error": "the body must be a JSON object"})
-    code, answer = await weir.api.call("PUT", "/api/services/shop/weights", raw=b"null")
+    code, answer = await w.api.call("PUT", "/api/services/shop/weights", raw=b"null")
     assert (code, answer) == (400, {"error": "the body must be a JSON object"})
-    code, answer = await weir.api.call("PUT", "/api/services/shop/weights",
+    code, answer = await w.api.call("PUT", "/api/services/shop/weights",
                                        {"weights": {"blue": [1]}})
     assert code == 400 and "must be an integer" in answer["error"], answer

@@ -32,8 +32,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from ..conftest import REPO_ROOT, Backend, wait_for
-from ..rollout_harness import TOKEN, Live, Load, base_config, poll, write_config
+from ..conftest import REPO_ROOT, TOKEN, Backend, Weir, poll, wait_for, write_config
+from ..rollout_harness import Load, base_config
 
 CHROMIUM = (os.environ.get("WEIR_CHROMIUM") or shutil.which("chromium")
             or shutil.which("chromium-browser"))
@@ -64,7 +64,7 @@ async def get(session: aiohttp.ClientSession, port: int, path: str, count: int =
 async def test_history_records_rate_errors_p99_weight_and_follows_reloads(start_backend, weir):
     stable, canary, green = (await start_backend("stable"), await start_backend("canary"),
                              await start_backend("green"))
-    live: Live = await weir(base_config(shop(stable, canary)))
+    live: Weir = await weir(base_config(shop(stable, canary)))
     sampler = live.admin.history
     await sampler.stop()  # samples taken by hand below, so each holds exactly what was sent
     sampler.sample()
@@ -114,7 +114,7 @@ async def test_history_records_rate_errors_p99_weight_and_follows_reloads(start_
 async def test_history_sampler_runs_with_the_admin_listener_and_stays_bounded(
         start_backend, weir):
     backend = await start_backend("stable")
-    live: Live = await weir(base_config(
+    live: Weir = await weir(base_config(
         {"name": "one", "versions": {"stable": {"upstreams": [backend.address]}}}))
     sampler = live.admin.history
     series = sampler.series["one"]["stable"]
@@ -132,7 +132,7 @@ async def test_history_sampler_runs_with_the_admin_listener_and_stays_bounded(
 
 async def test_dashboard_files_are_served_self_contained_and_packaged(start_backend, weir):
     backend = await start_backend("stable")
-    live: Live = await weir(base_config(
+    live: Weir = await weir(base_config(
         {"name": "one", "versions": {"stable": {"upstreams": [backend.address]}}}))
     base = live.api.base
     session = live.api.session
@@ -450,7 +450,7 @@ async def test_dashboard_in_headless_chromium_draws_charts_and_drives_the_rollou
         "analysis": {"interval": "1s", "min_requests": 5, "failure_limit": 100,
                      "checks": {"max_error_rate": 0.5, "max_p99": "2s"}},
     }
-    live: Live = await weir(base_config(
+    live: Weir = await weir(base_config(
         shop(stable, canary, match={"path_prefix": "/"}, rollout=rollout),
         {"name": "api", "match": {"path_prefix": "/api/"},
          "versions": {"v1": {"upstreams": [api_v1.address]}}}))
@@ -558,7 +558,7 @@ async def test_dashboard_shows_a_drained_upstream_with_a_badge(start_backend, we
                                                                tmp_path):
     one, two, canary = (await start_backend("one"), await start_backend("two"),
                         await start_backend("canary"))
-    live: Live = await weir(base_config({
+    live: Weir = await weir(base_config({
         "name": "shop",
         "versions": {"stable": {"upstreams": [one.address, two.address]},
                      "canary": {"upstreams": [canary.address]}},

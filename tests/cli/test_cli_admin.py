@@ -7,12 +7,10 @@ import asyncio
 import http.client
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp import web
 
-from ..conftest import REPO_ROOT, TOKEN, free_port
+from ..conftest import REPO_ROOT, TOKEN, WeirProcess, free_port
 
 TIMEOUT = 20  # for each subprocess; the calls themselves take well under a second
 
@@ -66,21 +65,32 @@ class Backends:
         self.loop.close()
 
 
-# --- Weir as a real process ---------------------------------------------------------------
+# --- Weir as a real process, one for the module (conftest's WeirProcess) ---------------------
 
 
 @dataclass
-class Weir:
-    process: subprocess.Popen[bytes]
-    config: Path
+class Shop:
+    """The module's Weir: one service, ``shop``, with versions blue and green; ``good_config``
+    is its config file's text as first written (tests edit it as text)."""
+
+    run: WeirProcess
     good_config: str
-    port: int
-    admin_port: int
-    log: Path
+
+    @property
+    def config(self) -> Path:
+        return self.run.path
+
+    @property
+    def port(self) -> int:
+        return self.run.port
+
+    @property
+    def admin_port(self) -> int:
+        return self.run.admin_port
 
     @property
     def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
+        return self.run.admin_url
 
     def get(self, path: str = "/") -> tuple[str | None, str]:
         """One request through the data plane on a fresh connection: (x-weir-version, body)."""
@@ -126,14 +136,6 @@ services:
 """
 
 
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/healthz", timeout=1) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def backends() -> Iterator[Backends]:
     started = Backends(["blue", "green"])
@@ -142,44 +144,29 @@ def backends() -> Iterator[Backends]:
 
 
 @pytest.fixture(scope="module")
-def weir(backends: Backends, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Weir]:
+def shop(backends: Backends, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
+    """`weir run` on the shop config, for every test of the module (the CLI tests only talk to
+    it); the function-scoped ``weir_process`` fixture cannot be shared so, so this builds the
+    same `WeirProcess` itself."""
     tmp = tmp_path_factory.mktemp("weir-cli-admin")
-    port, admin_port = free_port(), free_port()
-    text = config_text(port, admin_port, tmp / "weir.state.json", backends)
-    config = tmp / "weir.yaml"
-    config.write_text(text, encoding="utf-8")
-    log = tmp / "weir.log"
-    with log.open("wb") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "proxy", "run", "-c", str(config)],
-                                   cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log_file,
-                                   stderr=subprocess.STDOUT)
-    running = Weir(process, config, text, port, admin_port, log)
+    text = config_text(free_port(), free_port(), tmp / "weir.state.json", backends)
+    path = tmp / "weir.yaml"
+    path.write_text(text, encoding="utf-8")
+    run = WeirProcess(path, yaml.safe_load(text), tmp / "weir.log")
     try:
-        deadline = time.monotonic() + 15
-        while not healthy(running.admin_url):
-            assert process.poll() is None, f"weir exited {process.returncode}:\n" + \
-                log.read_text(errors="replace")
-            assert time.monotonic() < deadline, "weir's admin /healthz never answered:\n" + \
-                log.read_text(errors="replace")
-            time.sleep(0.05)
-        yield running
+        run.start_sync()
+        yield Shop(run, text)
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        run.stop_sync()
 
 
 @pytest.fixture
-def shop_on_blue(weir: Weir) -> Weir:
+def shop_on_blue(shop: Shop) -> Shop:
     """Each test starts from the same place: the file's config, all traffic on blue."""
-    weir.config.write_text(weir.good_config, encoding="utf-8")
-    assert weir.api("POST", "/api/reload", {})["outcome"] == "success"
-    weir.api("PUT", "/api/services/shop/weights", {"weights": {"blue": 100, "green": 0}})
-    return weir
+    shop.config.write_text(shop.good_config, encoding="utf-8")
+    assert shop.api("POST", "/api/reload", {})["outcome"] == "success"
+    shop.api("PUT", "/api/services/shop/weights", {"weights": {"blue": 100, "green": 0}})
+    return shop
 
 
 def cli(*args: str, admin: str | None = None, token: str | None = TOKEN,
@@ -203,7 +190,7 @@ def assert_clean(result: subprocess.CompletedProcess[str]) -> None:
 # --- status -------------------------------------------------------------------------------
 
 
-def test_status_shows_services_and_weights(shop_on_blue: Weir) -> None:
+def test_status_shows_services_and_weights(shop_on_blue: Shop) -> None:
     result = cli("status", admin=shop_on_blue.admin_url)
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -217,7 +204,7 @@ def test_status_shows_services_and_weights(shop_on_blue: Weir) -> None:
     assert "weights from api" in out
 
 
-def test_status_json_is_the_api_answer(shop_on_blue: Weir) -> None:
+def test_status_json_is_the_api_answer(shop_on_blue: Shop) -> None:
     result = cli("status", "--json", admin=shop_on_blue.admin_url)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
@@ -229,13 +216,13 @@ def test_status_json_is_the_api_answer(shop_on_blue: Weir) -> None:
     assert set(shop["versions"]) == {"blue", "green"}
 
 
-def test_status_reads_need_no_token(shop_on_blue: Weir) -> None:
+def test_status_reads_need_no_token(shop_on_blue: Shop) -> None:
     result = cli("status", admin=shop_on_blue.admin_url, token=None)
     assert result.returncode == 0, result.stderr
     assert "service shop" in result.stdout
 
 
-def test_admin_url_from_environment(shop_on_blue: Weir) -> None:
+def test_admin_url_from_environment(shop_on_blue: Shop) -> None:
     result = cli("status", "--json", env={"WEIR_ADMIN_URL": shop_on_blue.admin_url})
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["services"][0]["name"] == "shop"
@@ -244,7 +231,7 @@ def test_admin_url_from_environment(shop_on_blue: Weir) -> None:
 # --- mutations ----------------------------------------------------------------------------
 
 
-def test_switch_moves_real_traffic(shop_on_blue: Weir) -> None:
+def test_switch_moves_real_traffic(shop_on_blue: Shop) -> None:
     assert shop_on_blue.get() == ("blue", "blue")
     result = cli("switch", "shop", "green", admin=shop_on_blue.admin_url)
     assert result.returncode == 0, result.stderr
@@ -256,7 +243,7 @@ def test_switch_moves_real_traffic(shop_on_blue: Weir) -> None:
     assert shop_on_blue.get() == ("blue", "blue")
 
 
-def test_set_weight_applies(shop_on_blue: Weir) -> None:
+def test_set_weight_applies(shop_on_blue: Shop) -> None:
     result = cli("set-weight", "shop", "blue=30", "green=70", admin=shop_on_blue.admin_url)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "shop: weights blue=30 green=70"
@@ -272,7 +259,7 @@ def test_set_weight_applies(shop_on_blue: Weir) -> None:
     assert seen == {"blue", "green"}  # 0.3**40 + 0.7**40: never one-sided by chance
 
 
-def test_set_weight_left_out_versions_get_zero(shop_on_blue: Weir) -> None:
+def test_set_weight_left_out_versions_get_zero(shop_on_blue: Shop) -> None:
     result = cli("set-weight", "shop", "green=5", "--json", admin=shop_on_blue.admin_url)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"service": "shop", "weights": {"blue": 0, "green": 5}}
@@ -280,7 +267,7 @@ def test_set_weight_left_out_versions_get_zero(shop_on_blue: Weir) -> None:
 
 
 @pytest.mark.parametrize("token", [None, "wrong"])
-def test_mutation_without_the_right_token(shop_on_blue: Weir, token: str | None) -> None:
+def test_mutation_without_the_right_token(shop_on_blue: Shop, token: str | None) -> None:
     result = cli("switch", "shop", "green", admin=shop_on_blue.admin_url, token=token)
     assert result.returncode == 1
     assert "missing or wrong bearer token" in result.stderr
@@ -298,7 +285,7 @@ def test_mutation_without_the_right_token(shop_on_blue: Weir, token: str | None)
     (("set-weight", "nope", "blue=1"), "no service named 'nope'"),
     (("set-weight", "shop", "purple=1"), "no version 'purple'"),
 ])
-def test_unknown_service_or_version(shop_on_blue: Weir, args: tuple[str, ...],
+def test_unknown_service_or_version(shop_on_blue: Shop, args: tuple[str, ...],
                                     message: str) -> None:
     result = cli(*args, admin=shop_on_blue.admin_url)
     assert result.returncode == 1
@@ -307,7 +294,7 @@ def test_unknown_service_or_version(shop_on_blue: Weir, args: tuple[str, ...],
     assert_clean(result)
 
 
-def test_all_zero_weights_are_refused_by_the_api(shop_on_blue: Weir) -> None:
+def test_all_zero_weights_are_refused_by_the_api(shop_on_blue: Shop) -> None:
     result = cli("set-weight", "shop", "blue=0", "green=0", admin=shop_on_blue.admin_url)
     assert result.returncode == 1
     assert "400" in result.stderr
@@ -330,14 +317,14 @@ def test_bad_weight_syntax_is_a_usage_error(assignments: tuple[str, ...]) -> Non
 # --- reload -------------------------------------------------------------------------------
 
 
-def test_reload(shop_on_blue: Weir) -> None:
+def test_reload(shop_on_blue: Shop) -> None:
     before = shop_on_blue.status()["generation"]
     result = cli("reload", admin=shop_on_blue.admin_url)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"config reloaded: generation {before + 1}"
 
 
-def test_reload_of_an_invalid_file_shows_its_errors(shop_on_blue: Weir) -> None:
+def test_reload_of_an_invalid_file_shows_its_errors(shop_on_blue: Shop) -> None:
     generation = shop_on_blue.status()["generation"]
     bad = shop_on_blue.good_config.replace("weights: {blue: 100, green: 0}",
                                            "weights: {blue: 100, purple: 5}")
@@ -358,7 +345,7 @@ def test_reload_of_an_invalid_file_shows_its_errors(shop_on_blue: Weir) -> None:
     assert shop_on_blue.get() == ("blue", "blue")
 
 
-def test_reload_of_a_file_that_is_not_yaml(shop_on_blue: Weir) -> None:
+def test_reload_of_a_file_that_is_not_yaml(shop_on_blue: Shop) -> None:
     shop_on_blue.config.write_text(shop_on_blue.good_config + "  - [\n", encoding="utf-8")
     result = cli("reload", admin=shop_on_blue.admin_url)
     assert result.returncode == 1
@@ -367,7 +354,7 @@ def test_reload_of_a_file_that_is_not_yaml(shop_on_blue: Weir) -> None:
     assert_clean(result)
 
 
-def test_reload_needs_the_token(shop_on_blue: Weir) -> None:
+def test_reload_needs_the_token(shop_on_blue: Shop) -> None:
     result = cli("reload", admin=shop_on_blue.admin_url, token="wrong")
     assert result.returncode == 1
     assert "401" in result.stderr
@@ -397,7 +384,7 @@ def test_admin_api_that_never_answers() -> None:
     assert_clean(result)
 
 
-def test_admin_url_without_scheme(shop_on_blue: Weir) -> None:
+def test_admin_url_without_scheme(shop_on_blue: Shop) -> None:
     result = cli("status", admin=f"127.0.0.1:{shop_on_blue.admin_port}")
     assert result.returncode == 0, result.stderr
 
@@ -410,7 +397,7 @@ def test_bad_admin_url_is_a_usage_error(url: str) -> None:
     assert_clean(result)
 
 
-def test_data_port_is_not_the_admin_api(shop_on_blue: Weir) -> None:
+def test_data_port_is_not_the_admin_api(shop_on_blue: Shop) -> None:
     result = cli("status", admin=f"http://127.0.0.1:{shop_on_blue.port}")
     assert result.returncode == 1
     assert "not a JSON object" in result.stderr
@@ -424,7 +411,7 @@ def test_data_port_is_not_the_admin_api(shop_on_blue: Weir) -> None:
     ("promote", "shop"), ("promote", "--full", "shop"), ("abort", "shop"),
     ("rollout", "start", "shop"), ("pause", "shop"), ("resume", "shop"),
 ])
-def test_rollout_verbs(shop_on_blue: Weir, args: tuple[str, ...]) -> None:
+def test_rollout_verbs(shop_on_blue: Shop, args: tuple[str, ...]) -> None:
     result = cli(*args, admin=shop_on_blue.admin_url)
     assert result.returncode == 1, result.stdout
     assert result.stderr.strip()

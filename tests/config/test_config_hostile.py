@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,26 +41,8 @@ from proxy.config.loader import (
 )
 from proxy.config.model import ConfigError
 
-from ..conftest import (
-    REPO_ROOT,
-    free_port,
-    port_open,
-    proc_status_bytes,
-    sample,
-    stop_processes,
-    wait_for,
-)
-from ..control import test_ops_control
-from ..control.test_ops_control import (
-    TOKEN,
-    Api,
-    inotify_watched_inodes,
-    shop_config,
-    versions_served,
-    write_config,
-)
-
-live = test_ops_control.live  # Weir in this event loop, from a real file, on real sockets
+from ..conftest import REPO_ROOT, TOKEN, free_port, port_open, sample, wait_for, write_config
+from ..control.test_ops_control import shop_config, versions_served
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="uses /proc and inotify")
 
@@ -83,11 +64,15 @@ def with_bomb(data: dict[str, Any], levels: int) -> str:
     return yaml.safe_dump(data, sort_keys=False) + alias_bomb(levels)
 
 
+def under_limit(argv: list[str]) -> list[str]:
+    """A command line run under the address-space limit (set by the shell before exec, so it
+    holds from the first byte and no pre-exec hook runs in this threaded process)."""
+    return ["sh", "-c", f"ulimit -v {MEMORY_LIMIT_KIB} && exec {shlex.join(argv)}"]
+
+
 def limited(*args: str) -> list[str]:
-    """``python -m proxy ARGS`` under the address-space limit (set by the shell before exec,
-    so it holds from the first byte and no pre-exec hook runs in this threaded process)."""
-    command = shlex.join([sys.executable, "-m", "proxy", *args])
-    return ["sh", "-c", f"ulimit -v {MEMORY_LIMIT_KIB} && exec {command}"]
+    """``python -m proxy ARGS`` under the address-space limit."""
+    return under_limit([sys.executable, "-m", "proxy", *args])
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -240,57 +225,6 @@ services:
 
 
 @dataclass
-class LimitedWeir:
-    process: subprocess.Popen[bytes]
-    path: Path
-    log: Path
-    port: int
-    admin_port: int
-    data: dict[str, Any]
-    api: Api
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def peak_rss(self) -> int:
-        return proc_status_bytes(self.process.pid, "VmHWM")
-
-
-@pytest.fixture
-async def limited_weir(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[LimitedWeir]]]:
-    """`python -m proxy run` on fixed ports under the address-space limit; the file watcher
-    ready (its directory among the process's inotify watches) when ``watch`` is on."""
-    started: list[subprocess.Popen[bytes]] = []
-    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
-
-    async def start(data: dict[str, Any]) -> LimitedWeir:
-        port, admin_port = free_port(), free_port()
-        data = {**data, "listen": f"127.0.0.1:{port}",
-                "admin": {"listen": f"127.0.0.1:{admin_port}", "token": TOKEN}}
-        path, log = tmp_path / "weir.yaml", tmp_path / "weir.log"
-        write_config(path, data)
-        with log.open("wb") as out:
-            process = subprocess.Popen(limited("run", "-c", str(path)), cwd=REPO_ROOT,
-                                       stdout=out, stderr=subprocess.STDOUT)
-        started.append(process)
-        weir = LimitedWeir(process, path, log, port, admin_port, data,
-                           Api(session, f"http://127.0.0.1:{admin_port}"))
-        await wait_for(lambda: port_open(admin_port) or process.poll() is not None,
-                       timeout=15, interval=0.05)
-        assert process.poll() is None, weir.output()
-        await wait_for(lambda: port_open(port), timeout=5)
-        if data.get("watch", True):
-            inode = path.parent.stat().st_ino
-            await wait_for(lambda: inode in inotify_watched_inodes(str(process.pid)),
-                           timeout=10)
-        return weir
-
-    yield start
-    await session.close()
-    stop_processes(started)
-
-
-@dataclass
 class Timed:
     started: float  # time.time(), to compare with the reload's "at"
     seconds: float
@@ -322,9 +256,9 @@ async def steady_load(port: int, stop: asyncio.Event, results: list[Timed],
 
 
 async def test_an_alias_bomb_saved_over_the_config_leaves_proxying_alone(start_backend,
-                                                                         limited_weir):
+                                                                         weir_process):
     blue, green = await start_backend("blue"), await start_backend("green")
-    weir = await limited_weir(shop_config(blue, green, watch=True))
+    weir = await weir_process(shop_config(blue, green, watch=True), wrap=under_limit)
     results: list[Timed] = []
     stop = asyncio.Event()
     load = asyncio.create_task(steady_load(weir.port, stop, results))
@@ -382,11 +316,11 @@ async def test_an_alias_bomb_saved_over_the_config_leaves_proxying_alone(start_b
     assert weir.peak_rss() < 200 * 2**20, weir.peak_rss()
 
 
-async def test_a_large_valid_config_reloads_off_the_event_loop(start_backend, limited_weir):
+async def test_a_large_valid_config_reloads_off_the_event_loop(start_backend, weir_process):
     """A file near the bounds (tens of thousands of values) takes a second or more to parse
     and validate; proxying goes on meanwhile."""
     blue, green = await start_backend("blue"), await start_backend("green")
-    weir = await limited_weir(shop_config(blue, green))
+    weir = await weir_process(shop_config(blue, green), wrap=under_limit)
     data = {**weir.data, "trusted_proxies": [f"10.{i // 256 % 256}.{i % 256}.0/24"
                                              for i in range(25_000)]}
     write_config(weir.path, data)
@@ -426,9 +360,9 @@ def cli_reload(admin_port: int) -> subprocess.CompletedProcess[str]:
 
 
 async def test_a_listen_change_and_its_revert_are_reported_against_the_bound_socket(
-        start_backend, limited_weir):
+        start_backend, weir_process):
     blue, green = await start_backend("blue"), await start_backend("green")
-    weir = await limited_weir(shop_config(blue, green))
+    weir = await weir_process(shop_config(blue, green), wrap=under_limit)
     bound, other = f"127.0.0.1:{weir.port}", f"127.0.0.1:{free_port()}"
     status = await weir.api.status()
     assert status["restart_required"] == []
@@ -469,12 +403,12 @@ async def test_a_listen_change_and_its_revert_are_reported_against_the_bound_soc
 
 
 async def test_every_restart_only_setting_is_reported_and_a_failed_reload_keeps_them(
-        start_backend, live, tmp_path):
+        start_backend, weir, tmp_path):
     blue, green = await start_backend("blue"), await start_backend("green")
     data = shop_config(blue, green, state_file=str(tmp_path / "weir.state.json"))
-    weir = await live(data)
-    admin_before = f"127.0.0.1:{weir.admin.port}"
-    write_config(weir.path, {
+    w = await weir(data)
+    admin_before = f"127.0.0.1:{w.admin.port}"
+    write_config(w.path, {
         **data, "watch": True, "log_level": "debug", "state_file": str(tmp_path / "b.json"),
         "state_store": {"type": "redis", "url": "redis://:s3cret@127.0.0.1:1/0",
                         "key_prefix": "other"},
@@ -483,7 +417,7 @@ async def test_every_restart_only_setting_is_reported_and_a_failed_reload_keeps_
         "limits": {"max_connections": 50}, "upstream": {"idle_timeout": "5s"},
         "version_header": False,
     })
-    code, answer = await weir.api.call("POST", "/api/reload")
+    code, answer = await w.api.call("POST", "/api/reload")
     assert code == 200, answer
     expected = [
         "admin.listen: 127.0.0.1:0 -> 127.0.0.1:1",
@@ -495,18 +429,18 @@ async def test_every_restart_only_setting_is_reported_and_a_failed_reload_keeps_
         "log_level: info -> debug",
     ]
     assert answer["restart_required"] == expected
-    assert (await weir.api.status())["restart_required"] == expected
-    assert f"127.0.0.1:{weir.admin.port}" == admin_before  # still where it was
+    assert (await w.api.status())["restart_required"] == expected
+    assert f"127.0.0.1:{w.admin.port}" == admin_before  # still where it was
 
     # A failed reload changes nothing, and says what is still pending.
-    weir.path.write_text("services: [", encoding="utf-8")
-    code, answer = await weir.api.call("POST", "/api/reload")
+    w.path.write_text("services: [", encoding="utf-8")
+    code, answer = await w.api.call("POST", "/api/reload")
     assert code == 422, answer
     assert answer["restart_required"] == expected
-    assert (await weir.api.status())["restart_required"] == expected
+    assert (await w.api.status())["restart_required"] == expected
 
-    write_config(weir.path, data)
-    code, answer = await weir.api.call("POST", "/api/reload")
+    write_config(w.path, data)
+    code, answer = await w.api.call("POST", "/api/reload")
     assert code == 200, answer
     assert answer["restart_required"] == []
-    assert (await weir.api.status())["restart_required"] == []
+    assert (await w.api.status())["restart_required"] == []

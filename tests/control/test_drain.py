@@ -19,25 +19,24 @@ import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp import web
 
 from ..conftest import (
     REPO_ROOT,
-    RestartableWeir,
+    TOKEN,
+    Weir,
     free_port,
+    poll,
     sample,
     serve_on_loopback,
     wait_for,
 )
-from ..rollout_harness import TOKEN, Live, Load, base_config, poll
+from ..rollout_harness import Load, base_config
 from ..runtime import test_workers
-from ..runtime.test_workers import TOKEN as WORKERS_TOKEN
 from ..runtime.test_workers import fetch
 from . import test_store
 from .test_store import Instance
@@ -162,7 +161,7 @@ async def weir_cli(*args: str, token: str | None = TOKEN) -> tuple[int, str, str
     return process.returncode, out.decode(), err.decode()
 
 
-async def status(live: Live) -> dict[str, Any]:
+async def status(live: Weir) -> dict[str, Any]:
     code, data = await live.api.call("GET", "/api/status", auth=False)
     assert code == 200, data
     return dict(data)
@@ -179,7 +178,7 @@ def stable_health(data: dict[str, Any], address: str) -> dict[str, Any]:
 @pytest.mark.timeout(90)
 async def test_drain_under_load_then_wait_then_undrain(app_instances, weir):
     a, b = await app_instances("a"), await app_instances("b", hold=True)
-    live: Live = await weir(base_config(shop([a.address, b.address])))
+    live: Weir = await weir(base_config(shop([a.address, b.address])))
     admin = ["--admin", live.api.base]
 
     async with Load(live.port, workers=4) as load, aiohttp.ClientSession() as session:
@@ -255,7 +254,7 @@ async def test_drain_under_load_then_wait_then_undrain(app_instances, weir):
 
 async def test_unknown_last_upstream_force_token_and_usage(app_instances, weir):
     a, b, c = (await app_instances("a"), await app_instances("b"), await app_instances("c"))
-    live: Live = await weir(base_config(shop([a.address, b.address], [c.address])))
+    live: Weir = await weir(base_config(shop([a.address, b.address], [c.address])))
     api, admin = live.api, ["--admin", live.api.base]
     known = sorted([a.address, b.address, c.address])
 
@@ -333,20 +332,6 @@ async def test_unknown_last_upstream_force_token_and_usage(app_instances, weir):
 # === persisted: restarts, a failed write ======================================================
 
 
-async def start_weir(tmp_path: Path, session: aiohttp.ClientSession, services: list[Any],
-                     state_file: Path, name: str = "weir") -> tuple[RestartableWeir, int]:
-    port, admin_port = free_port(), free_port()
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({
-        "listen": f"127.0.0.1:{port}",
-        "admin": {"listen": f"127.0.0.1:{admin_port}", "token": TOKEN},
-        "state_file": str(state_file), "watch": False, "shutdown": {"delay": 0, "timeout": "2s"},
-        "services": services}), encoding="utf-8")
-    run = RestartableWeir(path, admin_port, tmp_path / f"{name}.log")
-    await run.start(session)
-    return run, port
-
-
 async def served_by(session: aiohttp.ClientSession, port: int, count: int) -> Counter[str]:
     seen: Counter[str] = Counter()
     for _ in range(count):
@@ -358,6 +343,7 @@ async def served_by(session: aiohttp.ClientSession, port: int, count: int) -> Co
 
 @pytest.mark.timeout(90)
 async def test_drained_survives_a_restart_and_a_failed_write_changes_nothing(app_instances,
+                                                                            weir_process,
                                                                             tmp_path):
     a, b = await app_instances("a"), await app_instances("b")
     state_file = tmp_path / "weir.state.json"
@@ -365,8 +351,9 @@ async def test_drained_survives_a_restart_and_a_failed_write_changes_nothing(app
     state_file.write_text(json.dumps({"format": 1, "services": {}}), encoding="utf-8")
     async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(force_close=True)) as session:
-        run, port = await start_weir(tmp_path, session, [shop([a.address, b.address])],
-                                     state_file)
+        run = await weir_process([shop([a.address, b.address])], state_file=str(state_file),
+                                 shutdown={"delay": 0, "timeout": "2s"})
+        port = run.port
         admin = ["--admin", f"http://127.0.0.1:{run.admin_port}"]
         try:
             assert set(await served_by(session, port, 20)) == {"a", "b"}
@@ -375,7 +362,7 @@ async def test_drained_survives_a_restart_and_a_failed_write_changes_nothing(app
             assert json.loads(state_file.read_text())["drained"][b.address] > 0
             assert await run.stop() == 0
 
-            await run.start(session)
+            await run.start()
             assert await served_by(session, port, 30) == Counter(a=30)
             code, out, _ = await weir_cli("status", *admin)
             assert code == 0 and "drained upstreams" in out and b.address in out, out
@@ -389,8 +376,10 @@ async def test_drained_survives_a_restart_and_a_failed_write_changes_nothing(app
         # A state file that cannot be written: 500, and nothing changed.
         blocker = tmp_path / "not-a-directory"
         blocker.write_text("", encoding="utf-8")
-        run, port = await start_weir(tmp_path, session, [shop([a.address, b.address])],
-                                     blocker / "weir.state.json", name="blocked")
+        run = await weir_process([shop([a.address, b.address])],
+                                 state_file=str(blocker / "weir.state.json"),
+                                 shutdown={"delay": 0, "timeout": "2s"})
+        port = run.port
         base = f"http://127.0.0.1:{run.admin_port}"
         try:
             async with session.post(base + "/api/upstreams/drain", json={"upstream": b.address},
@@ -431,7 +420,7 @@ async def test_every_worker_honours_a_drain_including_a_restarted_one(start_back
     assert by_backend()["b"] > 0
     async with weir.session.post(weir.admin + "/api/upstreams/drain",
                                  json={"upstream": b.address},
-                                 headers={"Authorization": f"Bearer {WORKERS_TOKEN}"}) as r:
+                                 headers={"Authorization": f"Bearer {TOKEN}"}) as r:
         assert r.status == 200, await r.text()
     # Each worker confirms (its report says it applied the drain) within a second or so.
     entry = await poll(lambda: weir.get("/api/status"),

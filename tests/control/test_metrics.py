@@ -23,11 +23,7 @@ import yaml
 
 from proxy.dataplane.stats import FINE_BUCKETS, VersionStats
 
-from .. import inprocess_weir
-from ..conftest import Backend, exchange, free_port, wait_for
-from ..inprocess_weir import Scrape, Weir, WeirLauncher, run_all
-
-weir = inprocess_weir.weir  # the in-process Weir launcher fixture
+from ..conftest import Backend, Scrape, StartWeir, Weir, exchange, free_port, run_all, wait_for
 
 
 def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
@@ -152,10 +148,10 @@ async def send_mix(weir: Weir, count: int = 300, failures: int = 30) -> None:
 
 
 async def test_request_counts_match_backends_and_quantiles_are_plausible(
-        start_backend: Callable[..., Any], weir: WeirLauncher) -> None:
+        start_backend: Callable[..., Any], weir: StartWeir) -> None:
     stable, canary, slow = (await start_backend("stable"), await start_backend("canary"),
                             await start_backend("slow"))
-    w = await weir.start(split_services(stable, canary, slow))
+    w = await weir(split_services(stable, canary, slow))
 
     await send_mix(w, count=300, failures=30)
     replies = await run_all([lambda: w.request("/slow?delay=0.2", host="slow.test")] * 40,
@@ -215,7 +211,7 @@ async def test_request_counts_match_backends_and_quantiles_are_plausible(
 
 
 async def test_promtool_check_metrics_accepts_the_exposition(
-        start_backend: Callable[..., Any], weir: WeirLauncher) -> None:
+        start_backend: Callable[..., Any], weir: StartWeir) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed (Debian package: prometheus)")
@@ -224,7 +220,7 @@ async def test_promtool_check_metrics_accepts_the_exposition(
     services = split_services(stable, canary, slow)
     services[0]["versions"]["shadow"] = {"upstreams": [shadow.address]}
     services[0]["mirror"] = [{"version": "shadow", "percent": 100, "compare": True}]
-    w = await weir.start(services)
+    w = await weir(services)
     # Every family gets samples: requests, errors, unrouted, mirrors, comparisons.
     await send_mix(w, count=40, failures=4)
     assert (await w.request("/", host="nowhere.test")).status == 404
@@ -260,10 +256,10 @@ def assert_not_decreased(before: Scrape, after: Scrape) -> None:
 
 
 async def test_counters_survive_reloads_and_never_go_down(
-        start_backend: Callable[..., Any], weir: WeirLauncher) -> None:
+        start_backend: Callable[..., Any], weir: StartWeir) -> None:
     stable, canary, slow, v3 = (await start_backend("stable"), await start_backend("canary"),
                                 await start_backend("slow"), await start_backend("v3"))
-    w = await weir.start(split_services(stable, canary, slow))
+    w = await weir(split_services(stable, canary, slow))
     await send_mix(w, count=60, failures=6)
     assert (await w.request("/", host="nowhere.test")).status == 404
     first = await w.scrape()
@@ -324,10 +320,10 @@ async def send_mix_no_failures(weir: Weir, count: int) -> None:
 
 
 async def test_unrouted_refused_and_timed_out_requests_are_counted(
-        start_backend: Callable[..., Any], weir: WeirLauncher) -> None:
+        start_backend: Callable[..., Any], weir: StartWeir) -> None:
     stable, slow = await start_backend("stable"), await start_backend("slow")
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there: connections are refused
-    w = await weir.start([{
+    w = await weir([{
         "name": "app",
         "match": {"hosts": ["app.test"]},
         "versions": {"stable": {"upstreams": [stable.address]},
@@ -362,9 +358,9 @@ async def test_unrouted_refused_and_timed_out_requests_are_counted(
 
 
 async def test_request_without_host_counts_as_unrouted(
-        start_backend: Callable[..., Any], weir: WeirLauncher) -> None:
+        start_backend: Callable[..., Any], weir: StartWeir) -> None:
     stable = await start_backend("stable")
-    w = await weir.start([{"name": "app",
+    w = await weir([{"name": "app",
                            "versions": {"stable": {"upstreams": [stable.address]}}}])
     [reply] = await exchange(w.port, b"GET / HTTP/1.1\r\n\r\n")
     assert reply.status == 400
@@ -374,9 +370,9 @@ async def test_request_without_host_counts_as_unrouted(
 
 
 async def test_unparseable_requests_count_as_unrouted(
-        start_backend: Callable[..., Any], weir: WeirLauncher) -> None:
+        start_backend: Callable[..., Any], weir: StartWeir) -> None:
     stable = await start_backend("stable")
-    w = await weir.start([{"name": "app",
+    w = await weir([{"name": "app",
                            "versions": {"stable": {"upstreams": [stable.address]}}}],
                          limits={"max_header_bytes": 1024})
     [reply] = await exchange(w.port, b"NOT HTTP AT ALL\r\n\r\n")

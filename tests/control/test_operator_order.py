@@ -15,26 +15,14 @@ import asyncio
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from ..conftest import Backend, RestartableWeir, sample, wait_for
-from . import test_ops_control
-from .test_ops_control import (
-    TOKEN,
-    Api,
-    Sub,
-    inotify_watched_inodes,
-    versions_served,
-    write_config,
-)
-
-weir_run = test_ops_control.weir_run  # Weir as a subprocess on fixed ports
+from ..conftest import TOKEN, Backend, WeirProcess, sample, write_config
+from .test_ops_control import versions_served
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="uses /proc and inotify")
 
@@ -63,48 +51,22 @@ MARKER = {"name": "marker", "match": {"hosts": ["marker.invalid"]},
           "versions": {"only": {"upstreams": ["127.0.0.1:9"]}}}
 
 
-@dataclass
-class Weir:
-    run: RestartableWeir
-    port: int
-    api: Api
-    data: dict[str, Any]
-
-    def edit(self, change: Callable[[dict[str, Any]], None]) -> None:
-        change(self.data)
-        write_config(self.run.path, self.data)
-
-    async def web(self) -> dict[str, Any]:
-        return next(s for s in (await self.api.status())["services"] if s["name"] == "web")
+def edit(weir: WeirProcess, change: Callable[[dict[str, Any]], None]) -> None:
+    """Change the config as the operator does: in the file the process watches."""
+    change(weir.data)
+    write_config(weir.path, weir.data)
 
 
-@pytest.fixture
-async def weir(weir_run: Callable[[dict[str, Any]], Awaitable[Sub]],
-               ) -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[Weir]]]:
-    """test_ops_control's Weir subprocess on fixed ports, once its file watcher is ready;
-    each must exit 0 when stopped at the end."""
-    runs: list[RestartableWeir] = []
-
-    async def start(data: dict[str, Any]) -> Weir:
-        sub = await weir_run(data)
-        runs.append(sub.run)
-        assert sub.run.process is not None
-        pid = str(sub.run.process.pid)
-        path = sub.run.path
-        # The watcher is ready once the config's directory is among its inotify watches.
-        await wait_for(lambda: path.parent.stat().st_ino in inotify_watched_inodes(pid),
-                       timeout=10)
-        # What weir_run wrote, listen ports included: edits rewrite the whole file.
-        written = yaml.safe_load(path.read_text(encoding="utf-8"))
-        return Weir(sub.run, sub.port, sub.api, written)
-
-    yield start
-    for run in runs:
-        if run.process is not None and run.process.poll() is None:
-            assert await run.stop() == 0, run.output()[-4000:]
+async def web_service(weir: WeirProcess) -> dict[str, Any]:
+    return next(s for s in (await weir.api.status())["services"] if s["name"] == "web")
 
 
-async def served(weir: Weir, count: int = REQUESTS) -> Counter[str]:
+async def stopped_cleanly(weir: WeirProcess) -> None:
+    """Each process must exit 0 when stopped at the end."""
+    assert await weir.stop() == 0, weir.output()[-4000:]
+
+
+async def served(weir: WeirProcess, count: int = REQUESTS) -> Counter[str]:
     return await versions_served(weir.port, count, {"Host": "web.test"})
 
 
@@ -113,24 +75,25 @@ async def after(started: float, delay: float) -> None:
     await asyncio.sleep(max(0.0, started + delay - time.monotonic()))
 
 
-async def wait_for_marker(weir: Weir) -> dict[str, Any]:
+async def wait_for_marker(weir: WeirProcess) -> dict[str, Any]:
     """A later edit adds a service, touching no weight: once /api/status lists it, the watcher
     has handled every change to the file before it."""
-    weir.edit(lambda d: d["services"].append(MARKER))
+    edit(weir, lambda d: d["services"].append(MARKER))
     return await weir.api.wait_status(
         lambda s: any(x["name"] == "marker" for x in s["services"]), timeout=10)
 
 
-async def test_edit_then_switch_serves_only_the_switched_version(start_backend, weir, tmp_path):
+async def test_edit_then_switch_serves_only_the_switched_version(start_backend, weir_process,
+                                                                 tmp_path):
     """The measured case: weights edited in the file to 50/50, then 0.15 s later a switch to
     green. The operator's last word is the switch: only green serves, now and after the
     watcher's pass."""
     blue, green = await start_backend("blue"), await start_backend("green")
-    w = await weir(web_config(blue, green, {"blue": 100, "green": 0}, tmp_path))
+    w = await weir_process(web_config(blue, green, {"blue": 100, "green": 0}, tmp_path))
     assert await served(w, 10) == Counter(blue=10)
 
     edited = time.monotonic()
-    w.edit(lambda d: d["services"][0].update(weights={"blue": 50, "green": 50}))
+    edit(w, lambda d: d["services"][0].update(weights={"blue": 50, "green": 50}))
     await after(edited, GAP)
     code, reply = await w.api.call("POST", "/api/services/web/switch", {"to": "green"})
     assert code == 200, reply
@@ -146,18 +109,20 @@ async def test_edit_then_switch_serves_only_the_switched_version(start_backend, 
     status = await wait_for_marker(w)
     assert status["generation"] == 3, status["last_reload"]
     assert await served(w) == Counter(green=REQUESTS)
-    web = await w.web()
+    web = await web_service(w)
     assert web["weights"] == {"blue": 0, "green": 100}
     assert web["weights_source"] == "api"
     metrics = await w.api.metrics()
     assert sample(metrics, "weir_config_reloads_total", outcome="failure") == 0
+    await stopped_cleanly(w)
 
 
-async def test_switch_then_edit_of_weights_the_file_wins(start_backend, weir, tmp_path):
+async def test_switch_then_edit_of_weights_the_file_wins(start_backend, weir_process,
+                                                         tmp_path):
     """The other order: a switch, then a later edit of the weights in the file. The file is
     the newer writer, as before."""
     blue, green = await start_backend("blue"), await start_backend("green")
-    w = await weir(web_config(blue, green, {"blue": 50, "green": 50}, tmp_path))
+    w = await weir_process(web_config(blue, green, {"blue": 50, "green": 50}, tmp_path))
 
     switched = time.monotonic()
     code, reply = await w.api.call("POST", "/api/services/web/switch", {"to": "green"})
@@ -166,25 +131,27 @@ async def test_switch_then_edit_of_weights_the_file_wins(start_backend, weir, tm
     assert await served(w, 10) == Counter(green=10)
 
     await after(switched, GAP)
-    w.edit(lambda d: d["services"][0].update(weights={"blue": 100, "green": 0}))
+    edit(w, lambda d: d["services"][0].update(weights={"blue": 100, "green": 0}))
     status = await w.api.wait_status(lambda s: s["generation"] >= 2, timeout=10)
     assert status["last_reload"]["trigger"] == "file"
     assert status["last_reload"]["outcome"] == "success"
     assert await served(w) == Counter(blue=REQUESTS)
-    web = await w.web()
+    web = await web_service(w)
     assert web["weights"] == {"blue": 100, "green": 0}
     assert web["weights_source"] == "file"
+    await stopped_cleanly(w)
 
 
-async def test_an_invalid_file_does_not_block_the_api_change(start_backend, weir, tmp_path):
+async def test_an_invalid_file_does_not_block_the_api_change(start_backend, weir_process,
+                                                             tmp_path):
     """An edit that breaks the file, then a switch: the reload fails and is recorded (once),
     the old config keeps serving, and the switch applies."""
     blue, green = await start_backend("blue"), await start_backend("green")
-    w = await weir(web_config(blue, green, {"blue": 100, "green": 0}, tmp_path))
+    w = await weir_process(web_config(blue, green, {"blue": 100, "green": 0}, tmp_path))
     good = {**w.data, "services": [dict(s) for s in w.data["services"]]}
 
     edited = time.monotonic()
-    w.edit(lambda d: d["services"][0].update(drain={"timeout": "soonish"}))
+    edit(w, lambda d: d["services"][0].update(drain={"timeout": "soonish"}))
     await after(edited, GAP)
     code, reply = await w.api.call("POST", "/api/services/web/switch", {"to": "green"})
     assert code == 200, reply
@@ -202,12 +169,14 @@ async def test_an_invalid_file_does_not_block_the_api_change(start_backend, weir
     status = await wait_for_marker(w)
     assert status["generation"] == 2
     assert await served(w) == Counter(green=REQUESTS)
-    assert (await w.web())["weights_source"] == "api"
+    assert (await web_service(w))["weights_source"] == "api"
     metrics = await w.api.metrics()
     assert sample(metrics, "weir_config_reloads_total", outcome="failure") == 1
+    await stopped_cleanly(w)
 
 
-async def test_edit_that_starts_a_rollout_then_abort(start_backend, weir, tmp_path):
+async def test_edit_that_starts_a_rollout_then_abort(start_backend, weir_process,
+                                                     tmp_path):
     """A new canary revision in the file starts a rollout; an abort 0.15 s later aborts that
     rollout (rather than answering "no rollout in progress" and letting the watcher start it
     afterwards)."""
@@ -224,12 +193,12 @@ async def test_edit_that_starts_a_rollout_then_abort(start_backend, weir, tmp_pa
             "rollout": {"steps": [{"set_weight": 20}, {"pause": {}}]},
         }],
     }
-    w = await weir(data)
+    w = await weir_process(data)
     code, rollout = await w.api.call("GET", "/api/services/web/rollout", auth=False)
     assert code == 200 and rollout["phase"] == "idle", rollout
 
     edited = time.monotonic()
-    w.edit(lambda d: d["services"][0]["versions"]["canary"].update(revision="2"))
+    edit(w, lambda d: d["services"][0]["versions"]["canary"].update(revision="2"))
     await after(edited, GAP)
     code, reply = await w.api.call("POST", "/api/services/web/rollout/abort")
     assert code == 200, reply
@@ -240,3 +209,4 @@ async def test_edit_that_starts_a_rollout_then_abort(start_backend, weir, tmp_pa
     assert web["rollout"]["phase"] == "aborted"
     assert web["weights"] == {"stable": 100, "canary": 0}
     assert await served(w) == Counter(stable=REQUESTS)
+    await stopped_cleanly(w)

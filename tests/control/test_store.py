@@ -38,8 +38,8 @@ from proxy.control.store import STORE_CLOSE_SECONDS, StoreError
 from ..conftest import (
     AUTH,
     REPO_ROOT,
-    TOKEN,
-    RestartableWeir,
+    StartWeirProcess,
+    WeirProcess,
     control_plane,
     free_port,
     port_open,
@@ -109,7 +109,7 @@ def stalled(server: RedisServer) -> Iterator[None]:
 
 @dataclass
 class Instance:
-    run: RestartableWeir
+    run: WeirProcess
     port: int
     session: aiohttp.ClientSession
 
@@ -143,33 +143,25 @@ class Instance:
 
 
 @pytest.fixture
-async def fleet(tmp_path: Path) -> AsyncIterator[Any]:
-    """Start Weir instances on one config (but their own ports) sharing a Redis prefix."""
-    runs: list[RestartableWeir] = []
+async def fleet(weir_process: StartWeirProcess) -> AsyncIterator[Any]:
+    """Weir processes on one config (but their own ports) sharing a Redis prefix; killed at
+    the end."""
+    started: list[Instance] = []
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
                                     cookie_jar=aiohttp.DummyCookieJar())
     prefix = f"weir-test-{uuid.uuid4().hex[:8]}"
 
     async def start(services: list[dict[str, Any]], redis_url: str,
                     leader_ttl: str = "2s") -> Instance:
-        port, admin_port = free_port(), free_port()
-        data = {"listen": f"127.0.0.1:{port}",
-                "admin": {"listen": f"127.0.0.1:{admin_port}", "token": TOKEN},
-                "watch": False, "shutdown": {"timeout": "2s"},
-                "state_store": {"type": "redis", "url": redis_url, "key_prefix": prefix,
-                                "leader_ttl": leader_ttl},
-                "services": services}
-        path = tmp_path / f"weir-{len(runs)}.yaml"
-        path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-        run = RestartableWeir(path, admin_port, tmp_path / f"weir-{len(runs)}.log")
-        runs.append(run)
-        await run.start(session)
-        return Instance(run, port, session)
+        run = await weir_process(services, shutdown={"timeout": "2s"}, state_store={
+            "type": "redis", "url": redis_url, "key_prefix": prefix, "leader_ttl": leader_ttl})
+        started.append(Instance(run, run.port, session))
+        return started[-1]
 
     yield start
     await session.close()
-    for run in runs:
-        run.kill()
+    for instance in started:
+        instance.run.kill()
 
 
 def shop(blue: Any, green: Any, **extra: Any) -> list[dict[str, Any]]:
@@ -268,7 +260,7 @@ async def test_a_switch_through_one_instance_is_in_force_on_the_other_within_a_s
     for instance in (a, b):
         assert await instance.run.stop() == 0, instance.run.output()
     for instance in (a, b):
-        await instance.run.start(instance.session)
+        await instance.run.start()
         service = (await instance.status())["services"][0]
         assert service["weights"] == {"blue": 30, "green": 70}
         assert service["weights_source"] == "api"
@@ -682,7 +674,7 @@ async def test_a_killed_leaders_lock_is_taken_within_leader_ttl(start_backend, r
                        "the takeover")
             took.append(time.monotonic() - killed_at)
             leader.run.process.wait()
-            await leader.run.start(leader.session)  # back, as a follower
+            await leader.run.start()  # back, as a follower
     finally:
         await reader.aclose()
     print(f"\nleader_ttl {ttl}s; killed right after a renewal, the other instance led after "

@@ -21,11 +21,8 @@ from aiohttp import web
 from proxy.config.loader import parse_config
 from proxy.config.model import ConfigError
 
-from .. import inprocess_weir
-from ..conftest import free_port, wait_for
-from ..inprocess_weir import Weir, WeirLauncher
+from ..conftest import StartWeir, Weir, free_port, wait_for
 
-weir = inprocess_weir.weir
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -81,10 +78,10 @@ def pool(w: Weir, address: str) -> Any:
 
 
 async def test_refused_upstream_fails_over_and_is_out_of_rotation_at_once(
-        weir: WeirLauncher, serve_at: Callable[[str, int], Awaitable[str]]) -> None:
+        weir: StartWeir, serve_at: Callable[[str, int], Awaitable[str]]) -> None:
     a, b = await serve_at("a", 0), await serve_at("b", 0)
     dead = f"127.0.0.1:{free_port()}"
-    w = await weir.start(service(dead, a, b))
+    w = await weir(service(dead, a, b))
     seen = await answers(w, 30)
     assert set(seen) == {"a", "b"} and sum(seen.values()) == 30, seen  # POSTs included
     # Taken out at the first refusal: no request tried it again.
@@ -104,9 +101,9 @@ async def test_refused_upstream_fails_over_and_is_out_of_rotation_at_once(
 
 
 async def test_last_upstream_stays_in_and_is_never_preferred_for_failing_fast(
-        weir: WeirLauncher, serve_at: Callable[[str, int], Awaitable[str]]) -> None:
+        weir: StartWeir, serve_at: Callable[[str, int], Awaitable[str]]) -> None:
     first, second = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    w = await weir.start(service(first, second))
+    w = await weir(service(first, second))
     reply = await w.request("/")
     assert reply.status == 502  # both refused: each tried once
     assert pool(w, first).connect_errors == pool(w, second).connect_errors == 1
@@ -126,24 +123,24 @@ async def test_last_upstream_stays_in_and_is_never_preferred_for_failing_fast(
 
 
 async def test_fail_over_and_ejection_can_each_be_turned_off(
-        weir: WeirLauncher, serve_at: Callable[[str, int], Awaitable[str]]) -> None:
+        weir: StartWeir, serve_at: Callable[[str, int], Awaitable[str]]) -> None:
     a = await serve_at("a", 0)
     dead = f"127.0.0.1:{free_port()}"
-    w = await weir.start(service(dead, a), upstream={"eject_on_connect_failure": False})
+    w = await weir(service(dead, a), upstream={"eject_on_connect_failure": False})
     assert await answers(w, 12) == Counter({"a": 12})  # still failed over
     assert pool(w, dead).available and pool(w, dead).connect_errors >= 2  # never taken out
 
-    off = await weir.start(service(dead, a, retries={"attempts": 1}))
+    off = await weir(service(dead, a, retries={"attempts": 1}))
     seen = await answers(off, 12)
     assert seen["502"] == 1 and seen["a"] == 11, seen  # no fail-over; out after one refusal
 
 
 async def test_slow_start_ramps_a_joining_upstreams_share_over_the_window(
-        weir: WeirLauncher, serve_at: Callable[[str, int], Awaitable[str]]) -> None:
+        weir: StartWeir, serve_at: Callable[[str, int], Awaitable[str]]) -> None:
     a, b = await serve_at("a", 0), await serve_at("b", 0)
     late = f"127.0.0.1:{free_port()}"
     window = 3.0
-    w = await weir.start(service(a, b, late, slow_start={"window": f"{window}s"}))
+    w = await weir(service(a, b, late, slow_start={"window": f"{window}s"}))
     await answers(w, 3)  # one refused connect: the late one is out, probed
     assert w.control.proxy.health.state(late).connect_ejected
     await serve_at("late", port_of(late))

@@ -20,12 +20,7 @@ from proxy.config.loader import parse_config
 from proxy.config.model import ConfigError, json_schema
 from proxy.dataplane.health import UpstreamHealth
 
-from .. import inprocess_weir
-from ..conftest import free_port, sample, serve_on_loopback, wait_for
-from ..inprocess_weir import TOKEN, Weir, WeirLauncher
-
-weir = inprocess_weir.weir  # the in-process Weir launcher fixture
-
+from ..conftest import TOKEN, StartWeir, Weir, free_port, sample, serve_on_loopback, wait_for
 
 # --- backends whose health the test controls --------------------------------------------------
 
@@ -167,9 +162,9 @@ FAST_CHECK = {"interval": "50ms", "timeout": "500ms", "unhealthy_threshold": 2,
 
 
 async def test_failing_health_check_takes_upstream_out_and_passes_bring_it_back(
-        weir: WeirLauncher, start_app: Callable[[str], Awaitable[App]]) -> None:
+        weir: StartWeir, start_app: Callable[[str], Awaitable[App]]) -> None:
     a, b = await start_app("a"), await start_app("b")
-    w = await weir.start(service(a.address, b.address,
+    w = await weir(service(a.address, b.address,
                                  health_check={**FAST_CHECK, "interval": "100ms"}))
     # Upstreams present at start begin healthy.
     assert set(await send(w, 10)) == {"a", "b"}
@@ -194,9 +189,9 @@ async def test_failing_health_check_takes_upstream_out_and_passes_bring_it_back(
 
 
 async def test_redirect_passes_and_a_slow_answer_is_a_timeout(
-        weir: WeirLauncher, start_app: Callable[[str], Awaitable[App]]) -> None:
+        weir: StartWeir, start_app: Callable[[str], Awaitable[App]]) -> None:
     a, b = await start_app("a"), await start_app("b")
-    w = await weir.start(service(a.address, b.address, health_check={
+    w = await weir(service(a.address, b.address, health_check={
         **FAST_CHECK, "timeout": "100ms", "unhealthy_threshold": 1}))
     a.health_status = 302  # 3xx passes, and is not followed
     await wait_for(lambda: health(w, a.address).checks["success"] >= 2, timeout=5)
@@ -209,7 +204,7 @@ async def test_redirect_passes_and_a_slow_answer_is_a_timeout(
 
 
 async def test_health_and_ejections_survive_a_reload_when_the_address_stays(
-        weir: WeirLauncher, start_app: Callable[[str], Awaitable[App]]) -> None:
+        weir: StartWeir, start_app: Callable[[str], Awaitable[App]]) -> None:
     sick, broken, good = await start_app("sick"), await start_app("broken"), await start_app("ok")
     broken.status = 500
     # One failed check takes `sick` out, and it would take 1000 passes to bring it back: if a
@@ -219,7 +214,7 @@ async def test_health_and_ejections_survive_a_reload_when_the_address_stays(
                                      "healthy_threshold": 1000},
                        outlier_detection={"consecutive_failures": 1,
                                           "base_ejection_time": "30s"})
-    w = await weir.start(services)
+    w = await weir(services)
     sick.health_status = 500
     await wait_for(lambda: not health(w, sick.address).healthy, timeout=5)
     sick.health_status = 200
@@ -236,12 +231,12 @@ async def test_health_and_ejections_survive_a_reload_when_the_address_stays(
 
 
 async def test_upstream_added_by_reload_gets_no_traffic_before_its_first_passing_check(
-        weir: WeirLauncher, start_app: Callable[[str], Awaitable[App]]) -> None:
+        weir: StartWeir, start_app: Callable[[str], Awaitable[App]]) -> None:
     a, cold = await start_app("a"), await start_app("cold")
     # A long interval: the new upstream's first check must run at once, not after it; and a
     # healthy_threshold of 3 that the first pass does not have to meet.
     check = {"interval": "60s", "timeout": "5s", "healthy_threshold": 3}
-    w = await weir.start(service(a.address, health_check=check))
+    w = await weir(service(a.address, health_check=check))
     await wait_for(lambda: a.checks >= 1, timeout=5)
 
     cold.health_gate = asyncio.Event()  # its first check is held until we let it answer
@@ -263,11 +258,11 @@ async def test_upstream_added_by_reload_gets_no_traffic_before_its_first_passing
 
 
 async def test_hung_upstream_is_ejected_and_stops_costing_latency(
-        weir: WeirLauncher, start_app: Callable[[str], Awaitable[App]],
+        weir: StartWeir, start_app: Callable[[str], Awaitable[App]],
         hung_upstream: Callable[[], Awaitable[str]]) -> None:
     good, hung = await start_app("good"), await hung_upstream()
     read_timeout = 0.8
-    w = await weir.start(service(
+    w = await weir(service(
         hung, good.address, timeouts={"connect": "1s", "read": f"{read_timeout}s"},
         outlier_detection={"consecutive_failures": 2, "base_ejection_time": "30s"}))
 
@@ -283,10 +278,10 @@ async def test_hung_upstream_is_ejected_and_stops_costing_latency(
 
 
 async def test_max_ejection_percent_is_respected(
-        weir: WeirLauncher, start_app: Callable[[str], Awaitable[App]]) -> None:
+        weir: StartWeir, start_app: Callable[[str], Awaitable[App]]) -> None:
     good = await start_app("good")
     dead = [refused(), refused(), refused()]
-    w = await weir.start(service(
+    w = await weir(service(
         *dead, good.address,
         outlier_detection={"consecutive_failures": 1, "base_ejection_time": "30s",
                            "max_ejection_percent": 50},
@@ -307,9 +302,9 @@ async def test_max_ejection_percent_is_respected(
 
 
 async def test_ejection_time_grows_with_each_ejection_up_to_the_cap(
-        weir: WeirLauncher, start_app: Callable[[str], Awaitable[App]]) -> None:
+        weir: StartWeir, start_app: Callable[[str], Awaitable[App]]) -> None:
     good, dead = await start_app("good"), refused()
-    w = await weir.start(service(
+    w = await weir(service(
         dead, good.address,
         outlier_detection={"consecutive_failures": 1, "base_ejection_time": "200ms",
                            "max_ejection_time": "500ms"}), upstream=OUTLIERS_ONLY)
@@ -334,10 +329,10 @@ async def test_ejection_time_grows_with_each_ejection_up_to_the_cap(
 
 
 async def test_version_with_every_upstream_down_answers_503_at_once(
-        weir: WeirLauncher, start_app: Callable[[str], Awaitable[App]]) -> None:
+        weir: StartWeir, start_app: Callable[[str], Awaitable[App]]) -> None:
     sick, broken = await start_app("sick"), await start_app("broken")
     broken.status = 500  # passes its health checks, fails real requests
-    w = await weir.start(service(
+    w = await weir(service(
         sick.address, broken.address,
         health_check={**FAST_CHECK, "unhealthy_threshold": 1},
         outlier_detection={"consecutive_failures": 2, "base_ejection_time": "30s"}))
@@ -359,10 +354,10 @@ async def test_version_with_every_upstream_down_answers_503_at_once(
 
 
 async def test_single_refused_upstream_is_ejected_and_not_connected_to(
-        weir: WeirLauncher) -> None:
+        weir: StartWeir) -> None:
     dead = refused()
     # A version of one upstream: at least one may always be ejected, whatever the percent.
-    w = await weir.start(service(dead, outlier_detection={"consecutive_failures": 3,
+    w = await weir(service(dead, outlier_detection={"consecutive_failures": 3,
                                                           "max_ejection_percent": 10}))
     statuses = await send_until(w, lambda: bool(health(w, dead).ejected_until))
     assert statuses == [502, 502, 502]
@@ -375,9 +370,9 @@ async def test_single_refused_upstream_is_ejected_and_not_connected_to(
 
 
 async def test_circuit_breaker_answers_503_with_retry_after_when_all_are_full(
-        weir: WeirLauncher, start_app: Callable[[str], Awaitable[App]]) -> None:
+        weir: StartWeir, start_app: Callable[[str], Awaitable[App]]) -> None:
     a, b = await start_app("a"), await start_app("b")
-    w = await weir.start(service(a.address, b.address, circuit_breaker={"max_requests": 1}))
+    w = await weir(service(a.address, b.address, circuit_breaker={"max_requests": 1}))
     pools = w.control.proxy.pools.pools
     held = [asyncio.create_task(w.request("/hold")) for _ in range(2)]
     # Least in flight: one held request on each upstream fills both.
@@ -404,11 +399,11 @@ async def test_circuit_breaker_answers_503_with_retry_after_when_all_are_full(
 
 
 async def test_health_shows_in_metrics_and_status(
-        weir: WeirLauncher, start_app: Callable[[str], Awaitable[App]]) -> None:
+        weir: StartWeir, start_app: Callable[[str], Awaitable[App]]) -> None:
     sick, good, broken = await start_app("sick"), await start_app("good"), await start_app("x")
     broken.status = 502
     dead = refused()
-    w = await weir.start([{
+    w = await weir([{
         "name": "app",
         "versions": {"stable": {"upstreams": [sick.address, good.address, broken.address]},
                      "canary": {"upstreams": [dead]}},
@@ -461,9 +456,9 @@ async def test_health_shows_in_metrics_and_status(
 
 
 async def test_consecutive_failures_are_reset_by_a_success(
-        weir: WeirLauncher, start_app: Callable[[str], Awaitable[App]]) -> None:
+        weir: StartWeir, start_app: Callable[[str], Awaitable[App]]) -> None:
     flaky = await start_app("flaky")
-    w = await weir.start(service(flaky.address,
+    w = await weir(service(flaky.address,
                                  outlier_detection={"consecutive_failures": 3}))
     for _ in range(4):  # 5xx, 5xx, success: never three in a row
         flaky.status = 500

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import shlex
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +22,15 @@ import pytest
 from proxy.control.metrics import Metrics
 from proxy.dataplane.proxyserver import ProxyServer
 
-from ..conftest import exchange, one_service, read_response, read_until_closed, sample, wait_for
+from ..conftest import (
+    StartWeirProcess,
+    exchange,
+    one_service,
+    read_response,
+    read_until_closed,
+    sample,
+    wait_for,
+)
 
 LIMITS = ("max_connections", "header_timeout", "idle_timeout", "max_header_bytes",
           "max_body_bytes")
@@ -280,41 +290,20 @@ async def test_slowloris_does_not_starve_normal_clients(
 
 
 
-def test_weir_raises_its_open_file_limit_to_the_hard_limit(tmp_path: Any) -> None:
+async def test_weir_raises_its_open_file_limit_to_the_hard_limit(
+        weir_process: StartWeirProcess) -> None:
     """Started with the common soft limit of 1024 (here 256), Weir raises it to the hard limit
     at start: otherwise it would hold only a few hundred clients."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from ..conftest import REPO_ROOT, free_port, port_open
-
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard <= 256:
         pytest.skip(f"the hard open-file limit is only {hard}")
-    config = Path(tmp_path) / "weir.yaml"
-    port = free_port()
-    config.write_text(f"listen: 127.0.0.1:{port}\nadmin: {{listen: 127.0.0.1:0}}\nwatch: false\n"
-                      "services:\n  - name: app\n    versions: {stable: {upstreams: "
-                      "['127.0.0.1:9']}}\n")
 
-    def low_soft_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    def low_soft_limit(argv: list[str]) -> list[str]:
+        return ["sh", "-c", f"ulimit -Sn 256 && exec {shlex.join(argv)}"]
 
-    process = subprocess.Popen([sys.executable, "-m", "proxy", "run", "-c", str(config)],
-                               cwd=REPO_ROOT, preexec_fn=low_soft_limit,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 15
-        while not port_open(port):
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
-            assert time.monotonic() < deadline, "weir did not start"
-            time.sleep(0.05)
-        limits = Path(f"/proc/{process.pid}/limits").read_text()
-        line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
-        weir_soft = line.split()[3]
-        expected = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
-        assert weir_soft in (expected, str(1 << 20)), line
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
+    weir = await weir_process(one_service("127.0.0.1:9"), wrap=low_soft_limit)
+    limits = Path(f"/proc/{weir.pid}/limits").read_text()
+    line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
+    weir_soft = line.split()[3]
+    expected = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    assert weir_soft in (expected, str(1 << 20)), line

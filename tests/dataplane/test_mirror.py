@@ -24,12 +24,17 @@ import websockets
 
 from proxy.dataplane.mirror import MirrorPolicy, MirrorStats
 
-from .. import inprocess_weir
-from ..conftest import Backend, RawHandler, WeirProcess, exchange, free_port, wait_for
-from ..inprocess_weir import Weir, WeirLauncher, run_all
-
-weir = inprocess_weir.weir  # the in-process Weir launcher fixture
-
+from ..conftest import (
+    Backend,
+    RawHandler,
+    StartWeir,
+    Weir,
+    WeirProcess,
+    exchange,
+    free_port,
+    run_all,
+    wait_for,
+)
 
 # --- helpers --------------------------------------------------------------------------------
 
@@ -108,9 +113,9 @@ def quantile(values: list[float], q: float) -> float:
 
 
 async def test_get_is_mirrored_to_the_shadow_and_the_user_sees_the_primary(
-        start_backend: Callable[..., Any], weir: WeirLauncher) -> None:
+        start_backend: Callable[..., Any], weir: StartWeir) -> None:
     stable, shadow = await start_backend("stable"), await start_backend("shadow")
-    w = await weir.start(mirrored(stable.address, shadow.address,
+    w = await weir(mirrored(stable.address, shadow.address,
                                   {"version": "shadow", "percent": 100}))
     replies = await run_all(lambda i=i: w.request(f"/get/{i}?q={i}") for i in range(20))
     for reply in replies:
@@ -147,9 +152,9 @@ async def test_get_is_mirrored_to_the_shadow_and_the_user_sees_the_primary(
 
 
 async def test_post_is_mirrored_with_its_body_when_asked_up_to_max_body_bytes(
-        start_backend: Callable[..., Any], weir: WeirLauncher) -> None:
+        start_backend: Callable[..., Any], weir: StartWeir) -> None:
     stable, shadow = await start_backend("stable"), await start_backend("shadow")
-    w = await weir.start(mirrored(stable.address, shadow.address,
+    w = await weir(mirrored(stable.address, shadow.address,
                                   {"version": "shadow", "methods": ["post"],
                                    "max_body_bytes": 1024}))
     small = bytes(range(256)) * 3 + b"tail"  # 772 bytes
@@ -184,11 +189,11 @@ async def test_post_is_mirrored_with_its_body_when_asked_up_to_max_body_bytes(
 
 async def test_copies_over_max_queued_bytes_are_dropped_until_bytes_are_released(
         start_backend: Callable[..., Any],
-        raw_backend: Callable[[RawHandler], Awaitable[int]], weir: WeirLauncher) -> None:
+        raw_backend: Callable[[RawHandler], Awaitable[int]], weir: StartWeir) -> None:
     stable = await start_backend("stable")
     seen: list[bytes] = []
     shadow_port = await raw_backend(raw_http(seen, delay=2.0))
-    w = await weir.start(mirrored(stable.address, f"127.0.0.1:{shadow_port}",
+    w = await weir(mirrored(stable.address, f"127.0.0.1:{shadow_port}",
                                   {"version": "shadow", "methods": ["POST"],
                                    "max_queued_bytes": 1000, "timeout": "300ms"}))
     # Three 600-byte copies at once: the first is held by the (slow) shadow, and the next
@@ -239,9 +244,9 @@ CUT_CONFIG = {"version": "shadow", "methods": ["POST"]}
 
 
 async def test_client_resetting_mid_body_drops_the_copy(
-        start_backend: Callable[..., Any], weir: WeirLauncher) -> None:
+        start_backend: Callable[..., Any], weir: StartWeir) -> None:
     stable, shadow = await start_backend("stable"), await start_backend("shadow")
-    w = await weir.start(mirrored(stable.address, shadow.address, CUT_CONFIG),
+    w = await weir(mirrored(stable.address, shadow.address, CUT_CONFIG),
                          upstream={"timeouts": {"read": "3s"}})
     await leave_mid_body(w, stable, reset=True)
     await assert_cut_request_settled(w, stable)
@@ -249,9 +254,9 @@ async def test_client_resetting_mid_body_drops_the_copy(
 
 
 async def test_client_closing_mid_body_drops_the_copy(
-        start_backend: Callable[..., Any], weir: WeirLauncher) -> None:
+        start_backend: Callable[..., Any], weir: StartWeir) -> None:
     stable, shadow = await start_backend("stable"), await start_backend("shadow")
-    w = await weir.start(mirrored(stable.address, shadow.address, CUT_CONFIG),
+    w = await weir(mirrored(stable.address, shadow.address, CUT_CONFIG),
                          upstream={"timeouts": {"read": "3s"}})
     await leave_mid_body(w, stable, reset=False)
     await assert_cut_request_settled(w, stable)
@@ -262,9 +267,9 @@ async def test_client_closing_mid_body_drops_the_copy(
 
 
 async def test_percent_mirrors_that_share_of_requests(
-        start_backend: Callable[..., Any], weir: WeirLauncher) -> None:
+        start_backend: Callable[..., Any], weir: StartWeir) -> None:
     stable, shadow = await start_backend("stable"), await start_backend("shadow")
-    w = await weir.start(mirrored(stable.address, shadow.address,
+    w = await weir(mirrored(stable.address, shadow.address,
                                   {"version": "shadow", "percent": 50}))
     replies = await run_all([(lambda i=i: w.request(f"/p/{i}")) for i in range(1000)],
                             concurrency=50)
@@ -284,11 +289,11 @@ async def test_percent_mirrors_that_share_of_requests(
 
 async def test_slow_shadow_does_not_slow_users_and_excess_copies_are_dropped(
         start_backend: Callable[..., Any],
-        raw_backend: Callable[[RawHandler], Awaitable[int]], weir: WeirLauncher) -> None:
+        raw_backend: Callable[[RawHandler], Awaitable[int]], weir: StartWeir) -> None:
     stable = await start_backend("stable")
     seen: list[bytes] = []
     shadow_port = await raw_backend(raw_http(seen, delay=2.0))
-    w = await weir.start(mirrored(stable.address, f"127.0.0.1:{shadow_port}",
+    w = await weir(mirrored(stable.address, f"127.0.0.1:{shadow_port}",
                                   {"version": "shadow", "max_concurrent": 4}))
     replies = await run_all([(lambda i=i: w.request(f"/burst/{i}")) for i in range(50)],
                             concurrency=50)
@@ -306,11 +311,11 @@ async def test_slow_shadow_does_not_slow_users_and_excess_copies_are_dropped(
 
 async def test_copy_that_outlives_the_mirror_timeout_counts_as_timeout(
         start_backend: Callable[..., Any],
-        raw_backend: Callable[[RawHandler], Awaitable[int]], weir: WeirLauncher) -> None:
+        raw_backend: Callable[[RawHandler], Awaitable[int]], weir: StartWeir) -> None:
     stable = await start_backend("stable")
     seen: list[bytes] = []
     shadow_port = await raw_backend(raw_http(seen, delay=2.0))
-    w = await weir.start(mirrored(stable.address, f"127.0.0.1:{shadow_port}",
+    w = await weir(mirrored(stable.address, f"127.0.0.1:{shadow_port}",
                                   {"version": "shadow", "timeout": "300ms"}))
     replies = await run_all([lambda: w.request("/t")] * 3)
     assert all(r.status == 200 and r.seconds < 0.3 for r in replies)
@@ -325,10 +330,10 @@ async def test_copy_that_outlives_the_mirror_timeout_counts_as_timeout(
 
 
 async def test_refusing_shadow_counts_errors_then_backs_off(
-        start_backend: Callable[..., Any], weir: WeirLauncher) -> None:
+        start_backend: Callable[..., Any], weir: StartWeir) -> None:
     stable = await start_backend("stable")
     dead = f"127.0.0.1:{free_port()}"
-    w = await weir.start(mirrored(stable.address, dead, {"version": "shadow"}))
+    w = await weir(mirrored(stable.address, dead, {"version": "shadow"}))
     for i in range(30):
         reply = await w.request(f"/r/{i}")
         assert reply.status == 200 and reply.headers["x-weir-version"] == "stable"
@@ -352,9 +357,9 @@ async def test_refusing_shadow_counts_errors_then_backs_off(
 
 
 async def test_host_suffix_marks_the_shadow_host(
-        start_backend: Callable[..., Any], weir: WeirLauncher) -> None:
+        start_backend: Callable[..., Any], weir: StartWeir) -> None:
     stable, shadow = await start_backend("stable"), await start_backend("shadow")
-    w = await weir.start(mirrored(stable.address, shadow.address,
+    w = await weir(mirrored(stable.address, shadow.address,
                                   {"version": "shadow", "host_suffix": True}))
     assert (await w.request("/a", host="app.test")).status == 200
     assert (await w.request("/b", host="app.test:8080")).status == 200
@@ -369,12 +374,12 @@ async def test_host_suffix_marks_the_shadow_host(
 
 
 async def test_http10_request_without_host_is_mirrored_with_one_host(
-        start_backend: Callable[..., Any], weir: WeirLauncher) -> None:
+        start_backend: Callable[..., Any], weir: StartWeir) -> None:
     """Regression, found by tests/test_fuzz.py: the copy of an HTTP/1.0 request without a
     Host carried two, its own and the primary upstream's address (which Weir adds for such
     clients), and the shadow refused every such copy as malformed."""
     stable, shadow = await start_backend("stable"), await start_backend("shadow")
-    w = await weir.start(mirrored(stable.address, shadow.address, {"version": "shadow"}))
+    w = await weir(mirrored(stable.address, shadow.address, {"version": "shadow"}))
     [reply] = await exchange(w.port, b"GET /old HTTP/1.0\r\n\r\n")
     assert reply.status == 200
     await wait_for(lambda: len(shadow.requests) == 1, timeout=5)
@@ -385,11 +390,11 @@ async def test_http10_request_without_host_is_mirrored_with_one_host(
 
 
 async def test_upgrade_requests_are_not_mirrored(
-        start_backend: Callable[..., Any], weir: WeirLauncher) -> None:
+        start_backend: Callable[..., Any], weir: StartWeir) -> None:
     """A copy cannot carry a tunnel. A mirrored WebSocket upgrade held a shadow connection,
     and a max_concurrent slot, for as long as the shadow kept its socket open."""
     stable, shadow = await start_backend("stable"), await start_backend("shadow")
-    w = await weir.start(mirrored(stable.address, shadow.address,
+    w = await weir(mirrored(stable.address, shadow.address,
                                   {"version": "shadow", "max_concurrent": 1}))
     async with websockets.connect(f"ws://127.0.0.1:{w.port}/ws") as ws:
         await ws.send("x")
@@ -406,7 +411,7 @@ async def test_upgrade_requests_are_not_mirrored(
 
 async def test_compare_counts_matches_and_mismatches_and_lists_the_last_ones(
         start_backend: Callable[..., Any],
-        raw_backend: Callable[[RawHandler], Awaitable[int]], weir: WeirLauncher) -> None:
+        raw_backend: Callable[[RawHandler], Awaitable[int]], weir: StartWeir) -> None:
     a, b = await start_backend("a"), await start_backend("b")
     c, d = await start_backend("c"), await start_backend("d")
     seen: list[bytes] = []
@@ -416,7 +421,7 @@ async def test_compare_counts_matches_and_mismatches_and_lists_the_last_ones(
         return {**mirrored(primary, shadow, {"version": "shadow", "compare": True})[0],
                 "name": name, "match": {"hosts": [f"{name}.test"]}}
 
-    w = await weir.start([service("same", a.address, b.address),
+    w = await weir([service("same", a.address, b.address),
                           service("status", c.address, failing),
                           service("body", d.address, c.address)])
     # Identical answers: the pattern download is the same from every backend (chunked or
@@ -471,11 +476,11 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 
 
 async def test_access_log_has_a_line_per_request_and_per_copy_flushed_within_seconds(
-        start_backend: Callable[..., Any], tmp_path: Path, weir: WeirLauncher) -> None:
+        start_backend: Callable[..., Any], tmp_path: Path, weir: StartWeir) -> None:
     stable, canary, shadow = (await start_backend("stable"), await start_backend("canary"),
                               await start_backend("shadow"))
     log_path = tmp_path / "access.jsonl"
-    w = await weir.start([{
+    w = await weir([{
         "name": "app",
         "versions": {"stable": {"upstreams": [stable.address]},
                      "canary": {"upstreams": [canary.address]},

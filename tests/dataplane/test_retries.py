@@ -7,86 +7,31 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
-import yaml
 
-from proxy.admin.api import AdminServer
 from proxy.config.loader import parse_config
 from proxy.config.model import ConfigError
-from proxy.control.plane import ControlPlane
 from proxy.dataplane.retry import BUDGET_SLOTS, RetryBudget
 from proxy.dataplane.routing import build_route_table
 from proxy.dataplane.stats import StatsRegistry
 
-from ..conftest import Backend, control_plane, free_port, sample, wait_for
+from ..conftest import Backend, StartWeir, Weir, free_port, sample, wait_for
 
-# --- a real Weir in this event loop ---------------------------------------------------------
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
+# --- the service under test ------------------------------------------------------------------
 
 
-@dataclass
-class Weir:
-    control: ControlPlane
-    admin: AdminServer
-    session: aiohttp.ClientSession
-
-    @property
-    def port(self) -> int:
-        return self.control.proxy.port
-
-    async def request(self, path: str = "/", method: str = "GET",
-                      data: bytes | None = None) -> Reply:
-        async with self.session.request(method, f"http://127.0.0.1:{self.port}{path}",
-                                        data=data) as response:
-            return Reply(response.status, dict(response.headers), await response.read())
-
-    async def metrics(self) -> str:
-        async with self.session.get(f"http://127.0.0.1:{self.admin.port}/metrics") as response:
-            assert response.status == 200
-            return await response.text()
-
-
-@pytest.fixture
-async def weir(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Weir]]]:
-    started: list[Weir] = []
-
-    async def start(upstreams: list[str], retries: dict[str, Any] | None,
-                    timeouts: dict[str, str] | None = None) -> Weir:
-        service: dict[str, Any] = {"name": "app",
-                                   "versions": {"stable": {"upstreams": upstreams}},
-                                   "timeouts": timeouts or {"connect": "2s", "read": "5s"}}
-        if retries is not None:
-            service["retries"] = retries
-        data = {"listen": "127.0.0.1:0", "admin": {"listen": "127.0.0.1:0"}, "watch": False,
-                "services": [service]}
-        path = tmp_path / f"weir-{len(started)}.yaml"
-        path.write_text(yaml.safe_dump(data), encoding="utf-8")
-        control = control_plane(path)
-        await control.proxy.start()
-        admin = AdminServer(control)
-        await admin.start()
-        session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(),
-                                        timeout=aiohttp.ClientTimeout(total=10))
-        started.append(Weir(control, admin, session))
-        return started[-1]
-
-    yield start
-    for w in started:
-        await w.session.close()
-        await w.control.proxy.shutdown(1.0)
-        await w.admin.stop()
+def service(upstreams: list[str], retries: dict[str, Any] | None,
+            timeouts: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """One service on ``upstreams`` with these retries (None: the defaults) and timeouts."""
+    one: dict[str, Any] = {"name": "app", "versions": {"stable": {"upstreams": upstreams}},
+                           "timeouts": timeouts or {"connect": "2s", "read": "5s"}}
+    if retries is not None:
+        one["retries"] = retries
+    return [one]
 
 
 # --- hand-written upstreams -----------------------------------------------------------------
@@ -202,10 +147,10 @@ def pool(w: Weir, address: str) -> Any:
 
 async def test_get_refused_by_one_upstream_succeeds_on_the_other(
         start_backend: Callable[..., Awaitable[Backend]],
-        weir: Callable[..., Awaitable[Weir]]) -> None:
+        weir: StartWeir) -> None:
     good = await start_backend("good")
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there: connections are refused
-    w = await weir([dead, good.address], {})
+    w = await weir(service([dead, good.address], {}))
     for i in range(10):
         reply = await w.request(f"/r{i}")
         assert reply.status == 200, reply.body
@@ -213,7 +158,7 @@ async def test_get_refused_by_one_upstream_succeeds_on_the_other(
     assert sorted(r["path"] for r in good.requests) == sorted(f"/r{i}" for i in range(10))
     refused = pool(w, dead).connect_errors
     assert refused >= 1  # the balancer did send some requests to the dead upstream first
-    metrics = await w.metrics()
+    metrics = await w.api.metrics()
     assert retries_of(metrics, "connect_failure") == refused
     assert sample(metrics, "weir_upstream_connect_errors_total", upstream=dead) == refused
     # The client's requests are counted once each, with the status they finally got.
@@ -223,10 +168,10 @@ async def test_get_refused_by_one_upstream_succeeds_on_the_other(
 
 async def test_503_is_retried_on_the_other_upstream_and_its_body_not_read(
         start_backend: Callable[..., Awaitable[Backend]], raw_backend: Callable[..., Any],
-        weir: Callable[..., Awaitable[Weir]]) -> None:
+        weir: StartWeir) -> None:
     good = await start_backend("good")
     busy = await start_raw(raw_backend, answer_and_hold(BUSY_ENDLESS))
-    w = await weir([busy.address, good.address], {"attempts": 2})
+    w = await weir(service([busy.address, good.address], {"attempts": 2}))
     paths = [f"/item/{i}" for i in range(6)]
     for path in paths:
         reply = await w.request(path)
@@ -238,7 +183,7 @@ async def test_503_is_retried_on_the_other_upstream_and_its_body_not_read(
     assert set(busy.paths) <= set(paths)
     # Its endless body was not waited for: each of its connections was closed by Weir.
     await wait_for(lambda: busy.closed == len(busy.paths))
-    metrics = await w.metrics()
+    metrics = await w.api.metrics()
     assert retries_of(metrics, "status") == len(busy.paths)
     assert requests_of(metrics, "200") == len(paths)
     assert requests_of(metrics, "503") == 0
@@ -246,19 +191,19 @@ async def test_503_is_retried_on_the_other_upstream_and_its_body_not_read(
 
 async def test_concurrent_retries_leave_no_request_in_flight(
         start_backend: Callable[..., Awaitable[Backend]], raw_backend: Callable[..., Any],
-        weir: Callable[..., Awaitable[Weir]]) -> None:
+        weir: StartWeir) -> None:
     good = await start_backend("good")
     busy = await start_raw(raw_backend, answer(BUSY))
     dead = f"127.0.0.1:{free_port()}"
     # A budget that cannot run out here: every request reaches the good upstream.
-    w = await weir([busy.address, dead, good.address],
-                   {"attempts": 3, "budget": {"ratio": 2, "min_per_second": 100}})
+    w = await weir(service([busy.address, dead, good.address],
+                   {"attempts": 3, "budget": {"ratio": 2, "min_per_second": 100}}))
     replies = await asyncio.gather(*(w.request(f"/r{i}") for i in range(60)))
     assert [r.status for r in replies] == [200] * 60
     assert len(good.requests) == 60
     pools = w.control.proxy.pools.pools.values()
     await wait_for(lambda: all(p.inflight == 0 for p in pools))
-    metrics = await w.metrics()
+    metrics = await w.api.metrics()
     assert retries_of(metrics, "status") == len(busy.paths)
     assert retries_of(metrics, "connect_failure") == pool(w, dead).connect_errors
     assert requests_of(metrics, "200") == 60
@@ -266,33 +211,33 @@ async def test_concurrent_retries_leave_no_request_in_flight(
 
 async def test_upstream_hanging_up_before_answering_is_retried(
         start_backend: Callable[..., Awaitable[Backend]], raw_backend: Callable[..., Any],
-        weir: Callable[..., Awaitable[Weir]]) -> None:
+        weir: StartWeir) -> None:
     good = await start_backend("good")
     rude = await start_raw(raw_backend, hang_up)
-    w = await weir([rude.address, good.address], {})
+    w = await weir(service([rude.address, good.address], {}))
     for i in range(6):
         assert (await w.request(f"/r{i}")).status == 200
     assert rude.paths and len(good.requests) == 6
-    assert retries_of(await w.metrics(), "reset") == len(rude.paths)
+    assert retries_of(await w.api.metrics(), "reset") == len(rude.paths)
 
 
 @pytest.mark.parametrize("on_timeout", [True, False])
 async def test_read_timeout_before_any_byte_is_retried_only_when_asked(
         on_timeout: bool, start_backend: Callable[..., Awaitable[Backend]],
-        raw_backend: Callable[..., Any], weir: Callable[..., Awaitable[Weir]]) -> None:
+        raw_backend: Callable[..., Any], weir: StartWeir) -> None:
     good = await start_backend("good")
     silent = await start_raw(raw_backend, answer_and_hold(b""))
-    w = await weir([silent.address, good.address], {"on_timeout": on_timeout},
-                   timeouts={"connect": "2s", "read": "300ms"})
+    w = await weir(service([silent.address, good.address], {"on_timeout": on_timeout},
+                   timeouts={"connect": "2s", "read": "300ms"}))
     statuses = [(await w.request(f"/r{i}")).status for i in range(4)]
     assert silent.paths  # some requests went to the silent upstream first
     if on_timeout:
         assert statuses == [200] * 4
-        assert retries_of(await w.metrics(), "timeout") == len(silent.paths)
+        assert retries_of(await w.api.metrics(), "timeout") == len(silent.paths)
     else:
         assert sorted(statuses) == sorted([504] * len(silent.paths)
                                           + [200] * (4 - len(silent.paths)))
-        assert retries_of(await w.metrics(), "timeout") == 0
+        assert retries_of(await w.api.metrics(), "timeout") == 0
 
 
 # --- what is never retried ------------------------------------------------------------------
@@ -302,10 +247,10 @@ async def test_read_timeout_before_any_byte_is_retried_only_when_asked(
                                               ("POST", b"")])
 async def test_requests_with_a_body_or_not_idempotent_are_never_retried(
         method: str, body: bytes, start_backend: Callable[..., Awaitable[Backend]],
-        raw_backend: Callable[..., Any], weir: Callable[..., Awaitable[Weir]]) -> None:
+        raw_backend: Callable[..., Any], weir: StartWeir) -> None:
     good = await start_backend("good")
     busy = await start_raw(raw_backend, answer(BUSY))
-    w = await weir([busy.address, good.address], {"attempts": 3})
+    w = await weir(service([busy.address, good.address], {"attempts": 3}))
     statuses = [(await w.request(f"/r{i}", method=method, data=body)).status for i in range(6)]
     # Each request reached exactly one upstream, and the client got that upstream's answer.
     assert len(busy.paths) + len(good.requests) == 6
@@ -313,7 +258,7 @@ async def test_requests_with_a_body_or_not_idempotent_are_never_retried(
     assert statuses.count(503) == len(busy.paths)
     assert statuses.count(200) == len(good.requests)
     assert all(r["body_size"] == len(body) for r in good.requests)
-    metrics = await w.metrics()
+    metrics = await w.api.metrics()
     assert sample(metrics, "weir_retries_total") is None
     assert requests_of(metrics, "503") == len(busy.paths)
 
@@ -321,7 +266,7 @@ async def test_requests_with_a_body_or_not_idempotent_are_never_retried(
 @pytest.mark.parametrize("then_close", [True, False], ids=["closes", "stalls"])
 async def test_a_response_that_started_reaching_the_client_is_never_retried(
         then_close: bool, raw_backend: Callable[..., Any],
-        weir: Callable[..., Awaitable[Weir]]) -> None:
+        weir: StartWeir) -> None:
     """200 with 100 bytes promised and 10 sent, then the upstream closes or stalls past the
     read timeout. With one upstream a retry would go back to it, so its count tells."""
     head = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n" + b"x" * 10
@@ -332,14 +277,14 @@ async def test_a_response_that_started_reaching_the_client_is_never_retried(
         return False
 
     partial = await start_raw(raw_backend, once)
-    w = await weir([partial.address], {"attempts": 3, "on_timeout": True},
-                   timeouts={"connect": "2s", "read": "300ms"})
+    w = await weir(service([partial.address], {"attempts": 3, "on_timeout": True},
+                   timeouts={"connect": "2s", "read": "300ms"}))
     received = await send_and_read_until_closed(
         w.port, b"GET /download HTTP/1.1\r\nHost: app\r\n\r\n")
     assert received.startswith(b"HTTP/1.1 200 ")
     assert received.endswith(b"x" * 10)  # then closed: the body cannot be completed
     assert partial.paths == ["/download"]
-    assert sample(await w.metrics(), "weir_retries_total") is None
+    assert sample(await w.api.metrics(), "weir_retries_total") is None
 
 
 # --- how much is retried --------------------------------------------------------------------
@@ -348,9 +293,9 @@ async def test_a_response_that_started_reaching_the_client_is_never_retried(
 @pytest.mark.parametrize(("upstreams", "attempts"), [(1, 1), (1, 3), (2, 2), (2, 3), (3, 3)])
 async def test_attempts_limit_and_spread_over_upstreams(
         upstreams: int, attempts: int, raw_backend: Callable[..., Any],
-        weir: Callable[..., Awaitable[Weir]]) -> None:
+        weir: StartWeir) -> None:
     busy = [await start_raw(raw_backend, answer(BUSY)) for _ in range(upstreams)]
-    w = await weir([b.address for b in busy], {"attempts": attempts})
+    w = await weir(service([b.address for b in busy], {"attempts": attempts}))
     for i in range(3):
         reply = await w.request(f"/r{i}")
         assert reply.status == 503
@@ -359,29 +304,29 @@ async def test_attempts_limit_and_spread_over_upstreams(
         assert sum(seen) == attempts
         # Each upstream is tried before any is tried twice.
         assert max(seen) - min(seen) <= 1
-    metrics = await w.metrics()
+    metrics = await w.api.metrics()
     assert retries_of(metrics, "status") == 3 * (attempts - 1)
     assert requests_of(metrics, "503") == 3
 
 
 async def test_a_single_refusing_upstream_is_tried_attempts_times(
-        weir: Callable[..., Awaitable[Weir]]) -> None:
+        weir: StartWeir) -> None:
     dead = f"127.0.0.1:{free_port()}"
-    w = await weir([dead], {"attempts": 3})
+    w = await weir(service([dead], {"attempts": 3}))
     assert (await w.request("/")).status == 502
     assert pool(w, dead).connect_errors == 3
-    metrics = await w.metrics()
+    metrics = await w.api.metrics()
     assert retries_of(metrics, "connect_failure") == 2
     assert requests_of(metrics, "502") == 1
 
 
 async def test_budget_stops_retries_when_most_requests_fail(
-        raw_backend: Callable[..., Any], weir: Callable[..., Awaitable[Weir]]) -> None:
+        raw_backend: Callable[..., Any], weir: StartWeir) -> None:
     busy = await start_raw(raw_backend, answer(BUSY))
     ratio, min_per_second, window = 0.2, 1, 10
-    w = await weir([busy.address], {"attempts": 2, "budget": {
-        "ratio": ratio, "min_per_second": min_per_second, "window": f"{window}s"}})
-    before = await w.metrics()
+    w = await weir(service([busy.address], {"attempts": 2, "budget": {
+        "ratio": ratio, "min_per_second": min_per_second, "window": f"{window}s"}}))
+    before = await w.api.metrics()
     assert sample(before, "weir_retry_budget_exhausted_total", service="app",
                   version="stable") == 0
     requests = 100
@@ -391,7 +336,7 @@ async def test_budget_stops_retries_when_most_requests_fail(
     # Far less than the 100 that attempts: 2 alone would allow (the run takes well under a
     # window): the ratio's share of the requests plus the reserve, and at least the reserve.
     assert min_per_second * window <= retries <= ratio * requests + min_per_second * window
-    metrics = await w.metrics()
+    metrics = await w.api.metrics()
     assert retries_of(metrics, "status") == retries
     assert sample(metrics, "weir_retry_budget_exhausted_total", service="app",
                   version="stable") == requests - retries
@@ -400,17 +345,17 @@ async def test_budget_stops_retries_when_most_requests_fail(
 
 async def test_no_retries_block_fails_over_connects_but_retries_nothing_else(
         start_backend: Callable[..., Awaitable[Backend]], raw_backend: Callable[..., Any],
-        weir: Callable[..., Awaitable[Weir]]) -> None:
+        weir: StartWeir) -> None:
     good = await start_backend("good")
     busy = await start_raw(raw_backend, answer(BUSY))
     dead = f"127.0.0.1:{free_port()}"
-    w = await weir([busy.address, dead, good.address], None)
+    w = await weir(service([busy.address, dead, good.address], None))
     statuses = [(await w.request(f"/r{i}", method="POST" if i % 2 else "GET",
                                  data=b"x" if i % 2 else None)).status for i in range(8)]
     # An answer is relayed as it is; a refused connect, POST or not, goes to another upstream.
     assert statuses.count(503) == len(busy.paths) >= 1
     assert statuses.count(502) == 0 and pool(w, dead).connect_errors >= 1
-    metrics = await w.metrics()
+    metrics = await w.api.metrics()
     assert retries_of(metrics, "connect_failure") == pool(w, dead).connect_errors
     assert retries_of(metrics, "status") == 0
     assert sample(metrics, "weir_retry_budget_exhausted_total") is None
@@ -418,15 +363,15 @@ async def test_no_retries_block_fails_over_connects_but_retries_nothing_else(
 
 async def test_attempts_1_turns_every_retry_off_fail_over_included(
         start_backend: Callable[..., Awaitable[Backend]],
-        weir: Callable[..., Awaitable[Weir]]) -> None:
+        weir: StartWeir) -> None:
     good = await start_backend("good")
     dead = f"127.0.0.1:{free_port()}"
-    w = await weir([dead, good.address], {"attempts": 1})
+    w = await weir(service([dead, good.address], {"attempts": 1}))
     statuses = [(await w.request(f"/r{i}")).status for i in range(6)]
     # The one request that met the refused connect failed; the upstream was then out.
     assert statuses.count(502) == pool(w, dead).connect_errors == 1
     assert statuses.count(200) == 5
-    assert sample(await w.metrics(), "weir_retries_total") is None
+    assert sample(await w.api.metrics(), "weir_retries_total") is None
 
 
 # --- the budget and the config, without sockets -----------------------------------------------

@@ -18,14 +18,11 @@ import trustme
 import yaml
 from aiohttp import web
 
-from proxy.control.plane import ControlPlane
-
 from ..conftest import (
     REPO_ROOT,
     Backend,
     RawResponse,
     backend_app,
-    control_plane,
     exchange,
     free_port,
     one_service,
@@ -253,34 +250,15 @@ async def test_min_version_1_3_refuses_tls_1_2(
 # --- reloads --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def live(tmp_path: Path) -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[Any]]]:
-    """A control plane started from a real config file (tmp_path/weir.yaml), for reloads."""
-    started: list[ControlPlane] = []
-
-    async def start(data: dict[str, Any]) -> ControlPlane:
-        path = tmp_path / "weir.yaml"
-        path.write_text(yaml.safe_dump(data))
-        control = control_plane(path)
-        await control.proxy.start()
-        started.append(control)
-        return control
-
-    yield start
-    for control in started:
-        await control.rollouts.stop()
-        await control.proxy.shutdown(1)
-
-
 def live_config(backend: Backend, tls: dict[str, Any]) -> dict[str, Any]:
     return {"listen": "127.0.0.1:0", "admin": {"listen": "127.0.0.1:0"}, "watch": False,
             "tls": tls, "services": one_service(backend.address)}
 
 
 async def test_reload_serves_the_new_certificate_to_new_connections_only(
-        start_backend, live, https, ca, server_files, client_context):
+        start_backend, weir, https, ca, server_files, client_context):
     backend = await start_backend("plain")
-    control = await live(live_config(backend, server_files))
+    control = (await weir(live_config(backend, server_files))).control
     port = control.proxy.port
     old = await https(port, client_context)
     assert old.common_name == "first"
@@ -301,9 +279,9 @@ async def test_reload_serves_the_new_certificate_to_new_connections_only(
 
 
 async def test_bad_certificate_files_fail_the_reload_and_the_old_one_keeps_serving(
-        start_backend, live, https, ca, tmp_path, server_files, client_context):
+        start_backend, weir, https, ca, tmp_path, server_files, client_context):
     backend = await start_backend("plain")
-    control = await live(live_config(backend, server_files))
+    control = (await weir(live_config(backend, server_files))).control
     port = control.proxy.port
     path = control.config_path
     assert path is not None
@@ -455,10 +433,10 @@ async def test_mirror_copies_go_over_tls_on_pooled_connections(
 
 
 async def test_blue_green_smoke_checks_reach_a_tls_preview(
-        start_backend, https_backend, live, ca_file):
+        start_backend, https_backend, weir, ca_file):
     blue = await start_backend("blue")
     green = await https_backend("green")
-    control = await live({
+    control = (await weir({
         "listen": "127.0.0.1:0", "admin": {"listen": "127.0.0.1:0"}, "watch": False,
         "services": [{
             "name": "shop",
@@ -467,7 +445,7 @@ async def test_blue_green_smoke_checks_reach_a_tls_preview(
                                    "tls": {"ca_file": ca_file, "server_name": "localhost"}}},
             "weights": {"blue": 100},
             "rollout": {"strategy": "blue_green", "active": "blue", "preview": "green",
-                        "checks": [{"path": "/healthz", "count": 2}]}}]})
+                        "checks": [{"path": "/healthz", "count": 2}]}}]})).control
     rollout = control.rollouts.rollouts["shop"]
     await rollout.run_smoke_checks()
     [smoke] = rollout.record.analyses

@@ -49,11 +49,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from .. import inprocess_weir
-from ..conftest import REPO_ROOT, free_port, one_service, port_open, wait_for
-from ..inprocess_weir import TOKEN
-
-weir = inprocess_weir.weir  # the in-process Weir with its admin API (for drain and undrain)
+from ..conftest import AUTH, REPO_ROOT, TOKEN, Weir, free_port, one_service, port_open, wait_for
 
 CLIENTS = 6
 DOWN_SECONDS = 1.0  # an instance stopped is started again on its port this much later
@@ -361,7 +357,7 @@ async def test_deploy_script_drain_stop_start_undrain_fails_nothing(weir) -> Non
     ``weir undrain ADDR``, under load with POSTs, and no health checks: 0 failed requests, and
     nothing sent to an instance between its drain and its undrain."""
     async with instances("app0", "app1", "app2") as apps:
-        live = await weir.start(one_service(*(app.address for app in apps)))
+        live = await weir(one_service(*(app.address for app in apps)))
         admin = live.admin_url
         async with aiohttp.ClientSession() as checks, \
                 Load(live.port, post_every=10) as load:
@@ -413,7 +409,7 @@ async def test_slow_start_ramps_an_undrained_instance_over_the_window(weir) -> N
         service = one_service(*(app.address for app in apps),
                               slow_start={"window": f"{WINDOW:g}s"})
         try:
-            live = await weir.start(service)
+            live = await weir(service)
         except Exception as exc:
             pytest.fail(f"a service's slow_start is not accepted yet: {exc}")
         target = apps[2]
@@ -449,9 +445,9 @@ async def test_slow_start_ramps_an_undrained_instance_over_the_window(weir) -> N
     assert after >= 0.75 * full, f"not near its full share after the window: {shares}"
 
 
-async def api(live: inprocess_weir.Weir, path: str, body: dict[str, str]) -> tuple[int, str]:
+async def api(live: Weir, path: str, body: dict[str, str]) -> tuple[int, str]:
     async with live.session.post(live.admin_url + path, json=body,
-                                 headers=inprocess_weir.AUTH) as response:
+                                 headers=AUTH) as response:
         return response.status, await response.text()
 
 

@@ -12,20 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect as ws_connect
@@ -33,12 +28,10 @@ from websockets.exceptions import ConnectionClosed
 
 from ..conftest import (
     AUTH,
-    REPO_ROOT,
-    TOKEN,
     Backend,
+    WeirProcess,
     backend_app,
     exchange,
-    free_port,
     port_open,
     read_response,
     read_until_closed,
@@ -108,92 +101,13 @@ async def tracked_backend() -> AsyncIterator[Callable[[str], Awaitable[TrackedBa
         await runner.cleanup()
 
 
-# --- Weir as a real process, with its config file at hand -----------------------------------
+# --- Weir as a real process (conftest's weir_process), as these drills run it ---------------
 
 
-@dataclass
-class Weir:
-    process: subprocess.Popen[bytes]
-    port: int
-    admin_port: int
-    config_path: Path
-    log_path: Path
-    config: dict[str, Any]
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def admin(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def write_config(self, config: dict[str, Any], atomic: bool = True) -> None:
-        """Atomic: a temp file in the same directory, then os.replace. Otherwise the file is
-        truncated and rewritten in place, as a plain editor save does."""
-        self.config = config
-        text = yaml.safe_dump(config, sort_keys=False)
-        if atomic:
-            tmp = self.config_path.with_name(f".{self.config_path.name}.{os.getpid()}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, self.config_path)
-        else:
-            with open(self.config_path, "w") as handle:
-                handle.write(text)
-
-    def signal(self, sig: int = signal.SIGTERM) -> None:
-        self.process.send_signal(sig)
-
-    async def wait_exit(self, timeout: float) -> int:
-        await wait_for(lambda: self.process.poll() is not None, timeout=timeout, interval=0.02)
-        code = self.process.returncode
-        assert code is not None
-        return code
-
-
-@pytest.fixture
-async def weir(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Weir]]]:
-    started: list[Weir] = []
-
-    async def start(services: list[dict[str, Any]], **top: Any) -> Weir:
-        port, admin_port = free_port(), free_port()
-        config: dict[str, Any] = {
-            "listen": f"127.0.0.1:{port}",
-            "admin": {"listen": f"127.0.0.1:{admin_port}", "token": TOKEN},
-            "shutdown": {"timeout": "5s"},
-            "services": services,
-            **top,
-        }
-        index = len(started)
-        config_path = tmp_path / f"weir-{index}.yaml"
-        log_path = tmp_path / f"weir-{index}.log"
-        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        # The log goes to a file: a pipe nobody reads would stall a chatty process.
-        with open(log_path, "wb") as log_file:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "run", "-c", str(config_path)],
-                cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
-        proc = Weir(process, port, admin_port, config_path, log_path, config)
-        started.append(proc)
-        await wait_for(lambda: (port_open(port) and port_open(admin_port))
-                       or process.poll() is not None, timeout=15, interval=0.05)
-        assert process.poll() is None, proc.log()
-        return proc
-
-    yield start
-    for proc in started:
-        if proc.process.poll() is None:
-            proc.signal(signal.SIGTERM)
-            try:
-                await proc.wait_exit(timeout=8)
-            except TimeoutError:
-                proc.process.kill()
-                proc.process.wait()
-        print(f"--- weir log ({proc.config_path.name}), last lines ---")
-        print("\n".join(proc.log().splitlines()[-15:]))
+def drill(services: list[dict[str, Any]], **top: Any) -> dict[str, Any]:
+    """The config of a drill: its file watcher on (the default), a 5 s shutdown timeout unless
+    the test sets one."""
+    return {"shutdown": {"timeout": "5s"}, "services": services, **top}
 
 
 def blue_green(blue: TrackedBackend, green: TrackedBackend, drain: str = "10s",
@@ -214,23 +128,23 @@ def blue_green(blue: TrackedBackend, green: TrackedBackend, drain: str = "10s",
 # --- small clients --------------------------------------------------------------------------
 
 
-async def admin_call(session: aiohttp.ClientSession, weir: Weir, method: str, path: str,
+async def admin_call(session: aiohttp.ClientSession, weir: WeirProcess, method: str, path: str,
                      body: Any = None) -> tuple[int, Any]:
-    async with session.request(method, weir.admin + path, json=body, headers=AUTH,
+    async with session.request(method, weir.admin_url + path, json=body, headers=AUTH,
                                timeout=aiohttp.ClientTimeout(total=10)) as response:
         return response.status, await response.json()
 
 
-async def status(session: aiohttp.ClientSession, weir: Weir) -> dict[str, Any]:
+async def status(session: aiohttp.ClientSession, weir: WeirProcess) -> dict[str, Any]:
     code, body = await admin_call(session, weir, "GET", "/api/status")
     assert code == 200, body
     return body  # type: ignore[no-any-return]
 
 
-async def samples(session: aiohttp.ClientSession, weir: Weir, name: str,
+async def samples(session: aiohttp.ClientSession, weir: WeirProcess, name: str,
                   **labels: str) -> list[tuple[dict[str, str], float]]:
     """Every sample of ``name`` in /metrics whose labels include ``labels``."""
-    async with session.get(weir.admin + "/metrics") as response:
+    async with session.get(weir.admin_url + "/metrics") as response:
         assert response.status == 200
         text = await response.text()
     return [(sample.labels, float(sample.value))
@@ -240,7 +154,7 @@ async def samples(session: aiohttp.ClientSession, weir: Weir, name: str,
                                            for k, v in labels.items())]
 
 
-async def metric(session: aiohttp.ClientSession, weir: Weir, name: str,
+async def metric(session: aiohttp.ClientSession, weir: WeirProcess, name: str,
                  **labels: str) -> float | None:
     """The value of one sample in /metrics, or None if there is no such sample."""
     found = await samples(session, weir, name, **labels)
@@ -340,9 +254,10 @@ async def generate_load(port: int, stats: LoadStats, stop: asyncio.Event, worker
 
 
 @pytest.mark.timeout(90)
-async def test_no_request_lost_under_switches_weight_shifts_and_reloads(tracked_backend, weir):
+async def test_no_request_lost_under_switches_weight_shifts_and_reloads(tracked_backend,
+                                                                        weir_process):
     blue, green = await tracked_backend("blue"), await tracked_backend("green")
-    proc = await weir(blue_green(blue, green))
+    proc = await weir_process(drill(blue_green(blue, green)))
     stats = LoadStats()
     stop = asyncio.Event()
     began = time.monotonic()
@@ -417,10 +332,10 @@ async def test_no_request_lost_under_switches_weight_shifts_and_reloads(tracked_
     assert counted == {"200": stats.ok}, report
     assert reload_failures == 0, report
     assert reload_successes is not None and reload_successes >= REWRITES, report
-    assert "Traceback" not in proc.log()
+    assert "Traceback" not in proc.output()
 
 
-async def rewrite_config(session: aiohttp.ClientSession, proc: Weir, blue: TrackedBackend,
+async def rewrite_config(session: aiohttp.ClientSession, proc: WeirProcess, blue: TrackedBackend,
                          green: TrackedBackend, index: int, generation: int,
                          done: Counter[str]) -> tuple[int, dict[str, int]]:
     """A valid, harmless change: the drain timeout alternates and a rule that nothing matches
@@ -428,7 +343,7 @@ async def rewrite_config(session: aiohttp.ClientSession, proc: Weir, blue: Track
     in place; one in five is left to the file watcher and one in ten is followed by SIGHUP.
     Returns the generation and the service's weights now in force."""
     rule = index % 2 == 0
-    config = dict(proc.config)
+    config = dict(proc.data)
     config["services"] = blue_green(blue, green, drain="10s" if rule else "20s", rule=rule)
     in_place = index % 5 == 3 or index % 10 == 9
     trigger = "watcher" if index % 5 == 4 else "sighup" if index % 10 == 7 else "api"
@@ -436,7 +351,7 @@ async def rewrite_config(session: aiohttp.ClientSession, proc: Weir, blue: Track
     done["in_place"] += in_place
     done[f"by_{trigger}"] += 1
     if trigger == "sighup":
-        proc.signal(signal.SIGHUP)
+        proc.send(signal.SIGHUP)
     if trigger != "api":
         async with asyncio.timeout(10):
             while True:
@@ -460,15 +375,16 @@ async def rewrite_config(session: aiohttp.ClientSession, proc: Weir, blue: Track
 
 
 @pytest.mark.timeout(30)
-async def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(tracked_backend, weir):
+async def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(tracked_backend,
+                                                                      weir_process):
     app = await tracked_backend("app")
-    proc = await weir([{"name": SERVICE, "versions": {"v1": {"upstreams": [app.address]}}}],
-                      shutdown={"timeout": "10s"})
+    v1 = [{"name": SERVICE, "versions": {"v1": {"upstreams": [app.address]}}}]
+    proc = await weir_process(drill(v1, shutdown={"timeout": "10s"}))
     async with aiohttp.ClientSession() as session:
         slow = asyncio.create_task(fetch(session, proc.url + "/slow?delay=2"))
         await wait_for(lambda: app.running["/slow"] == 1, timeout=5)
         sent = time.monotonic()
-        proc.signal(signal.SIGTERM)
+        proc.send(signal.SIGTERM)
         # No shutdown delay: the listener closes at once.
         await wait_for(lambda: not port_open(proc.port), timeout=1.5, interval=0.02)
         assert not slow.done(), "the slow request ended before its backend answered"
@@ -478,26 +394,26 @@ async def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(tracked_ba
         assert response.headers["x-weir-version"] == "v1"
         code = await proc.wait_exit(timeout=5)
         took = time.monotonic() - sent
-    assert code == 0, proc.log()
+    assert code == 0, proc.output()
     assert 1.5 < took < 5, took  # it waited for the slow request, and no longer than needed
 
 
 @pytest.mark.timeout(30)
 async def test_sigterm_with_shutdown_delay_keeps_serving_while_readyz_says_503(tracked_backend,
-                                                                               weir):
+                                                                               weir_process):
     app = await tracked_backend("app")
-    proc = await weir([{"name": SERVICE, "versions": {"v1": {"upstreams": [app.address]}}}],
-                      shutdown={"delay": "1s", "timeout": "10s"})
+    v1 = [{"name": SERVICE, "versions": {"v1": {"upstreams": [app.address]}}}]
+    proc = await weir_process(drill(v1, shutdown={"delay": "1s", "timeout": "10s"}))
     async with aiohttp.ClientSession() as session:
-        ready = await fetch(session, proc.admin + "/readyz")
+        ready = await fetch(session, proc.admin_url + "/readyz")
         assert ready.status == 200
         slow = asyncio.create_task(fetch(session, proc.url + "/slow?delay=2"))
         await wait_for(lambda: app.running["/slow"] == 1, timeout=5)
 
         sent = time.monotonic()
-        proc.signal(signal.SIGTERM)
+        proc.send(signal.SIGTERM)
         async with asyncio.timeout(1.0):
-            while (await fetch_fresh(proc.admin + "/readyz")).status != 503:
+            while (await fetch_fresh(proc.admin_url + "/readyz")).status != 503:
                 await asyncio.sleep(0.01)
         # Within the delay: load balancers see 503 and stop sending, but whatever still
         # arrives on the data port is served, on new connections too.
@@ -507,7 +423,7 @@ async def test_sigterm_with_shutdown_delay_keeps_serving_while_readyz_says_503(t
         raw = await exchange(proc.port, b"GET /raw HTTP/1.1\r\nHost: shop\r\n\r\n")
         assert raw[0].status == 200
         assert time.monotonic() - sent < 0.9, "too slow to check the data port within the delay"
-        assert (await fetch_fresh(proc.admin + "/readyz")).status == 503
+        assert (await fetch_fresh(proc.admin_url + "/readyz")).status == 503
 
         await wait_for(lambda: not port_open(proc.port), timeout=2.5, interval=0.02)
         closed_after = time.monotonic() - sent
@@ -515,24 +431,24 @@ async def test_sigterm_with_shutdown_delay_keeps_serving_while_readyz_says_503(t
         response = await slow
         assert (response.status, response.body) == (200, b"slow done")
         code = await proc.wait_exit(timeout=5)
-    assert code == 0, proc.log()
+    assert code == 0, proc.output()
 
 
 @pytest.mark.timeout(30)
-async def test_second_sigterm_forces_exit_during_a_long_shutdown(tracked_backend, weir):
+async def test_second_sigterm_forces_exit_during_a_long_shutdown(tracked_backend, weir_process):
     app = await tracked_backend("app")
-    proc = await weir([{"name": SERVICE, "versions": {"v1": {"upstreams": [app.address]}}}],
-                      shutdown={"timeout": "30s"})
+    v1 = [{"name": SERVICE, "versions": {"v1": {"upstreams": [app.address]}}}]
+    proc = await weir_process(drill(v1, shutdown={"timeout": "30s"}))
     async with aiohttp.ClientSession() as session:
         slow = asyncio.create_task(fetch(session, proc.url + "/slow?delay=8"))
         await wait_for(lambda: app.running["/slow"] == 1, timeout=5)
-        proc.signal(signal.SIGTERM)
+        proc.send(signal.SIGTERM)
         await wait_for(lambda: not port_open(proc.port), timeout=1.5, interval=0.02)
         assert proc.process.poll() is None, "exited while a request was in flight"
         assert not slow.done()
 
         sent = time.monotonic()
-        proc.signal(signal.SIGTERM)
+        proc.send(signal.SIGTERM)
         code = await proc.wait_exit(timeout=2.0)
         print(f"forced exit after {time.monotonic() - sent:.2f}s with code {code}")
         assert app.running["/slow"] == 1, "the slow request was no longer open"
@@ -543,12 +459,12 @@ async def test_second_sigterm_forces_exit_during_a_long_shutdown(tracked_backend
 
 @pytest.mark.timeout(30)
 async def test_sigterm_under_load_loses_nothing_for_a_client_that_watches_readyz(
-        tracked_backend, weir):
+        tracked_backend, weir_process):
     """What shutdown.delay is for: a load balancer polling /readyz takes Weir out of rotation
     before the listener closes, and every request it sent on the way is answered."""
     app = await tracked_backend("v1")  # named as its version: responses are checked so
-    proc = await weir([{"name": SERVICE, "versions": {"v1": {"upstreams": [app.address]}}}],
-                      shutdown={"delay": "1s", "timeout": "10s"})
+    v1 = [{"name": SERVICE, "versions": {"v1": {"upstreams": [app.address]}}}]
+    proc = await weir_process(drill(v1, shutdown={"delay": "1s", "timeout": "10s"}))
     rotation = {"in": True, "left_after": 0.0}
     signalled = 0.0
 
@@ -556,7 +472,7 @@ async def test_sigterm_under_load_loses_nothing_for_a_client_that_watches_readyz
         async with aiohttp.ClientSession() as probe:
             while True:
                 try:
-                    ready = (await fetch(probe, proc.admin + "/readyz", timeout=1)).status
+                    ready = (await fetch(probe, proc.admin_url + "/readyz", timeout=1)).status
                 except aiohttp.ClientError:
                     ready = 0
                 if ready != 200:
@@ -574,7 +490,7 @@ async def test_sigterm_under_load_loses_nothing_for_a_client_that_watches_readyz
         await stats.advance(500)
         before = stats.sent
         signalled = time.monotonic()
-        proc.signal(signal.SIGTERM)
+        proc.send(signal.SIGTERM)
         await asyncio.wait_for(asyncio.gather(probe, load), 5)
         code = await proc.wait_exit(timeout=5)
     finally:
@@ -584,7 +500,7 @@ async def test_sigterm_under_load_loses_nothing_for_a_client_that_watches_readyz
             await asyncio.wait_for(asyncio.gather(probe, load), 5)
     print(f"SIGTERM under load: {stats.summary()}; {stats.sent - before} sent after the "
           f"signal; out of rotation after {rotation['left_after']:.2f}s")
-    assert code == 0, proc.log()
+    assert code == 0, proc.output()
     assert stats.errors == [], stats.errors[:5]
     assert not stats.non_2xx
     assert stats.wrong == [], stats.wrong[:5]
@@ -594,10 +510,10 @@ async def test_sigterm_under_load_loses_nothing_for_a_client_that_watches_readyz
 
 
 async def test_keep_alive_clients_are_told_to_reconnect_during_shutdown_delay(tracked_backend,
-                                                                              weir):
+                                                                              weir_process):
     app = await tracked_backend("app")
-    proc = await weir([{"name": SERVICE, "versions": {"v1": {"upstreams": [app.address]}}}],
-                      shutdown={"delay": "2s", "timeout": "10s"})
+    v1 = [{"name": SERVICE, "versions": {"v1": {"upstreams": [app.address]}}}]
+    proc = await weir_process(drill(v1, shutdown={"delay": "2s", "timeout": "10s"}))
     reader, writer = await asyncio.open_connection("127.0.0.1", proc.port)
     try:
         writer.write(b"GET /before HTTP/1.1\r\nHost: shop\r\n\r\n")
@@ -605,9 +521,9 @@ async def test_keep_alive_clients_are_told_to_reconnect_during_shutdown_delay(tr
         assert first.status == 200
         assert (first.header("connection") or "").lower() != "close"
 
-        proc.signal(signal.SIGTERM)
+        proc.send(signal.SIGTERM)
         async with asyncio.timeout(1.5):
-            while (await fetch_fresh(proc.admin + "/readyz")).status != 503:
+            while (await fetch_fresh(proc.admin_url + "/readyz")).status != 503:
                 await asyncio.sleep(0.01)
         writer.write(b"GET /during-delay HTTP/1.1\r\nHost: shop\r\n\r\n")
         second = await asyncio.wait_for(read_response(reader), 5)
@@ -623,9 +539,9 @@ async def test_keep_alive_clients_are_told_to_reconnect_during_shutdown_delay(tr
 
 @pytest.mark.timeout(30)
 async def test_websocket_to_blue_survives_switch_then_closes_after_drain_timeout(
-        tracked_backend, weir):
+        tracked_backend, weir_process):
     blue, green = await tracked_backend("blue"), await tracked_backend("green")
-    proc = await weir(blue_green(blue, green, drain="1s"))
+    proc = await weir_process(drill(blue_green(blue, green, drain="1s")))
     async with aiohttp.ClientSession() as session:
         async with ws_connect(f"ws://127.0.0.1:{proc.port}/ws", open_timeout=5) as ws:
             assert ws.response is not None
@@ -669,9 +585,10 @@ async def test_websocket_to_blue_survives_switch_then_closes_after_drain_timeout
 
 
 @pytest.mark.timeout(30)
-async def test_slow_request_to_blue_in_flight_during_switch_completes(tracked_backend, weir):
+async def test_slow_request_to_blue_in_flight_during_switch_completes(tracked_backend,
+                                                                      weir_process):
     blue, green = await tracked_backend("blue"), await tracked_backend("green")
-    proc = await weir(blue_green(blue, green, drain="10s"))
+    proc = await weir_process(drill(blue_green(blue, green, drain="10s")))
     async with aiohttp.ClientSession() as session:
         slow = asyncio.create_task(fetch(session, proc.url + "/slow?delay=1.5"))
         await wait_for(lambda: blue.running["/slow"] == 1, timeout=5)
@@ -699,19 +616,19 @@ async def test_slow_request_to_blue_in_flight_during_switch_completes(tracked_ba
 
 
 @pytest.mark.timeout(30)
-async def test_upstream_removed_from_config_file_drains(tracked_backend, weir):
+async def test_upstream_removed_from_config_file_drains(tracked_backend, weir_process):
     first, second = await tracked_backend("first"), await tracked_backend("second")
     service = {"name": SERVICE,
                "versions": {"v1": {"upstreams": [first.address, second.address]}},
                "drain": {"timeout": "10s"}}
-    proc = await weir([service])
+    proc = await weir_process(drill([service]))
     async with aiohttp.ClientSession() as session:
         slow = asyncio.create_task(fetch(session, proc.url + "/slow?delay=1.5"))
         await wait_for(lambda: first.running["/slow"] + second.running["/slow"] == 1,
                        timeout=5)
         removed, kept = (first, second) if first.running["/slow"] else (second, first)
 
-        config = dict(proc.config)
+        config = dict(proc.data)
         config["services"] = [{**service, "versions": {"v1": {"upstreams": [kept.address]}}}]
         proc.write_config(config)
         code, body = await admin_call(session, proc, "POST", "/api/reload")

@@ -3,7 +3,7 @@ rollout's steps edited mid-way, the state folder unwritable during an abort or a
 hand-damaged rollout record, and a blue/green promotion that must drain the colour it leaves.
 
 Real backends on 127.0.0.1, the control plane, data plane and admin API from a config file in
-this event loop (tests/rollout_harness.py). An unwritable state folder is made by putting a
+this event loop (conftest's ``weir``). An unwritable state folder is made by putting a
 plain file where the folder was (the tests may run as root, for whom permission bits do not
 stop a write); putting the folder back makes it writable again.
 """
@@ -25,14 +25,8 @@ import aiohttp
 import pytest
 import yaml
 
-from ..conftest import REPO_ROOT, sample
-from ..rollout_harness import (
-    TOKEN,
-    blue_green_config,
-    canary_config,
-    versions_seen,
-    write_config,
-)
+from ..conftest import REPO_ROOT, TOKEN, sample, write_config
+from ..rollout_harness import blue_green_config, canary_config, versions_seen
 
 EIGHT_STEPS = [{"set_weight": 10}, {"pause": {}}, {"set_weight": 20}, {"pause": {}},
                {"set_weight": 50}, {"pause": {}}, {"set_weight": 80}, {"pause": {}}]

@@ -16,27 +16,20 @@ import json
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import yaml
 
-from ..conftest import RestartableWeir, free_port, sample, wait_for
+from ..conftest import WeirProcess, free_port, poll, sample, wait_for, write_config
 from ..rollout_harness import (
-    TOKEN,
-    Api,
     App,
     Load,
     analyses,
     blue_green_config,
     canary_config,
-    poll,
     versions_seen,
-    write_config,
 )
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="subprocesses and signals")
@@ -391,55 +384,22 @@ async def test_blue_green_post_promotion_failure_switches_back(backends, weir):
 # === restart mid-rollout =======================================================================
 
 
-@dataclass
-class Proc:
-    process: RestartableWeir
-    api: Api
-    port: int
-    path: Path
-    state_path: Path
-
-    async def restart(self) -> None:
-        """SIGTERM, a clean exit, and the same command on the same files again."""
-        assert await self.process.stop() == 0, self.process.output()
-        await self.process.start(self.api.session)
-
-    async def saved_rollout(self) -> dict[str, Any]:
-        text = await asyncio.to_thread(self.state_path.read_text)
-        return json.loads(text)["services"]["app"]["rollout"]
+async def restart(proc: WeirProcess) -> None:
+    """SIGTERM, a clean exit, and the same command on the same files again."""
+    assert await proc.stop() == 0, proc.output()
+    await proc.start()
 
 
-@pytest.fixture
-async def weir_proc(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Proc]]]:
-    """Weir as a subprocess on a config file with fixed ports and a state file."""
-    procs: list[Proc] = []
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
-
-    async def start(data: dict[str, Any]) -> Proc:
-        port, admin_port = free_port(), free_port()
-        state_path = tmp_path / f"weir-{len(procs)}.state.json"
-        data.update(listen=f"127.0.0.1:{port}", state_file=str(state_path),
-                    admin={"listen": f"127.0.0.1:{admin_port}", "token": TOKEN})
-        path = tmp_path / f"weir-{len(procs)}.yaml"
-        write_config(path, data)
-        process = RestartableWeir(path, admin_port, tmp_path / f"weir-{len(procs)}.log")
-        proc = Proc(process, Api(session, f"http://127.0.0.1:{admin_port}"), port, path,
-                    state_path)
-        procs.append(proc)
-        await process.start(session)
-        return proc
-
-    yield start
-    await session.close()
-    for proc in procs:
-        proc.process.kill()
+async def saved_rollout(proc: WeirProcess) -> dict[str, Any]:
+    text = await asyncio.to_thread(Path(proc.data["state_file"]).read_text)
+    return json.loads(text)["services"]["app"]["rollout"]
 
 
-async def test_restart_mid_rollout_resumes_at_the_same_step(backends, weir_proc):
+async def test_restart_mid_rollout_resumes_at_the_same_step(backends, weir_process):
     stable, canary = await backends("stable"), await backends("canary")
     steps = [{"set_weight": 30}, {"pause": {"duration": "30s"}}, {"set_weight": 60},
              {"pause": {}}]
-    proc = await weir_proc(canary_config(stable, canary, steps))
+    proc = await weir_process(canary_config(stable, canary, steps))
     api = proc.api
     config_text = proc.path.read_text()
 
@@ -448,10 +408,10 @@ async def test_restart_mid_rollout_resumes_at_the_same_step(backends, weir_proc)
                                     what="the 30s pause step")
     assert before["phase"] == "progressing"
     await api.wait_weights({"stable": 70, "canary": 30})
-    await poll(proc.saved_rollout, lambda r: r["step"] == 1, timeout=5,
+    await poll(lambda: saved_rollout(proc), lambda r: r["step"] == 1, timeout=5,
                what="the step in the state file")
 
-    await proc.restart()
+    await restart(proc)
     assert proc.path.read_text() == config_text  # the very same config file
     after = await api.rollout()
     print(f"\nrestart: step {before['step']} before, {after['step']} after; "
@@ -765,19 +725,19 @@ async def test_rollback_ramp_steps_the_canary_down(backends, weir):
 
 
 @pytest.mark.parametrize("action", ["promote", "pause"])
-async def test_an_api_action_survives_an_immediate_restart(backends, weir_proc, action):
+async def test_an_api_action_survives_an_immediate_restart(backends, weir_process, action):
     stable, canary = await backends("stable"), await backends("canary")
     steps = [{"set_weight": 20}, {"pause": {"duration": "20s"}}, {"set_weight": 50},
              {"pause": {}}]
-    proc = await weir_proc(canary_config(stable, canary, steps))
+    proc = await weir_process(canary_config(stable, canary, steps))
     api = proc.api
     await api.act("start")
     await api.wait_rollout(lambda r: r["step"] == 1, timeout=5, what="the 20s pause")
-    await poll(proc.saved_rollout, lambda r: r["step"] == 1, timeout=5,
+    await poll(lambda: saved_rollout(proc), lambda r: r["step"] == 1, timeout=5,
                what="the step in the state file")
 
     reply = await api.act(action)  # acknowledged...
-    await proc.restart()           # ...and then Weir is restarted at once
+    await restart(proc)           # ...and then Weir is restarted at once
     after = await api.rollout()
     if action == "promote":
         assert reply["step"] == 2
@@ -787,17 +747,17 @@ async def test_an_api_action_survives_an_immediate_restart(backends, weir_proc, 
         assert (after["phase"], after["paused_by"]) == ("paused", "user"), after
 
 
-async def test_restart_during_a_rollback_ramp_finishes_the_rollback(backends, weir_proc):
+async def test_restart_during_a_rollback_ramp_finishes_the_rollback(backends, weir_process):
     stable, canary = await backends("stable"), await backends("canary")
     steps = [{"set_weight": 40}, {"pause": {}}]
-    proc = await weir_proc(canary_config(stable, canary, steps, rollback_ramp=[20],
+    proc = await weir_process(canary_config(stable, canary, steps, rollback_ramp=[20],
                                          rollback_ramp_interval="2s"))
     api = proc.api
     await api.act("start")
     await api.wait_rollout(lambda r: r["phase"] == "paused", timeout=5, what="step 1")
     await api.act("abort")
     await api.wait_weights({"stable": 80, "canary": 20})
-    await proc.restart()
+    await restart(proc)
     assert (await api.rollout())["phase"] == "aborted"
     # The ramp had 2s to go; after the restart the canary must still end at 0.
     await api.wait_weights({"stable": 100, "canary": 0}, timeout=4)

@@ -8,6 +8,7 @@ listening; and promptly.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ..conftest import REPO_ROOT, free_port, port_open
+from ..conftest import REPO_ROOT, free_port, port_open, wait_for
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT semantics")
 
@@ -74,29 +75,21 @@ def test_a_port_in_use_is_named_with_its_key(tmp_path, occupied, listener, worke
     assert not port_open(other)
 
 
-def test_a_second_weir_with_workers_on_the_same_port_is_refused(tmp_path):
+async def test_a_second_weir_with_workers_on_the_same_port_is_refused(tmp_path, weir_process):
     """Workers share their port with SO_REUSEPORT; a second `weir run --workers` on the same
     port must not join them and split the traffic in silence."""
-    port = free_port()
-    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
-    first_dir.mkdir()
+    first = await weir_process([{"name": "web", "versions": {"blue": {"upstreams": [
+        "127.0.0.1:9"]}}}], args=("--workers", "2"), wait=False)
+    process = first.process
+    port = first.port
+    await wait_for(lambda: port_open(port) or process.poll() is not None, timeout=20,
+                   interval=0.05)
+    assert process.poll() is None, first.output()
+    second_dir = tmp_path / "second"
     second_dir.mkdir()
-    first = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "run", "-c",
-         str(write_config(first_dir, port, free_port())), "--workers", "2"],
-        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 20
-        while not port_open(port):
-            assert first.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        path = write_config(second_dir, port, free_port())
-        done, _ = weir_run(path, "--workers", "2")
-        assert done.returncode == 2, done.stderr
-        assert (f"weir: cannot listen on 127.0.0.1:{port} for the data plane (listen: in "
-                f"{path}): address already in use") in done.stderr.splitlines(), done.stderr
-        assert first.poll() is None  # the first one serves on
-    finally:
-        first.terminate()
-        first.wait(timeout=20)
-
+    path = write_config(second_dir, port, free_port())
+    done, _ = await asyncio.to_thread(weir_run, path, "--workers", "2")
+    assert done.returncode == 2, done.stderr
+    assert (f"weir: cannot listen on 127.0.0.1:{port} for the data plane (listen: in "
+            f"{path}): address already in use") in done.stderr.splitlines(), done.stderr
+    assert process.poll() is None  # the first one serves on

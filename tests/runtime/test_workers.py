@@ -13,31 +13,39 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 
-from ..conftest import AUTH, REPO_ROOT, TOKEN, Backend, free_port, read_response, sample, wait_for
+from ..conftest import (
+    AUTH,
+    Backend,
+    StartWeirProcess,
+    WeirProcess,
+    read_response,
+    sample,
+    wait_for,
+)
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT spreading")
 
 
 
 class Supervised:
-    def __init__(self, process: subprocess.Popen[bytes], port: int, admin_port: int,
-                 log: Path, session: aiohttp.ClientSession) -> None:
-        self.process = process
-        self.port = port
-        self.admin = f"http://127.0.0.1:{admin_port}"
-        self.log = log
+    """`weir run --workers N` (a `WeirProcess`), with what these tests ask of its workers."""
+
+    def __init__(self, run: WeirProcess, session: aiohttp.ClientSession) -> None:
+        assert run.process is not None
+        self.run = run
+        self.process = run.process
+        self.port = run.port
+        self.admin = run.admin_url
         self.session = session
         self.seen_pids: set[int] = set()
 
     def output(self) -> str:
-        return self.log.read_text(errors="replace")
+        return self.run.output()
 
     async def get(self, path: str) -> Any:
         async with self.session.get(self.admin + path) as response:
@@ -83,23 +91,14 @@ def alive_pid(pid: int) -> bool:
 
 
 @pytest.fixture
-async def supervised(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Supervised]]]:
+async def supervised(weir_process: StartWeirProcess,
+                     ) -> AsyncIterator[Callable[..., Awaitable[Supervised]]]:
     started: list[Supervised] = []
     session = aiohttp.ClientSession()
 
     async def start(services: list[dict[str, Any]], workers: int = 2) -> Supervised:
-        port, admin_port = free_port(), free_port()
-        config = {"listen": f"127.0.0.1:{port}",
-                  "admin": {"listen": f"127.0.0.1:{admin_port}", "token": TOKEN},
-                  "watch": False, "services": services}
-        path = tmp_path / "weir.yaml"
-        path.write_text(yaml.safe_dump(config))
-        log = tmp_path / "weir.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "run", "-c", str(path), "--workers",
-                 str(workers)], cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
-        weir = Supervised(process, port, admin_port, log, session)
+        run = await weir_process(services, args=("--workers", str(workers)), wait=False)
+        weir = Supervised(run, session)
         started.append(weir)
         await weir.wait_workers(lambda ws: len(ws) == workers and all(w["alive"] for w in ws))
         return weir
