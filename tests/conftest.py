@@ -11,7 +11,9 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +24,16 @@ import uvloop
 import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
+from proxy.admin.api import AdminServer
 from proxy.config.loader import load_config, parse_config
 from proxy.config.model import Config
 from proxy.control.plane import ControlPlane
+from proxy.dataplane.listen import ListenError
 from proxy.dataplane.proxyserver import ProxyServer
+from proxy.runtime.lifecycle import abandon_start, run_control, stop
+from proxy.runtime.process import open_store
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -274,7 +281,7 @@ TOKEN = "weir-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-# --- Weir as a real process -----------------------------------------------------------------
+# --- one Weir: in this event loop (`weir`) or as a real process (`weir_process`) -------------
 
 
 def free_port() -> int:
@@ -283,15 +290,482 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def control_plane(path: Path | None, config: Config | None = None,
                   store: Any = None) -> ControlPlane:
-    """A control plane over a fresh data plane, as `weir run` builds them (in the running loop):
-    from the config file at ``path``, or from ``config``."""
+    """A control plane over a fresh data plane, as `weir run` builds them (in the running loop),
+    not started: from the config file at ``path``, or from ``config``."""
     if config is None:
         assert path is not None
         config = load_config(path)
     return ControlPlane(path, config, ProxyServer(config, asyncio.get_running_loop()),
                         store=store)
+
+
+def write_config(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+def weir_config(config: dict[str, Any] | list[dict[str, Any]], default_state: Path,
+                **top: Any) -> dict[str, Any]:
+    """What the `weir` fixtures write: a list is the services, with the rest a test's Weir
+    usually has (loopback listeners on ports the kernel picks, the admin TOKEN, no file
+    watcher); a dict is the whole config, given loopback listeners where it names none (and
+    the TOKEN if it has no ``admin`` at all).
+    ``top`` keys are set over either. Runtime state goes to ``default_state`` unless the
+    config says where it is kept (``state_file``, or a shared ``state_store``)."""
+    if isinstance(config, list):
+        data: dict[str, Any] = {"listen": "127.0.0.1:0",
+                                "admin": {"listen": "127.0.0.1:0", "token": TOKEN},
+                                "watch": False, "services": config}
+    else:
+        data = {"listen": "127.0.0.1:0", "admin": {"listen": "127.0.0.1:0", "token": TOKEN},
+                **config}
+        data["admin"] = {"listen": "127.0.0.1:0", **data["admin"]}
+    data.update(top)
+    if "state_file" not in data and "state_store" not in data:
+        data["state_file"] = str(default_state)
+    return data
+
+
+def inotify_watched_inodes(pid: str = "self") -> set[int]:
+    """Inodes watched by a process's inotify instances (a config watcher is ready once its
+    directory is among them)."""
+    inodes: set[int] = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:inotify":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                for line in info:
+                    if line.startswith("inotify "):
+                        fields = dict(f.split(":", 1) for f in line.split()[1:])
+                        inodes.add(int(fields["ino"], 16))
+        except OSError:
+            continue
+    return inodes
+
+
+async def watching(path: Path, pid: str = "self") -> None:
+    """Wait until the file watcher of the process ``pid`` watches the directory of ``path``."""
+    inode = path.parent.stat().st_ino
+    await wait_for(lambda: inode in inotify_watched_inodes(pid), timeout=10)
+
+
+NO_BODY = object()
+
+
+async def poll(fetch: Callable[[], Awaitable[Any]], predicate: Callable[[Any], bool],
+               timeout: float, what: str = "") -> Any:
+    """Fetch until the predicate holds; fail after ``timeout`` seconds with the last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await fetch()
+        if predicate(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {value}")
+        await asyncio.sleep(0.03)
+
+
+class AdminApi:
+    """A JSON client of a Weir's admin API; mutations carry the TOKEN unless ``auth=False``."""
+
+    def __init__(self, session: aiohttp.ClientSession, base: str) -> None:
+        self.session = session
+        self.base = base
+
+    async def call(self, method: str, path: str, body: Any = NO_BODY, *,
+                   raw: bytes | None = None, headers: dict[str, str] | None = None,
+                   auth: bool = True) -> tuple[int, Any]:
+        sent = {**(AUTH if auth else {}), **(headers or {})}
+        kwargs: dict[str, Any] = {}
+        if raw is not None:
+            kwargs["data"] = raw
+            sent.setdefault("Content-Type", "application/json")
+        elif body is not NO_BODY:
+            kwargs["json"] = body
+        async with self.session.request(method, self.base + path, headers=sent,
+                                        **kwargs) as response:
+            text = await response.text()
+        try:
+            return response.status, json.loads(text)
+        except ValueError:
+            return response.status, text
+
+    async def status(self) -> dict[str, Any]:
+        code, data = await self.call("GET", "/api/status", auth=False)
+        assert code == 200, data
+        return data
+
+    async def service(self, name: str = "app") -> dict[str, Any]:
+        return next(s for s in (await self.status())["services"] if s["name"] == name)
+
+    async def weights(self, name: str = "app") -> dict[str, int]:
+        return (await self.service(name))["weights"]
+
+    async def metrics(self) -> str:
+        async with self.session.get(self.base + "/metrics") as response:
+            assert response.status == 200
+            return await response.text()
+
+    async def reload(self) -> dict[str, Any]:
+        code, data = await self.call("POST", "/api/reload")
+        assert code == 200, data
+        return data
+
+    async def rollout(self, name: str = "app") -> dict[str, Any]:
+        code, data = await self.call("GET", f"/api/services/{name}/rollout", auth=False)
+        assert code == 200, data
+        return data
+
+    async def act(self, action: str, body: Any = NO_BODY, name: str = "app",
+                  expect: int = 200) -> dict[str, Any]:
+        code, data = await self.call("POST", f"/api/services/{name}/rollout/{action}", body)
+        assert code == expect, (action, code, data)
+        return data
+
+    async def wait_status(self, predicate: Callable[[dict[str, Any]], bool],
+                          timeout: float = 5.0) -> dict[str, Any]:
+        """Poll /api/status until the predicate holds (deadline: timeout)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                status = await self.status()
+                if predicate(status):
+                    return status
+                await asyncio.sleep(0.02)
+
+    async def wait_rollout(self, predicate: Callable[[dict[str, Any]], bool],
+                           timeout: float = 10.0, what: str = "") -> dict[str, Any]:
+        return await poll(self.rollout, predicate, timeout, what)
+
+    async def wait_weights(self, expected: dict[str, int], timeout: float = 5.0,
+                           ) -> dict[str, int]:
+        return await poll(self.weights, lambda w: w == expected, timeout, f"weights {expected}")
+
+    async def holds(self, predicate: Callable[[dict[str, Any]], bool], seconds: float,
+                    what: str = "") -> dict[str, Any]:
+        """The rollout keeps satisfying `predicate` for `seconds` (a bounded negative check)."""
+        end = time.monotonic() + seconds
+        while True:
+            rollout = await self.rollout()
+            assert predicate(rollout), f"stopped holding ({what}): {rollout}"
+            if time.monotonic() >= end:
+                return rollout
+            await asyncio.sleep(0.05)
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    seconds: float
+
+
+class Weir:
+    """A Weir in the test's event loop: data plane, control plane (file watcher and rollout
+    controller running) and admin API, started from a real config file the way `weir run`
+    starts them (proxy/runtime/single.py), with an HTTP client for both ports."""
+
+    token = TOKEN
+
+    def __init__(self, control: ControlPlane, admin: AdminServer, path: Path) -> None:
+        self.control = control
+        self.admin = admin
+        self.path = path
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=100), cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=10))
+        self.api = AdminApi(self.session, self.admin_url)
+        self.closed = False
+
+    @property
+    def port(self) -> int:
+        return self.control.proxy.port
+
+    @property
+    def admin_port(self) -> int:
+        return self.admin.port
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin.port}"
+
+    async def request(self, path: str = "/", *, host: str = "app.test", method: str = "GET",
+                      headers: dict[str, str] | None = None, data: Any = None) -> Reply:
+        sent = {"Host": host, **(headers or {})}
+        started = time.perf_counter()
+        async with self.session.request(method, f"http://127.0.0.1:{self.port}{path}",
+                                        headers=sent, data=data) as response:
+            body = await response.read()
+        return Reply(response.status, dict(response.headers), body,
+                     time.perf_counter() - started)
+
+    async def scrape_text(self) -> str:
+        async with self.session.get(self.admin_url + "/metrics") as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/plain")
+            return await response.text()
+
+    async def scrape(self) -> Scrape:
+        return Scrape(await self.scrape_text())
+
+    async def status(self) -> dict[str, Any]:
+        return await self.api.status()
+
+    async def reload(self) -> tuple[int, dict[str, Any]]:
+        async with self.session.post(self.admin_url + "/api/reload", headers=AUTH) as response:
+            return response.status, dict(await response.json())
+
+    def rewrite(self, data: dict[str, Any]) -> None:
+        write_config(self.path, data)
+
+    async def close(self) -> None:
+        """Stop the way `weir run` does on SIGTERM (proxy/runtime/lifecycle.py), at once."""
+        if self.closed:
+            return
+        self.closed = True
+        await self.session.close()
+        await stop(self.control, self.admin, delay=0, timeout=1)
+
+
+StartWeir = Callable[..., Awaitable[Weir]]
+
+
+@pytest.fixture
+async def weir(tmp_path: Path) -> AsyncIterator[StartWeir]:
+    """``await weir(config, *, path=None, **top)``: a running in-process `Weir`.
+
+    ``config`` is a list of services or a whole config dict (see `weir_config`); it is written
+    to tmp_path/weir.yaml (weir-N.yaml while an earlier one still runs) with its runtime state
+    in weir.state.json beside it, so starting again after ``close()`` is a restart on the same
+    files. ``path``: start from that config file as it is instead. Every Weir still running at
+    the end of the test is stopped."""
+    started: list[Weir] = []
+
+    async def start(config: dict[str, Any] | list[dict[str, Any]] | None = None, *,
+                    path: Path | None = None, **top: Any) -> Weir:
+        if path is None:
+            assert config is not None
+            running = {w.path.name for w in started if not w.closed}
+            name = "weir" if "weir.yaml" not in running else f"weir-{len(started)}"
+            path = tmp_path / f"{name}.yaml"
+            write_config(path, weir_config(config, tmp_path / f"{name}.state.json", **top))
+        loaded = load_config(path)
+        store = await open_store(loaded)
+        assert store is not None, "the state store did not open"
+        control = control_plane(path, loaded, store)
+        admin = AdminServer(control)
+        try:
+            await control.proxy.start()
+            await admin.start()
+        except ListenError:
+            await abandon_start(control)
+            raise
+        run_control(control)
+        live = Weir(control, admin, path)
+        started.append(live)
+        if loaded.watch:
+            await watching(path)
+        return live
+
+    yield start
+    for live in started:
+        await live.close()
+
+
+class WeirProcess:
+    """`python -m proxy run -c PATH [ARGS]` as a real process, on the config file written at
+    ``path`` (``data``) with fixed ports; restartable on the same files. Its output goes to
+    the file ``log`` (a pipe nobody reads could fill up and stall it)."""
+
+    def __init__(self, path: Path, data: dict[str, Any], log: Path, args: tuple[str, ...] = (),
+                 wrap: Callable[[list[str]], list[str]] | None = None,
+                 session: aiohttp.ClientSession | None = None) -> None:
+        self.path = path
+        self.data = data
+        self.log = log
+        self.port = int(str(data["listen"]).rsplit(":", 1)[1])
+        self.admin_port = int(str(data["admin"]["listen"]).rsplit(":", 1)[1])
+        self.args = args
+        self.wrap = wrap
+        self.session = session
+        self.api = AdminApi(session, self.admin_url) if session is not None else None
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        """Start the process, without waiting for it to serve."""
+        with self.log.open("ab") as log:
+            # PYTHONFAULTHANDLER: a hung process (see stop) prints its threads' stacks on
+            # SIGABRT before it dies.
+            argv = [sys.executable, "-m", "proxy", "run", "-c", str(self.path), *self.args]
+            self.process = subprocess.Popen(
+                self.wrap(argv) if self.wrap else argv, cwd=REPO_ROOT,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+        return self.process
+
+    def ready(self) -> bool:
+        """Serving: both ports open, and the signal handlers in place (they are installed a
+        moment after the listeners open; a SIGHUP before that would kill the process)."""
+        wanted = (1 << (signal.SIGHUP - 1)) | (1 << (signal.SIGTERM - 1))
+        return (port_open(self.admin_port) and port_open(self.port)
+                and caught_signals(self.pid) & wanted == wanted)
+
+    async def start(self) -> None:
+        """Spawn, and wait until it serves (15 s) and, with ``watch`` on, until its file
+        watcher watches the config's folder."""
+        process = self.spawn()
+        await wait_for(lambda: process.poll() is not None or self.ready(), timeout=15,
+                       interval=0.05)
+        assert process.poll() is None, self.output()
+        if self.data.get("watch", True):
+            await watching(self.path, str(process.pid))
+
+    def start_sync(self, timeout: float = 15.0) -> None:
+        """`start` for a test (or a module fixture) without an event loop."""
+        process = self.spawn()
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            assert process.poll() is None, \
+                f"weir exited {process.returncode}:\n{self.output()}"
+            assert time.monotonic() < deadline, f"weir did not serve:\n{self.output()}"
+            time.sleep(0.05)
+
+    def send(self, sig: int = signal.SIGTERM) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    async def wait_exit(self, timeout: float) -> int:
+        process = self.process
+        assert process is not None
+        await wait_for(lambda: process.poll() is not None, timeout=timeout, interval=0.02)
+        assert process.returncode is not None
+        return process.returncode
+
+    async def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, then wait for the exit; returns the exit code."""
+        assert self.process is not None
+        process = self.process
+        process.send_signal(signal.SIGTERM)
+        try:
+            return await self.wait_exit(timeout)
+        except TimeoutError:
+            process.send_signal(signal.SIGABRT)  # faulthandler dumps where it is stuck
+            process.wait(10)
+            raise AssertionError(f"no exit within {timeout} s of SIGTERM; the end of its log, "
+                                 f"with its stacks at SIGABRT:\n{self.output()[-8000:]}"
+                                 ) from None
+
+    def kill(self) -> None:
+        if self.alive():
+            assert self.process is not None
+            self.process.kill()
+            self.process.wait()
+
+    def stop_sync(self, timeout: float = 10.0) -> None:
+        """SIGTERM if still running, SIGKILL if it has not exited ``timeout`` s later."""
+        if self.alive():
+            assert self.process is not None
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def write_config(self, data: dict[str, Any], atomic: bool = True) -> None:
+        """Atomic: a temp file in the same directory, then os.replace. Otherwise the file is
+        truncated and rewritten in place, as a plain editor save does."""
+        self.data = data
+        text = yaml.safe_dump(data, sort_keys=False)
+        if atomic:
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, self.path)
+        else:
+            with open(self.path, "w") as handle:
+                handle.write(text)
+
+    def rss_bytes(self) -> int:
+        return proc_status_bytes(self.pid, "VmRSS")
+
+    def peak_rss(self) -> int:
+        return proc_status_bytes(self.pid, "VmHWM")
+
+
+def process_config(config: dict[str, Any] | list[dict[str, Any]], default_state: Path,
+                   **top: Any) -> dict[str, Any]:
+    """`weir_config` on fixed free ports (a process's ports must be known before it starts)."""
+    data = weir_config(config, default_state, **top)
+    data["listen"] = f"127.0.0.1:{free_port()}"
+    data["admin"] = {**data["admin"], "listen": f"127.0.0.1:{free_port()}"}
+    return data
+
+
+StartWeirProcess = Callable[..., Awaitable[WeirProcess]]
+
+
+@pytest.fixture
+async def weir_process(tmp_path: Path) -> AsyncIterator[StartWeirProcess]:
+    """``await weir_process(config, *, args=(), wrap=None, wait=True, **top)``: `weir run`
+    as a real process (a `WeirProcess`), for what needs one: signals, ``--workers``, restarts,
+    memory, limits of its own.
+
+    ``config`` as for `weir`, on free fixed ports, written to tmp_path/weir-N.yaml (log
+    weir-N.log, state weir-N.state.json). ``args`` follow ``run -c PATH`` (``--workers 2``);
+    ``wrap`` turns the command line into the one to run (under a shell's ``ulimit``, say);
+    ``wait=False`` only spawns it. Each one still running at the end gets SIGTERM, and SIGKILL
+    10 s later; the last of its log is printed."""
+    started: list[WeirProcess] = []
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
+                                    cookie_jar=aiohttp.DummyCookieJar())
+
+    async def start(config: dict[str, Any] | list[dict[str, Any]], *,
+                    args: tuple[str, ...] = (),
+                    wrap: Callable[[list[str]], list[str]] | None = None,
+                    wait: bool = True, **top: Any) -> WeirProcess:
+        name = f"weir-{len(started)}"
+        data = process_config(config, tmp_path / f"{name}.state.json", **top)
+        path = tmp_path / f"{name}.yaml"
+        write_config(path, data)
+        proc = WeirProcess(path, data, tmp_path / f"{name}.log", args, wrap, session)
+        started.append(proc)
+        if wait:
+            await proc.start()
+        else:
+            proc.spawn()
+        return proc
+
+    yield start
+    await session.close()
+    for proc in started:
+        await asyncio.to_thread(proc.stop_sync)
+        print(f"--- weir log ({proc.path.name}), last lines ---")
+        print("\n".join(proc.output().splitlines()[-15:]))
 
 
 def proc_status_bytes(pid: int, field: str) -> int:
@@ -301,121 +775,6 @@ def proc_status_bytes(pid: int, field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     raise AssertionError(f"no {field} in /proc/{pid}/status")
-
-
-@dataclass
-class WeirProcess:
-    process: subprocess.Popen[bytes]
-    port: int
-    admin_port: int
-
-    def rss_bytes(self) -> int:
-        return proc_status_bytes(self.process.pid, "VmRSS")
-
-
-@pytest.fixture
-async def weir_process(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[WeirProcess]]]:
-    started: list[subprocess.Popen[bytes]] = []
-
-    async def start(services: list[dict[str, Any]], **top: Any) -> WeirProcess:
-        port, admin_port = free_port(), free_port()
-        config = {"listen": f"127.0.0.1:{port}", "admin": {"listen": f"127.0.0.1:{admin_port}"},
-                  "services": services, **top}
-        path = tmp_path / f"weir-{len(started)}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        # The log goes to a file: an unread pipe could fill up and block the process.
-        log_path = tmp_path / f"weir-{len(started)}.log"
-        with open(log_path, "wb") as log_file:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "run", "-c", str(path)],
-                cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT)
-        started.append(process)
-        await wait_for(lambda: port_open(port) or process.poll() is not None, timeout=15,
-                       interval=0.05)
-        assert process.poll() is None, log_path.read_text()
-        return WeirProcess(process, port, admin_port)
-
-    yield start
-    stop_processes(started)
-
-
-def stop_processes(processes: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM each one still running, SIGKILL it if it has not exited 10 s later."""
-    for process in processes:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-class RestartableWeir:
-    """`python -m proxy run -c PATH`, restartable with the same config and state file."""
-
-    def __init__(self, path: Path, admin_port: int, log: Path) -> None:
-        self.path = path
-        self.admin_port = admin_port
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    async def start(self, session: aiohttp.ClientSession) -> None:
-        with self.log.open("ab") as log:
-            # PYTHONFAULTHANDLER: a hung process (see stop) prints its threads' stacks on
-            # SIGABRT before it dies.
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "run", "-c", str(self.path)],
-                cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONFAULTHANDLER": "1"})
-        process = self.process
-
-        async def answering() -> bool:
-            try:
-                async with session.get(f"http://127.0.0.1:{self.admin_port}/healthz") as r:
-                    return r.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        async with asyncio.timeout(15):
-            while not await answering():
-                assert process.poll() is None, self.output()
-                await asyncio.sleep(0.05)
-        # The signal handlers are installed a moment after the listeners open; a SIGHUP
-        # before that would kill the process, so wait until both are caught.
-        wanted = (1 << (signal.SIGHUP - 1)) | (1 << (signal.SIGTERM - 1))
-        await wait_for(lambda: caught_signals(process.pid) & wanted == wanted, timeout=5)
-
-    def send(self, sig: signal.Signals) -> None:
-        assert self.process is not None
-        self.process.send_signal(sig)
-
-    async def stop(self) -> int:
-        """SIGTERM, then wait for the exit; returns the exit code."""
-        assert self.process is not None
-        process = self.process
-        process.send_signal(signal.SIGTERM)
-        try:
-            await wait_for(lambda: process.poll() is not None, timeout=15, interval=0.02)
-        except TimeoutError:
-            process.send_signal(signal.SIGABRT)  # faulthandler dumps where it is stuck
-            process.wait(10)
-            raise AssertionError("no exit within 15 s of SIGTERM; the end of its log, with its "
-                                 f"stacks at SIGABRT:\n{self.output()[-8000:]}") from None
-        return process.returncode
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
 
 def caught_signals(pid: int) -> int:
@@ -438,7 +797,61 @@ def sample(exposition: str, name: str, **labels: str) -> float | None:
     return None
 
 
-# The rollout harness's fixtures (backends that fail or slow down on demand, an in-process Weir
-# with its admin API, webhook hooks), for the rollout tests and the Prometheus analysis tests.
+
+async def run_all(calls: Iterable[Callable[[], Any]], concurrency: int = 20) -> list[Any]:
+    """Run coroutine factories with at most `concurrency` at a time; results in order."""
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def one(call: Callable[[], Any]) -> Any:
+        async with semaphore:
+            return await call()
+
+    return list(await asyncio.gather(*(one(c) for c in calls)))
+
+
+# --- reading the exposition -------------------------------------------------------------------
+
+
+class Scrape:
+    """One parsed scrape: every sample, with lookups by name and label subset."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.types: dict[str, str] = {}
+        self.samples: list[Sample] = []
+        for family in text_string_to_metric_families(text):
+            self.types[family.name] = family.type
+            self.samples.extend(family.samples)
+
+    def matching(self, name: str, **labels: str) -> list[Sample]:
+        return [s for s in self.samples
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+
+    def value(self, name: str, **labels: str) -> float:
+        """The one sample with these labels (0 if the series does not exist)."""
+        found = self.matching(name, **labels)
+        assert len(found) <= 1, found
+        return float(found[0].value) if found else 0.0
+
+    def total(self, name: str, **labels: str) -> float:
+        return float(sum(s.value for s in self.matching(name, **labels)))
+
+    def requests_by(self, service: str, version: str) -> Counter[tuple[str, int]]:
+        """http_requests_total of one version as {(method, status): count}."""
+        counts: Counter[tuple[str, int]] = Counter()
+        for s in self.matching("http_requests_total", service=service, version=version):
+            counts[(s.labels["method"], int(s.labels["status"]))] += int(s.value)
+        return counts
+
+    def buckets(self, name: str, **labels: str) -> list[tuple[float, float]]:
+        return sorted((float(s.labels["le"]), float(s.value))
+                      for s in self.matching(name + "_bucket", **labels))
+
+    def keyed(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {(s.name, tuple(sorted(s.labels.items()))): float(s.value) for s in self.samples}
+
+
+# The rollout harness's fixtures (backends that fail or slow down on demand, webhook hooks), for
+# the rollout, Prometheus analysis, fail-safe, dashboard and drain tests.
 # Imported last: the harness itself uses the helpers above.
-from .rollout_harness import backends, hooks, weir  # noqa: E402, F401
+from .rollout_harness import backends, hooks  # noqa: E402, F401

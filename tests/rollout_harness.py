@@ -1,35 +1,25 @@
-"""The rollout tests' harness: aiohttp backends that can fail or slow down on demand, a Weir
-control plane, data plane and admin API started in the test's event loop from a config file,
-an admin API client that polls with deadlines, and a bounded client load.
+"""The rollout tests' harness: aiohttp backends that can fail or slow down on demand, a webhook
+receiver, rollout configs and a bounded client load. The Weir itself is conftest's ``weir``
+fixture, and its admin API client (``Weir.api``, an ``AdminApi``) polls with deadlines.
 
-Its fixtures (``backends``, ``hooks``, ``weir``) are made available to every test module by
+Its fixtures (``backends``, ``hooks``) are made available to every test module by
 tests/conftest.py; the helpers are imported where they are used.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp import web
 
-from proxy.admin.api import AdminServer
-from proxy.control.plane import ControlPlane
-from proxy.runtime.lifecycle import stop
-
-from .conftest import AUTH, TOKEN, control_plane, serve_on_loopback, wait_for
-
-NO_BODY = object()
-
+from .conftest import TOKEN, serve_on_loopback, wait_for
 
 # --- backends ---------------------------------------------------------------------------------
 
@@ -154,142 +144,6 @@ def blue_green_config(blue: App, green: App, **rollout: Any) -> dict[str, Any]:
 def base_config(*services: dict[str, Any]) -> dict[str, Any]:
     return {"listen": "127.0.0.1:0", "admin": {"listen": "127.0.0.1:0", "token": TOKEN},
             "watch": False, "services": list(services)}
-
-
-def write_config(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-
-
-# --- the admin API ----------------------------------------------------------------------------
-
-
-class Api:
-    def __init__(self, session: aiohttp.ClientSession, base: str) -> None:
-        self.session = session
-        self.base = base
-
-    async def call(self, method: str, path: str, body: Any = NO_BODY, *,
-                   auth: bool = True, headers: dict[str, str] | None = None,
-                   ) -> tuple[int, Any]:
-        sent = {**(AUTH if auth else {}), **(headers or {})}
-        kwargs: dict[str, Any] = {} if body is NO_BODY else {"json": body}
-        async with self.session.request(method, self.base + path, headers=sent,
-                                        **kwargs) as response:
-            text = await response.text()
-        try:
-            return response.status, json.loads(text)
-        except ValueError:
-            return response.status, text
-
-    async def rollout(self, name: str = "app") -> dict[str, Any]:
-        code, data = await self.call("GET", f"/api/services/{name}/rollout", auth=False)
-        assert code == 200, data
-        return data
-
-    async def act(self, action: str, body: Any = NO_BODY, name: str = "app",
-                  expect: int = 200) -> dict[str, Any]:
-        code, data = await self.call("POST", f"/api/services/{name}/rollout/{action}", body)
-        assert code == expect, (action, code, data)
-        return data
-
-    async def service(self, name: str = "app") -> dict[str, Any]:
-        code, data = await self.call("GET", "/api/status", auth=False)
-        assert code == 200, data
-        return next(s for s in data["services"] if s["name"] == name)
-
-    async def weights(self, name: str = "app") -> dict[str, int]:
-        return (await self.service(name))["weights"]
-
-    async def metrics(self) -> str:
-        async with self.session.get(self.base + "/metrics") as response:
-            assert response.status == 200
-            return await response.text()
-
-    async def reload(self) -> dict[str, Any]:
-        code, data = await self.call("POST", "/api/reload")
-        assert code == 200, data
-        return data
-
-    async def wait_rollout(self, predicate: Callable[[dict[str, Any]], bool],
-                           timeout: float = 10.0, what: str = "") -> dict[str, Any]:
-        return await poll(self.rollout, predicate, timeout, what)
-
-    async def wait_weights(self, expected: dict[str, int], timeout: float = 5.0,
-                           ) -> dict[str, int]:
-        return await poll(self.weights, lambda w: w == expected, timeout, f"weights {expected}")
-
-    async def holds(self, predicate: Callable[[dict[str, Any]], bool], seconds: float,
-                    what: str = "") -> dict[str, Any]:
-        """The rollout keeps satisfying `predicate` for `seconds` (a bounded negative check)."""
-        end = time.monotonic() + seconds
-        while True:
-            rollout = await self.rollout()
-            assert predicate(rollout), f"stopped holding ({what}): {rollout}"
-            if time.monotonic() >= end:
-                return rollout
-            await asyncio.sleep(0.05)
-
-
-async def poll(fetch: Callable[[], Awaitable[Any]], predicate: Callable[[Any], bool],
-               timeout: float, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await fetch()
-        if predicate(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {value}")
-        await asyncio.sleep(0.03)
-
-
-# --- Weir in this event loop --------------------------------------------------------------------
-
-
-@dataclass
-class Live:
-    control: ControlPlane
-    admin: AdminServer
-    path: Path
-    api: Api
-    closed: bool = False
-
-    @property
-    def port(self) -> int:
-        return self.control.proxy.port
-
-    async def close(self) -> None:
-        """Stop the way `weir run` does on SIGTERM."""
-        if self.closed:
-            return
-        self.closed = True
-        await self.api.session.close()
-        await stop(self.control, self.admin, delay=0, timeout=1)
-
-
-@pytest.fixture
-async def weir(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Live]]]:
-    """Control plane (with its rollout controller running), data plane and admin API, started
-    from a real config file (tmp_path/weir.yaml) with a state file next to it. Starting again
-    after `close()` is a restart on the same files."""
-    started: list[Live] = []
-
-    async def start(data: dict[str, Any]) -> Live:
-        path = tmp_path / "weir.yaml"
-        data.setdefault("state_file", str(tmp_path / "weir.state.json"))
-        write_config(path, data)
-        control = control_plane(path)
-        await control.proxy.start()
-        admin = AdminServer(control)
-        await admin.start()
-        control.rollouts.start()
-        session = aiohttp.ClientSession()
-        live = Live(control, admin, path, Api(session, f"http://127.0.0.1:{admin.port}"))
-        started.append(live)
-        return live
-
-    yield start
-    for live in started:
-        await live.close()
 
 
 # --- load ---------------------------------------------------------------------------------------
