@@ -22,6 +22,7 @@ COMPILED_MODULES = [
     "proxy/dataplane/corking.py",
     "proxy/dataplane/exchange.py",
     "proxy/dataplane/http1.py",
+    "proxy/dataplane/http2.py",
     "proxy/dataplane/http11.py",
     "proxy/dataplane/mirror.py",
     "proxy/dataplane/routing.py",

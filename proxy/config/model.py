@@ -527,6 +527,9 @@ class Limits(Strict):
     # connection too (see dataplane.context.default_max_connections).
     max_connections: int | None = Field(default=None, ge=1)
     max_header_bytes: ByteSize = Field(default=64 * 1024, ge=1024)
+    # HTTP/2 streams a client may have open at once on one connection (its
+    # SETTINGS_MAX_CONCURRENT_STREAMS): HAProxy's default; nginx's is 128.
+    max_concurrent_streams: int = Field(default=100, ge=1, le=2**31 - 1)
     max_body_bytes: ByteSize | None = None
     header_timeout: Duration = 10.0
     idle_timeout: Duration = 75.0

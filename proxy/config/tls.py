@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("weir.tls")
 
-ALPN = ["http/1.1"]  # Weir speaks HTTP/1.1 only, on both sides
+# To clients: HTTP/2 first, as every browser and gRPC client asks; to upstreams, HTTP/1.1.
+LISTENER_ALPN = ["h2", "http/1.1"]
+UPSTREAM_ALPN = ["http/1.1"]
 MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
@@ -66,7 +68,7 @@ def server_context(settings: ServerTLS, where: str = "tls") -> ssl.SSLContext:
         raise TLSConfigError(errors)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = MIN_VERSIONS[settings.min_version]
-    context.set_alpn_protocols(ALPN)
+    context.set_alpn_protocols(LISTENER_ALPN)
     asked = False
 
     def no_password() -> bytes:
@@ -102,7 +104,7 @@ def upstream_context(settings: UpstreamTLS, where: str = "tls") -> ssl.SSLContex
     if not settings.verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-    context.set_alpn_protocols(ALPN)
+    context.set_alpn_protocols(UPSTREAM_ALPN)
     return context
 
 

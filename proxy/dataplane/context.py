@@ -37,13 +37,14 @@ def default_max_connections() -> int:
 class DataPlaneSettings:
     """Per-config values the hot path reads, resolved once at load time."""
 
-    __slots__ = ("header_timeout", "idle_timeout", "max_body_bytes", "max_connections",
-                 "max_header_bytes", "trusted_networks")
+    __slots__ = ("header_timeout", "idle_timeout", "max_body_bytes", "max_concurrent_streams",
+                 "max_connections", "max_header_bytes", "trusted_networks")
 
     def __init__(self, config: Config) -> None:
         self.max_connections = config.limits.max_connections or default_max_connections()
         self.max_header_bytes = config.limits.max_header_bytes
         self.max_body_bytes = config.limits.max_body_bytes
+        self.max_concurrent_streams = config.limits.max_concurrent_streams
         self.header_timeout = config.limits.header_timeout
         self.idle_timeout = config.limits.idle_timeout
         self.trusted_networks = tuple(ipaddress.ip_network(n, strict=False)

@@ -22,6 +22,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 from .context import Peer
 from .corking import CorkedTransport
 from .exchange import AWAITING, DONE, FINISHED, HELD, SENDING, TUNNEL, Exchange
+from .http2 import PREFACE, Http2Connection
 from .http11 import (
     CONNECTION_CLOSE,
     CONNECTION_KEEP_ALIVE,
@@ -268,7 +269,8 @@ class Http1Connection(asyncio.Protocol):
         "idle", "in_head", "lingering",
         "loop", "parser", "pause_flags", "peer", "pending_error", "plane", "queue",
         "settings",
-        "timer", "timer_at", "transport", "tunnel", "tunnel_pending", "write_paused",
+        "timer", "timer_at", "transport", "tunnel", "tunnel_pending", "unsniffed",
+        "write_paused",
     )
 
     def __init__(self, plane: DataPlaneContext) -> None:
@@ -292,6 +294,8 @@ class Http1Connection(asyncio.Protocol):
         self.tunnel: Http1Exchange | None = None
         self.tunnel_pending: list[bytes] = []
         self.lingering = False
+        # Bytes of the first read(s), until they show HTTP/2's preface or not (see sniff).
+        self.unsniffed: bytes | None = b""
         # An error for a request pipelined behind the active one: (status, the answer), sent
         # once the active exchange ends (see protocol_error).
         self.pending_error: tuple[int, bytes] | None = None
@@ -310,8 +314,41 @@ class Http1Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = Peer(peer[0] if isinstance(peer, tuple) else "unix", self.settings,
                          self.plane.scheme)
+        if self.plane.listener_tls is not None:
+            self.unsniffed = None  # TLS: ALPN says which protocol, before any byte
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+                self.hand_to_http2(b"")
+                return
         self.plane.connections.add(self)
         self.set_deadline(self.settings.header_timeout)
+
+    def sniff(self, data: bytes) -> bool:
+        """Cleartext HTTP/2 with prior knowledge (h2c) starts with a preface no HTTP/1.1
+        request can: the connection goes to HTTP/2 when it does. True: the data was taken
+        (handed over, or held while too short to tell)."""
+        held = self.unsniffed + data if self.unsniffed else data
+        if PREFACE.startswith(held[:len(PREFACE)]):
+            if len(held) < len(PREFACE):
+                self.unsniffed = held
+                return True
+            self.plane.connections.discard(self)
+            self.cancel_timer()
+            self.hand_to_http2(held)
+            return True
+        self.unsniffed = None
+        if held is not data:
+            self.data_received(held)  # HTTP/1.1 after all, from its first byte
+            return True
+        return False
+
+    def hand_to_http2(self, data: bytes) -> None:
+        raw = self.transport.transport
+        h2 = Http2Connection(self.plane, self.settings, self.peer)
+        raw.set_protocol(h2)
+        h2.connection_made(raw)
+        if data:
+            h2.data_received(data)
 
     def refuse(self, transport: asyncio.BaseTransport) -> None:
         """Over max_connections. A 503 tells an HTTP client (or a load balancer in front) to
@@ -331,6 +368,8 @@ class Http1Connection(asyncio.Protocol):
         self.transport.close()
 
     def data_received(self, data: bytes) -> None:
+        if self.unsniffed is not None and self.sniff(data):
+            return
         if self.tunnel is not None:
             upstream = self.tunnel.upstream
             if upstream is not None and upstream.transport is not None:

@@ -124,8 +124,8 @@ class CompiledRule:
 class VersionTarget:
     """One version of one service as the data plane sees it."""
 
-    __slots__ = ("balancer", "name", "response_end", "response_header", "service", "stats",
-                 "sticky_seed", "upstreams")
+    __slots__ = ("balancer", "name", "response_end", "response_header", "response_pairs",
+                 "service", "stats", "sticky_seed", "upstreams")
 
     def __init__(self, service: str, name: str, upstreams: tuple[str, ...],
                  balancer: UpstreamPicker, emit_header: bool,
@@ -139,6 +139,8 @@ class VersionTarget:
                                 if emit_header else b"")
         # How the head of most responses it serves ends, as one piece to join.
         self.response_end = self.response_header + HEAD_END_WITH_VIA
+        # The same header as an HTTP/2 field.
+        self.response_pairs = [(b"x-weir-version", name.encode())] if emit_header else []
         # Rendezvous hashing seeds each version separately; see Route._sticky_pick.
         self.sticky_seed = f"weir\x00{service}\x00{name}\x00".encode()
 

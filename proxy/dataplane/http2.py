@@ -1,0 +1,628 @@
+"""HTTP/2 to clients (RFC 9113): an asyncio.Protocol per connection, an ``Http2Exchange`` per
+stream, framing done by the ``h2`` package.
+
+A connection arrives here two ways: TLS with ``h2`` chosen in ALPN, or cleartext whose first
+bytes are the HTTP/2 connection preface ("prior knowledge", how gRPC runs inside a network),
+which ``http1.Http1Connection`` hands over. Each stream is an ``Exchange`` of its own: routed
+by its own headers (rules, sticky users, weights), so a weight change applies to the very
+next stream on a long-lived connection. Upstreams speak HTTP/1.1.
+
+Flow control follows what the other side consumes, both ways:
+- request bodies: a stream's DATA is acknowledged (WINDOW_UPDATE) only as it is written to
+  its upstream, and not while that upstream's write buffer is full or while the body is held
+  waiting for an upstream connection; a client can have at most a window in flight;
+- responses: DATA goes out only within the client's window; what does not fit is held, and
+  over RESPONSE_HIGH_WATER the stream's upstream connection stops being read. A client that
+  stops reading one stream stalls that stream alone.
+
+Defences: concurrent streams (``limits.max_concurrent_streams``), header list size
+(``limits.max_header_bytes``, refused by HPACK as it decodes) and body size as for HTTP/1.1;
+h2 bounds CONTINUATION frames per header block; rapid reset (CVE-2023-44487) as Envoy does it,
+by the share of streams the client resets before they have run a second; SETTINGS and PING
+floods by a budget of control frames. Each ends the connection with GOAWAY.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    PingReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError
+
+from .corking import CorkedTransport
+from .exchange import DONE, FINISHED, HELD, SENDING, Exchange
+from .http11 import CRLF, REQUEST_REWRITTEN, connection_tokens
+
+if TYPE_CHECKING:
+    from .context import DataPlaneContext, DataPlaneSettings, Peer
+
+log = logging.getLogger("weir.http2")
+
+PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+# Response bytes held per stream beyond the client's window before its upstream connection
+# stops being read.
+RESPONSE_HIGH_WATER: Final = 256 * 1024
+
+# Rapid reset (CVE-2023-44487), as Envoy counts it: a stream the client resets within
+# PREMATURE_SECONDS of opening it is premature; once a connection has opened
+# PREMATURE_MIN_STREAMS streams, more than half of them premature ends it.
+PREMATURE_SECONDS: Final = 1.0
+PREMATURE_MIN_STREAMS: Final = 100
+
+# SETTINGS and PING frames (each one Weir must answer) a client may send: a burst, refilled
+# at a rate per second. A flood past it ends the connection.
+CONTROL_BURST: Final = 1000.0
+CONTROL_PER_SECOND: Final = 100.0
+
+# Stream windows Weir opens to clients (the connection's follows what streams consume).
+INITIAL_WINDOW: Final = 256 * 1024
+
+# Hop-by-hop response headers HTTP/2 forbids (RFC 9113 8.2.2) are already out of the lines an
+# upstream connection passes on; these are the ones Weir sets itself.
+VIA_PAIR: Final = (b"via", b"1.1 weir")
+
+perf_counter: Final = time.perf_counter
+
+PAUSE_UPSTREAM: Final = 1  # the upstream's write buffer is full
+PAUSE_BUFFER: Final = 2    # body bytes are piling up while we connect
+
+H2_CONFIG: Final = H2Configuration(client_side=False, header_encoding=None,
+                                   validate_inbound_headers=True,
+                                   normalize_inbound_headers=True,
+                                   validate_outbound_headers=False,
+                                   normalize_outbound_headers=False)
+
+
+def header_pairs(block: bytes) -> list[tuple[bytes, bytes]]:
+    """b"name: value\\r\\n..." (the form Weir keeps its own headers in) as HTTP/2 pairs."""
+    pairs: list[tuple[bytes, bytes]] = []
+    for line in block.split(CRLF):
+        if line:
+            name, _, value = line.partition(b":")
+            pairs.append((name.strip().lower(), value.strip()))
+    return pairs
+
+
+class Http2Exchange(Exchange):
+    """One stream: its request as an HTTP/2 client sent it, its response framed back."""
+
+    __slots__ = ("conn", "ended", "head", "opened", "out_done", "pause_flags", "pending",
+                 "pending_bytes", "stream_id", "unacked")
+
+    def __init__(self, conn: Http2Connection, stream_id: int) -> None:
+        super().__init__(conn.plane, conn.settings, conn.peer)
+        self.conn = conn
+        self.stream_id = stream_id
+        self.opened = perf_counter()
+        self.head: list[tuple[bytes, bytes]] | None = None  # held until the read ends
+        self.pending: list[bytes] = []  # response bytes waiting for the client's window
+        self.pending_bytes = 0
+        self.ended = False  # the response's end is waiting behind pending
+        self.out_done = False  # the response has gone out whole, END_STREAM with it
+        self.pause_flags = 0
+        self.unacked = 0  # request body bytes received and not yet acknowledged
+
+    def take_request(self, headers: list[tuple[bytes, bytes]], stream_ended: bool) -> bool:
+        """Fill the request fields from the stream's header list (h2 has validated it: the
+        pseudo-headers are there, once, first). False: the request cannot be forwarded."""
+        forward = self.forward
+        hmap = self.hmap
+        authority = b""
+        cookies: list[bytes] = []
+        for name, value in headers:
+            if name[:1] == b":":
+                if name == b":method":
+                    self.method = value
+                elif name == b":path":
+                    self.url = value
+                elif name == b":authority":
+                    authority = value
+                continue
+            if name == b"cookie":
+                cookies.append(value)  # one header for HTTP/1.1 (RFC 9113 8.2.3)
+                continue
+            if name in REQUEST_REWRITTEN:
+                self.rewritten_headers = True
+            else:
+                forward += (name, b": ", value, CRLF)
+            if name in hmap:
+                hmap[name] += b", " + value
+            else:
+                hmap[name] = value
+        if cookies:
+            joined = b"; ".join(cookies)
+            hmap[b"cookie"] = joined
+            forward += (b"cookie", b": ", joined, CRLF)
+        if authority:
+            if b"host" not in hmap:
+                forward += (b"host", b": ", authority, CRLF)
+            hmap[b"host"] = authority  # :authority wins over Host (RFC 9113 8.3.1)
+        self.head_request = self.method == b"HEAD"
+        self.has_body = not stream_ended
+        length = hmap.get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                return False
+            self.content_length = int(length)
+            if stream_ended and self.content_length:
+                return False
+        elif self.has_body:
+            self.chunked = True  # an HTTP/1.1 upstream needs a framing: chunked it is
+        self.request_complete = stream_ended
+        self.started = perf_counter()
+        return bool(self.method) and (bool(self.url) or self.method == b"CONNECT")
+
+    def start(self) -> None:
+        host = self.hmap.get(b"host")
+        if host is None:
+            self.respond_local(400, "a request needs :authority or Host")
+            return
+        if self.method == b"CONNECT":
+            self.respond_local(405, "CONNECT is not supported by a reverse proxy")
+            return
+        self.dispatch(host)
+
+    # --- request body and its flow control --------------------------------------------------
+
+    def received(self, data: bytes, flow_controlled: int) -> None:
+        self.on_request_body(data)
+        if self.pause_flags and self.response != FINISHED:
+            self.unacked += flow_controlled  # acknowledged once the pause is over
+        else:
+            self.conn.acknowledge(self.stream_id, flow_controlled)
+
+    def set_pause(self, flag: int, paused: bool) -> None:
+        self.pause_flags = self.pause_flags | flag if paused else self.pause_flags & ~flag
+        if not self.pause_flags and self.unacked:
+            unacked, self.unacked = self.unacked, 0
+            self.conn.acknowledge(self.stream_id, unacked)
+
+    def pause_for_buffer(self, paused: bool) -> None:
+        self.set_pause(PAUSE_BUFFER, paused)
+
+    def pause_client_reading(self, paused: bool) -> None:
+        self.set_pause(PAUSE_UPSTREAM, paused)
+
+    # --- Exchange: the protocol's half ------------------------------------------------------
+
+    def relay_head(self, status: int, lines: list[bytes], noted: list[bytes]) -> None:
+        drop: set[bytes] | None = None
+        chunked_in = has_length = False
+        for i in range(0, len(noted), 2):
+            lname = noted[i]
+            if lname == b"content-length":
+                has_length = True
+            elif lname == b"transfer-encoding":
+                chunked_in = True
+            elif lname == b"connection":
+                drop = connection_tokens(noted[i + 1]) or None
+        if chunked_in and has_length:
+            drop = (drop or set()) | {b"content-length"}  # chunked wins (RFC 9112 6.3)
+        self.until_eof = not (chunked_in or has_length or self.head_request
+                              or status in (204, 304))
+        head = [(b":status", b"%d" % status)]
+        for i in range(1, len(lines), 4):
+            name = lines[i].lower()
+            if drop is None or name not in drop:
+                head.append((name, lines[i + 2]))
+        target = self.target
+        assert target is not None
+        head += target.response_pairs
+        if self.extra_headers:
+            head += header_pairs(self.extra_headers)
+        head.append(VIA_PAIR)
+        self.head = head
+        self.response = HELD
+
+    def on_upstream_body(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        if self.primary_digest is not None:
+            self.primary_digest.update(data)
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+
+    def flush(self) -> None:
+        head = self.head
+        if head is not None:
+            self.head = None
+            self.response = SENDING
+            self.conn.send_headers(self.stream_id, head, False)
+        if self.pending:
+            self.send_pending()
+
+    def send_pending(self) -> None:
+        """Send what the client's window takes; hold the rest (see the module's doc)."""
+        conn = self.conn
+        sent = conn.send_data(self.stream_id, self.pending, self.ended)
+        self.pending_bytes -= sent
+        if self.pending:
+            upstream = self.upstream
+            if (self.pending_bytes > RESPONSE_HIGH_WATER and upstream is not None
+                    and upstream.transport is not None):
+                upstream.transport.pause_reading()
+            return
+        if self.ended:
+            self.out_done = True  # END_STREAM went with the last of the data
+            conn.settle(self)
+            return
+        upstream = self.upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.resume_reading()
+
+    def end_response(self) -> None:
+        """Settled in maybe_finish, which follows at once."""
+        self.flush()
+        self.ended = True
+        if self.pending:
+            return  # ends with the last of its data (send_pending)
+        self.conn.end_stream(self.stream_id)
+        self.out_done = True
+
+    def on_upstream_tunnel_data(self, data: bytes) -> None:
+        raise AssertionError("no Upgrade over HTTP/2")
+
+    def respond_local(self, status: int, message: str, close: bool = False,
+                      headers: bytes = b"") -> None:
+        self.status = status
+        body = f"{status} {message}\n".encode()
+        head = [(b":status", b"%d" % status),
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", b"%d" % len(body))]
+        target = self.target
+        if target is not None:
+            head += target.response_pairs
+        if headers:
+            head += header_pairs(headers)
+        self.head = None
+        self.pending = []
+        self.pending_bytes = 0
+        conn = self.conn
+        if self.head_request:
+            conn.send_headers(self.stream_id, head, True)
+        else:
+            conn.send_headers(self.stream_id, head, False)
+            conn.send_data(self.stream_id, [body], True)
+        self.out_done = True
+        self.response = DONE
+        self.maybe_finish()
+
+    def maybe_finish(self) -> None:
+        """Unlike HTTP/1.1, a stream need not wait for the rest of its request: nothing
+        queues behind it."""
+        if self.response == DONE:
+            self.response = FINISHED
+            self.record(self.status)
+            self.conn.settle(self)
+
+    def send_continue(self) -> None:
+        self.conn.send_headers(self.stream_id, [(b":status", b"100")], False)
+
+    def client_paused(self) -> bool:
+        return self.conn.write_paused
+
+    def queued(self) -> bool:
+        return False
+
+    def reset_client(self) -> None:
+        self.conn.reset(self, ErrorCodes.INTERNAL_ERROR)
+        self.abandon()  # no connection_lost will come for a stream
+
+    def close_client(self) -> None:
+        self.conn.reset(self, ErrorCodes.CANCEL)
+
+
+class Http2Connection(asyncio.Protocol):
+    """One HTTP/2 client connection: its streams run side by side."""
+
+    def __init__(self, plane: DataPlaneContext, settings: DataPlaneSettings,
+                 peer: Peer) -> None:
+        self.plane = plane
+        self.settings = settings
+        self.peer = peer
+        self.loop = plane.loop
+        self.transport: CorkedTransport = None  # type: ignore[assignment]
+        self.h2 = H2Connection(H2_CONFIG)
+        self.streams: dict[int, Http2Exchange] = {}
+        self.write_paused = False
+        self.closing = False  # GOAWAY sent: no new streams; close when the last one ends
+        self.opened = 0
+        self.premature = 0
+        self.control_budget = CONTROL_BURST
+        self.control_at = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    # --- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = CorkedTransport(transport, self.plane.corker)
+        self.plane.connections.add(self)
+        h2 = self.h2
+        h2.local_settings.max_concurrent_streams = self.settings.max_concurrent_streams
+        h2.local_settings.max_header_list_size = self.settings.max_header_bytes
+        h2.local_settings.initial_window_size = INITIAL_WINDOW
+        h2.local_settings.enable_push = 0
+        h2.initiate_connection()
+        # A bigger connection window than the default 64 KiB, so that streams share more.
+        h2.increment_flow_control_window(16 * INITIAL_WINDOW - 65535)
+        self.control_at = self.loop.time()
+        self.write_out()
+        self.arm_idle_timer()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            # Any: compiled, the events' fields are then read without a check of their type
+            # for each, which their classes (h2's, interpreted) would not make faster.
+            events: list[Any] = self.h2.receive_data(data)
+        except ProtocolError as exc:
+            log.info("HTTP/2 protocol error from %s: %s", self.peer.address, exc)
+            self.write_out()  # the GOAWAY h2 has queued
+            self.close()
+            return
+        for event in events:
+            kind = type(event)
+            if kind is RequestReceived:
+                self.request_received(event)
+            elif kind is DataReceived:
+                ex = self.streams.get(event.stream_id)
+                if ex is not None:
+                    ex.received(event.data, event.flow_controlled_length)
+                else:
+                    self.acknowledge(0, event.flow_controlled_length)
+                if event.stream_ended is not None:
+                    self.stream_ended(event.stream_id)
+            elif kind is StreamEnded:
+                self.stream_ended(event.stream_id)
+            elif kind is WindowUpdated:
+                self.window_updated(event.stream_id)
+            elif kind is StreamReset:
+                self.stream_reset(event.stream_id)
+            elif kind is TrailersReceived:
+                if event.stream_ended is not None:
+                    self.stream_ended(event.stream_id)
+            elif kind is PingReceived or kind is RemoteSettingsChanged:
+                if not self.spend_control():
+                    return
+                if kind is RemoteSettingsChanged:
+                    self.window_updated(0)  # an INITIAL_WINDOW_SIZE change moves windows
+            elif kind is ConnectionTerminated:
+                self.client_went_away(event.error_code)
+                return
+        self.write_out()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.plane.connections.discard(self)
+        self.cancel_timer()
+        streams, self.streams = self.streams, {}
+        for ex in streams.values():
+            ex.abandon()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        for ex in self.streams.values():
+            upstream = ex.upstream
+            if upstream is not None and upstream.transport is not None:
+                upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for ex in self.streams.values():
+            upstream = ex.upstream
+            if upstream is not None and upstream.transport is not None \
+                    and ex.pending_bytes <= RESPONSE_HIGH_WATER:
+                upstream.transport.resume_reading()
+
+    def eof_received(self) -> bool | None:
+        self.transport.uncork()
+        return None
+
+    # --- events -----------------------------------------------------------------------------
+
+    def request_received(self, event: Any) -> None:
+        stream_id = event.stream_id
+        if self.closing:
+            self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            return
+        self.opened += 1
+        self.cancel_timer()
+        ex = Http2Exchange(self, stream_id)
+        self.streams[stream_id] = ex
+        if not ex.take_request(event.headers, event.stream_ended is not None):
+            self.streams.pop(stream_id, None)
+            self.h2.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
+            return
+        ex.start()
+
+    def stream_ended(self, stream_id: int) -> None:
+        ex = self.streams.get(stream_id)
+        if ex is not None and not ex.request_complete:
+            ex.on_request_complete()
+            self.settle(ex)
+
+    def window_updated(self, stream_id: int) -> None:
+        if stream_id:
+            ex = self.streams.get(stream_id)
+            if ex is not None and ex.pending:
+                ex.send_pending()
+            return
+        for ex in list(self.streams.values()):
+            if ex.pending:
+                ex.send_pending()
+
+    def stream_reset(self, stream_id: int) -> None:
+        ex = self.streams.pop(stream_id, None)
+        if ex is None:
+            return
+        if perf_counter() - ex.opened < PREMATURE_SECONDS:
+            self.premature += 1
+            if (self.opened >= PREMATURE_MIN_STREAMS and self.premature * 2 > self.opened):
+                log.warning("HTTP/2 client %s reset %d of %d streams right after opening "
+                            "them (rapid reset): connection closed", self.peer.address,
+                            self.premature, self.opened)
+                self.go_away(ErrorCodes.ENHANCE_YOUR_CALM)
+                ex.abandon()
+                self.abort()
+                return
+        ex.abandon()
+        self.arm_idle_timer()
+
+    def spend_control(self) -> bool:
+        now = self.loop.time()
+        budget = min(CONTROL_BURST, self.control_budget
+                     + (now - self.control_at) * CONTROL_PER_SECOND)
+        self.control_at = now
+        self.control_budget = budget - 1
+        if budget >= 1:
+            return True
+        log.warning("HTTP/2 client %s sent SETTINGS or PING frames faster than %d a second: "
+                    "connection closed", self.peer.address, int(CONTROL_PER_SECOND))
+        self.go_away(ErrorCodes.ENHANCE_YOUR_CALM)
+        self.abort()
+        return False
+
+    def client_went_away(self, error_code: int) -> None:
+        """The client sent GOAWAY: streams it opened run to their end, then it closes."""
+        if error_code:
+            self.abort()
+            return
+        self.closing = True
+        self.write_out()
+        if not self.streams:
+            self.close()
+
+    # --- used by the streams ----------------------------------------------------------------
+
+    def write_out(self) -> None:
+        data = self.h2.data_to_send()
+        if data:
+            self.transport.write(data)
+
+    def acknowledge(self, stream_id: int, size: int) -> None:
+        """Credit ``size`` bytes back to the client's windows (h2 sends WINDOW_UPDATE once
+        enough has been consumed; a closed stream's share goes to the connection alone)."""
+        if size:
+            self.h2.acknowledge_received_data(size, stream_id)
+            self.write_out()
+
+    def send_headers(self, stream_id: int, head: list[tuple[bytes, bytes]],
+                     end_stream: bool) -> None:
+        try:
+            self.h2.send_headers(stream_id, head, end_stream=end_stream)
+        except ProtocolError:  # a stream the client has reset meanwhile
+            return  # the client reset the stream meanwhile
+        self.write_out()
+
+    def send_data(self, stream_id: int, pending: list[bytes], end: bool) -> int:
+        """Send from ``pending`` what the stream's and the connection's windows take, in
+        frames the client accepts; end the stream with the last of it when ``end``. Returns
+        the bytes sent; ``pending`` keeps the rest."""
+        h2 = self.h2
+        sent = 0
+        try:
+            window = h2.local_flow_control_window(stream_id)
+            frame = h2.max_outbound_frame_size
+            while pending and window > 0:
+                chunk = pending[0]
+                size = min(window, frame, len(chunk))
+                if size == len(chunk):
+                    pending.pop(0)
+                else:
+                    pending[0] = chunk[size:]
+                    chunk = chunk[:size]
+                window -= size
+                sent += size
+                h2.send_data(stream_id, chunk, end_stream=end and not pending)
+        except ProtocolError:  # the stream is closed (StreamClosedError among them)
+            pending.clear()
+        self.write_out()
+        return sent
+
+    def end_stream(self, stream_id: int) -> None:
+        try:
+            self.h2.end_stream(stream_id)
+        except ProtocolError:  # a stream the client has reset meanwhile
+            return
+        self.write_out()
+
+    def settle(self, ex: Http2Exchange) -> None:
+        """Forget a stream once nothing more passes on it: its response has gone out whole
+        and has been counted. A request still sending is told to stop with NO_ERROR (RFC 9113
+        8.1: a complete response may come before the request is)."""
+        if not ex.out_done or ex.response != FINISHED:
+            return
+        if not ex.request_complete:
+            self.reset(ex, ErrorCodes.NO_ERROR)
+        else:
+            self.forget(ex)
+
+    def reset(self, ex: Http2Exchange, code: int) -> None:
+        """RST_STREAM, and the stream is forgotten; the caller settles the exchange."""
+        with contextlib.suppress(ProtocolError):  # closed already
+            self.h2.reset_stream(ex.stream_id, code)
+        self.write_out()
+        self.forget(ex)
+
+    def forget(self, ex: Http2Exchange) -> None:
+        if self.streams.get(ex.stream_id) is ex:
+            del self.streams[ex.stream_id]
+        if not self.streams:
+            if self.closing:
+                self.close()
+            else:
+                self.arm_idle_timer()
+
+    # --- closing ----------------------------------------------------------------------------
+
+    def go_away(self, code: int) -> None:
+        with contextlib.suppress(ProtocolError):
+            self.h2.close_connection(code, last_stream_id=self.h2.highest_inbound_stream_id)
+        self.write_out()
+
+    def shutdown(self) -> None:
+        """GOAWAY with the last stream id: streams in flight finish, no new ones start."""
+        if not self.closing:
+            self.closing = True
+            self.go_away(ErrorCodes.NO_ERROR)
+        if not self.streams:
+            self.close()
+
+    def arm_idle_timer(self) -> None:
+        if self.timer is None and not self.streams:
+            self.timer = self.loop.call_later(self.settings.idle_timeout, self.idle_timeout)
+
+    def idle_timeout(self) -> None:
+        self.timer = None
+        if not self.streams:
+            self.plane.stats.limits.idle_timeout += 1
+            self.shutdown()
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def close(self) -> None:
+        self.cancel_timer()
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.cancel_timer()
+        self.transport.abort()
