@@ -48,7 +48,7 @@ from h2.exceptions import ProtocolError
 
 from .corking import CorkedTransport
 from .exchange import DONE, FINISHED, HELD, SENDING, Exchange
-from .http11 import CRLF, REQUEST_REWRITTEN, connection_tokens
+from .http11 import CRLF, REQUEST_REWRITTEN, connection_tokens, local_body
 
 if TYPE_CHECKING:
     from .context import DataPlaneContext, DataPlaneSettings, Peer
@@ -72,8 +72,12 @@ PREMATURE_MIN_STREAMS: Final = 100
 CONTROL_BURST: Final = 1000.0
 CONTROL_PER_SECOND: Final = 100.0
 
-# Stream windows Weir opens to clients (the connection's follows what streams consume).
-INITIAL_WINDOW: Final = 256 * 1024
+# The window Weir opens to a client for each request body, and for the connection. Opened
+# with WINDOW_UPDATE frames rather than SETTINGS_INITIAL_WINDOW_SIZE: a client that started
+# a stream before it read the SETTINGS may miss the change (curl 7.88 stalls its upload).
+BODY_WINDOW: Final = 256 * 1024
+CONNECTION_WINDOW: Final = 4 * 1024 * 1024
+DEFAULT_WINDOW: Final = 65535
 
 # Hop-by-hop response headers HTTP/2 forbids (RFC 9113 8.2.2) are already out of the lines an
 # upstream connection passes on; these are the ones Weir sets itself.
@@ -183,7 +187,8 @@ class Http2Exchange(Exchange):
     # --- request body and its flow control --------------------------------------------------
 
     def received(self, data: bytes, flow_controlled: int) -> None:
-        self.on_request_body(data)
+        if data:  # an empty DATA frame (often the one with END_STREAM) is no chunk
+            self.on_request_body(data)
         if self.pause_flags and self.response != FINISHED:
             self.unacked += flow_controlled  # acknowledged once the pause is over
         else:
@@ -282,7 +287,7 @@ class Http2Exchange(Exchange):
     def respond_local(self, status: int, message: str, close: bool = False,
                       headers: bytes = b"") -> None:
         self.status = status
-        body = f"{status} {message}\n".encode()
+        body = local_body(status, message)
         head = [(b":status", b"%d" % status),
                 (b"content-type", b"text/plain; charset=utf-8"),
                 (b"content-length", b"%d" % len(body))]
@@ -357,11 +362,9 @@ class Http2Connection(asyncio.Protocol):
         h2 = self.h2
         h2.local_settings.max_concurrent_streams = self.settings.max_concurrent_streams
         h2.local_settings.max_header_list_size = self.settings.max_header_bytes
-        h2.local_settings.initial_window_size = INITIAL_WINDOW
         h2.local_settings.enable_push = 0
         h2.initiate_connection()
-        # A bigger connection window than the default 64 KiB, so that streams share more.
-        h2.increment_flow_control_window(16 * INITIAL_WINDOW - 65535)
+        h2.increment_flow_control_window(CONNECTION_WINDOW - DEFAULT_WINDOW)
         self.control_at = self.loop.time()
         self.write_out()
         self.arm_idle_timer()
@@ -384,8 +387,8 @@ class Http2Connection(asyncio.Protocol):
                 ex = self.streams.get(event.stream_id)
                 if ex is not None:
                     ex.received(event.data, event.flow_controlled_length)
-                else:
-                    self.acknowledge(0, event.flow_controlled_length)
+                else:  # a stream already answered and forgotten: the connection's share
+                    self.acknowledge(event.stream_id, event.flow_controlled_length)
                 if event.stream_ended is not None:
                     self.stream_ended(event.stream_id)
             elif kind is StreamEnded:
@@ -448,6 +451,8 @@ class Http2Connection(asyncio.Protocol):
             self.streams.pop(stream_id, None)
             self.h2.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
             return
+        if ex.has_body:
+            self.h2.increment_flow_control_window(BODY_WINDOW - DEFAULT_WINDOW, stream_id)
         ex.start()
 
     def stream_ended(self, stream_id: int) -> None:
