@@ -28,7 +28,7 @@ from h2.events import (
     WindowUpdated,
 )
 
-from .conftest import make_config, one_service
+from .conftest import make_config, one_service, wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 
@@ -318,3 +318,21 @@ async def test_an_early_answer_ends_the_request_with_no_error_and_the_connection
     after = await client.request("/next")
     assert after.status == 200 and json.loads(after.body)["path"] == "/next"
     assert [r["path"] for r in backend.requests] == ["/next"]
+
+
+async def test_the_access_log_says_which_protocol_each_request_came_in(
+        start_backend, start_proxy, h2_client, tmp_path: Path):
+    backend = await start_backend("stable")
+    log_path = tmp_path / "access.jsonl"
+    proxy = await start_proxy(one_service(backend.address), access_log=str(log_path))
+    client = await h2_client(proxy.port)
+    assert (await client.request("/over-h2")).status == 200
+    await curl(f"http://127.0.0.1:{proxy.port}/over-h1", "--http1.1")
+
+    def entries() -> list[dict[str, Any]]:
+        text = log_path.read_text() if log_path.exists() else ""
+        return [json.loads(line) for line in text.splitlines()]
+
+    await wait_for(lambda: len(entries()) >= 2, timeout=5)
+    assert {e["path"]: e["protocol"] for e in entries()} == {
+        "/over-h2": "HTTP/2", "/over-h1": "HTTP/1.1"}

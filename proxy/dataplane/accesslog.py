@@ -29,6 +29,7 @@ class AccessLog:
             "time": round(time.time(), 3),
             "client": ex.peer.address,
             "method": ex.method.decode(),
+            "protocol": ex.protocol(),
             "host": ex.hmap.get(b"host", b"").decode("latin-1"),
             "path": ex.url.decode("latin-1"),
             "service": target.service if target is not None else None,

@@ -187,6 +187,10 @@ class Exchange(ResponseSink):
         """Close after what has been sent (a tunnel's end, a drained version)."""
         raise NotImplementedError
 
+    def protocol(self) -> str:
+        """What the client spoke, for the access log: "HTTP/1.1", "HTTP/2", ..."""
+        raise NotImplementedError
+
     # --- request side -----------------------------------------------------------------------
 
     def dispatch(self, host: bytes) -> None:

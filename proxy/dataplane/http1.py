@@ -261,6 +261,9 @@ class Http1Exchange(Exchange):
     def close_client(self) -> None:
         self.client.close()
 
+    def protocol(self) -> str:
+        return "HTTP/1.0" if self.http10 else "HTTP/1.1"
+
 class Http1Connection(asyncio.Protocol):
     """One HTTP/1.1 client connection; runs its exchanges one at a time, in order."""
 

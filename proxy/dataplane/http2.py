@@ -333,6 +333,9 @@ class Http2Exchange(Exchange):
     def close_client(self) -> None:
         self.conn.reset(self, ErrorCodes.CANCEL)
 
+    def protocol(self) -> str:
+        return "HTTP/2"
+
 
 class Http2Connection(asyncio.Protocol):
     """One HTTP/2 client connection: its streams run side by side."""
