@@ -28,7 +28,7 @@ from h2.events import (
     WindowUpdated,
 )
 
-from .conftest import make_config, one_service, wait_for
+from ..conftest import make_config, one_service, wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 
