@@ -328,8 +328,8 @@ class Exchange(ResponseSink):
         route = self.route
         assert route is not None  # narrowed, so that compiled code reads it natively
         conn.send(self, data, route.read_timeout)
-        if conn.transport is not None and self.client_paused():
-            conn.transport.pause_reading()
+        if self.client_paused():
+            conn.pause_reading()
 
     def build_head(self, skip: frozenset[bytes], extra: bytes) -> bytes:
         """The request head as forwarded: hop-by-hop headers out, forwarding headers in.

@@ -436,14 +436,14 @@ class Http1Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.write_paused = True
         ex = self.active
-        if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
-            ex.upstream.transport.pause_reading()
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         ex = self.active
-        if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
-            ex.upstream.transport.resume_reading()
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.resume_reading()
 
     # --- httptools callbacks --------------------------------------------------------------
 

@@ -258,19 +258,16 @@ class Http2Exchange(Exchange):
         conn = self.conn
         sent = conn.send_data(self.stream_id, self.pending, self.ended)
         self.pending_bytes -= sent
+        upstream = self.upstream
         if self.pending:
-            upstream = self.upstream
-            if (self.pending_bytes > RESPONSE_HIGH_WATER and upstream is not None
-                    and upstream.transport is not None):
-                upstream.transport.pause_reading()
+            if self.pending_bytes > RESPONSE_HIGH_WATER and upstream is not None:
+                upstream.pause_reading()
             return
         if self.ended:
             self.out_done = True  # END_STREAM went with the last of the data
             conn.settle(self)
-            return
-        upstream = self.upstream
-        if upstream is not None and upstream.transport is not None:
-            upstream.transport.resume_reading()
+        elif upstream is not None and not conn.write_paused:
+            upstream.resume_reading()
 
     def end_response(self) -> None:
         """Settled in maybe_finish, which follows at once."""
@@ -423,17 +420,14 @@ class Http2Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.write_paused = True
         for ex in self.streams.values():
-            upstream = ex.upstream
-            if upstream is not None and upstream.transport is not None:
-                upstream.transport.pause_reading()
+            if ex.upstream is not None:
+                ex.upstream.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         for ex in self.streams.values():
-            upstream = ex.upstream
-            if upstream is not None and upstream.transport is not None \
-                    and ex.pending_bytes <= RESPONSE_HIGH_WATER:
-                upstream.transport.resume_reading()
+            if ex.upstream is not None and ex.pending_bytes <= RESPONSE_HIGH_WATER:
+                ex.upstream.resume_reading()
 
     def eof_received(self) -> bool | None:
         self.transport.uncork()

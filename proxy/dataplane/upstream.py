@@ -96,7 +96,8 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("_head_bytes", "_head_done", "_informational", "_lines", "_noted",
                  "_reading", "_reset_parser",
                  "closed", "got_bytes", "idle_since", "last_activity", "loop", "parser",
-                 "pool", "read_timeout", "reused", "sink", "timer", "transport", "tunnel")
+                 "paused", "pool", "read_timeout", "reused", "sink", "timer", "transport",
+                 "tunnel")
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -108,6 +109,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.tunnel = False
         self.got_bytes = False
+        self.paused = False  # not read while its client cannot take more (see pause_reading)
         self.idle_since = 0.0
         self.last_activity = 0.0
         self.read_timeout = 60.0
@@ -353,6 +355,20 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool.record_failure()
         self._fail(504, "upstream did not answer in time")
 
+    def pause_reading(self) -> None:
+        """The client it answers cannot take more for now. Paused and resumed only through
+        these two, so that the pool can tell a paused connection (release resumes it: the
+        answer may have ended in the very read that paused it)."""
+        if not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.paused:
+            self.paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
+
     def touch(self) -> None:
         """Request bytes going out count as activity: a slow upload is not a slow upstream."""
         self.last_activity = self.pool.corker.now()
@@ -535,6 +551,8 @@ class UpstreamPool:
         if conn.closed or self.draining or not self.available or len(self.idle) >= self.max_idle:
             conn.close()
             return
+        if conn.paused:
+            conn.resume_reading()  # an idle connection must read: a close, stray bytes
         conn.idle_since = self.corker.now()
         self.idle.append(conn)
 

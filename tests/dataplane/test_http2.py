@@ -81,6 +81,7 @@ class H2Client:
         self.window_open = asyncio.Event()
         self.terminated: Any = None
         self.slots = asyncio.Semaphore(50)  # under Weir's max_concurrent_streams
+        self.ack_data = True  # acknowledge response DATA as it is read (a reader keeping up)
         self.conn.initiate_connection()
         self.flush()
         self.reading = asyncio.create_task(self.read())
@@ -106,8 +107,9 @@ class H2Client:
                     stream.headers = head
                 elif isinstance(event, DataReceived) and stream is not None:
                     stream.body += event.data
-                    self.conn.acknowledge_received_data(event.flow_controlled_length,
-                                                        event.stream_id)
+                    if self.ack_data:
+                        self.conn.acknowledge_received_data(event.flow_controlled_length,
+                                                            event.stream_id)
                 elif isinstance(event, StreamEnded) and stream is not None:
                     stream.done.set()
                 elif isinstance(event, StreamReset) and stream is not None:
@@ -336,3 +338,34 @@ async def test_the_access_log_says_which_protocol_each_request_came_in(
     await wait_for(lambda: len(entries()) >= 2, timeout=5)
     assert {e["path"]: e["protocol"] for e in entries()} == {
         "/over-h2": "HTTP/2", "/over-h1": "HTTP/1.1"}
+
+
+async def test_an_upstream_connection_held_for_a_slow_reader_is_pooled_reading_again(
+        start_backend, start_proxy, h2_client):
+    """A client with a small window makes a big answer pile up: its upstream connection stops
+    being read, and the answer may still end in that read. The connection goes back to the
+    pool reading again, or the next request on it would wait for the read timeout."""
+    backend = await start_backend("stable")
+    proxy = await start_proxy(one_service(backend.address),
+                              upstream={"timeouts": {"read": "3s"}})
+    client = await h2_client(proxy.port)
+    pool = next(iter(proxy.pools.pools.values()))
+    client.ack_data = False  # read, but give nothing back until told
+    # Each answer is over the 256 KiB held per stream by its last read, which also ends it.
+    big = [asyncio.ensure_future(client.request("/stream?size=290000&length=1"))
+           for _ in range(3)]
+    # Weir has read the three answers whole (their upstream connections are released) while
+    # most of them waits for the client's window.
+    await wait_for(lambda: len(client.streams) == 3 and not pool.active, timeout=5)
+    client.ack_data = True
+    client.conn.increment_flow_control_window(2**30)  # room for all of it, at once
+    for stream_id in list(client.streams):
+        client.conn.increment_flow_control_window(2**30, stream_id)
+    client.flush()
+    for stream in await asyncio.gather(*big):
+        assert stream.status == 200 and len(stream.body) == 290_000
+    assert len(pool.idle) >= 1
+    started = asyncio.get_running_loop().time()
+    quick = await asyncio.gather(*(client.request(f"/after{i}") for i in range(6)))
+    assert [s.status for s in quick] == [200] * 6
+    assert asyncio.get_running_loop().time() - started < 2  # not the 3 s read timeout
