@@ -31,7 +31,12 @@ import time
 from typing import TYPE_CHECKING, Any, Final
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import (
+    ConnectionInputs,
+    ConnectionState,
+    H2Connection,
+    H2ConnectionStateMachine,
+)
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -45,6 +50,8 @@ from h2.events import (
     WindowUpdated,
 )
 from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
 
 from .corking import CorkedTransport
 from .exchange import DONE, FINISHED, HELD, SENDING, Exchange
@@ -87,6 +94,12 @@ perf_counter: Final = time.perf_counter
 
 PAUSE_UPSTREAM: Final = 1  # the upstream's write buffer is full
 PAUSE_BUFFER: Final = 2    # body bytes are piling up while we connect
+
+GOAWAY_KEEPS_OPEN: Final = {
+    **H2ConnectionStateMachine._transitions,
+    (ConnectionState.SERVER_OPEN, ConnectionInputs.RECV_GOAWAY):
+        (None, ConnectionState.SERVER_OPEN),
+}
 
 H2_CONFIG: Final = H2Configuration(client_side=False, header_encoding=None,
                                    validate_inbound_headers=True,
@@ -156,9 +169,12 @@ class Http2Exchange(Exchange):
             hmap[b"cookie"] = joined
             forward += (b"cookie", b": ", joined, CRLF)
         if authority:
-            if b"host" not in hmap:
+            host = hmap.get(b"host")
+            if host is None:
                 forward += (b"host", b": ", authority, CRLF)
-            hmap[b"host"] = authority  # :authority wins over Host (RFC 9113 8.3.1)
+                hmap[b"host"] = authority
+            elif host != authority:
+                return False  # two names for one target: malformed (RFC 9113 8.3.1)
         self.head_request = self.method == b"HEAD"
         self.has_body = not stream_ended
         length = hmap.get(b"content-length")
@@ -345,8 +361,14 @@ class Http2Connection(asyncio.Protocol):
         self.loop = plane.loop
         self.transport: CorkedTransport = None  # type: ignore[assignment]
         self.h2 = H2Connection(H2_CONFIG)
+        # h2 takes a GOAWAY it receives for the end of the connection: it would refuse to send
+        # the answers still owed, and take the client's next frame (a WINDOW_UPDATE for one of
+        # them) for an error, where RFC 9113 6.8 has the streams in flight finish. A client's
+        # GOAWAY leaves this connection's state machine open; Weir refuses new streams itself.
+        self.h2.state_machine._transitions = GOAWAY_KEEPS_OPEN
         self.streams: dict[int, Http2Exchange] = {}
         self.write_paused = False
+        self.settings_seen = False  # the client's preface ends with SETTINGS
         self.closing = False  # GOAWAY sent: no new streams; close when the last one ends
         self.opened = 0
         self.premature = 0
@@ -360,9 +382,16 @@ class Http2Connection(asyncio.Protocol):
         self.transport = CorkedTransport(transport, self.plane.corker)
         self.plane.connections.add(self)
         h2 = self.h2
-        h2.local_settings.max_concurrent_streams = self.settings.max_concurrent_streams
-        h2.local_settings.max_header_list_size = self.settings.max_header_bytes
-        h2.local_settings.enable_push = 0
+        # As initial values, not changes: h2 sends a change only with the next SETTINGS and
+        # applies it when the client acknowledges it, so the first SETTINGS would carry h2's
+        # defaults and a client that never acknowledged would be held to them.
+        max_header_list = self.settings.max_header_bytes
+        h2.local_settings = Settings(client=False, initial_values={
+            SettingCodes.MAX_CONCURRENT_STREAMS: self.settings.max_concurrent_streams,
+            SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list,
+            SettingCodes.ENABLE_PUSH: 0,
+        })
+        h2.decoder.max_header_list_size = max_header_list
         h2.initiate_connection()
         h2.increment_flow_control_window(CONNECTION_WINDOW - DEFAULT_WINDOW)
         self.control_at = self.loop.time()
@@ -377,6 +406,23 @@ class Http2Connection(asyncio.Protocol):
         except ProtocolError as exc:
             log.info("HTTP/2 protocol error from %s: %s", self.peer.address, exc)
             self.write_out()  # the GOAWAY h2 has queued
+            self.close()
+            return
+        if not self.settings_seen and events:
+            if type(events[0]) is not RemoteSettingsChanged:
+                # RFC 9113 3.4: the preface ends with SETTINGS; anything else is no preface.
+                log.info("HTTP/2 client %s sent no SETTINGS first", self.peer.address)
+                self.h2.data_to_send()  # nothing h2 answered on its own goes out
+                self.go_away(ErrorCodes.PROTOCOL_ERROR)
+                self.close()
+                return
+            self.settings_seen = True
+        buffered = self.h2.incoming_buffer._data
+        if len(buffered) >= 9 and int.from_bytes(buffered[:3]) > self.h2.max_inbound_frame_size:
+            # h2 checks a frame's length once the whole frame is in; its 9-byte header is
+            # enough to refuse it (HTTP/1.1 after the preface reads as a 4 MB frame).
+            log.info("HTTP/2 frame over the frame size from %s", self.peer.address)
+            self.go_away(ErrorCodes.FRAME_SIZE_ERROR)
             self.close()
             return
         for event in events:
@@ -406,9 +452,13 @@ class Http2Connection(asyncio.Protocol):
                 if kind is RemoteSettingsChanged:
                     self.window_updated(0)  # an INITIAL_WINDOW_SIZE change moves windows
             elif kind is ConnectionTerminated:
-                self.client_went_away(event.error_code)
-                return
+                if event.error_code:
+                    self.abort()
+                    return
+                self.closing = True  # streams in flight run to their end; no new ones
         self.write_out()
+        if self.closing and not self.streams:
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.plane.connections.discard(self)
@@ -499,16 +549,6 @@ class Http2Connection(asyncio.Protocol):
         self.abort()
         return False
 
-    def client_went_away(self, error_code: int) -> None:
-        """The client sent GOAWAY: streams it opened run to their end, then it closes."""
-        if error_code:
-            self.abort()
-            return
-        self.closing = True
-        self.write_out()
-        if not self.streams:
-            self.close()
-
     # --- used by the streams ----------------------------------------------------------------
 
     def write_out(self) -> None:
@@ -593,15 +633,22 @@ class Http2Connection(asyncio.Protocol):
     # --- closing ----------------------------------------------------------------------------
 
     def go_away(self, code: int) -> None:
+        """GOAWAY for an error: the connection closes next."""
         with contextlib.suppress(ProtocolError):
             self.h2.close_connection(code, last_stream_id=self.h2.highest_inbound_stream_id)
         self.write_out()
 
     def shutdown(self) -> None:
-        """GOAWAY with the last stream id: streams in flight finish, no new ones start."""
+        """GOAWAY(NO_ERROR) with the last stream id: streams in flight finish, no new ones
+        start. Framed here rather than by h2, which would then refuse to send their answers
+        and take the client's next frame for an error."""
         if not self.closing:
             self.closing = True
-            self.go_away(ErrorCodes.NO_ERROR)
+            goaway = GoAwayFrame(0)
+            goaway.last_stream_id = self.h2.highest_inbound_stream_id
+            goaway.error_code = ErrorCodes.NO_ERROR
+            self.write_out()  # what h2 holds goes first
+            self.transport.write(goaway.serialize())
         if not self.streams:
             self.close()
 
