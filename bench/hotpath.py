@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from proxy.config.loader import parse_config
 from proxy.dataplane.proxyserver import ProxyServer
 from proxy.dataplane.upstream import UpstreamConnection
+from proxy.runtime.process import settle_garbage_collector
 
 CONFIG = {
     "listen": "127.0.0.1:0",
@@ -115,6 +116,10 @@ def main() -> int:
 
     loop = uvloop.new_event_loop()
     client, upstream, transport = build(loop)
+    # As `weir run` does once it listens: without it, every full collection walks all that
+    # start-up imported, and the count would grow with each module imported (h2's, say)
+    # rather than with the work per request.
+    settle_garbage_collector()
     run(2000, client, upstream)  # warm caches (routes, sticky users)
     assert transport.written > 0, "no response reached the client"
     best = min(run(args.count, client, upstream) for _ in range(args.repeat))
