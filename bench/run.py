@@ -8,6 +8,11 @@ routing rules and sticky hashing enabled). wrk, pinned to the load CPU, drives
 each proxy in turn (interleaved, rotated per round) and the backend directly as
 a baseline. Results are the median per target over ``--rounds`` rounds.
 
+``--load h2load`` drives the same targets over HTTP/2 instead (h2c with prior knowledge, h2load
+``-c10 -m10``): nginx and HAProxy listen for HTTP/2 only, Weir takes it on its one port, every
+proxy still speaks HTTP/1.1 to the backend, and the baseline is h2load against a second, h2c
+port of the backend.
+
 Stdlib only. See bench/README.md.
 """
 
@@ -17,6 +22,7 @@ import argparse
 import contextlib
 import http.client
 import json
+import math
 import os
 import re
 import resource
@@ -37,6 +43,13 @@ from typing import TypeVar
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 INSTALL_HINT = "apt-get install -y nginx haproxy wrk"
+H2_INSTALL_HINT = "apt-get install -y nginx haproxy nghttp2-client"
+LOADS = ("wrk", "h2load")
+H2_CONNECTIONS = 10  # h2load -c, the default with --load h2load
+H2_STREAMS = 10  # h2load -m
+# h2load sends the same headers on every request (no per-request script as with wrk): one sticky
+# key, so Weir's sticky hashing still runs.
+H2_HEADERS = {"x-user-id": "user-1"}
 HOST = "127.0.0.1"
 PROXIES: tuple[str, ...] = ("nginx", "haproxy", "weir")
 BASELINE = "baseline"
@@ -314,6 +327,38 @@ def wait_for_http_ok(
         delay = min(delay * 2, 0.2)
 
 
+def wait_for_h2_ok(
+    proc: Proc, port: int, timeout: float, nghttp: str, headers: dict[str, str] | None = None
+) -> None:
+    """Poll until ``GET /`` through ``port`` over h2c (prior knowledge, with nghttp) answers
+    the backend body."""
+    deadline = time.monotonic() + timeout
+    argv = [nghttp, "--timeout=2"]
+    for name, value in (headers or {}).items():
+        argv += ["-H", f"{name}: {value}"]
+    argv.append(f"http://{HOST}:{port}/bench-check")
+    last = "no attempt"
+    delay = 0.01
+    while True:
+        _check_alive(proc)
+        try:
+            done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                                  timeout=5, check=False)
+            if done.returncode == 0 and done.stdout == EXPECTED_BODY:
+                return
+            last = f"nghttp exit {done.returncode}, {(done.stdout + done.stderr)[:200]!r}"
+        except subprocess.TimeoutExpired:
+            last = "nghttp timed out"
+        if time.monotonic() >= deadline:
+            raise BenchError(
+                f"{proc.name} on port {port} did not answer GET / over h2c with "
+                f"{EXPECTED_BODY!r} within {timeout:.0f}s (last: {last}); "
+                f"its output ends:\n{proc.log_tail()}"
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
 # --------------------------------------------------------------------------
 # Config generation
 # --------------------------------------------------------------------------
@@ -348,19 +393,26 @@ def nginx_http_common(prefix: Path, keepalive_timeout: str = "75s") -> str:
 """
 
 
-def nginx_backend_conf(prefix: Path, port: int) -> str:
+def nginx_backend_conf(prefix: Path, port: int, h2_port: int | None = None) -> str:
+    """The backend; with ``h2_port`` also a server answering the same over h2c there (the
+    baseline of ``--load h2load``; the proxies always reach ``port`` over HTTP/1.1)."""
+    location = """        location / {
+            default_type text/plain;
+            return 200 "hello world\\n";
+        }
+"""
+    h2 = "" if h2_port is None else f"""    server {{
+        listen {HOST}:{h2_port} http2 backlog=4096;
+{location}    }}
+"""
     return (
         _nginx_common(prefix)
         + "http {\n"
         + nginx_http_common(prefix)
         + f"""    server {{
         listen {HOST}:{port} backlog=4096;
-        location / {{
-            default_type text/plain;
-            return 200 "hello world\\n";
-        }}
-    }}
-}}
+{location}    }}
+{h2}}}
 """
     )
 
@@ -373,10 +425,14 @@ def nginx_proxy_conf(
     workers: int = 1,
     master_process: bool = False,
     reuseport: bool = False,
+    http2: bool = False,
 ) -> str:
     """nginx as a keep-alive proxy to the backend; ``reuseport``: one listening socket per
-    worker, spread by the kernel, as Weir's workers do (instead of one shared socket)."""
-    listen = f"{HOST}:{port} backlog=4096" + (" reuseport" if reuseport else "")
+    worker, spread by the kernel, as Weir's workers do (instead of one shared socket);
+    ``http2``: clients speak h2c with prior knowledge (nginx 1.22's ``listen ... http2``;
+    HTTP/1.1 clients are then refused), the upstream stays HTTP/1.1."""
+    listen = f"{HOST}:{port}" + (" http2" if http2 else "") + " backlog=4096"
+    listen += " reuseport" if reuseport else ""
     return (
         _nginx_common(prefix, workers, master_process)
         + "http {\n"
@@ -399,7 +455,9 @@ def nginx_proxy_conf(
     )
 
 
-def haproxy_conf(port: int, backend_port: int) -> str:
+def haproxy_conf(port: int, backend_port: int, http2: bool = False) -> str:
+    """HAProxy as a keep-alive proxy; ``http2``: clients speak h2c (``proto h2``)."""
+    bind = f"{HOST}:{port}" + (" proto h2" if http2 else "")
     return f"""global
     nbthread 1
     maxconn 4096
@@ -414,7 +472,7 @@ defaults
     timeout http-keep-alive 30s
 
 frontend fe
-    bind {HOST}:{port}
+    bind {bind}
     default_backend be
 
 backend be
@@ -559,6 +617,134 @@ def run_wrk(
 
 
 # --------------------------------------------------------------------------
+# h2load (--load h2load)
+# --------------------------------------------------------------------------
+
+_RE_H2_RPS = re.compile(r"^finished in [\d.]+\w+, ([\d.]+) req/s", re.M)
+_RE_H2_REQS = re.compile(
+    r"^requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+    r"(\d+) failed, (\d+) errored, (\d+) timeout",
+    re.M,
+)
+_RE_H2_STATUS = re.compile(r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", re.M)
+_DURATION = r"([\d.]+)(us|ms|s|m|h)"
+_RE_H2_TIME = re.compile(
+    rf"^time for request:\s+{_DURATION}\s+{_DURATION}\s+{_DURATION}\s+{_DURATION}", re.M
+)
+# Percentile lines, should an h2load print them ("50%  1.23ms", as wrk does); 1.52 does not,
+# and they are then taken from its --log-file.
+_RE_H2_PCT = re.compile(rf"^\s*(\d+(?:\.\d+)?)%\s+{_DURATION}\s*$", re.M)
+
+
+@dataclass
+class H2loadResult(WrkResult):
+    """One h2load run: req/s, p50/p99 (from its per-request log) and its own latency summary
+    (``time for request``: mean, sd, max), its request counts and status classes."""
+
+    mean_ms: float = 0.0
+    sd_ms: float = 0.0
+    max_ms: float = 0.0
+    succeeded: int = 0
+    failed: int = 0
+    errored: int = 0
+    timeout: int = 0
+    status: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> int:
+        # h2load counts every request that did not end in a 2xx/3xx as failed: 4xx/5xx answers,
+        # resets, and those lost with their connection ("errored") or timed out.
+        return self.failed
+
+
+def log_percentiles(log_text: str, pcts: tuple[float, ...] = (50.0, 99.0)) -> dict[float, float]:
+    """Percentiles (nearest rank), in ms, of the request times in an h2load ``--log-file``:
+    tab-separated rows of start time (us since the epoch), status, and us to the response's
+    end. Empty if the log has no rows."""
+    times = sorted(int(cols[2]) for line in log_text.splitlines()
+                   if len(cols := line.split("\t")) >= 3)
+    if not times:
+        return {}
+    n = len(times)
+    return {p: round(times[min(n - 1, max(0, math.ceil(n * p / 100) - 1))] / 1000, 6)
+            for p in pcts}
+
+
+def parse_h2load(output: str, log_text: str | None = None) -> H2loadResult:
+    """Parse h2load's summary (and, for p50/p99, its ``--log-file`` if the summary has no
+    percentiles); raises BenchError if either is incomplete."""
+    rps = _RE_H2_RPS.search(output)
+    reqs = _RE_H2_REQS.search(output)
+    status = _RE_H2_STATUS.search(output)
+    times = _RE_H2_TIME.search(output)
+    if rps is None or reqs is None or status is None or times is None:
+        raise BenchError(f"could not parse h2load output:\n{output}")
+    pcts = {float(p): to_ms(v, u) for p, v, u in _RE_H2_PCT.findall(output)}
+    if not (50.0 in pcts and 99.0 in pcts) and log_text is not None:
+        pcts = log_percentiles(log_text)
+    if 50.0 not in pcts or 99.0 not in pcts:
+        raise BenchError(f"no request times in h2load's output or log:\n{output}")
+    _total, _started, done, succeeded, failed, errored, timeout = map(int, reqs.groups())
+    codes = dict(zip(("2xx", "3xx", "4xx", "5xx"), map(int, status.groups()), strict=True))
+    g = times.groups()  # min, max, mean, sd: each a number and its unit
+    _min_ms, max_ms, mean_ms, sd_ms = (to_ms(g[i], g[i + 1]) for i in range(0, 8, 2))
+    return H2loadResult(
+        rps=float(rps.group(1)),
+        p50_ms=pcts[50.0],
+        p99_ms=pcts[99.0],
+        requests=done,
+        non_2xx=codes["4xx"] + codes["5xx"],
+        mean_ms=mean_ms,
+        sd_ms=sd_ms,
+        max_ms=max_ms,
+        succeeded=succeeded,
+        failed=failed,
+        errored=errored,
+        timeout=timeout,
+        status=codes,
+    )
+
+
+def run_h2load(
+    h2load: str,
+    taskset: str,
+    cpus: str,
+    url: str,
+    *,
+    duration: float,
+    connections: int,
+    streams: int,
+    threads: int,
+    headers: dict[str, str],
+    log_file: Path | None,
+) -> str:
+    """h2load over h2c (prior knowledge) for ``duration`` seconds; its stdout."""
+    argv = [taskset, "-c", cpus, h2load, f"-t{threads}", f"-c{connections}", f"-m{streams}"]
+    argv += [f"-D{max(1, round(duration))}"]
+    for name, value in headers.items():
+        argv += ["-H", f"{name}: {value}"]
+    if log_file is not None:
+        argv.append(f"--log-file={log_file}")
+    argv.append(url)
+    try:
+        done = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=duration + 60,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"h2load hung: {shlex.join(argv)}") from exc
+    if done.returncode != 0:
+        raise BenchError(
+            f"h2load failed ({done.returncode}): {shlex.join(argv)}\n{done.stdout}{done.stderr}"
+        )
+    return done.stdout
+
+
+# --------------------------------------------------------------------------
 # Orchestration
 # --------------------------------------------------------------------------
 
@@ -603,7 +789,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--duration", type=float, default=10.0, help="seconds per measured wrk run (default 10)"
     )
-    p.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
+    p.add_argument(
+        "--load", choices=LOADS, default="wrk",
+        help="wrk: HTTP/1.1 (default); h2load: HTTP/2 over h2c with prior knowledge, "
+             "nginx and HAProxy listening for HTTP/2, every proxy's upstream still HTTP/1.1")
+    p.add_argument(
+        "--connections", type=int, default=None,
+        help=f"wrk (or h2load) connections (default 50; {H2_CONNECTIONS} with --load h2load)")
+    p.add_argument(
+        "--streams", type=int, default=H2_STREAMS,
+        help=f"h2load -m: requests in flight per connection (default {H2_STREAMS}; "
+             "--load h2load only)")
+    # TODO(issue 19): gRPC unary calls. h2load can send them: -d FILE with a pre-framed message
+    # (1 byte compressed flag, 4 bytes length, the protobuf), -H 'content-type: application/grpc'
+    # -H 'te: trailers'. nginx's side is `grpc_pass grpc://backend;` to a gRPC backend (which
+    # the bench would have to start: nginx cannot answer with trailers itself). Weir cannot be
+    # measured until it speaks HTTP/2 to upstreams, so the flag only says so for now.
+    p.add_argument(
+        "--grpc", action="store_true",
+        help="(not implemented yet) gRPC unary calls through nginx grpc_pass and Weir; "
+             "needs HTTP/2 to upstreams in Weir")
     p.add_argument(
         "--delay-ms", type=int, default=0,
         help="each wrk connection waits this long before each request: a fixed moderate "
@@ -676,6 +881,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown or not only:
         p.error(f"--only takes a subset of {','.join(PROXIES)}; got {args.only!r}")
     args.only = [n for n in PROXIES if n in only]
+    if args.grpc:
+        p.error("--grpc is not implemented yet: Weir has no HTTP/2 to upstreams, which gRPC "
+                "needs (see the TODO in bench/run.py)")
+    h2load = args.load == "h2load"
+    if args.connections is None:
+        args.connections = H2_CONNECTIONS if h2load else 50
+    if h2load and args.delay_ms:
+        p.error("--delay-ms needs --load wrk (h2load has no per-request delay)")
+    if args.streams < 1:
+        p.error("--streams must be >= 1")
     if args.duration < 1 or args.connections < 1 or args.threads < 1:
         p.error("--duration, --connections and --threads must be >= 1")
     if args.connections < args.threads:
@@ -715,6 +930,15 @@ def start_servers(
     taskset = tools["taskset"]
     timeout = args.startup_timeout
     sticky = {"x-user-id": "user-1"}
+    h2 = args.load == "h2load"
+    backend_h2_port = free_port() if h2 else None
+
+    def ready(proc: Proc, port: int, headers: dict[str, str] | None = None) -> None:
+        """The target answers the way the load will ask: HTTP/1.1, or h2c with --load h2load."""
+        if h2:
+            wait_for_h2_ok(proc, port, timeout, tools["nghttp"], headers)
+        else:
+            wait_for_http_ok(proc, port, timeout, headers)
 
     def pinned(cpus: str, *cmd: str) -> list[str]:
         return [taskset, "-c", cpus, *cmd]
@@ -725,9 +949,9 @@ def start_servers(
         for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (prefix / "tmp" / sub).mkdir(parents=True, exist_ok=True)
         if upstream_port is None:
-            text, cpus = nginx_backend_conf(prefix, port), args.load_cpus
+            text, cpus = nginx_backend_conf(prefix, port, backend_h2_port), args.load_cpus
         else:
-            text = nginx_proxy_conf(prefix, port, upstream_port)
+            text = nginx_proxy_conf(prefix, port, upstream_port, http2=h2)
             cpus = args.proxy_cpus
         conf = prefix / "nginx.conf"
         conf.write_text(text)
@@ -768,6 +992,10 @@ def start_servers(
     wait_for_http_ok(proc, backend_port, timeout)
     backend = Target(BASELINE, backend_port, proc)
     print(f"backend nginx on {HOST}:{backend_port} (cpu {args.load_cpus})", file=sys.stderr)
+    if backend_h2_port is not None:  # the baseline: h2load straight to the backend's h2c port
+        ready(proc, backend_h2_port)
+        backend = Target(BASELINE, backend_h2_port, proc)
+        print(f"backend nginx h2c on {HOST}:{backend_h2_port}", file=sys.stderr)
 
     targets: list[Target] = []
     for name in args.only:
@@ -777,7 +1005,7 @@ def start_servers(
             proc = nginx("nginx", port, backend_port)
         elif name == "haproxy":
             conf = workdir / "haproxy.cfg"
-            conf.write_text(haproxy_conf(port, backend_port))
+            conf.write_text(haproxy_conf(port, backend_port, http2=h2))
             proc = pm.start(
                 "haproxy", pinned(args.proxy_cpus, tools["haproxy"], "-db", "-f", str(conf))
             )
@@ -785,14 +1013,14 @@ def start_servers(
             proc = weir(name, port, REPO_ROOT)
             headers = sticky
         wait_for_port(proc, port, timeout)
-        wait_for_http_ok(proc, port, timeout, headers)
+        ready(proc, port, headers)
         print(f"{name} on {HOST}:{port} (cpu {args.proxy_cpus})", file=sys.stderr)
         targets.append(Target(name, port, proc))
     for name, tree in args.weir_trees:
         port = free_port()
         proc = weir(name, port, tree)
         wait_for_port(proc, port, timeout)
-        wait_for_http_ok(proc, port, timeout, sticky)
+        ready(proc, port, sticky)
         print(f"{name} on {HOST}:{port} from {tree} (cpu {args.proxy_cpus})", file=sys.stderr)
         targets.append(Target(name, port, proc))
     return backend, targets
@@ -811,8 +1039,29 @@ def measure(
         "threads": args.threads,
         "script": script,
     }
+    # mirror.py and scaling.py call this with arguments of their own, without --load.
+    h2load = getattr(args, "load", "wrk") == "h2load"
+    h2_log: Path | None = None
+    if h2load:
+        # h2load's per-request log (for p50/p99), in memory where there is a tmpfs: the load
+        # CPU then spends nothing on disk writes for it.
+        shm = Path("/dev/shm")
+        log_dir = shm if shm.is_dir() and os.access(shm, os.W_OK) else pm.workdir
+        h2_log = log_dir / f"{pm.workdir.name}-h2load-{target.name}.tsv"
+
+    def drive(duration: float, log: bool = False) -> str:
+        if h2load:
+            return run_h2load(
+                tools["h2load"], tools["taskset"], args.load_cpus, url, duration=duration,
+                connections=args.connections, streams=args.streams, threads=args.threads,
+                headers=H2_HEADERS, log_file=h2_log if log else None,
+            )
+        return run_wrk(
+            tools["wrk"], tools["taskset"], args.load_cpus, url, duration=duration, **common
+        )
+
     if args.warmup > 0:
-        run_wrk(tools["wrk"], tools["taskset"], args.load_cpus, url, duration=args.warmup, **common)
+        drive(args.warmup)
     _check_alive(target.proc)
     pinned = parse_cpu_list(args.load_cpus if target.name == BASELINE else args.proxy_cpus)
     cpu0 = group_cpu_seconds(target.proc.pid)
@@ -820,16 +1069,19 @@ def measure(
     all_idle0, all_total0 = cpu_ticks()
     own0 = own_cpu_seconds(pm)
     t0 = time.monotonic()
-    out = run_wrk(
-        tools["wrk"], tools["taskset"], args.load_cpus, url, duration=args.duration, **common
-    )
-    wall = time.monotonic() - t0
-    cpu1 = group_cpu_seconds(target.proc.pid)
-    idle1, total1 = cpu_ticks(pinned)
-    all_idle1, all_total1 = cpu_ticks()
-    own1 = own_cpu_seconds(pm)
+    try:
+        out = drive(args.duration, log=True)
+        wall = time.monotonic() - t0
+        cpu1 = group_cpu_seconds(target.proc.pid)
+        idle1, total1 = cpu_ticks(pinned)
+        all_idle1, all_total1 = cpu_ticks()
+        own1 = own_cpu_seconds(pm)
+        log_text = None if h2_log is None else h2_log.read_text()
+    finally:
+        if h2_log is not None:
+            h2_log.unlink(missing_ok=True)
     _check_alive(target.proc)
-    result = parse_wrk(out)
+    result = parse_wrk(out) if log_text is None else parse_h2load(out, log_text)
     result.cpu_pct = 100.0 * (cpu1 - cpu0) / wall if wall > 0 else None
     if total1 > total0:
         result.pinned_cpu_idle_pct = 100.0 * (idle1 - idle0) / (total1 - total0)
@@ -853,13 +1105,17 @@ class Summary:
     runs: list[WrkResult]
     rps_vs_nginx: float | None = None
     p99_vs_nginx: float | None = None
+    # h2load's own latency summary (--load h2load only): medians of its mean, sd and max
+    mean_ms: float | None = None
+    sd_ms: float | None = None
+    max_ms: float | None = None
 
 
 def summarize(name: str, runs: list[WrkResult]) -> Summary:
     cpus = [r.cpu_pct for r in runs if r.cpu_pct is not None]
     idles = [r.pinned_cpu_idle_pct for r in runs if r.pinned_cpu_idle_pct is not None]
     others = [r.other_cpu_pct for r in runs if r.other_cpu_pct is not None]
-    return Summary(
+    summary = Summary(
         name=name,
         rps=statistics.median(r.rps for r in runs),
         p50_ms=statistics.median(r.p50_ms for r in runs),
@@ -870,9 +1126,15 @@ def summarize(name: str, runs: list[WrkResult]) -> Summary:
         other_cpu_pct=statistics.median(others) if others else None,
         runs=runs,
     )
+    h2 = [r for r in runs if isinstance(r, H2loadResult)]
+    if h2:
+        summary.mean_ms = statistics.median(r.mean_ms for r in h2)
+        summary.sd_ms = statistics.median(r.sd_ms for r in h2)
+        summary.max_ms = statistics.median(r.max_ms for r in h2)
+    return summary
 
 
-def cpu_note(s: Summary, proxy_cpus: str, load_cpus: str) -> str | None:
+def cpu_note(s: Summary, proxy_cpus: str, load_cpus: str, load: str = "wrk") -> str | None:
     """Why a target's numbers may not show the proxy's own limit, if they may not."""
     if s.other_cpu_pct is not None and s.other_cpu_pct >= OTHER_CPU_WARN:
         return (
@@ -885,7 +1147,7 @@ def cpu_note(s: Summary, proxy_cpus: str, load_cpus: str) -> str | None:
     if idle is not None and idle >= 10:
         return (
             f"{s.name} used {s.cpu_pct:.0f}% of a core and cpu {proxy_cpus} was {idle:.0f}% "
-            f"idle: the load side (wrk + backend on cpu {load_cpus}) was the limit, so "
+            f"idle: the load side ({load} + backend on cpu {load_cpus}) was the limit, so "
             f"{s.name}'s req/s is a lower bound"
         )
     return f"{s.name} used only {s.cpu_pct:.0f}% of a core although cpu {proxy_cpus} was busy"
@@ -900,11 +1162,15 @@ def _fmt_ratio(value: float | None) -> str:
 
 
 def render_table(summaries: list[Summary]) -> str:
+    """The results table; with h2load's numbers (--load h2load) also its mean, sd and max of
+    the request time."""
+    h2 = any(s.mean_ms is not None for s in summaries)
     header = (
         "target",
         "req/s",
         "p50 ms",
         "p99 ms",
+        *(("mean ms", "sd ms", "max ms") if h2 else ()),
         "rps/nginx",
         "p99/nginx",
         "errors",
@@ -913,12 +1179,14 @@ def render_table(summaries: list[Summary]) -> str:
     )
     rows = [header]
     for s in summaries:
+        h2_cells = tuple("-" if v is None else f"{v:.3f}" for v in (s.mean_ms, s.sd_ms, s.max_ms))
         rows.append(
             (
                 s.name,
                 f"{s.rps:,.0f}",
                 f"{s.p50_ms:.3f}",
                 f"{s.p99_ms:.3f}",
+                *(h2_cells if h2 else ()),
                 _fmt_ratio(s.rps_vs_nginx),
                 _fmt_ratio(s.p99_vs_nginx),
                 str(s.errors),
@@ -952,13 +1220,17 @@ def _versions(tools: dict[str, str]) -> dict[str, str]:
         lines = (done.stdout + done.stderr).strip().splitlines()
         return lines[0] if lines else "?"
 
-    flags = {"nginx": "-v", "haproxy": "-v", "wrk": "--version"}
+    flags = {"nginx": "-v", "haproxy": "-v", "wrk": "--version", "h2load": "--version"}
     found = {name: first_line([tools[name], flag]) for name, flag in flags.items() if name in tools}
     return found | {"python": sys.version.split()[0]}
 
 
 def run(args: argparse.Namespace) -> int:
-    tools = find_tools(("nginx", "haproxy", "wrk", "taskset"), INSTALL_HINT)
+    h2 = args.load == "h2load"
+    if h2:
+        tools = find_tools(("nginx", "haproxy", "h2load", "nghttp", "taskset"), H2_INSTALL_HINT)
+    else:
+        tools = find_tools(("nginx", "haproxy", "wrk", "taskset"), INSTALL_HINT)
     if tools is None:
         return 2
     if "weir" in args.only and not (REPO_ROOT / "proxy").is_dir():
@@ -975,7 +1247,8 @@ def run(args: argparse.Namespace) -> int:
     pm = ProcessManager(workdir)
     try:
         script = workdir / "users.lua"
-        script.write_text(wrk_user_script(args.users, args.delay_ms))
+        if not h2:
+            script.write_text(wrk_user_script(args.users, args.delay_ms))
         backend, proxies = start_servers(args, pm, tools, workdir)
 
         runs: dict[str, list[WrkResult]] = {t.name: [] for t in proxies}
@@ -1021,22 +1294,39 @@ def run(args: argparse.Namespace) -> int:
 
     stat = "median of" if args.rounds > 1 else "single run,"
     print()
-    print(
-        f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s "
-        f"({stat} {args.rounds} round(s)); proxies on cpu {args.proxy_cpus}, "
-        f"wrk+backend on cpu {args.load_cpus}"
-    )
+    if h2:
+        print(
+            f"h2load -t{args.threads} -c{args.connections} -m{args.streams} "
+            f"-D{max(1, round(args.duration))} over h2c "
+            f"({stat} {args.rounds} round(s)); proxies on cpu {args.proxy_cpus}, "
+            f"h2load+backend on cpu {args.load_cpus}; upstreams HTTP/1.1"
+        )
+    else:
+        print(
+            f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s "
+            f"({stat} {args.rounds} round(s)); proxies on cpu {args.proxy_cpus}, "
+            f"wrk+backend on cpu {args.load_cpus}"
+        )
     print(render_table(summaries))
     for s in summaries:
-        note = cpu_note(s, args.proxy_cpus, args.load_cpus)
+        note = cpu_note(s, args.proxy_cpus, args.load_cpus, args.load)
         if note:
             print(f"note: {note}")
-    print(
-        "errors = socket errors + non-2xx/3xx responses, summed over rounds; "
-        "cpu% = CPU used by the target's processes during the run; "
-        "other% = CPU used meanwhile by processes this benchmark did not start "
-        "(should be ~0)"
-    )
+    if h2:
+        print(
+            "p50/p99 from h2load's per-request log; mean/sd/max = h2load's \"time for "
+            "request\"; errors = h2load's failed requests (non-2xx/3xx, errored, timed out), "
+            "summed over rounds; cpu% = CPU used by the target's processes during the run; "
+            "other% = CPU used meanwhile by processes this benchmark did not start "
+            "(should be ~0)"
+        )
+    else:
+        print(
+            "errors = socket errors + non-2xx/3xx responses, summed over rounds; "
+            "cpu% = CPU used by the target's processes during the run; "
+            "other% = CPU used meanwhile by processes this benchmark did not start "
+            "(should be ~0)"
+        )
 
     if args.json is not None:
         doc = {
@@ -1052,7 +1342,9 @@ def run(args: argparse.Namespace) -> int:
                 "load_cpus": args.load_cpus,
                 "weir_args": args.weir_args,
                 "versions": _versions(tools),
-            },
+            }
+            | ({"load": "h2load", "protocol": "h2c", "streams": args.streams,
+                "headers": H2_HEADERS} if h2 else {}),
             "results": {
                 s.name: {
                     "rps": s.rps,
@@ -1066,6 +1358,7 @@ def run(args: argparse.Namespace) -> int:
                     "other_cpu_pct": s.other_cpu_pct,
                     "runs": [asdict(r) | {"errors": r.errors} for r in s.runs],
                 }
+                | ({"mean_ms": s.mean_ms, "sd_ms": s.sd_ms, "max_ms": s.max_ms} if h2 else {})
                 for s in summaries
             },
         }

@@ -166,3 +166,99 @@ def test_scaling_holds_each_worker_to_its_quota_and_cleans_up(tmp_path: Path) ->
     assert set(root.glob("weir-scaling-*")) <= before, "cgroups left behind"
     left = processes_with("/weir-bench-scaling-")
     assert not left, f"still running: {left}"
+
+
+# --- bench/run.py --load h2load ----------------------------------------------------------------
+
+
+def load_run() -> ModuleType:
+    """bench/run.py as a module."""
+    spec = importlib.util.spec_from_file_location("bench_run", BENCH / "run.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# h2load 1.52's output for `-c10 -m10 -D2` against an nginx that ended each connection after
+# 1000 requests (GOAWAY): the streams in flight on it count as failed and errored.
+H2LOAD_OUTPUT = """\
+starting benchmark...
+spawning thread #0: 10 total client(s). Timing-based test with 0s of warm-up time and 2s of \
+main duration for measurements.
+Warm-up started for thread #0.
+progress: 100% of clients started
+Warm-up phase is over for thread #0.
+Main benchmark duration is started for thread #0.
+Application protocol: h2c
+Process Request Failure:2
+Main benchmark duration is over for thread #0. Stopping all clients.
+Stopped all clients for thread #0
+
+finished in 2.01s, 5000.00 req/s, 386.06KB/s
+requests: 10057 total, 10090 started, 10057 done, 10000 succeeded, 57 failed, 57 errored, \
+0 timeout
+status codes: 10000 2xx, 0 3xx, 0 4xx, 0 5xx
+traffic: 772.13KB (790660) total, 478.52KB (490000) headers (space savings 50.51%), 117.19KB \
+(120000) data
+                     min         max         mean         sd        +/- sd
+time for request:       39us      6.38ms      1.63ms       825us    78.71%
+time for connect:       53us       168us       113us        37us    60.00%
+time to 1st byte:      618us      2.40ms      1.98ms       655us    80.00%
+req/s           :    5327.42     6062.81     5570.60      231.73    70.00%
+"""
+
+
+def test_h2load_output_and_log_are_parsed() -> None:
+    run = load_run()
+    # --log-file rows: start (us since the epoch), status, us to the end of the response.
+    log = "".join(f"1796381649946379\t200\t{us}\n" for us in range(1, 201))  # 1..200 us
+    result = run.parse_h2load(H2LOAD_OUTPUT, log)
+    assert result.rps == 5000.0
+    assert result.requests == 10057 and result.succeeded == 10000
+    assert (result.failed, result.errored, result.timeout) == (57, 57, 0)
+    assert result.errors == 57 and result.non_2xx == 0
+    assert result.status == {"2xx": 10000, "3xx": 0, "4xx": 0, "5xx": 0}
+    assert (result.mean_ms, result.sd_ms, result.max_ms) == (1.63, 0.825, 6.38)
+    assert (result.p50_ms, result.p99_ms) == (0.1, 0.198)  # nearest rank: 100th, 198th of 200
+
+    # Answers that are not 2xx/3xx are failed too (not errored); they are the errors, once.
+    bad = (H2LOAD_OUTPUT
+           .replace("10000 succeeded, 57 failed, 57 errored", "0 succeeded, 10057 failed, "
+                    "0 errored")
+           .replace("10000 2xx, 0 3xx, 0 4xx, 0 5xx", "0 2xx, 0 3xx, 57 4xx, 10000 5xx"))
+    result = run.parse_h2load(bad, log)
+    assert result.errors == 10057 and result.non_2xx == 10057
+
+    # Percentile lines in the output itself (wrk's format) win over the log.
+    with_pcts = H2LOAD_OUTPUT + "    50%    1.50ms\n    99%    4.00ms\n"
+    result = run.parse_h2load(with_pcts, None)
+    assert (result.p50_ms, result.p99_ms) == (1.5, 4.0)
+
+    with pytest.raises(run.BenchError, match="no request times"):
+        run.parse_h2load(H2LOAD_OUTPUT, "")
+    with pytest.raises(run.BenchError, match="could not parse h2load output"):
+        run.parse_h2load("starting benchmark...\n", log)
+
+
+def test_h2load_mode_settings_leave_the_wrk_mode_alone(tmp_path: Path) -> None:
+    run = load_run()
+    wrk = run.parse_args([])
+    assert (wrk.load, wrk.connections) == ("wrk", 50)
+    h2 = run.parse_args(["--load", "h2load"])
+    assert (h2.load, h2.connections, h2.streams) == ("h2load", 10, 10)
+    # HTTP/2 only where asked for; the upstream side is HTTP/1.1 either way.
+    assert " http2 " not in run.nginx_proxy_conf(tmp_path, 1, 2)
+    assert "listen 127.0.0.1:1 http2 backlog=4096;" in run.nginx_proxy_conf(tmp_path, 1, 2,
+                                                                             http2=True)
+    assert "proxy_http_version 1.1;" in run.nginx_proxy_conf(tmp_path, 1, 2, http2=True)
+    assert "http2" not in run.nginx_backend_conf(tmp_path, 1)
+    assert "listen 127.0.0.1:3 http2" in run.nginx_backend_conf(tmp_path, 1, 3)
+    assert "proto h2" not in run.haproxy_conf(1, 2)
+    assert "bind 127.0.0.1:1 proto h2\n" in run.haproxy_conf(1, 2, http2=True)
+
+    for argv, said in ((["--grpc"], "--grpc is not implemented yet"),
+                       (["--load", "h2load", "--delay-ms", "5"], "--delay-ms needs --load wrk")):
+        done = run_script(str(BENCH / "run.py"), *argv, cwd=tmp_path)
+        assert done.returncode == 2 and said in done.stderr, done.stderr
