@@ -426,11 +426,14 @@ def nginx_proxy_conf(
     master_process: bool = False,
     reuseport: bool = False,
     http2: bool = False,
+    keepalive: int = 64,
 ) -> str:
     """nginx as a keep-alive proxy to the backend; ``reuseport``: one listening socket per
     worker, spread by the kernel, as Weir's workers do (instead of one shared socket);
     ``http2``: clients speak h2c with prior knowledge (nginx 1.22's ``listen ... http2``;
-    HTTP/1.1 clients are then refused), the upstream stays HTTP/1.1."""
+    HTTP/1.1 clients are then refused), the upstream stays HTTP/1.1; ``keepalive``: idle
+    upstream connections kept, which must cover the requests in flight, or nginx closes the
+    surplus after each answer and opens new ones."""
     listen = f"{HOST}:{port}" + (" http2" if http2 else "") + " backlog=4096"
     listen += " reuseport" if reuseport else ""
     return (
@@ -439,7 +442,7 @@ def nginx_proxy_conf(
         + nginx_http_common(prefix)
         + f"""    upstream backend {{
         server {HOST}:{backend_port};
-        keepalive 64;
+        keepalive {keepalive};
         keepalive_requests 1000000;
     }}
     server {{
@@ -951,7 +954,12 @@ def start_servers(
         if upstream_port is None:
             text, cpus = nginx_backend_conf(prefix, port, backend_h2_port), args.load_cpus
         else:
-            text = nginx_proxy_conf(prefix, port, upstream_port, http2=h2)
+            # h2load keeps connections x streams requests in flight (100 by default), more
+            # than the 64 idle upstream connections kept for wrk's 50: enough for all of them
+            # (HAProxy shares its idle connections without a cap; Weir keeps 128).
+            in_flight = args.connections * args.streams if h2 else 0
+            text = nginx_proxy_conf(prefix, port, upstream_port, http2=h2,
+                                    keepalive=max(64, in_flight))
             cpus = args.proxy_cpus
         conf = prefix / "nginx.conf"
         conf.write_text(text)

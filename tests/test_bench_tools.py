@@ -253,6 +253,8 @@ def test_h2load_mode_settings_leave_the_wrk_mode_alone(tmp_path: Path) -> None:
     assert "listen 127.0.0.1:1 http2 backlog=4096;" in run.nginx_proxy_conf(tmp_path, 1, 2,
                                                                              http2=True)
     assert "proxy_http_version 1.1;" in run.nginx_proxy_conf(tmp_path, 1, 2, http2=True)
+    assert "keepalive 64;" in run.nginx_proxy_conf(tmp_path, 1, 2)
+    assert "keepalive 100;" in run.nginx_proxy_conf(tmp_path, 1, 2, http2=True, keepalive=100)
     assert "http2" not in run.nginx_backend_conf(tmp_path, 1)
     assert "listen 127.0.0.1:3 http2" in run.nginx_backend_conf(tmp_path, 1, 3)
     assert "proto h2" not in run.haproxy_conf(1, 2)
