@@ -585,6 +585,20 @@ def parse_wrk(output: str) -> WrkResult:
     )
 
 
+def run_load_tool(tool: str, argv: list[str], duration: float) -> str:
+    """Run a load generator to its end (bounded), and return what it printed."""
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=duration + 60, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"{tool} hung: {shlex.join(argv)}") from exc
+    if done.returncode != 0:
+        raise BenchError(
+            f"{tool} failed ({done.returncode}): {shlex.join(argv)}\n{done.stdout}{done.stderr}"
+        )
+    return done.stdout
+
+
 def run_wrk(
     wrk: str,
     taskset: str,
@@ -601,22 +615,7 @@ def run_wrk(
     if script is not None:
         argv += ["-s", str(script)]
     argv.append(url)
-    try:
-        done = subprocess.run(
-            argv,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=duration + 60,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise BenchError(f"wrk hung: {shlex.join(argv)}") from exc
-    if done.returncode != 0:
-        raise BenchError(
-            f"wrk failed ({done.returncode}): {shlex.join(argv)}\n{done.stdout}{done.stderr}"
-        )
-    return done.stdout
+    return run_load_tool("wrk", argv, duration)
 
 
 # --------------------------------------------------------------------------
@@ -729,22 +728,7 @@ def run_h2load(
     if log_file is not None:
         argv.append(f"--log-file={log_file}")
     argv.append(url)
-    try:
-        done = subprocess.run(
-            argv,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=duration + 60,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise BenchError(f"h2load hung: {shlex.join(argv)}") from exc
-    if done.returncode != 0:
-        raise BenchError(
-            f"h2load failed ({done.returncode}): {shlex.join(argv)}\n{done.stdout}{done.stderr}"
-        )
-    return done.stdout
+    return run_load_tool("h2load", argv, duration)
 
 
 # --------------------------------------------------------------------------
