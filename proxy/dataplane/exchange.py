@@ -61,7 +61,6 @@ SENDING: Final = 2   # the head has gone to the client; the body follows
 TUNNEL: Final = 3    # switched protocols (101): bytes flow raw both ways until a side closes
 DONE: Final = 4      # the response has gone out whole (an answer from Weir goes out at once)
 FINISHED: Final = 5  # counted, and handed back to its connection: nothing more to do
-RESPONSE_STATES: Final = ("awaiting", "held", "sending", "tunnel", "done", "finished")
 
 # Body bytes held per exchange while its upstream connection is being opened.
 BUFFER_HIGH_WATER: Final = 256 * 1024

@@ -121,14 +121,13 @@ def header_pairs(block: bytes) -> list[tuple[bytes, bytes]]:
 class Http2Exchange(Exchange):
     """One stream: its request as an HTTP/2 client sent it, its response framed back."""
 
-    __slots__ = ("conn", "ended", "head", "opened", "out_done", "pause_flags", "pending",
+    __slots__ = ("conn", "ended", "head", "out_done", "pause_flags", "pending",
                  "pending_bytes", "stream_id", "unacked")
 
     def __init__(self, conn: Http2Connection, stream_id: int) -> None:
         super().__init__(conn.plane, conn.settings, conn.peer)
         self.conn = conn
         self.stream_id = stream_id
-        self.opened = perf_counter()
         self.head: list[tuple[bytes, bytes]] | None = None  # held until the read ends
         self.pending: list[bytes] = []  # response bytes waiting for the client's window
         self.pending_bytes = 0
@@ -519,21 +518,20 @@ class Http2Connection(asyncio.Protocol):
                 ex.send_pending()
 
     def stream_reset(self, stream_id: int) -> None:
-        ex = self.streams.pop(stream_id, None)
+        ex = self.streams.get(stream_id)
         if ex is None:
             return
-        if perf_counter() - ex.opened < PREMATURE_SECONDS:
+        ex.abandon()
+        if perf_counter() - ex.started < PREMATURE_SECONDS:  # started: when it opened
             self.premature += 1
             if (self.opened >= PREMATURE_MIN_STREAMS and self.premature * 2 > self.opened):
                 log.warning("HTTP/2 client %s reset %d of %d streams right after opening "
                             "them (rapid reset): connection closed", self.peer.address,
                             self.premature, self.opened)
                 self.go_away(ErrorCodes.ENHANCE_YOUR_CALM)
-                ex.abandon()
                 self.abort()
                 return
-        ex.abandon()
-        self.arm_idle_timer()
+        self.forget(ex)  # and close, if it was the last stream of a closing connection
 
     def spend_control(self) -> bool:
         now = self.loop.time()
@@ -568,7 +566,7 @@ class Http2Connection(asyncio.Protocol):
         try:
             self.h2.send_headers(stream_id, head, end_stream=end_stream)
         except ProtocolError:  # a stream the client has reset meanwhile
-            return  # the client reset the stream meanwhile
+            return
         self.write_out()
 
     def send_data(self, stream_id: int, pending: list[bytes], end: bool) -> int:

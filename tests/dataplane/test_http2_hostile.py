@@ -1250,6 +1250,21 @@ async def test_client_goaway_lets_the_streams_in_flight_finish(
     await no_leaks(proxy)
 
 
+async def test_the_last_stream_reset_after_a_client_goaway_closes_the_connection(
+        plain: tuple[ProxyServer, Backend]) -> None:
+    """After its GOAWAY NO_ERROR the client resets the one stream it had: nothing is left
+    to finish, so Weir closes the connection then, not at the idle timeout."""
+    proxy, _ = plain
+    raw = await RawH2.open(proxy.port)
+    await stalled_download(raw)
+    raw.send(GoAwayFrame(0, last_stream_id=0, error_code=ErrorCodes.NO_ERROR))
+    # The reset comes in a read of its own, once the GOAWAY has been taken in.
+    await wait_for(lambda: all(getattr(c, "closing", False) for c in proxy.connections))
+    raw.send(RstStreamFrame(1, error_code=ErrorCodes.CANCEL))
+    await raw.until_closed(timeout=3)
+    await no_leaks(proxy)
+
+
 # --- early answers and DATA in the same read --------------------------------------------
 
 
