@@ -28,6 +28,7 @@ COMPILED_MODULES = [
     "proxy/dataplane/routing.py",
     "proxy/dataplane/stats.py",
     "proxy/dataplane/upstream.py",
+    "proxy/dataplane/upstream_h2.py",
 ]
 
 

@@ -35,6 +35,8 @@ from proxy.dataplane.proxyserver import ProxyServer
 from proxy.runtime.lifecycle import abandon_start, run_control, stop
 from proxy.runtime.process import open_store
 
+from .h2_client import H2Client
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -183,6 +185,21 @@ def make_config(services: list[dict[str, Any]], **top: Any) -> Config:
                             "services": services}
     data.update(top)
     return parse_config(data, "<test>")
+
+
+@pytest.fixture
+async def h2_client() -> AsyncIterator[Callable[[int], Awaitable[H2Client]]]:
+    """HTTP/2 clients (tests/h2_client.py) with prior knowledge to a port, closed at the end."""
+    clients: list[H2Client] = []
+
+    async def connect(port: int) -> H2Client:
+        client = await H2Client.connect(port)
+        clients.append(client)
+        return client
+
+    yield connect
+    for client in clients:
+        await client.close()
 
 
 @pytest.fixture

@@ -277,12 +277,33 @@ class SlowStart(Strict):
         return value
 
 
+UpstreamProtocol = Literal["http1", "h2c", "h2"]
+
+
 class VersionConfig(Strict):
     upstreams: list[Address] = Field(min_length=1)
     revision: str | None = None
+    # What its upstreams speak: HTTP/1.1 (over TLS with ``tls``), HTTP/2 in cleartext with
+    # prior knowledge (h2c, how gRPC servers listen inside a network), or HTTP/2 over TLS
+    # (h2: ``tls`` defaults to ``{}``, ALPN offers h2 alone).
+    protocol: UpstreamProtocol = "http1"
     tls: UpstreamTLS | None = None
     health_check: HealthCheck | None = None  # fields set here override the service's
     slow_start: SlowStart | None = None  # overrides the service's
+
+    @model_validator(mode="before")
+    @classmethod
+    def _h2_means_tls(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("protocol") == "h2" and data.get("tls") is None:
+            return {**data, "tls": {}}
+        return data
+
+    @model_validator(mode="after")
+    def _h2c_is_cleartext(self) -> VersionConfig:
+        if self.protocol == "h2c" and self.tls is not None:
+            raise ValueError("protocol h2c is HTTP/2 without TLS; for HTTP/2 over TLS to the "
+                             "upstreams use protocol: h2 (with tls: {...} if needed)")
+        return self
 
 
 class ServiceMatch(Strict):
@@ -480,6 +501,35 @@ class Retries(Strict):
     budget: RetryBudgetConfig = RetryBudgetConfig()
 
 
+GRPC_STATUS_CODES = {
+    "OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4,
+    "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9, "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12,
+    "INTERNAL": 13, "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16,
+}
+
+
+def _grpc_code(value: Any) -> Any:
+    """A gRPC status by its name (``UNAVAILABLE``, any case) or its number."""
+    if isinstance(value, str) and not value.isdigit():
+        code = GRPC_STATUS_CODES.get(value.strip().upper())
+        if code is None:
+            raise ValueError(f"unknown gRPC status {value!r}; one of "
+                             f"{', '.join(GRPC_STATUS_CODES)} or a number 0-16")
+        return code
+    return value
+
+
+GrpcCode = Annotated[int, BeforeValidator(_grpc_code), Field(ge=0, le=16)]
+
+
+class Grpc(Strict):
+    """What a gRPC answer's grpc-status means to the analysis: the codes in ``error_codes``
+    count as errors (in the error rate the rollout checks) even with HTTP status 200."""
+
+    error_codes: list[GrpcCode] = [2, 4, 12, 13, 14, 15]
+
+
 class Service(Strict):
     name: Name
     match: ServiceMatch = ServiceMatch()
@@ -496,6 +546,7 @@ class Service(Strict):
     outlier_detection: OutlierDetection | None = None
     circuit_breaker: CircuitBreaker | None = None
     slow_start: SlowStart | None = None  # off unless configured
+    grpc: Grpc = Grpc()
     # TRACE is answered 405 by Weir unless this is set (then it goes to the app, like any
     # method): an app that echoes it would echo credentials and forwarding headers.
     allow_trace: bool = False

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -22,6 +22,9 @@ log = logging.getLogger("weir.tls")
 # To clients: HTTP/2 first, as every browser and gRPC client asks; to upstreams, HTTP/1.1.
 LISTENER_ALPN = ["h2", "http/1.1"]
 UPSTREAM_ALPN = ["http/1.1"]
+# A version with ``protocol: h2`` offers HTTP/2 alone: an upstream that cannot speak it fails
+# the handshake rather than answering in a protocol the pool does not expect.
+UPSTREAM_ALPN_H2 = ["h2"]
 MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
@@ -93,8 +96,10 @@ def server_context(settings: ServerTLS, where: str = "tls") -> ssl.SSLContext:
     return context
 
 
-def upstream_context(settings: UpstreamTLS, where: str = "tls") -> ssl.SSLContext:
-    """A client context for a version's upstreams; raises TLSConfigError."""
+def upstream_context(settings: UpstreamTLS, where: str = "tls",
+                     http2: bool = False) -> ssl.SSLContext:
+    """A client context for a version's upstreams (``http2``: for ``protocol: h2``); raises
+    TLSConfigError."""
     if settings.ca_file is not None:
         problem = _no_certificate(settings.ca_file)
         if problem is not None:
@@ -104,7 +109,7 @@ def upstream_context(settings: UpstreamTLS, where: str = "tls") -> ssl.SSLContex
     if not settings.verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-    context.set_alpn_protocols(UPSTREAM_ALPN)
+    context.set_alpn_protocols(UPSTREAM_ALPN_H2 if http2 else UPSTREAM_ALPN)
     return context
 
 
@@ -112,6 +117,7 @@ def upstream_context(settings: UpstreamTLS, where: str = "tls") -> ssl.SSLContex
 class CompiledTLS:
     listener: ssl.SSLContext | None
     upstream: dict[UpstreamTLS, ssl.SSLContext]
+    upstream_h2: dict[UpstreamTLS, ssl.SSLContext] = field(default_factory=dict)  # ALPN h2
 
 
 def compile_tls(config: Config) -> CompiledTLS:
@@ -124,19 +130,22 @@ def compile_tls(config: Config) -> CompiledTLS:
         except TLSConfigError as exc:
             errors += exc.errors
     upstream: dict[UpstreamTLS, ssl.SSLContext] = {}
+    upstream_h2: dict[UpstreamTLS, ssl.SSLContext] = {}
     for i, service in enumerate(config.services):
         for name, version in service.versions.items():
             settings = version.tls
-            if settings is None or settings in upstream:
+            http2 = version.protocol == "h2"
+            contexts = upstream_h2 if http2 else upstream
+            if settings is None or settings in contexts:
                 continue
             try:
-                upstream[settings] = upstream_context(
-                    settings, f"services[{i}].versions.{name}.tls")
+                contexts[settings] = upstream_context(
+                    settings, f"services[{i}].versions.{name}.tls", http2)
             except TLSConfigError as exc:
                 errors += exc.errors
     if errors:
         raise TLSConfigError(errors)
-    return CompiledTLS(listener, upstream)
+    return CompiledTLS(listener, upstream, upstream_h2)
 
 
 def warn_unverified(config: Config) -> None:

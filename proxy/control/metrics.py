@@ -64,11 +64,17 @@ class LiveStateCollector(Collector):
             "http_request_duration_seconds",
             "Time from a request's head arriving to its response's end.",
             labels=["service", "version"])
+        grpc = CounterMetricFamily(
+            "weir_grpc_responses", "gRPC calls answered, by service, version and grpc-status "
+            "(the upstream's, or Weir's own when it answered the call itself).",
+            labels=["service", "version", "grpc_status"])
         for (service, version), vs in sorted(stats.versions.items()):
             for (method, status), count in sorted(vs.requests.items()):
                 requests.add_metric([service, version, method.decode(), str(status)], count)
             durations.add_metric([service, version], vs.cumulative_buckets(),
                                  vs.duration_sum)
+            for code, count in sorted(vs.grpc.items()):
+                grpc.add_metric([service, version, str(code)], count)
         unrouted = CounterMetricFamily(
             "weir_unrouted_requests", "Requests answered by Weir itself before any version "
             "was chosen (no matching service, malformed), by status.", labels=["status"])
@@ -95,6 +101,7 @@ class LiveStateCollector(Collector):
                 comparisons.add_metric([service, version, result], count)
         yield requests
         yield durations
+        yield grpc
         yield unrouted
         yield limits
         yield mirrors

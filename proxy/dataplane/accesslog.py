@@ -41,6 +41,8 @@ class AccessLog:
             "bytes_out": ex.bytes_out,
             "duration_ms": round(seconds * 1000, 3),
         }
+        if ex.grpc_status >= 0:
+            entry["grpc_status"] = ex.grpc_status
         self.stream.write(json.dumps(entry, separators=(",", ":")) + "\n")
 
     def mirror(self, target: VersionTarget, shadow_status: int, outcome: str, path: bytes,

@@ -3,8 +3,11 @@
 ``Exchange`` is the half of a request's life that any client protocol shares: find its route
 and version, check its limits, pick and hold an upstream connection (opening one when no idle
 one is pooled), stream the request body to it, retry or fail over when the upstream fails,
-send copies to shadow versions, and count the request once when it ends. Upstreams speak
-HTTP/1.1, so the request head it sends is HTTP/1.1 whatever the client spoke.
+send copies to shadow versions, and count the request once when it ends. Its upstream is an
+``UpstreamChannel``: an HTTP/1.1 connection, to which the request head goes as HTTP/1.1
+whatever the client spoke (``build_head``), or a stream of an HTTP/2 connection
+(``upstream_h2``, a version's ``protocol: h2c | h2``), to which it goes as HTTP/2 header
+fields (``h2_request_headers``).
 
 The other half, how the client's bytes become a request and how a response is framed back to
 it, belongs to the client protocol: ``http1.Http1Exchange`` for HTTP/1.1. A subclass fills in
@@ -48,7 +51,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from .context import DataPlaneContext, DataPlaneSettings, Peer
-    from .upstream import Balancer, UpstreamConnection, UpstreamPool
+    from .upstream import Balancer, UpstreamChannel, UpstreamPool
 
 log = logging.getLogger("weir.server")
 
@@ -61,6 +64,9 @@ SENDING: Final = 2   # the head has gone to the client; the body follows
 TUNNEL: Final = 3    # switched protocols (101): bytes flow raw both ways until a side closes
 DONE: Final = 4      # the response has gone out whole (an answer from Weir goes out at once)
 FINISHED: Final = 5  # counted, and handed back to its connection: nothing more to do
+
+# Tries for a request whose HTTP/2 upstream streams are refused unprocessed.
+STREAM_REFUSALS: Final = 3
 
 # Body bytes held per exchange while its upstream connection is being opened.
 BUFFER_HIGH_WATER: Final = 256 * 1024
@@ -81,7 +87,7 @@ class Exchange(ResponseSink):
         "connecting", "content_length", "extra_headers", "forward", "has_body", "hmap",
         "method", "mirrors", "outbuf", "peer", "plane", "pool", "primary_digest", "reason",
         "request_complete", "response", "retried", "rewritten_headers", "route", "settings",
-        "started", "status", "target", "tried", "until_eof", "upgrade", "upstream",
+        "started", "status", "target", "trailers", "tried", "until_eof", "upgrade", "upstream",
         "upstream_address", "upstream_keep_alive", "url",
     )
 
@@ -118,13 +124,13 @@ class Exchange(ResponseSink):
         self.reason = ""
         self.extra_headers = b""
         self.pool: UpstreamPool | None = None
-        self.upstream: UpstreamConnection | None = None
+        self.upstream: UpstreamChannel | None = None
         self.upstream_address: str | None = None
         self.connecting: asyncio.Task[None] | None = None
         # Loop time by which every connect of this request must be done: set by the first
         # connect, so that failing over to other upstreams fits in one connect timeout.
         self.connect_deadline = 0.0
-        self.retried = False  # sent once more after a stale pooled connection
+        self.retried = 0  # sent once more after a stale pooled connection (or refused stream)
         self.tried: list[UpstreamPool] | None = None  # upstreams already tried, once retrying
         # --- the response
         self.response = AWAITING
@@ -134,6 +140,9 @@ class Exchange(ResponseSink):
         # Response bytes held until the end of the upstream read, then written in one go.
         self.outbuf: list[bytes] = []
         self.bytes_out = 0
+        # Trailer fields from an HTTP/2 upstream, held until the response ends.
+        self.trailers: list[tuple[bytes, bytes]] | None = None
+        self.grpc_status = -1
         self.mirrors: list[MirrorCopy] | None = None
         self.primary_digest: Any = None  # a hashlib object when a mirror compares bodies
 
@@ -241,7 +250,7 @@ class Exchange(ResponseSink):
         # already closed (the stale keep-alive race). The usual GET takes the most recently
         # used idle connection without a call (pool.take_idle's fast path, inlined).
         idle = pool.idle
-        conn: UpstreamConnection | None
+        conn: UpstreamChannel | None
         if idle and not self.has_body and self.method in IDEMPOTENT_METHODS:
             conn = idle.pop()
             if conn.closed:
@@ -306,11 +315,14 @@ class Exchange(ResponseSink):
             return
         self.connecting = None
         if self.response == FINISHED:
-            pool.release(conn)
+            conn.release()
             return
         self.attach(conn)
 
-    def attach(self, conn: UpstreamConnection) -> None:
+    def attach(self, conn: UpstreamChannel) -> None:
+        if conn.http2:
+            self.start_stream(conn)
+            return
         self.upstream = conn
         data = self.build_head(REQUEST_REWRITTEN, TRANSFER_CHUNKED if self.chunked else b"")
         if self.body_buffer:
@@ -329,6 +341,77 @@ class Exchange(ResponseSink):
         conn.send(self, data, route.read_timeout)
         if self.client_paused():
             conn.pause_reading()
+
+    def start_stream(self, stream: UpstreamChannel) -> None:
+        """The request goes out as HEADERS on a stream of an HTTP/2 upstream connection, its
+        body (held so far, and what follows) as DATA."""
+        route = self.route
+        assert route is not None
+        if self.upgrade:
+            # Nothing carries an HTTP/1.1 Upgrade to an HTTP/2 upstream (RFC 9113 8.6).
+            stream.release()
+            self.release_pool_slot()
+            self.respond_local(502, f"version {self.target.name if self.target else ''!r} "
+                                    "speaks HTTP/2 to its upstreams: a protocol switch "
+                                    "(WebSocket) cannot reach them", close=True)
+            return
+        self.upstream = stream
+        body = self.body_buffer
+        # A request without a body ends with its HEADERS, even before the protocol's half
+        # has seen its end (HTTP/1.1 reads a GET's end after its head).
+        ends = not body and (self.request_complete or not self.has_body)
+        headers = self.h2_request_headers(REQUEST_REWRITTEN, None, stream.pool.tls is not None)
+        stream.start(self, headers, ends, route.read_timeout)
+        if body:
+            self.body_buffer = None
+            self.buffered = 0
+            stream.write_body(b"".join(body), False)
+            self.pause_for_buffer(False)
+            if self.request_complete:
+                stream.end_body(False)
+        if self.client_paused():
+            stream.pause_reading()
+
+    def h2_request_headers(self, skip: frozenset[bytes], authority: bytes | None,
+                           tls: bool) -> list[tuple[bytes, bytes]]:
+        """The request head for an HTTP/2 upstream: what build_head forwards, as HTTP/2
+        header fields (names lower-case, Host as :authority, ``te: trailers`` kept, which
+        gRPC needs). ``authority``: instead of the request's own Host (a mirror's);
+        ``tls``: the upstream connection's, for :scheme."""
+        hmap = self.hmap
+        peer = self.peer
+        host = authority if authority is not None else hmap.get(b"host", b"")
+        scheme = b"https" if tls else b"http"
+        headers = [(b":method", self.method), (b":scheme", scheme), (b":authority", host),
+                   (b":path", self.url)]
+        named: set[bytes] | None = None
+        te: bytes | None = None
+        if self.rewritten_headers:
+            connection = hmap.get(b"connection")
+            if connection is not None and connection not in PLAIN_CONNECTION_VALUES:
+                named = connection_tokens(connection)
+            te = hmap.get(b"te")
+        forward = self.forward
+        for i in range(0, len(forward), 4):
+            name = forward[i].lower()
+            if name == b"host" or name in skip or (named is not None and name in named):
+                continue
+            headers.append((name, forward[i + 2]))
+        if te is not None and b"trailers" in te.lower():
+            headers.append((b"te", b"trailers"))  # the one TE HTTP/2 allows (RFC 9113 8.2.2)
+        if peer.trusted:
+            forwarded = hmap.get(b"x-forwarded-for")
+            headers.append((b"x-forwarded-for", forwarded + b", " + peer.address_bytes
+                            if forwarded else peer.address_bytes))
+            headers.append((b"x-forwarded-proto",
+                            hmap.get(b"x-forwarded-proto", self.plane.scheme)))
+            headers.append((b"x-forwarded-host", hmap.get(b"x-forwarded-host") or host))
+        else:
+            headers.append((b"x-forwarded-for", peer.address_bytes))
+            headers.append((b"x-forwarded-proto", self.plane.scheme))
+            headers.append((b"x-forwarded-host", hmap.get(b"host", host)))
+        headers.append((b"via", b"1.1 weir"))
+        return headers
 
     def build_head(self, skip: frozenset[bytes], extra: bytes) -> bytes:
         """The request head as forwarded: hop-by-hop headers out, forwarding headers in.
@@ -384,13 +467,7 @@ class Exchange(ResponseSink):
             return  # the response went out early; the rest of the body is read and dropped
         conn = self.upstream
         if conn is not None:
-            transport = conn.transport
-            assert transport is not None
-            if self.chunked:
-                transport.writelines((b"%x\r\n" % len(body), body, CRLF))
-            else:
-                transport.write(body)
-            conn.touch()
+            conn.write_body(body, self.chunked)
         else:
             if self.body_buffer is None:
                 self.body_buffer = []
@@ -420,9 +497,8 @@ class Exchange(ResponseSink):
                 copy.send()
         response = self.response
         conn = self.upstream
-        if conn is not None and self.chunked and response < DONE:
-            assert conn.transport is not None
-            conn.transport.write(LAST_CHUNK)
+        if conn is not None and response < DONE and (self.chunked or conn.http2):
+            conn.end_body(self.chunked)
         if response == DONE:  # else the response's end finishes the exchange
             self.maybe_finish()
 
@@ -457,10 +533,15 @@ class Exchange(ResponseSink):
             pool.active.discard(self)
         if conn is not None:
             if self.upstream_keep_alive and self.request_complete and not self.until_eof:
-                conn.pool.release(conn)
+                conn.release()
             else:
                 conn.close()
         self.maybe_finish()
+
+    def on_upstream_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """Held for the protocol's end_response (an HTTP/2 client gets them as HEADERS, an
+        HTTP/1.1 one in the last chunk)."""
+        self.trailers = trailers
 
     def on_upstream_failed(self, status: int, reason: str, got_bytes: bool) -> None:
         self.upstream = None
@@ -485,11 +566,15 @@ class Exchange(ResponseSink):
                 self.release_pool_slot()
                 self.reset_client()  # truncated body: the client must not take it as whole
             return
-        if (conn is not None and conn.reused and not conn.got_bytes and not self.retried
+        if (conn is not None and conn.reused and not conn.got_bytes
+                and self.retried < (STREAM_REFUSALS if conn.http2 else 1)
                 and not self.has_body and self.method in IDEMPOTENT_METHODS
                 and self.pool is not None):
             # A pooled connection the upstream had already closed: try once on a fresh one.
-            self.retried = True
+            # An HTTP/2 stream the upstream refused unprocessed (a GOAWAY that did not name
+            # it, REFUSED_STREAM) may be refused again on the next connection, which the
+            # same GOAWAY policy ends: a few tries.
+            self.retried += 1
             self.pool.retries += 1
             self.connecting = self.plane.loop.create_task(self.connect(self.pool))
             return
@@ -580,7 +665,7 @@ class Exchange(ResponseSink):
                   self.url[:200].decode("latin-1"), pool.address, reason)
         self.upstream_address = pool.address
         pool.active.add(self)
-        self.retried = False  # the new attempt may meet a stale pooled connection too
+        self.retried = 0  # the new attempt may meet a stale pooled connection too
         conn = pool.take_idle(self.has_body or self.method not in IDEMPOTENT_METHODS)
         if conn is not None:
             self.attach(conn)
@@ -619,6 +704,8 @@ class Exchange(ResponseSink):
             self.plane.stats.count_unrouted(status)
         else:
             target.stats.observe(self.method, status, seconds)
+            if self.grpc_status >= 0:
+                target.stats.observe_grpc(self.grpc_status, status)
         access_log = self.plane.access_log
         if access_log is not None:
             access_log.exchange(self, status, seconds)

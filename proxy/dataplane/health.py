@@ -23,8 +23,9 @@ from .upstream import pool_key
 if TYPE_CHECKING:
     import aiohttp
 
+    from .pools import PoolRegistry
     from .routing import RouteTable
-    from .upstream import Balancer, PoolRegistry, UpstreamPool
+    from .upstream import Balancer, UpstreamPool
 
 log = logging.getLogger("weir.health")
 
@@ -547,7 +548,7 @@ def resolve_policies(config: Config) -> dict[str, UpstreamPolicy]:
         for name, version in service.versions.items():
             check = service.health_check_for(name)
             for address in version.upstreams:
-                key = pool_key(address, version.tls)  # TLS or not: separate pools
+                key = pool_key(address, version.tls, version.protocol)  # separate pools
                 users.setdefault(key, []).append(f"{service.name}/{name}")
                 first.setdefault(key, (check, service.outlier_detection, max_requests,
                                        service.slow_start_for(name)))

@@ -206,7 +206,14 @@ class Http1Exchange(Exchange):
     def end_response(self) -> None:
         out = self.outbuf
         if self.out_chunked:
-            out.append(LAST_CHUNK)
+            trailers = self.trailers
+            if trailers:  # from an HTTP/2 upstream (gRPC's status among them)
+                out.append(b"0\r\n")
+                for name, value in trailers:
+                    out += (name, b": ", value, CRLF)
+                out.append(CRLF)
+            else:
+                out.append(LAST_CHUNK)
         if out:
             self.outbuf = []
             self.client.transport.write_list(out)

@@ -5,7 +5,9 @@ A connection arrives here two ways: TLS with ``h2`` chosen in ALPN, or cleartext
 bytes are the HTTP/2 connection preface ("prior knowledge", how gRPC runs inside a network),
 which ``http1.Http1Connection`` hands over. Each stream is an ``Exchange`` of its own: routed
 by its own headers (rules, sticky users, weights), so a weight change applies to the very
-next stream on a long-lived connection. Upstreams speak HTTP/1.1.
+next stream on a long-lived connection. Its upstream may speak HTTP/1.1 or HTTP/2 (see
+exchange.py); trailers from an HTTP/2 one go out as the stream's last HEADERS, and a gRPC call
+Weir answers itself gets a trailers-only gRPC answer (``respond_grpc``).
 
 Flow control follows what the other side consumes, both ways:
 - request bodies: a stream's DATA is acknowledged (WINDOW_UPDATE) only as it is written to
@@ -29,6 +31,7 @@ import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import quote
 
 from h2.config import H2Configuration
 from h2.connection import (
@@ -92,6 +95,14 @@ VIA_PAIR: Final = (b"via", b"1.1 weir")
 
 perf_counter: Final = time.perf_counter
 
+GRPC_DEADLINE_EXCEEDED: Final = 4
+GRPC_RESOURCE_EXHAUSTED: Final = 8
+GRPC_UNIMPLEMENTED: Final = 12
+GRPC_INTERNAL: Final = 13
+GRPC_UNAVAILABLE: Final = 14
+# Printable ASCII but "%", which gRPC sends as is in grpc-message.
+GRPC_MESSAGE_SAFE: Final = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
 PAUSE_UPSTREAM: Final = 1  # the upstream's write buffer is full
 PAUSE_BUFFER: Final = 2    # body bytes are piling up while we connect
 
@@ -116,6 +127,27 @@ def header_pairs(block: bytes) -> list[tuple[bytes, bytes]]:
             name, _, value = line.partition(b":")
             pairs.append((name.strip().lower(), value.strip()))
     return pairs
+
+
+def grpc_code_for(status: int) -> int:
+    """The gRPC status of a call Weir answers itself with what would be this HTTP status:
+    DEADLINE_EXCEEDED for a timeout, RESOURCE_EXHAUSTED over a size limit, UNIMPLEMENTED when
+    no service matches (as Envoy's route-not-found), INTERNAL for a malformed request, and
+    UNAVAILABLE for the rest (no upstream, refused, reset), which clients may retry."""
+    if status == 504:
+        return GRPC_DEADLINE_EXCEEDED
+    if status in (413, 431, 429):
+        return GRPC_RESOURCE_EXHAUSTED
+    if status in (404, 405):
+        return GRPC_UNIMPLEMENTED
+    if status == 400:
+        return GRPC_INTERNAL
+    return GRPC_UNAVAILABLE
+
+
+def grpc_message(message: str) -> bytes:
+    """grpc-message is percent-encoded UTF-8 (gRPC's PROTOCOL-HTTP2)."""
+    return quote(message, safe=GRPC_MESSAGE_SAFE).encode()
 
 
 class Http2Exchange(Exchange):
@@ -271,7 +303,8 @@ class Http2Exchange(Exchange):
     def send_pending(self) -> None:
         """Send what the client's window takes; hold the rest (see the module's doc)."""
         conn = self.conn
-        sent = conn.send_data(self.stream_id, self.pending, self.ended)
+        trailers = self.trailers
+        sent = conn.send_data(self.stream_id, self.pending, self.ended and trailers is None)
         self.pending_bytes -= sent
         upstream = self.upstream
         if self.pending:
@@ -279,7 +312,9 @@ class Http2Exchange(Exchange):
                 upstream.pause_reading()
             return
         if self.ended:
-            self.out_done = True  # END_STREAM went with the last of the data
+            if trailers is not None:
+                conn.send_headers(self.stream_id, trailers, True)
+            self.out_done = True  # END_STREAM went with the last of the data, or trailers
             conn.settle(self)
         elif upstream is not None and not conn.write_paused:
             upstream.resume_reading()
@@ -290,7 +325,10 @@ class Http2Exchange(Exchange):
         self.ended = True
         if self.pending:
             return  # ends with the last of its data (send_pending)
-        self.conn.end_stream(self.stream_id)
+        if self.trailers is not None:
+            self.conn.send_headers(self.stream_id, self.trailers, True)
+        else:
+            self.conn.end_stream(self.stream_id)
         self.out_done = True
 
     def on_upstream_tunnel_data(self, data: bytes) -> None:
@@ -299,6 +337,9 @@ class Http2Exchange(Exchange):
     def respond_local(self, status: int, message: str, close: bool = False,
                       headers: bytes = b"") -> None:
         self.status = status
+        if self.hmap.get(b"content-type", b"").startswith(b"application/grpc"):
+            self.respond_grpc(status, message)
+            return
         body = local_body(status, message)
         head = [(b":status", b"%d" % status),
                 (b"content-type", b"text/plain; charset=utf-8"),
@@ -317,6 +358,28 @@ class Http2Exchange(Exchange):
         else:
             conn.send_headers(self.stream_id, head, False)
             conn.send_data(self.stream_id, [body], True)
+        self.out_done = True
+        self.response = DONE
+        self.maybe_finish()
+
+    def respond_grpc(self, status: int, message: str) -> None:
+        """Weir's own answer to a gRPC call: trailers-only (gRPC's PROTOCOL-HTTP2), HTTP 200
+        and the status in the one HEADERS frame that ends the stream, so that the client's
+        library reports the gRPC status rather than a broken call. Counted as what went out:
+        HTTP 200 in http_requests_total, the code in weir_grpc_responses_total (an error when
+        in the service's ``grpc.error_codes``)."""
+        code = grpc_code_for(status)
+        self.grpc_status = code
+        self.status = 200  # what the client got; the failure counts through grpc_status
+        head = [(b":status", b"200"), (b"content-type", b"application/grpc"),
+                (b"grpc-status", b"%d" % code), (b"grpc-message", grpc_message(message))]
+        target = self.target
+        if target is not None:
+            head += target.response_pairs
+        self.head = None
+        self.pending = []
+        self.pending_bytes = 0
+        self.conn.send_headers(self.stream_id, head, True)
         self.out_done = True
         self.response = DONE
         self.maybe_finish()

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .accesslog import AccessLog
     from .exchange import Exchange
     from .routing import VersionTarget
-    from .upstream import UpstreamConnection, UpstreamPool
+    from .upstream import UpstreamChannel, UpstreamPool
 
 log = logging.getLogger("weir.mirror")
 
@@ -136,20 +136,25 @@ class MirrorCopy(ResponseSink):
     """The copy of one request; it implements what UpstreamConnection reports to."""
 
     __slots__ = ("access_log", "body", "body_size", "conn", "digest", "done", "exchange",
-                 "keep_alive", "method", "path", "policy", "pool", "primary",
-                 "sent_at", "shadow_status", "too_large")
+                 "h2_head", "keep_alive", "method", "path", "payload", "policy", "pool",
+                 "primary", "sent_at", "shadow_status", "too_large")
 
     def __init__(self, policy: MirrorPolicy, exchange: Exchange) -> None:
         self.policy = policy
         self.exchange: Exchange | None = exchange
         self.head_request = exchange.head_request
+        self.grpc_status = -1
         self.method = exchange.method
         self.path = exchange.url
         self.access_log: AccessLog | None = exchange.plane.access_log
         self.body: list[bytes] = []
         self.body_size = 0
         self.too_large = False
-        self.conn: UpstreamConnection | None = None
+        self.conn: UpstreamChannel | None = None
+        # What goes out: for an HTTP/1.1 shadow the head and body as bytes, for an HTTP/2
+        # one the body alone and h2_head.
+        self.payload = b""
+        self.h2_head: list[tuple[bytes, bytes]] | None = None
         self.pool: UpstreamPool | None = None
         self.digest = hashlib.sha256() if policy.compare else None
         self.shadow_status = 0
@@ -186,9 +191,14 @@ class MirrorCopy(ResponseSink):
         if pool is None:  # the shadow's upstreams are down, ejected or full
             self.finish("dropped")
             return
-        head = self.build_head(exchange)
+        if pool.protocol == "http1":
+            self.payload = self.build_head(exchange) + b"".join(self.body)
+        else:
+            self.h2_head = exchange.h2_request_headers(
+                MIRROR_SKIP, self.shadow_host(exchange), pool.tls is not None)
+            self.h2_head.append((b"content-length", b"%d" % self.body_size))
+            self.payload = b"".join(self.body)
         self.exchange = None  # no reference cycle with the exchange: refcounting frees both
-        payload = head + b"".join(self.body)
         self.body = []
         policy.inflight += 1
         policy.queued_bytes += self.body_size
@@ -198,11 +208,11 @@ class MirrorCopy(ResponseSink):
         pool.active.add(self)  # type: ignore[arg-type]
         conn = pool.take_idle()
         if conn is not None:
-            self.attach(conn, payload)
+            self.attach(conn)
         else:
-            asyncio.get_running_loop().create_task(self.connect(pool, payload))
+            asyncio.get_running_loop().create_task(self.connect(pool))
 
-    def build_head(self, exchange: Exchange) -> bytes:
+    def shadow_host(self, exchange: Exchange) -> bytes:
         host = exchange.hmap.get(b"host", b"")
         if self.policy.host_suffix:
             name, colon, port = host.rpartition(b":") if b"]" not in host[-1:] else (host, b"",
@@ -210,10 +220,14 @@ class MirrorCopy(ResponseSink):
             if not colon or not port.isdigit():
                 name, colon, port = host, b"", b""
             host = name + b"-shadow" + colon + port
-        extra = b"host: %b\r\ncontent-length: %d\r\n" % (host, self.body_size)
+        return host
+
+    def build_head(self, exchange: Exchange) -> bytes:
+        extra = b"host: %b\r\ncontent-length: %d\r\n" % (self.shadow_host(exchange),
+                                                            self.body_size)
         return exchange.build_head(MIRROR_SKIP, extra)
 
-    async def connect(self, pool: UpstreamPool, payload: bytes) -> None:
+    async def connect(self, pool: UpstreamPool) -> None:
         policy = self.policy
         try:
             conn = await pool.connect(min(policy.timeout, 5.0))
@@ -228,9 +242,9 @@ class MirrorCopy(ResponseSink):
             self.connect_failed("error")
             return
         if self.done:
-            pool.release(conn)
+            conn.release()
             return
-        self.attach(conn, payload)
+        self.attach(conn)
 
     def connect_failed(self, outcome: str) -> None:
         policy = self.policy
@@ -239,10 +253,19 @@ class MirrorCopy(ResponseSink):
             policy.backoff_until = monotonic() + BACKOFF_SECONDS
         self.finish(outcome)
 
-    def attach(self, conn: UpstreamConnection, payload: bytes) -> None:
+    def attach(self, conn: UpstreamChannel) -> None:
         self.conn = conn
         self.policy.consecutive_failures = 0
-        conn.send(self, payload, self.policy.timeout)
+        payload, self.payload = self.payload, b""
+        head = self.h2_head
+        if head is None:
+            conn.send(self, payload, self.policy.timeout)
+            return
+        self.h2_head = None
+        conn.start(self, head, not payload, self.policy.timeout)
+        if payload:
+            conn.write_body(payload, False)
+            conn.end_body(False)
 
     # --- what the shadow's connection reports ---------------------------------------------
 
@@ -259,10 +282,13 @@ class MirrorCopy(ResponseSink):
         conn, self.conn = self.conn, None
         if conn is not None:
             if self.keep_alive:
-                conn.pool.release(conn)
+                conn.release()
             else:
                 conn.close()
         self.finish("success")
+
+    def on_upstream_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        pass  # a shadow's answer is thrown away
 
     def on_upstream_tunnel_data(self, data: bytes) -> None:
         pass  # a shadow has no business upgrading; the copy ends when it closes

@@ -14,9 +14,10 @@ from .context import ClientSide, DataPlaneContext, DataPlaneSettings
 from .health import HealthMonitor
 from .http1 import Http1Connection
 from .listen import DATA_PLANE, ListenError
+from .pools import PoolRegistry
 from .routing import RouteTable, build_route_table
 from .stats import StatsRegistry
-from .upstream import PoolRegistry, UpstreamPool
+from .upstream import UpstreamPool
 
 log = logging.getLogger("weir")
 
@@ -42,7 +43,7 @@ class ProxyServer:
         # Whether the data listener speaks TLS is decided here, for the life of the process.
         self.listener_tls = ListenerTLS(tls.listener) if tls.listener is not None else None
         self.scheme = b"https" if self.listener_tls is not None else b"http"
-        self.pools = PoolRegistry(config.upstream, loop, tls.upstream)
+        self.pools = PoolRegistry(config.upstream, loop, tls.upstream, tls.upstream_h2)
         self.health = HealthMonitor(self.pools, loop)
         self.stats = StatsRegistry()
         # What every connection reads of the process: the route table, the access log,
@@ -138,7 +139,7 @@ class ProxyServer:
         """A reload's freshly loaded certificates and CAs: new handshakes use them."""
         if self.listener_tls is not None and tls.listener is not None:
             self.listener_tls.swap(tls.listener)
-        self.pools.use_contexts(tls.upstream)
+        self.pools.use_contexts(tls.upstream, tls.upstream_h2)
         warn_unverified(config)
 
     def apply_drained(self, drained: set[str]) -> None:

@@ -365,7 +365,8 @@ def without_root_dot(host: str) -> str:
 
 
 def build_route_table(config: Config,
-                      balancer_for: Callable[[tuple[str, ...], UpstreamTLS | None], UpstreamPicker],
+                      balancer_for: Callable[[tuple[str, ...], UpstreamTLS | None, str],
+                                             UpstreamPicker],
                       weights_override: dict[str, dict[str, int]] | None = None,
                       generation: int = 1, stats: StatsRegistry | None = None,
                       previews: dict[str, tuple[str, str]] | None = None) -> RouteTable:
@@ -377,10 +378,13 @@ def build_route_table(config: Config,
     for service in config.services:
         versions = {
             name: VersionTarget(service.name, name, tuple(v.upstreams),
-                                balancer_for(tuple(v.upstreams), v.tls), config.version_header,
-                                stats.for_version(service.name, name))
+                                balancer_for(tuple(v.upstreams), v.tls, v.protocol),
+                                config.version_header, stats.for_version(service.name, name))
             for name, v in service.versions.items()
         }
+        grpc_errors = frozenset(service.grpc.error_codes)
+        for target in versions.values():
+            target.stats.grpc_errors = grpc_errors
         weights = effective_weights(service)
         if weights_override and service.name in weights_override:
             weights = {n: weights_override[service.name].get(n, 0) for n in service.versions}

@@ -26,6 +26,12 @@ _FINE_COUNT: Final = len(FINE_BUCKETS)
 # over 599 (an upstream's other codes are answered with 502); any other goes to a dict.
 _STATUS_SLOTS: Final = 600
 
+# The gRPC status codes that count as errors unless a service says otherwise (its
+# ``grpc.error_codes``): UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE and
+# DATA_LOSS, the server-side failures; the rest (NOT_FOUND, INVALID_ARGUMENT, ...) are
+# answers about the request.
+DEFAULT_GRPC_ERRORS: Final = frozenset({2, 4, 12, 13, 14, 15})
+
 
 class Window:
     """Counts between two snapshots of a VersionStats: what analysis judges."""
@@ -61,8 +67,8 @@ class Window:
 class VersionStats:
     """Requests by (method, status) and a duration histogram for one service version."""
 
-    __slots__ = ("buckets", "by_method", "duration_sum", "errors", "odd_statuses", "service",
-                 "total", "version")
+    __slots__ = ("buckets", "by_method", "duration_sum", "errors", "grpc", "grpc_errors",
+                 "odd_statuses", "service", "total", "version")
 
     def __init__(self, service: str, version: str) -> None:
         self.service = service
@@ -75,6 +81,10 @@ class VersionStats:
         self.duration_sum = 0.0
         self.total = 0
         self.errors = 0  # 5xx, including Weir's own 502 and 504 for upstream failures
+        # gRPC answers by grpc-status, and which of those are errors (the service's setting,
+        # replaced on reload): one with an HTTP 200 counts in ``errors`` too.
+        self.grpc: dict[int, int] = {}
+        self.grpc_errors = DEFAULT_GRPC_ERRORS
 
     def observe(self, method: bytes, status: int, seconds: float) -> None:
         counts = self.by_method.get(method)
@@ -99,6 +109,12 @@ class VersionStats:
         buckets = self.buckets
         buckets[low] = buckets[low] + 1
         self.duration_sum += seconds
+
+    def observe_grpc(self, code: int, status: int) -> None:
+        """A gRPC answer, after ``observe`` counted its HTTP status."""
+        self.grpc[code] = self.grpc.get(code, 0) + 1
+        if status < 500 and code in self.grpc_errors:
+            self.errors += 1
 
     @property
     def requests(self) -> dict[tuple[bytes, int], int]:

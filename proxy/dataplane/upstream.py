@@ -19,12 +19,12 @@ from typing import Final, Protocol
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from ..config.model import UpstreamSettings, UpstreamTLS, split_address
-from ..config.tls import upstream_context
 from .corking import CorkedTransport, Corker
 from .http11 import (
     CONNECTION,
     CONTENT_LENGTH,
     CRLF,
+    LAST_CHUNK,
     RESPONSE_NOTED,
     RESPONSE_NOTED_LENGTH_BITS,
     RESPONSE_REWRITTEN,
@@ -54,9 +54,12 @@ class ResponseSink:
     connection then calls these through a vtable, where a Protocol costs a method lookup by
     name and boxed arguments on each of the four or five calls every response makes."""
 
-    __slots__ = ("head_request",)
+    __slots__ = ("grpc_status", "head_request")
 
     head_request: bool  # set by each subclass
+    # A gRPC answer's grpc-status (-1: none yet), set by an HTTP/2 upstream stream when it
+    # reads it in a head (trailers-only) or the trailers.
+    grpc_status: int
 
     def on_upstream_head(self, status: int, lines: list[bytes],
                          noted: list[bytes], keep_alive: bool) -> None:
@@ -67,6 +70,10 @@ class ResponseSink:
         raise NotImplementedError
 
     def on_upstream_body(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def on_upstream_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """The response's trailer fields (from an HTTP/2 upstream), before its end."""
         raise NotImplementedError
 
     def on_upstream_complete(self) -> None:
@@ -92,24 +99,80 @@ class Closable(Protocol):
     def close_for_drain(self) -> None: ...
 
 
-class UpstreamConnection(asyncio.Protocol):
-    __slots__ = ("_head_bytes", "_head_done", "_informational", "_lines", "_noted",
-                 "_reading", "_reset_parser",
-                 "closed", "got_bytes", "idle_since", "last_activity", "loop", "parser",
-                 "paused", "pool", "read_timeout", "reused", "sink", "timer", "transport",
-                 "tunnel")
+class UpstreamChannel:
+    """What an exchange holds of its upstream while its request is in flight: a whole
+    HTTP/1.1 connection (``UpstreamConnection``), or one stream of a multiplexed HTTP/2
+    connection (``upstream_h2.UpstreamStream``, where ``http2`` is set: the exchange then
+    sends its head as HTTP/2 headers). A base class, so that compiled, the exchange's calls
+    are native either way."""
+
+    __slots__ = ("closed", "got_bytes", "http2", "paused", "pool", "reused", "transport")
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
-        self.loop = pool.loop
+        self.http2 = False
+        # The connection's own transport; None for an HTTP/2 stream, which writes through
+        # its connection (nor can it carry a tunnel: no Upgrade goes to an HTTP/2 upstream).
         self.transport: CorkedTransport | None = None
+        self.closed = False
+        self.reused = False  # taken from the pool rather than freshly connected
+        self.got_bytes = False  # something of the response has been read
+        self.paused = False  # not read while its client cannot take more (see pause_reading)
+
+    def send(self, sink: ResponseSink, data: bytes, read_timeout: float) -> None:
+        """HTTP/1.1: attach the sink, write the request head (and any body), arm the read
+        timer."""
+        raise NotImplementedError
+
+    def start(self, sink: ResponseSink, headers: list[tuple[bytes, bytes]], end_stream: bool,
+              read_timeout: float) -> None:
+        """HTTP/2: attach the sink, send the request's HEADERS, arm the read timer."""
+        raise NotImplementedError
+
+    def write_body(self, data: bytes, chunked: bool) -> None:
+        """A piece of the request body (``chunked``: framed as a chunk, for HTTP/1.1)."""
+        raise NotImplementedError
+
+    def end_body(self, chunked: bool) -> None:
+        """The request body is complete."""
+        raise NotImplementedError
+
+    def pause_reading(self) -> None:
+        raise NotImplementedError
+
+    def resume_reading(self) -> None:
+        raise NotImplementedError
+
+    def touch(self) -> None:
+        raise NotImplementedError
+
+    def reject(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """The exchange is over and the channel may serve another (pooled, or for an HTTP/2
+        stream, its slot freed on its connection)."""
+        raise NotImplementedError
+
+    def detach(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class UpstreamConnection(UpstreamChannel, asyncio.Protocol):
+    __slots__ = ("_head_bytes", "_head_done", "_informational", "_lines", "_noted",
+                 "_reading", "_reset_parser",
+                 "idle_since", "last_activity", "loop", "parser",
+                 "read_timeout", "sink", "timer", "tunnel")
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        super().__init__(pool)
+        self.loop = pool.loop
         self.parser = HttpResponseParser(self)
         self.sink: ResponseSink | None = None
-        self.closed = False
-        self.reused = False
         self.tunnel = False
-        self.got_bytes = False
-        self.paused = False  # not read while its client cannot take more (see pause_reading)
         self.idle_since = 0.0
         self.last_activity = 0.0
         self.read_timeout = 60.0
@@ -373,6 +436,19 @@ class UpstreamConnection(asyncio.Protocol):
         """Request bytes going out count as activity: a slow upload is not a slow upstream."""
         self.last_activity = self.pool.corker.now()
 
+    def write_body(self, data: bytes, chunked: bool) -> None:
+        transport = self.transport
+        assert transport is not None
+        if chunked:
+            transport.writelines((b"%x\r\n" % len(data), data, CRLF))
+        else:
+            transport.write(data)
+        self.last_activity = self.pool.corker.now()
+
+    def end_body(self, chunked: bool) -> None:
+        if chunked and self.transport is not None:
+            self.transport.write(LAST_CHUNK)
+
     def reject(self, reason: str) -> None:
         """An invalid response: one llhttp cannot parse, or one it took that Weir (or the
         exchange) finds invalid. A 502, and the connection is closed."""
@@ -391,6 +467,9 @@ class UpstreamConnection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+    def release(self) -> None:
+        self.pool.release(self)
 
     def detach(self) -> None:
         """The exchange is gone (client left, or an error): this connection is not reusable."""
@@ -420,15 +499,17 @@ class UpstreamPool:
     __slots__ = ("_drain_timer", "active", "address", "available", "connect_errors",
                  "connect_timeout", "corker", "drain_label", "draining", "eject_after",
                  "failures", "host", "idle", "idle_timeout", "key", "loop", "max_idle",
-                 "max_requests", "on_outlier", "on_unreachable", "penalty", "port", "ramp_start",
-                 "ramp_window", "reported", "retries", "server_hostname", "ssl", "timeouts",
-                 "tls", "unreachable")
+                 "max_requests", "on_outlier", "on_unreachable", "penalty", "port", "protocol",
+                 "ramp_start", "ramp_window", "reported", "retries", "server_hostname", "ssl",
+                 "timeouts", "tls", "unreachable")
 
     def __init__(self, address: str, settings: UpstreamSettings,
                  loop: asyncio.AbstractEventLoop, corker: Corker,
-                 tls: UpstreamTLS | None = None, context: ssl.SSLContext | None = None) -> None:
+                 tls: UpstreamTLS | None = None, context: ssl.SSLContext | None = None,
+                 protocol: str = "http1") -> None:
         """``corker`` is the registry's, shared by the whole data plane."""
         self.address = address
+        self.protocol = protocol  # http1, or h2c/h2 for upstream_h2.Http2Pool
         # Holds its connections' writes to the end of the loop iteration, and tells the time
         # (see corking.py).
         self.corker = corker
@@ -436,7 +517,7 @@ class UpstreamPool:
         self.loop = loop
         # HTTPS: the context (replaced on reload, for new connections) and the name to check.
         self.tls = tls
-        self.key = pool_key(address, tls)  # its name in PoolRegistry, health and metrics
+        self.key = pool_key(address, tls, protocol)  # its name in PoolRegistry, health, metrics
         self.ssl = context
         self.server_hostname = (tls.server_name or self.host) if tls is not None else None
         self.idle: list[UpstreamConnection] = []
@@ -513,7 +594,7 @@ class UpstreamPool:
             return 1.0
         return max(RAMP_FLOOR, elapsed / self.ramp_window)
 
-    def take_idle(self, must_be_open: bool = False) -> UpstreamConnection | None:
+    def take_idle(self, must_be_open: bool = False) -> UpstreamChannel | None:
         """The most recently used idle connection. ``must_be_open`` (for a request that
         cannot be retried) first asks the kernel whether the upstream has closed it since:
         the loop may not have read that close yet, and a request sent on it would be lost."""
@@ -528,21 +609,28 @@ class UpstreamPool:
                 return conn
         return None
 
-    async def connect(self, timeout: float | None = None) -> UpstreamConnection:
+    async def connect(self, timeout: float | None = None) -> UpstreamChannel:
         """A fresh connection; raises TimeoutError or OSError. Over TLS the timeout covers
         the handshake too."""
         async with asyncio.timeout(timeout if timeout is not None else self.connect_timeout):
-            try:
-                _, conn = await self.loop.create_connection(
-                    lambda: UpstreamConnection(self), self.host, self.port, ssl=self.ssl,
-                    server_hostname=self.server_hostname)
-            except ssl.SSLCertVerificationError as exc:
-                raise ConnectionError(f"TLS certificate verification failed for "
-                                      f"{self.server_hostname}: {exc.verify_message}") from exc
-            except ssl.SSLError as exc:
-                raise ConnectionError(f"TLS handshake failed: {exc.reason or exc}") from exc
+            conn = await self.open_connection(lambda: UpstreamConnection(self))
+        assert isinstance(conn, UpstreamConnection)
         conn.reused = False
         self.penalty = 0
+        return conn
+
+    async def open_connection(self, factory: Callable[[], asyncio.Protocol]) -> asyncio.Protocol:
+        """A connection to this upstream (TLS too, as configured), its protocol made by
+        ``factory``; raises OSError. The caller bounds the time."""
+        try:
+            _, conn = await self.loop.create_connection(
+                factory, self.host, self.port, ssl=self.ssl,
+                server_hostname=self.server_hostname)
+        except ssl.SSLCertVerificationError as exc:
+            raise ConnectionError(f"TLS certificate verification failed for "
+                                  f"{self.server_hostname}: {exc.verify_message}") from exc
+        except ssl.SSLError as exc:
+            raise ConnectionError(f"TLS handshake failed: {exc.reason or exc}") from exc
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
@@ -686,72 +774,14 @@ class Balancer:
         return any(pool.available for pool in self.pools)
 
 
-def pool_key(address: str, tls: UpstreamTLS | None) -> str:
+def pool_key(address: str, tls: UpstreamTLS | None, protocol: str = "http1") -> str:
     """The pool's name in PoolRegistry.pools and in the metrics' ``upstream`` label. The same
-    address over plain HTTP, over TLS, or with other TLS settings gets separate pools: their
-    connections are not interchangeable."""
+    address over plain HTTP, over TLS, with other TLS settings, or over HTTP/2 gets separate
+    pools: their connections are not interchangeable."""
     if tls is None:
-        return address
+        return f"h2c://{address}" if protocol == "h2c" else address
     options = [f"{key}={value}" for key, value in (
         ("verify", "false" if not tls.verify else None), ("ca_file", tls.ca_file),
         ("server_name", tls.server_name)) if value is not None]
-    return f"https://{address}" + (f" ({', '.join(options)})" if options else "")
-
-
-class PoolRegistry:
-    """One pool per upstream address and TLS settings for the life of the process."""
-
-    def __init__(self, settings: UpstreamSettings, loop: asyncio.AbstractEventLoop,
-                 contexts: dict[UpstreamTLS, ssl.SSLContext] | None = None) -> None:
-        self.settings = settings
-        self.loop = loop
-        # One for the whole data plane: client and upstream writes go out together, and the
-        # time read once per loop iteration is the same for all.
-        self.corker = Corker(loop)
-        self.pools: dict[str, UpstreamPool] = {}
-        self._balancers: dict[tuple[tuple[str, ...], UpstreamTLS | None], Balancer] = {}
-        self.contexts: dict[UpstreamTLS, ssl.SSLContext] = dict(contexts or {})
-
-    def balancer_for(self, addresses: tuple[str, ...],
-                     tls: UpstreamTLS | None = None) -> Balancer:
-        balancer = self._balancers.get((addresses, tls))
-        if balancer is None:
-            pools = []
-            for address in addresses:
-                key = pool_key(address, tls)
-                pool = self.pools.get(key)
-                if pool is None:
-                    context = self.context_for(tls) if tls is not None else None
-                    pool = self.pools[key] = UpstreamPool(address, self.settings, self.loop,
-                                                          self.corker, tls, context)
-                pools.append(pool)
-            balancer = self._balancers[(addresses, tls)] = Balancer(pools)
-        return balancer
-
-    def context_for(self, tls: UpstreamTLS) -> ssl.SSLContext:
-        context = self.contexts.get(tls)
-        if context is None:
-            context = self.contexts[tls] = upstream_context(tls)
-        return context
-
-    def use_contexts(self, contexts: dict[UpstreamTLS, ssl.SSLContext]) -> None:
-        """A reload's freshly loaded CA files: new connections use them; pools whose settings
-        left the config keep theirs while they drain."""
-        self.contexts = dict(contexts)
-        for pool in self.pools.values():
-            if pool.tls is not None and pool.tls in contexts:
-                pool.ssl = contexts[pool.tls]
-
-    def apply(self, settings: UpstreamSettings) -> None:
-        self.settings = settings
-        for pool in self.pools.values():
-            pool.apply(settings)
-
-    def sweep(self) -> None:
-        now = self.loop.time()
-        for pool in self.pools.values():
-            pool.sweep(now)
-
-    def close_all(self) -> None:
-        for pool in self.pools.values():
-            pool.close_idle()
+    scheme = "h2" if protocol == "h2" else "https"
+    return f"{scheme}://{address}" + (f" ({', '.join(options)})" if options else "")

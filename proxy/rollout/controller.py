@@ -553,7 +553,8 @@ class ServiceRollout:
             baseline_version = None  # after a switch the old colour has no traffic to compare
         if analysis.source.type == "prometheus":
             return PrometheusWindow(self.controller, analysis.source, self.name,
-                                    canary_version, baseline_version, analysis.interval)
+                                    canary_version, baseline_version, analysis.interval,
+                                    list(self.service.grpc.error_codes))
         stats = self.control.proxy.stats
         baseline: VersionStats | None = (stats.for_version(self.name, baseline_version)
                                          if baseline_version is not None else None)

@@ -52,12 +52,21 @@ def escape(value: str) -> str:
 
 
 def queries(source: AnalysisSource, service: str, version: str, seconds: int,
-            ) -> dict[str, str]:
+            grpc_errors: list[int] | None = None) -> dict[str, str]:
+    """``grpc_errors``: the gRPC statuses that count as errors; gRPC calls answered with one
+    (over HTTP 200) are added to the 5xx answers."""
     window = f"[{seconds}s]"
     every = selector(source, service, version)
     errors = selector(source, service, version, 'status=~"5.."')
+    error_sum = f"sum(increase(http_requests_total{errors}{window}))"
+    if grpc_errors:
+        codes = "|".join(str(code) for code in sorted(grpc_errors))
+        failed = selector(source, service, version, f'grpc_status=~"{codes}"')
+        # "or vector(0)": a version with no gRPC calls has no such series to add.
+        error_sum = (f"{error_sum} + (sum(increase(weir_grpc_responses_total{failed}"
+                     f"{window})) or vector(0))")
     found = {"requests": f"sum(increase(http_requests_total{every}{window}))",
-             "errors": f"sum(increase(http_requests_total{errors}{window}))"}
+             "errors": error_sum}
     for q in QUANTILES:
         found[f"p{round(q * 100)}"] = (
             f"histogram_quantile({q}, sum by (le) "
@@ -73,8 +82,10 @@ class PrometheusWindow:
     """The same face as MeasurementWindow: ``due()``, then ``await measure()``."""
 
     def __init__(self, controller: RolloutController, source: AnalysisSource, service: str,
-                 canary: str, stable: str | None, interval: float) -> None:
+                 canary: str, stable: str | None, interval: float,
+                 grpc_errors: list[int] | None = None) -> None:
         self.controller = controller
+        self.grpc_errors = grpc_errors
         self.source = source
         self.service = service
         self.canary = canary
@@ -90,9 +101,11 @@ class PrometheusWindow:
         from .analysis import judge
 
         at = time.time()
-        asked = {"canary": queries(self.source, self.service, self.canary, self.seconds)}
+        asked = {"canary": queries(self.source, self.service, self.canary, self.seconds,
+                                   self.grpc_errors)}
         if self.stable is not None:
-            asked["stable"] = queries(self.source, self.service, self.stable, self.seconds)
+            asked["stable"] = queries(self.source, self.service, self.stable, self.seconds,
+                                      self.grpc_errors)
         answers: dict[str, dict[str, float | None]] = {}
         why = None
         try:

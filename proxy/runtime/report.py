@@ -30,6 +30,7 @@ class VersionGain(NamedTuple):
     duration: float                      # seconds, summed
     by_status: dict[Any, int]            # (method, status) -> requests
     buckets: dict[int, int]              # latency histogram bucket index -> requests
+    grpc: dict[int, int] = {}            # grpc-status -> calls
 
 
 class MirrorGain(NamedTuple):
@@ -72,7 +73,7 @@ class ReportBuilder:
     def __init__(self, proxy: ProxyServer) -> None:
         self.proxy = proxy
         self._versions: dict[tuple[str, str], tuple[int, int, float, dict[Any, int],
-                                                    list[int]]] = {}
+                                                    list[int], dict[int, int]]] = {}
         self._flat: dict[str, dict[Any, int]] = {}
 
     def _flat_gain(self, name: str, now: dict[Any, int]) -> dict[Any, int]:
@@ -89,17 +90,18 @@ class ReportBuilder:
             then = self._versions.get(key)
             if then is not None and then[0] == vs.total:
                 continue  # nothing new; the usual case for most versions
-            total, errors, duration, by_status, buckets = then or (0, 0, 0.0, {}, [])
+            total, errors, duration, by_status, buckets, grpc = then or (0, 0, 0.0, {}, [], {})
             now_buckets = list(vs.buckets)
             bucket_gain = {i: n - (buckets[i] if buckets else 0)
                            for i, n in enumerate(now_buckets)
                            if n != (buckets[i] if buckets else 0)}
             versions.append(VersionGain(key, vs.total - total, vs.errors - errors,
                                         vs.duration_sum - duration,
-                                        _gain(vs.requests, by_status), bucket_gain))
+                                        _gain(vs.requests, by_status), bucket_gain,
+                                        _gain(vs.grpc, grpc)))
             requests += vs.total - total
             self._versions[key] = (vs.total, vs.errors, vs.duration_sum, dict(vs.requests),
-                                   now_buckets)
+                                   now_buckets, dict(vs.grpc))
         unrouted = self._flat_gain("unrouted", stats.unrouted)
         requests += sum(unrouted.values())
         mirrors = []
@@ -143,6 +145,7 @@ def merge(proxy: ProxyServer, worker: int, report: WorkerReport) -> None:
             vs.add_requests(method, status, count)
         for index, count in gain.buckets.items():
             vs.buckets[index] += count
+        _add(vs.grpc, gain.grpc)
     _add(stats.unrouted, report.unrouted)
     for mirror in report.mirrors:
         ms = stats.for_mirror(*mirror.key)

@@ -429,7 +429,7 @@ def test_retries_config_defaults_validation_and_budget_kept_across_rebuilds() ->
         assert field_path in text, text
 
     # Each reload or weight change builds a new table; the service's budget carries over.
-    def no_balancer(addresses: tuple[str, ...], tls: Any = None) -> Any:
+    def no_balancer(addresses: tuple[str, ...], tls: Any = None, protocol: str = "") -> Any:
         return object()
 
     stats = StatsRegistry()

@@ -28,7 +28,8 @@ from ..conftest import REPO_ROOT
 class FakeBalancer:
     """Routing only stores the balancer; the data plane calls pick()."""
 
-    def __init__(self, upstreams: tuple[str, ...], tls: object = None) -> None:
+    def __init__(self, upstreams: tuple[str, ...], tls: object = None,
+                 protocol: str = "http1") -> None:
         self.pools = list(upstreams)
 
     def pick(self) -> object:
@@ -443,7 +444,7 @@ from proxy.config.loader import parse_config
 from proxy.dataplane.routing import build_route_table
 
 class Balancer:
-    def __init__(self, upstreams, tls=None):
+    def __init__(self, upstreams, tls=None, protocol="http1"):
         self.pools = list(upstreams)
     def pick(self):
         return self.pools[0]

@@ -1,0 +1,757 @@
+"""HTTP/2 to upstreams (a version's ``protocol: h2c`` or ``h2``): multiplexed, pooled
+connections, framing done by the ``h2`` package.
+
+An ``Http2Pool`` keeps the open connections to one upstream address. An exchange takes a
+stream on a connection with room (the upstream's SETTINGS_MAX_CONCURRENT_STREAMS bounds
+it), or waits for a new connection, which concurrent exchanges share: a burst of requests
+opens one connection, not one each. The stream (``UpstreamStream``) is the exchange's
+``UpstreamChannel``: its request goes out as HEADERS and DATA, and what the upstream answers
+comes back through the same ``ResponseSink`` calls an HTTP/1.1 connection makes, the head
+as HTTP/1.1-style lines (a response without content-length is noted as chunked: its end is
+END_STREAM, which both client protocols can frame), trailers through
+``on_upstream_trailers``.
+
+Flow control, both ways tied to what the other side consumes:
+- request bodies go out within the upstream's windows; what does not fit is held, and past
+  REQUEST_HIGH_WATER the client stops being read (``pause_client_reading``);
+- response DATA is acknowledged (WINDOW_UPDATE) as it is handed to the client, and not while
+  the client is not taking it (``pause_reading``): a slow client stalls its own stream, up
+  to STREAM_WINDOW, never the connection.
+
+A GOAWAY from the upstream lets the streams it names finish; the later ones, which it never
+processed, are reported closed before any byte (a GET is then sent again on a fresh
+connection, as on a stale HTTP/1.1 keep-alive connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any, Final
+
+from h2.config import H2Configuration
+from h2.connection import (
+    ConnectionInputs,
+    ConnectionState,
+    H2Connection,
+    H2ConnectionStateMachine,
+)
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    RemoteSettingsChanged,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes, Settings
+
+from .corking import CorkedTransport
+from .http11 import CRLF, HOP_BY_HOP
+from .upstream import ResponseSink, UpstreamChannel, UpstreamPool
+
+if TYPE_CHECKING:
+    import ssl
+
+    from ..config.model import UpstreamSettings, UpstreamTLS
+    from .corking import Corker
+
+log = logging.getLogger("weir.upstream")
+
+# The window Weir opens to an upstream for each response, and for the whole connection: a
+# client that stops reading holds at most STREAM_WINDOW of its stream's answer here.
+STREAM_WINDOW: Final = 256 * 1024
+CONNECTION_WINDOW: Final = 16 * 1024 * 1024
+DEFAULT_WINDOW: Final = 65535
+
+# Request body bytes held per stream beyond the upstream's window before the client stops
+# being read.
+REQUEST_HIGH_WATER: Final = 256 * 1024
+
+# Streams per connection until the upstream's SETTINGS say otherwise (RFC 9113 6.5.2
+# recommends servers allow at least 100).
+DEFAULT_MAX_STREAMS: Final = 100
+
+# A connection stops taking new streams before its stream ids run out (2^31 - 1).
+LAST_STREAM_ID: Final = 2**31 - 1000
+
+GOAWAY_KEEPS_OPEN: Final = {
+    **H2ConnectionStateMachine._transitions,
+    (ConnectionState.CLIENT_OPEN, ConnectionInputs.RECV_GOAWAY):
+        (None, ConnectionState.CLIENT_OPEN),
+}
+
+H2_CLIENT_CONFIG: Final = H2Configuration(client_side=True, header_encoding=None,
+                                          validate_inbound_headers=True,
+                                          normalize_inbound_headers=True,
+                                          validate_outbound_headers=False,
+                                          normalize_outbound_headers=False)
+
+# How the head of a response without content-length is noted: its end is END_STREAM, which
+# an HTTP/1.1 client gets as chunked framing and an HTTP/2 client as END_STREAM.
+CHUNKED_NOTED: Final = (b"transfer-encoding", b"chunked")
+
+
+class Http2Pool(UpstreamPool):
+    """HTTP/2 connections to one upstream address, each carrying many streams."""
+
+    __slots__ = ("connections", "opening")
+
+    def __init__(self, address: str, settings: UpstreamSettings,
+                 loop: asyncio.AbstractEventLoop, corker: Corker,
+                 tls: UpstreamTLS | None = None, context: ssl.SSLContext | None = None,
+                 protocol: str = "h2c") -> None:
+        super().__init__(address, settings, loop, corker, tls, context, protocol)
+        self.connections: list[Http2UpstreamConnection] = []
+        # The connection being opened, which every exchange that finds no room waits for.
+        self.opening: asyncio.Future[Http2UpstreamConnection] | None = None
+
+    def take_idle(self, must_be_open: bool = False) -> UpstreamChannel | None:
+        """A stream on the first connection with room (fewer connections, fuller)."""
+        for conn in self.connections:
+            if conn.has_room():
+                return conn.open_stream()
+        return None
+
+    async def connect(self, timeout: float | None = None) -> UpstreamChannel:
+        """A stream on a connection with room, opening one if none has (shared by every
+        exchange waiting meanwhile); raises TimeoutError or OSError."""
+        async with asyncio.timeout(timeout if timeout is not None else self.connect_timeout):
+            while True:
+                stream = self.take_idle()
+                if stream is not None:
+                    return stream
+                opening = self.opening
+                if opening is None:
+                    opening = self.opening = self.loop.create_future()
+                    self.loop.create_task(self.open(opening))
+                # Shielded: one waiter giving up (its client left) must not cancel the
+                # connection the others wait for.
+                conn = await asyncio.shield(opening)
+                if conn.has_room():
+                    return conn.open_stream()
+
+    async def open(self, opening: asyncio.Future[Http2UpstreamConnection]) -> None:
+        """Open a connection and wait for the upstream's SETTINGS (its limits, and the proof
+        that it speaks HTTP/2), within the connect timeout."""
+        conn: Http2UpstreamConnection | None = None
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                made = await self.open_connection(lambda: Http2UpstreamConnection(self))
+                assert isinstance(made, Http2UpstreamConnection)
+                conn = made
+                await conn.ready
+        except BaseException as exc:
+            if conn is not None:
+                conn.abort()
+            if not opening.done():
+                opening.set_exception(exc if isinstance(exc, Exception) else
+                                      ConnectionError("connect cancelled"))
+                opening.exception()  # retrieved: nobody may be waiting any more
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        finally:
+            if self.opening is opening:
+                self.opening = None
+        self.penalty = 0
+        if conn.closed:
+            opening.set_exception(ConnectionError("upstream closed the HTTP/2 connection"))
+            opening.exception()
+            return
+        self.connections.append(conn)
+        opening.set_result(conn)
+
+    def forget_connection(self, conn: Http2UpstreamConnection) -> None:
+        if conn in self.connections:
+            self.connections.remove(conn)
+
+    def sweep(self, now: float) -> None:
+        """Close connections that have carried no stream for longer than idle_timeout."""
+        deadline = now - self.idle_timeout
+        for conn in list(self.connections):
+            if not conn.streams and conn.reserved == 0 and conn.idle_since < deadline:
+                conn.shutdown()
+
+    def close_idle(self) -> None:
+        """No new streams anywhere; connections close once their streams end."""
+        for conn in list(self.connections):
+            conn.shutdown()
+
+    def release_connection(self, conn: Http2UpstreamConnection) -> None:
+        """A connection's last stream ended: keep it for the next, or close it if the pool
+        is out of rotation (drained, ejected, failing checks)."""
+        if self.draining or not self.available:
+            conn.shutdown()
+        else:
+            conn.idle_since = self.corker.now()
+
+
+class Http2UpstreamConnection(asyncio.Protocol):
+    """One HTTP/2 connection to an upstream, as a client."""
+
+    def __init__(self, pool: Http2Pool) -> None:
+        self.pool = pool
+        self.loop = pool.loop
+        self.transport: CorkedTransport = None  # type: ignore[assignment]
+        self.h2 = H2Connection(H2_CLIENT_CONFIG)
+        # A GOAWAY from the upstream lets the streams it names finish (RFC 9113 6.8); h2
+        # would take it for the end of everything. Weir opens no new stream itself.
+        self.h2.state_machine._transitions = GOAWAY_KEEPS_OPEN
+        self.streams: dict[int, UpstreamStream] = {}
+        self.reserved = 0  # streams handed out and not yet ended, opened or about to be
+        self.max_streams = DEFAULT_MAX_STREAMS
+        self.ready: asyncio.Future[None] = self.loop.create_future()
+        self.closing = False  # GOAWAY received or sent: no new streams
+        self.closed = False
+        self.write_paused = False
+        self.opened = 0
+        self.idle_since = 0.0
+
+    # --- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = CorkedTransport(transport, self.pool.corker)
+        if self.pool.protocol == "h2":
+            tls = transport.get_extra_info("ssl_object")
+            chosen = tls.selected_alpn_protocol() if tls is not None else None
+            if chosen != "h2":
+                self.ready.set_exception(ConnectionError(
+                    f"upstream did not agree to HTTP/2 in TLS ALPN (chose {chosen!r})"))
+                self.abort()
+                return
+        h2 = self.h2
+        h2.local_settings = Settings(client=True, initial_values={
+            SettingCodes.ENABLE_PUSH: 0,
+            SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+        })
+        h2.initiate_connection()
+        h2.increment_flow_control_window(CONNECTION_WINDOW - DEFAULT_WINDOW)
+        self.write_out()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.ready.done() and data[3:4] != b"\x04":
+            # A server's preface is a SETTINGS frame (RFC 9113 3.4): this is something else,
+            # most often an HTTP/1.1 server's 400 to the client preface.
+            self.ready.set_exception(ConnectionError(
+                f"upstream does not speak HTTP/2 (it answered {data[:40]!r}); is its "
+                "version's protocol right?"))
+            self.ready.exception()
+            self.abort()
+            return
+        try:
+            events: list[Any] = self.h2.receive_data(data)
+        except ProtocolError as exc:
+            if not self.ready.done():
+                self.ready.set_exception(ConnectionError(f"upstream broke HTTP/2: {exc}"))
+                self.ready.exception()
+                self.abort()
+                return
+            log.warning("HTTP/2 protocol error from upstream %s: %s", self.pool.address, exc)
+            self.pool.record_failure()
+            self.write_out()
+            self.fail_streams(502, "upstream broke the HTTP/2 protocol")
+            self.abort()
+            return
+        touched: list[UpstreamStream] = []
+        streams = self.streams
+        for event in events:
+            kind = type(event)
+            if kind is DataReceived:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream.received(event.data, event.flow_controlled_length)
+                    if not stream.touched:
+                        stream.touched = True
+                        touched.append(stream)
+                    if event.stream_ended is not None:
+                        stream.ended()
+                else:
+                    self.acknowledge(event.stream_id, event.flow_controlled_length)
+            elif kind is ResponseReceived:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream.head(event.headers)
+                    if not stream.touched:
+                        stream.touched = True
+                        touched.append(stream)
+                    if event.stream_ended is not None:
+                        stream.ended()
+            elif kind is StreamEnded:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream.ended()
+            elif kind is TrailersReceived:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream.trailers(event.headers)
+                    if event.stream_ended is not None:
+                        stream.ended()
+            elif kind is WindowUpdated:
+                self.window_updated(event.stream_id)
+            elif kind is StreamReset:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream.reset_by_upstream(event.error_code)
+            elif kind is RemoteSettingsChanged:
+                self.settings_changed()
+            elif kind is ConnectionTerminated:
+                self.go_away_received(event.error_code, event.last_stream_id)
+        self.write_out()
+        for stream in touched:
+            stream.touched = False
+            sink = stream.sink
+            if sink is not None:
+                sink.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget_connection(self)
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(
+                "upstream closed the connection before its HTTP/2 SETTINGS"))
+            self.ready.exception()
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream.connection_closed()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        for stream in self.streams.values():
+            stream.pause_client(True)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for stream in list(self.streams.values()):
+            if stream.pending_bytes <= REQUEST_HIGH_WATER:
+                stream.pause_client(False)
+
+    def eof_received(self) -> bool | None:
+        self.transport.uncork()
+        return None
+
+    # --- events -----------------------------------------------------------------------------
+
+    def settings_changed(self) -> None:
+        limit = self.h2.remote_settings.max_concurrent_streams
+        self.max_streams = max(1, min(limit, 2**31)) if limit is not None else 2**31
+        if not self.ready.done():
+            self.ready.set_result(None)
+        self.window_updated(0)  # an INITIAL_WINDOW_SIZE change moves the streams' windows
+
+    def window_updated(self, stream_id: int) -> None:
+        if stream_id:
+            stream = self.streams.get(stream_id)
+            if stream is not None and stream.pending:
+                stream.send_pending()
+            return
+        for stream in list(self.streams.values()):
+            if stream.pending:
+                stream.send_pending()
+
+    def go_away_received(self, error_code: int, last_stream_id: int) -> None:
+        """The upstream takes no new streams. Those it never processed (above
+        ``last_stream_id``) are reported closed before any byte; with an error, the rest
+        fail too and the connection ends."""
+        self.closing = True
+        self.pool.forget_connection(self)
+        for stream_id, stream in list(self.streams.items()):
+            if stream_id > last_stream_id:
+                stream.refused()
+        if error_code:
+            log.warning("upstream %s ended its HTTP/2 connection: %s", self.pool.address,
+                        _error_name(error_code))
+            self.fail_streams(502, "upstream ended the HTTP/2 connection "
+                                   f"({_error_name(error_code)})")
+            self.abort()
+        elif not self.streams:
+            self.close()
+
+    # --- used by the pool and the streams ---------------------------------------------------
+
+    def has_room(self) -> bool:
+        return (not self.closing and not self.closed and self.reserved < self.max_streams)
+
+    def open_stream(self) -> UpstreamStream:
+        self.reserved += 1
+        stream = UpstreamStream(self)
+        stream.reused = self.opened > 0
+        self.opened += 1
+        return stream
+
+    def write_out(self) -> None:
+        data = self.h2.data_to_send()
+        if data:
+            self.transport.write(data)
+
+    def acknowledge(self, stream_id: int, size: int) -> None:
+        if size:
+            with contextlib.suppress(ProtocolError):
+                self.h2.acknowledge_received_data(size, stream_id)
+
+    def stream_done(self, stream: UpstreamStream) -> None:
+        """A stream handed out is over (ended, reset, or never started)."""
+        self.reserved -= 1
+        if stream.stream_id and self.streams.get(stream.stream_id) is stream:
+            del self.streams[stream.stream_id]
+        if not self.streams and self.reserved == 0:
+            if self.closing:
+                self.close()
+            else:
+                self.pool.release_connection(self)
+        if (self.h2.highest_outbound_stream_id or 0) > LAST_STREAM_ID:
+            self.closing = True
+
+    def fail_streams(self, status: int, reason: str) -> None:
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream.fail(status, reason)
+
+    def shutdown(self) -> None:
+        """GOAWAY(NO_ERROR): no new streams; close once the last one ends."""
+        if self.closed:
+            return
+        if not self.closing:
+            self.closing = True
+            self.pool.forget_connection(self)
+            with contextlib.suppress(ProtocolError):
+                self.h2.close_connection()
+            self.write_out()
+        if not self.streams and self.reserved == 0:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.pool.forget_connection(self)
+            if self.transport is not None:
+                self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        self.pool.forget_connection(self)
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class UpstreamStream(UpstreamChannel):
+    """One request and its response on an HTTP/2 upstream connection: the exchange's
+    ``UpstreamChannel`` while it is in flight."""
+
+    __slots__ = ("client_paused", "conn", "end_pending", "last_activity", "local_ended",
+                 "pending", "pending_bytes", "read_timeout", "responded", "sink", "stream_id",
+                 "timer", "touched", "unacked")
+
+    def __init__(self, conn: Http2UpstreamConnection) -> None:
+        super().__init__(conn.pool)
+        self.http2 = True
+        self.conn = conn
+        self.stream_id = 0  # given when its HEADERS go out
+        self.sink: ResponseSink | None = None
+        self.pending: list[bytes] = []  # request body waiting for the upstream's window
+        self.pending_bytes = 0
+        self.end_pending = False  # END_STREAM waits behind pending
+        # END_STREAM has gone out: h2 would take another for an error and close the stream.
+        self.local_ended = False
+        self.client_paused = False
+        self.unacked = 0  # response bytes received and not yet acknowledged (paused)
+        self.responded = False  # the final response head is in
+        self.touched = False  # in this read's list of streams to flush
+        self.last_activity = 0.0
+        self.read_timeout = 60.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    # --- UpstreamChannel: used by the exchange ----------------------------------------------
+
+    def start(self, sink: ResponseSink, headers: list[tuple[bytes, bytes]], end_stream: bool,
+              read_timeout: float) -> None:
+        """Send the request's HEADERS (and END_STREAM with them when it has no body)."""
+        conn = self.conn
+        h2 = conn.h2
+        self.sink = sink
+        self.read_timeout = read_timeout
+        self.last_activity = self.pool.corker.now()
+        if conn.closed or conn.closing:
+            # Closed between being handed out and used (a connect's await): as a stale
+            # keep-alive connection would be.
+            self.loop_call(self.refused)
+            return
+        stream_id = h2.get_next_available_stream_id()
+        self.stream_id = stream_id
+        conn.streams[stream_id] = self
+        self.local_ended = end_stream
+        try:
+            h2.send_headers(stream_id, headers, end_stream=end_stream)
+        except ProtocolError as exc:  # over a limit the upstream has just lowered
+            log.info("upstream %s: stream not opened: %s", self.pool.address, exc)
+            self.loop_call(self.refused)
+            return
+        conn.write_out()
+        self.timer = conn.loop.call_later(read_timeout, self.check_timeout)
+
+    def loop_call(self, callback: Any) -> None:
+        self.conn.loop.call_soon(callback)
+
+    def send(self, sink: ResponseSink, data: bytes, read_timeout: float) -> None:
+        raise AssertionError("an HTTP/2 stream is started with headers, not HTTP/1.1 bytes")
+
+    def write_body(self, data: bytes, chunked: bool) -> None:
+        if not self.stream_id or self.closed or self.local_ended:
+            return
+        self.last_activity = self.pool.corker.now()
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+        self.send_pending()
+        if self.pending_bytes > REQUEST_HIGH_WATER:
+            self.pause_client(True)
+
+    def end_body(self, chunked: bool) -> None:
+        if not self.stream_id or self.closed or self.local_ended:
+            return
+        if self.pending:
+            self.end_pending = True
+            return
+        self.local_ended = True
+        conn = self.conn
+        try:
+            conn.h2.end_stream(self.stream_id)
+        except ProtocolError:
+            return  # the upstream reset the stream, or ended it: its answer is its own
+        conn.write_out()
+
+    def send_pending(self) -> None:
+        """Send what the upstream's windows take; hold the rest."""
+        conn = self.conn
+        h2 = conn.h2
+        stream_id = self.stream_id
+        pending = self.pending
+        try:
+            window = h2.local_flow_control_window(stream_id)
+            frame = h2.max_outbound_frame_size
+            while pending and window > 0:
+                chunk = pending[0]
+                size = min(window, frame, len(chunk))
+                if size == len(chunk):
+                    pending.pop(0)
+                else:
+                    pending[0] = chunk[size:]
+                    chunk = chunk[:size]
+                window -= size
+                self.pending_bytes -= size
+                end = self.end_pending and not pending
+                if end:
+                    self.local_ended = True
+                h2.send_data(stream_id, chunk, end_stream=end)
+        except ProtocolError:  # the stream is closed: the upstream is done with the body
+            pending.clear()
+            self.pending_bytes = 0
+            self.end_pending = False
+        conn.write_out()
+        if self.pending_bytes <= REQUEST_HIGH_WATER and not conn.write_paused:
+            self.pause_client(False)
+
+    def pause_client(self, paused: bool) -> None:
+        if paused != self.client_paused and self.sink is not None:
+            self.client_paused = paused
+            self.sink.pause_client_reading(paused)
+
+    def pause_reading(self) -> None:
+        """The client is not taking the answer: stop acknowledging it (the upstream can send
+        at most the stream's window more)."""
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        if self.paused:
+            self.paused = False
+            if self.unacked and self.stream_id:
+                unacked, self.unacked = self.unacked, 0
+                self.conn.acknowledge(self.stream_id, unacked)
+                self.conn.write_out()
+
+    def touch(self) -> None:
+        self.last_activity = self.pool.corker.now()
+
+    def reject(self, reason: str) -> None:
+        log.warning("invalid response from %s: %s", self.pool.address, reason)
+        self.pool.record_failure()
+        self.fail(502, "upstream sent an invalid response")
+
+    def release(self) -> None:
+        """The exchange is over with the response whole: the stream ends without a reset,
+        unless some of the request body is still held (its answer came first)."""
+        self.sink = None
+        if self.pending or self.end_pending:
+            self.close()
+        else:
+            self.finish()
+
+    def detach(self) -> None:
+        self.sink = None
+        self.close()
+
+    def close(self) -> None:
+        """Stop the stream (CANCEL) if it is still open, and free its slot."""
+        if self.closed:
+            return
+        if self.stream_id:
+            conn = self.conn
+            with contextlib.suppress(ProtocolError):
+                conn.h2.reset_stream(self.stream_id, ErrorCodes.CANCEL)
+            conn.write_out()
+        self.finish()
+
+    # --- what the connection reports --------------------------------------------------------
+
+    def head(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """The response's HEADERS: handed on as an HTTP/1.1 head would be."""
+        self.got_bytes = True
+        self.last_activity = self.pool.corker.now()
+        status = 0
+        lines: list[bytes] = [b""]
+        noted: list[bytes] = []
+        has_length = False
+        for name, value in headers:
+            if name[:1] == b":":
+                if name == b":status":
+                    status = int(value) if value.isdigit() else 0
+                continue
+            if name == b"content-length":
+                has_length = True
+                noted.append(name)
+                noted.append(value)
+            elif name == b"grpc-status":  # a trailers-only answer
+                if self.sink is not None and value.isdigit():
+                    self.sink.grpc_status = int(value)
+            elif name in HOP_BY_HOP or name == b"x-weir-version":
+                continue  # h2 has refused connection-specific ones; te is not a response's
+            lines.append(name)
+            lines.append(b": ")
+            lines.append(value)
+            lines.append(CRLF)
+        if not 200 <= status <= 599:
+            self.reject(f"status code {status}")
+            return
+        self.responded = True
+        if not has_length:
+            noted.append(CHUNKED_NOTED[0])
+            noted.append(CHUNKED_NOTED[1])
+        if status >= 500:
+            self.pool.record_failure()
+        else:
+            self.pool.failures = 0
+        sink = self.sink
+        if sink is not None:
+            sink.on_upstream_head(status, lines, noted, True)
+
+    def received(self, data: bytes, flow_controlled: int) -> None:
+        self.last_activity = self.pool.corker.now()
+        sink = self.sink
+        if sink is not None and data:
+            sink.on_upstream_body(data)
+        if self.paused:
+            self.unacked += flow_controlled
+        else:
+            self.conn.acknowledge(self.stream_id, flow_controlled)
+
+    def trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        sink = self.sink
+        if sink is None:
+            return
+        for name, value in headers:
+            if name == b"grpc-status" and value.isdigit():
+                sink.grpc_status = int(value)
+        sink.on_upstream_trailers(headers)
+
+    def ended(self) -> None:
+        """END_STREAM from the upstream: the exchange releases the stream (or closes it,
+        with a reset, when its request is still being sent)."""
+        sink = self.sink
+        if not self.responded:
+            self.fail(502, "upstream ended the stream without a response")
+            return
+        if sink is not None:
+            self.sink = None
+            sink.on_upstream_complete()
+        if not self.closed:
+            self.close()
+
+    def reset_by_upstream(self, error_code: int) -> None:
+        if error_code == ErrorCodes.REFUSED_STREAM and not self.responded:
+            self.refused()
+            return
+        self.closed_by_peer()
+        sink, self.sink = self.sink, None
+        if sink is None:
+            return
+        if error_code == ErrorCodes.NO_ERROR and self.responded:
+            # RFC 9113 8.1: the upstream has answered whole and needs no more of the body.
+            return
+        log.info("upstream %s reset stream %d: %s", self.pool.address, self.stream_id,
+                 _error_name(error_code))
+        sink.on_upstream_closed()
+
+    def refused(self) -> None:
+        """Never processed by the upstream (REFUSED_STREAM, or past a GOAWAY's last stream):
+        reported as a stale connection is, so that a request safe to repeat is."""
+        self.reused = True
+        self.got_bytes = False
+        self.closed_by_peer()
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.on_upstream_closed()
+
+    def connection_closed(self) -> None:
+        self.closed_by_peer()
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.on_upstream_closed()
+
+    def fail(self, status: int, reason: str) -> None:
+        sink, self.sink = self.sink, None
+        got = self.responded
+        self.close()
+        if sink is not None:
+            sink.on_upstream_failed(status, reason, got)
+
+    def check_timeout(self) -> None:
+        """A lazily re-armed timer, as UpstreamConnection's."""
+        self.timer = None
+        if self.sink is None or self.closed:
+            return
+        idle = self.conn.loop.time() - self.last_activity
+        if idle < self.read_timeout:
+            self.timer = self.conn.loop.call_later(self.read_timeout - idle, self.check_timeout)
+            return
+        self.pool.timeouts += 1
+        self.pool.record_failure()
+        self.fail(504, "upstream did not answer in time")
+
+    # --- the end ----------------------------------------------------------------------------
+
+    def closed_by_peer(self) -> None:
+        """The stream is over on the wire: free its slot without a reset."""
+        if not self.closed:
+            self.finish()
+
+    def finish(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.pending = []
+        self.pending_bytes = 0
+        self.conn.stream_done(self)
+
+
+def _error_name(code: int) -> str:
+    try:
+        return ErrorCodes(code).name
+    except ValueError:
+        return f"error code {code}"
