@@ -203,12 +203,21 @@ class UpstreamTLS(Strict):
     server_name: str | None = Field(default=None, min_length=1)  # SNI and name to check
 
 
+class GrpcHealthCheck(Strict):
+    """The gRPC health protocol (grpc.health.v1.Health/Check) instead of a GET: a check
+    passes when ``service`` ("": the whole server) answers SERVING."""
+
+    service: str = ""
+
+
 class HealthCheck(Strict):
     """Active readiness probe: a GET of ``path`` on every upstream each ``interval``; a 2xx or
     3xx within ``timeout`` passes. Defaults follow Kubernetes probes (1s timeout, 3 failures
-    to go out) with Envoy's habit of 2 passes to come back."""
+    to go out) with Envoy's habit of 2 passes to come back. With ``grpc``, the probe is the
+    gRPC health protocol (upstreams that speak HTTP/2 only)."""
 
     path: str = "/healthz"
+    grpc: GrpcHealthCheck | None = None
     interval: Duration = 5.0
     timeout: Duration = 1.0
     healthy_threshold: int = Field(default=2, ge=1)
@@ -559,7 +568,18 @@ class Service(Strict):
         own = self.versions[version].health_check
         if own is None or self.health_check is None:
             return own or self.health_check
-        return self.health_check.model_copy(update=own.model_dump(exclude_unset=True))
+        return HealthCheck.model_validate({**self.health_check.model_dump(exclude_unset=True),
+                                           **own.model_dump(exclude_unset=True)})
+
+    @model_validator(mode="after")
+    def _grpc_checks_need_http2(self) -> Service:
+        for name, version in self.versions.items():
+            check = self.health_check_for(name)
+            if check is not None and check.grpc is not None and version.protocol == "http1":
+                raise ValueError(f"version {name!r}: health_check.grpc (the gRPC health "
+                                 "protocol) needs upstreams that speak HTTP/2: set its "
+                                 "protocol to h2c or h2")
+        return self
 
 
 class Admin(Strict):

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from ..config.model import Config, HealthCheck, OutlierDetection, SlowStart
 from ..tasks import cancel_and_wait
 from .upstream import pool_key
+from .upstream_h2 import Http2Pool
+from .upstream_h2 import probe as probe_http2
 
 if TYPE_CHECKING:
     import aiohttp
@@ -252,6 +254,8 @@ class HealthMonitor:
         pool = self.pools.pools.get(address)
         if pool is None:
             return "error"
+        if isinstance(pool, Http2Pool):
+            return await self.probe_http2(pool, check)
         scheme = "https" if pool.ssl is not None else "http"
         tls: dict[str, Any] = {}
         if pool.ssl is not None:
@@ -270,6 +274,20 @@ class HealthMonitor:
         except Exception:  # a bug must not end this upstream's checks for good
             log.exception("health check of %s failed unexpectedly", address)
             return "error"
+
+    async def probe_http2(self, pool: Http2Pool, check: HealthCheck) -> str:
+        grpc = check.grpc.service if check.grpc is not None else None
+        try:
+            async with asyncio.timeout(check.timeout):
+                passed = await probe_http2(pool, check.path, grpc)
+        except TimeoutError:
+            return "timeout"
+        except OSError:
+            return "error"
+        except Exception:  # a bug must not end this upstream's checks for good
+            log.exception("health check of %s failed unexpectedly", pool.key)
+            return "error"
+        return "success" if passed else "failure"
 
     def record_check(self, address: str, policy: UpstreamPolicy, outcome: str) -> None:
         check = policy.check

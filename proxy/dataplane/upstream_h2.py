@@ -755,3 +755,113 @@ def _error_name(code: int) -> str:
         return ErrorCodes(code).name
     except ValueError:
         return f"error code {code}"
+
+
+# --- health checks --------------------------------------------------------------------------
+
+# A probe reads this much of an answer's body at most.
+PROBE_BODY_LIMIT: Final = 4096
+GRPC_HEALTH_PATH: Final = b"/grpc.health.v1.Health/Check"
+GRPC_SERVING: Final = b"\x08\x01"  # HealthCheckResponse{status: SERVING}, as protobuf
+
+
+class ProbeSink(ResponseSink):
+    """What a health check's stream reports to: the status, the start of the body, the
+    grpc-status, and a future that is done when the answer is whole (or failed)."""
+
+    __slots__ = ("body", "done", "status")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.head_request = False
+        self.grpc_status = -1
+        self.status = 0
+        self.body = bytearray()
+        self.done: asyncio.Future[bool] = loop.create_future()
+
+    def on_upstream_head(self, status: int, lines: list[bytes],
+                         noted: list[bytes], keep_alive: bool) -> None:
+        self.status = status
+
+    def on_upstream_body(self, data: bytes) -> None:
+        if len(self.body) < PROBE_BODY_LIMIT:
+            self.body += data[:PROBE_BODY_LIMIT]
+
+    def on_upstream_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        pass  # grpc-status is already read into grpc_status
+
+    def on_upstream_complete(self) -> None:
+        if not self.done.done():
+            self.done.set_result(True)
+
+    def on_upstream_tunnel_data(self, data: bytes) -> None:
+        pass
+
+    def on_upstream_failed(self, status: int, reason: str, got_bytes: bool) -> None:
+        if not self.done.done():
+            self.done.set_result(False)
+
+    def on_upstream_closed(self) -> None:
+        if not self.done.done():
+            self.done.set_result(False)
+
+    def flush(self) -> None:
+        pass
+
+    def pause_client_reading(self, paused: bool) -> None:
+        pass
+
+
+def grpc_health_request(service: str) -> bytes:
+    """A framed grpc.health.v1.HealthCheckRequest{service}: protobuf field 1, a string."""
+    name = service.encode()
+    message = b"\x0a" + _varint(len(name)) + name if name else b""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+async def probe(pool: Http2Pool, path: str, grpc_service: str | None) -> bool:
+    """One health check over a fresh HTTP/2 connection (as a Kubernetes probe proves that new
+    connections are accepted): a GET of ``path`` that passes with a 2xx or 3xx, or with
+    ``grpc_service`` set, grpc.health.v1.Health/Check that passes when the service answers
+    SERVING. Raises OSError when the upstream cannot be reached; the caller bounds the
+    time."""
+    made = await pool.open_connection(lambda: Http2UpstreamConnection(pool))
+    assert isinstance(made, Http2UpstreamConnection)
+    conn = made
+    try:
+        await conn.ready
+        sink = ProbeSink(pool.loop)
+        stream = conn.open_stream()
+        scheme = b"https" if pool.tls is not None else b"http"
+        authority = (pool.server_hostname or pool.address).encode()
+        if grpc_service is None:
+            stream.start(sink, [(b":method", b"GET"), (b":scheme", scheme),
+                                (b":authority", authority), (b":path", path.encode()),
+                                (b"user-agent", b"weir-health-check")], True, 3600.0)
+        else:
+            stream.start(sink, [(b":method", b"POST"), (b":scheme", scheme),
+                                (b":authority", authority), (b":path", GRPC_HEALTH_PATH),
+                                (b"content-type", b"application/grpc"), (b"te", b"trailers"),
+                                (b"user-agent", b"weir-health-check")], False, 3600.0)
+            stream.write_body(grpc_health_request(grpc_service), False)
+            stream.end_body(False)
+        whole = await sink.done
+    finally:
+        conn.shutdown()
+        conn.close()
+    if not whole:
+        return False
+    if grpc_service is None:
+        return 200 <= sink.status < 400
+    return sink.grpc_status == 0 and bytes(sink.body[5:]) == GRPC_SERVING

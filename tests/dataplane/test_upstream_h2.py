@@ -208,3 +208,62 @@ async def test_h2_over_tls_offers_only_h2_and_verifies_the_certificate(
     (refused,) = await exchange(strict.port, get("/echo"))
     assert refused.status == 502 and b"certificate" in refused.body
     assert len(backend.requests) == 1
+
+
+async def test_health_checks_speak_http2_to_an_h2c_upstream(h2_backend, start_proxy):
+    up = await h2_backend("up")
+    down = await h2_backend("down")
+    check = {"interval": 0.1, "timeout": 1, "unhealthy_threshold": 2, "healthy_threshold": 1}
+    proxy = await start_proxy([{
+        "name": "app",
+        "versions": {
+            "stable": {"upstreams": [up.address], "protocol": "h2c",
+                       "health_check": {**check, "path": "/echo?probe=1"}},
+            "canary": {"upstreams": [down.address], "protocol": "h2c",
+                       "health_check": {**check, "path": "/status?code=503"}}},
+        "weights": {"stable": 50, "canary": 50}}])
+    health = proxy.health
+    await wait_for(lambda: not health.state(f"h2c://{down.address}").healthy)
+    assert health.state(f"h2c://{up.address}").healthy
+    probes = [r for r in up.requests if r["path"] == "/echo?probe=1"]
+    assert probes and probes[0]["headers"]["user-agent"] == "weir-health-check"
+    assert probes[0]["authority"] == up.address
+
+
+async def test_grpc_health_checks_follow_the_servers_serving_status(start_proxy):
+    import grpc
+    from grpc import aio
+
+    serving = {"": b"\x08\x01"}  # HealthCheckResponse{status: SERVING}
+
+    async def check(request: bytes, context: Any) -> bytes:
+        asked = request[2:].decode() if request else ""
+        return serving.get(asked, b"\x08\x02")  # NOT_SERVING for a service not known
+
+    server = aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(check)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        key = f"h2c://127.0.0.1:{port}"
+        proxy = await start_proxy([{"name": "app", "versions": {"stable": {
+            "upstreams": [f"127.0.0.1:{port}"], "protocol": "h2c",
+            "health_check": {"grpc": {"service": "payments"}, "interval": 0.1,
+                             "unhealthy_threshold": 1, "healthy_threshold": 1}}}}])
+        state = proxy.health.state(key)
+        await wait_for(lambda: not state.healthy)  # "payments" is not SERVING
+        serving["payments"] = b"\x08\x01"
+        await wait_for(lambda: state.healthy)
+        assert state.checks["success"] >= 1 and state.checks["failure"] >= 1
+    finally:
+        await server.stop(None)
+
+
+def test_grpc_health_checks_need_an_http2_version() -> None:
+    from proxy.config.loader import parse_config
+    from proxy.config.model import ConfigError
+
+    with pytest.raises(ConfigError, match="needs upstreams that speak HTTP/2"):
+        parse_config({"services": [{"name": "app", "health_check": {"grpc": {}},
+                                    "versions": {"stable": {"upstreams": ["127.0.0.1:1"]}}}]})
