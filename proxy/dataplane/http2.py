@@ -321,8 +321,18 @@ class Http2Exchange(Exchange):
 
     def end_response(self) -> None:
         """Settled in maybe_finish, which follows at once."""
-        self.flush()
+        head = self.head
         self.ended = True
+        if head is not None and not self.pending and self.trailers is None:
+            # A head alone (an answer to HEAD, a 204, a trailers-only gRPC answer): one
+            # HEADERS frame that ends the stream. A gRPC client takes a HEADERS frame that
+            # does not end the stream for the call's start, and its grpc-status as nothing.
+            self.head = None
+            self.response = SENDING
+            self.conn.send_headers(self.stream_id, head, True)
+            self.out_done = True
+            return
+        self.flush()
         if self.pending:
             return  # ends with the last of its data (send_pending)
         if self.trailers is not None:

@@ -100,7 +100,7 @@ CHUNKED_NOTED: Final = (b"transfer-encoding", b"chunked")
 class Http2Pool(UpstreamPool):
     """HTTP/2 connections to one upstream address, each carrying many streams."""
 
-    __slots__ = ("connections", "opening")
+    __slots__ = ("connections", "opening", "opening_task")
 
     def __init__(self, address: str, settings: UpstreamSettings,
                  loop: asyncio.AbstractEventLoop, corker: Corker,
@@ -110,6 +110,7 @@ class Http2Pool(UpstreamPool):
         self.connections: list[Http2UpstreamConnection] = []
         # The connection being opened, which every exchange that finds no room waits for.
         self.opening: asyncio.Future[Http2UpstreamConnection] | None = None
+        self.opening_task: asyncio.Task[None] | None = None  # held: the loop keeps weak refs
 
     def take_idle(self, must_be_open: bool = False) -> UpstreamChannel | None:
         """A stream on the first connection with room (fewer connections, fuller)."""
@@ -129,7 +130,7 @@ class Http2Pool(UpstreamPool):
                 opening = self.opening
                 if opening is None:
                     opening = self.opening = self.loop.create_future()
-                    self.loop.create_task(self.open(opening))
+                    self.opening_task = self.loop.create_task(self.open(opening))
                 # Shielded: one waiter giving up (its client left) must not cancel the
                 # connection the others wait for.
                 conn = await asyncio.shield(opening)
@@ -159,6 +160,7 @@ class Http2Pool(UpstreamPool):
         finally:
             if self.opening is opening:
                 self.opening = None
+                self.opening_task = None
         self.penalty = 0
         if conn.closed:
             opening.set_exception(ConnectionError("upstream closed the HTTP/2 connection"))
@@ -624,7 +626,7 @@ class UpstreamStream(UpstreamChannel):
                 has_length = True
                 noted.append(name)
                 noted.append(value)
-            elif name == b"grpc-status":  # a trailers-only answer
+            elif name == b"grpc-status":  # a trailers-only answer: noted, and passed on
                 if self.sink is not None and value.isdigit():
                     self.sink.grpc_status = int(value)
             elif name in HOP_BY_HOP or name == b"x-weir-version":
