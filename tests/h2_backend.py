@@ -76,12 +76,15 @@ class H2BackendProtocol(asyncio.Protocol):
         self.pending: dict[int, bytearray] = {}  # response bytes waiting for a window
         self.ends: dict[int, list[tuple[bytes, bytes]] | None] = {}
         self.served = 0
+        self.peer_gone = False  # the client sent GOAWAY
         self.started: set[int] = set()
-        # After its own GOAWAY the server still answers the streams it named (RFC 9113 6.8),
-        # which h2 would refuse.
+        # After a GOAWAY either way the server still answers the streams in flight (RFC 9113
+        # 6.8), which h2 would refuse.
         self.conn.state_machine._transitions = {
             **H2ConnectionStateMachine._transitions,
             (ConnectionState.SERVER_OPEN, ConnectionInputs.SEND_GOAWAY):
+                (None, ConnectionState.SERVER_OPEN),
+            (ConnectionState.SERVER_OPEN, ConnectionInputs.RECV_GOAWAY):
                 (None, ConnectionState.SERVER_OPEN),
         }
         self.tasks: set[asyncio.Task[None]] = set()
@@ -136,8 +139,10 @@ class H2BackendProtocol(asyncio.Protocol):
             elif isinstance(event, WindowUpdated):
                 for stream_id in list(self.pending):
                     self.send_pending(stream_id)
-            elif isinstance(event, ConnectionTerminated) and self.transport is not None:
-                self.transport.close()
+            elif isinstance(event, ConnectionTerminated):
+                self.peer_gone = True  # streams in flight are answered, then it closes
+        if self.peer_gone and not self.requests and self.transport is not None:
+            self.transport.close()
         self.flush()
 
     def start(self, stream_id: int) -> None:
@@ -222,6 +227,9 @@ class H2BackendProtocol(asyncio.Protocol):
         del self.pending[stream_id]
         if self.requests.pop(stream_id, None) is not None:
             self.backend.open_streams -= 1
+        if self.peer_gone and not self.requests and self.transport is not None:
+            self.flush()
+            self.transport.close()
 
 
 async def start_h2_backend(name: str, tls: ssl.SSLContext | None = None,

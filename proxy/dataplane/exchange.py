@@ -195,6 +195,12 @@ class Exchange(ResponseSink):
         """Close after what has been sent (a tunnel's end, a drained version)."""
         raise NotImplementedError
 
+    def break_response(self, status: int, reason: str) -> None:
+        """The upstream failed after part of the response reached the client (``status``:
+        what Weir would have answered before). By default reset_client; HTTP/2 ends a gRPC
+        call with its status instead."""
+        self.reset_client()
+
     def protocol(self) -> str:
         """What the client spoke, for the access log: "HTTP/1.1", "HTTP/2", ..."""
         raise NotImplementedError
@@ -564,7 +570,8 @@ class Exchange(ResponseSink):
                 self.on_upstream_complete()
             else:
                 self.release_pool_slot()
-                self.reset_client()  # truncated body: the client must not take it as whole
+                # A truncated body: the client must not take it as whole.
+                self.break_response(502, "upstream closed the connection mid-answer")
             return
         if (conn is not None and conn.reused and not conn.got_bytes
                 and self.retried < (STREAM_REFUSALS if conn.http2 else 1)
@@ -686,7 +693,7 @@ class Exchange(ResponseSink):
             self.outbuf = []
             self.response = AWAITING
         if self.response != AWAITING:
-            self.reset_client()
+            self.break_response(status, reason)
         else:
             self.respond_local(status, reason)
 

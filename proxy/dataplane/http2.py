@@ -418,6 +418,22 @@ class Http2Exchange(Exchange):
     def close_client(self) -> None:
         self.conn.reset(self, ErrorCodes.CANCEL)
 
+    def break_response(self, status: int, reason: str) -> None:
+        """A gRPC call whose answer has begun ends with trailers carrying the status (a read
+        timeout is DEADLINE_EXCEEDED), which the client's library reports as such, rather
+        than a reset it can only call INTERNAL."""
+        if (self.trailers is not None or self.ended or not self.hmap.get(
+                b"content-type", b"").startswith(b"application/grpc")):
+            self.reset_client()
+            return
+        code = grpc_code_for(status)
+        self.grpc_status = code
+        self.trailers = [(b"grpc-status", b"%d" % code), (b"grpc-message", grpc_message(reason))]
+        self.drop_upstream()
+        self.end_response()
+        self.response = DONE
+        self.maybe_finish()
+
     def protocol(self) -> str:
         return "HTTP/2"
 

@@ -80,9 +80,13 @@ DEFAULT_MAX_STREAMS: Final = 100
 # A connection stops taking new streams before its stream ids run out (2^31 - 1).
 LAST_STREAM_ID: Final = 2**31 - 1000
 
+# A GOAWAY either way ends no stream in flight (RFC 9113 6.8): h2 would close the whole
+# connection on one, and take the upstream's next frame for those streams for an error.
 GOAWAY_KEEPS_OPEN: Final = {
     **H2ConnectionStateMachine._transitions,
     (ConnectionState.CLIENT_OPEN, ConnectionInputs.RECV_GOAWAY):
+        (None, ConnectionState.CLIENT_OPEN),
+    (ConnectionState.CLIENT_OPEN, ConnectionInputs.SEND_GOAWAY):
         (None, ConnectionState.CLIENT_OPEN),
 }
 
@@ -202,8 +206,8 @@ class Http2UpstreamConnection(asyncio.Protocol):
         self.loop = pool.loop
         self.transport: CorkedTransport = None  # type: ignore[assignment]
         self.h2 = H2Connection(H2_CLIENT_CONFIG)
-        # A GOAWAY from the upstream lets the streams it names finish (RFC 9113 6.8); h2
-        # would take it for the end of everything. Weir opens no new stream itself.
+        # A GOAWAY from the upstream lets the streams it names finish, and so does Weir's
+        # own (a drain, an idle pool); after either, Weir opens no new stream itself.
         self.h2.state_machine._transitions = GOAWAY_KEEPS_OPEN
         self.streams: dict[int, UpstreamStream] = {}
         self.reserved = 0  # streams handed out and not yet ended, opened or about to be

@@ -267,3 +267,20 @@ def test_grpc_health_checks_need_an_http2_version() -> None:
     with pytest.raises(ConfigError, match="needs upstreams that speak HTTP/2"):
         parse_config({"services": [{"name": "app", "health_check": {"grpc": {}},
                                     "versions": {"stable": {"upstreams": ["127.0.0.1:1"]}}}]})
+
+
+async def test_a_drained_pool_says_goaway_lets_streams_finish_then_closes(
+        h2_backend, start_proxy):
+    backend = await h2_backend("stable")
+    proxy = await start_proxy(h2_service(backend.address))
+    pool = next(iter(proxy.pools.pools.values()))
+    slow = asyncio.ensure_future(exchange(proxy.port, get("/slow?ms=400")))
+    await wait_for(lambda: len(backend.requests) == 1)
+    (conn,) = pool.connections
+    pool.close_idle()  # what a drain does: GOAWAY, no new streams on it
+    assert conn.closing and not conn.closed
+    (answer,) = await slow
+    assert answer.status == 200  # the stream in flight finished
+    await wait_for(lambda: conn.closed)  # and then the connection closed
+    (after,) = await exchange(proxy.port, get("/echo"))
+    assert after.status == 200 and backend.connections == 2  # a new one for what follows
