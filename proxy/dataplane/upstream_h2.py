@@ -166,6 +166,7 @@ class Http2Pool(UpstreamPool):
                 self.opening = None
                 self.opening_task = None
         self.penalty = 0
+        conn.idle_since = self.corker.now()  # swept only after idle_timeout with no stream
         if conn.closed:
             opening.set_exception(ConnectionError("upstream closed the HTTP/2 connection"))
             opening.exception()
