@@ -264,3 +264,114 @@ def test_h2load_mode_settings_leave_the_wrk_mode_alone(tmp_path: Path) -> None:
                        (["--load", "h2load", "--delay-ms", "5"], "--delay-ms needs --load wrk")):
         done = run_script(str(BENCH / "run.py"), *argv, cwd=tmp_path)
         assert done.returncode == 2 and said in done.stderr, done.stderr
+
+
+# --- bench/rapid_reset.py ----------------------------------------------------------------------
+
+
+def load_rapid_reset() -> ModuleType:
+    """bench/rapid_reset.py as a module (it imports bench/run.py as ``run``)."""
+    spec = importlib.util.spec_from_file_location("bench_rapid_reset", BENCH / "rapid_reset.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rapid_reset_frames_are_what_a_server_reads() -> None:
+    """The attacker's hand-made frames: a GET that HPACK decodes the same on every stream (no
+    dynamic table entries), ended by END_STREAM, then RST_STREAM(CANCEL) on the same stream."""
+    from hpack import Decoder
+    from hyperframe.frame import Frame, HeadersFrame, RstStreamFrame
+
+    rr = load_rapid_reset()
+    assert rr.hpack_int(10, 5) == b"\x0a"
+    assert rr.hpack_int(1337, 5) == b"\x1f\x9a\x0a"  # RFC 7541 C.1.2
+    assert rr.hpack_int(127, 7) == b"\x7f\x00"
+    block = rr.request_block("127.0.0.1:8080", "/rapid-reset")
+    decoder = Decoder()
+    expected = [(":method", "GET"), (":scheme", "http"), (":authority", "127.0.0.1:8080"),
+                (":path", "/rapid-reset")]
+    for _ in range(3):
+        assert [(n, v) for n, v in decoder.decode(block)] == expected
+    assert decoder.header_table_size == 4096 and len(decoder.header_table.dynamic_entries) == 0
+
+    pair = rr.attack_pair(7, block)
+    headers, length = Frame.parse_frame_header(memoryview(pair[:9]))
+    headers.parse_body(memoryview(pair[9:9 + length]))
+    assert isinstance(headers, HeadersFrame) and headers.stream_id == 7
+    assert headers.flags == {"END_HEADERS", "END_STREAM"} and headers.data == block
+    rst, rst_length = Frame.parse_frame_header(memoryview(pair[9 + length:18 + length]))
+    rst.parse_body(memoryview(pair[18 + length:]))
+    assert isinstance(rst, RstStreamFrame) and rst_length == 4
+    assert (rst.stream_id, rst.error_code) == (7, 0x8)
+
+
+def test_rapid_reset_reads_frames_goaway_and_weirs_numbers() -> None:
+    rr = load_rapid_reset()
+    goaway = rr.frame(rr.GOAWAY, 0, 0, (599).to_bytes(4, "big") + (0xB).to_bytes(4, "big"))
+    buf = bytearray(rr.frame(rr.SETTINGS, 0, 0, b"\x00\x03\x00\x00\x00\x64") + goaway[:12])
+    frames = rr.parse_frames(buf)
+    assert frames == [(rr.SETTINGS, 0, 0, b"\x00\x03\x00\x00\x00\x64")]
+    assert bytes(buf) == goaway[:12]  # the partial frame waits for the rest
+    buf += goaway[12:]
+    ((kind, flags, stream_id, payload),) = rr.parse_frames(buf)
+    assert (kind, flags, stream_id, bytes(buf)) == (rr.GOAWAY, 0, 0, b"")
+    assert rr.parse_goaway(payload) == (599, 0xB)
+    assert rr.error_name(0xB) == "ENHANCE_YOUR_CALM (0xb)"
+    assert [rr.streams_up_to(n) for n in (0, 1, 3, 599)] == [0, 1, 2, 300]
+
+    metrics = """# HELP http_requests_total Requests answered
+# TYPE http_requests_total counter
+http_requests_total{service="bench",version="stable",method="GET",status="200"} 1500.0
+http_requests_total{service="bench",version="stable",method="GET",status="499"} 20000.0
+http_requests_total{service="bench",version="canary",method="GET",status="200"} 5.0
+http_requests_created{service="bench",version="stable",method="GET",status="200"} 1.7e9
+"""
+    assert rr.requests_by_status(metrics) == {"200": 1505.0, "499": 20000.0}
+
+    line = ("2026-12-04 13:13:11,359 WARNING weir.http2: HTTP/2 client 127.0.0.1 reset {0} of {0} "
+            "streams right after opening them (rapid reset): connection closed\n")
+    # Two connections one after the other, the first going on past its cut to 103 streams.
+    log = "".join(line.format(n) for n in (100, 101, 102, 103, 100, 101)) + "INFO stopped\n"
+    cuts = rr.cuts_in_log(log)
+    assert (cuts.warnings, cuts.opened_at_cut, cuts.opened_in_all) == (6, [100, 100], [103, 101])
+
+
+def test_rapid_reset_percentiles_and_attack_summary() -> None:
+    rr = load_rapid_reset()
+    values = [i / 1000 for i in range(1, 201)]  # 1..200 ms
+    assert rr.nearest_rank(values, 50) == 0.1 and rr.nearest_rank(values, 99) == 0.198
+    assert rr.nearest_rank([0.5], 99) == 0.5
+    summary = rr.latency_summary(list(reversed(values)))
+    assert (summary.count, summary.p50_ms, summary.p99_ms, summary.max_ms) == (200, 100, 198,
+                                                                              200)
+    empty = rr.latency_summary([])
+    assert empty.count == 0 and empty.p99_ms != empty.p99_ms  # NaN
+
+    due = [rr.Sample(due=t, sent=t + 0.001, done=t + 0.003, status=200) for t in (0.0, 1.0)]
+    failed = rr.Sample(due=1.5, sent=1.6, done=1.7, status=503, error="status 503")
+    lost = rr.Sample(due=1.8, sent=1.8)  # never answered
+    held = rr.Sample(due=1.9)  # never sent
+    phase = rr.phase_samples([*due, failed, lost, held], 0.5, 2.0)
+    pl = rr.phase_latency(phase)
+    assert pl.from_sent.count == 1 and round(pl.from_sent.p50_ms, 6) == 2.0
+    assert round(pl.from_due.p50_ms, 6) == 3.0  # sent 1 ms late
+    assert pl.errors == {"status 503": 1} and pl.unanswered == 1 and pl.unsent == 1
+    assert round(pl.lag_p99_ms, 6) == 100.0  # the 503 was sent 100 ms after it was due
+
+    records = [
+        rr.ConnRecord(sent=10_000, goaway_last_stream=4057, goaway_code=0xB, end="goaway"),
+        rr.ConnRecord(sent=1_000, goaway_last_stream=4057, goaway_code=0xB, end="goaway"),
+        rr.ConnRecord(sent=300, end="eof"),  # closed without a word: nothing known taken
+        rr.ConnRecord(sent=40, end="stopped"),  # the deadline, not Weir
+        rr.ConnRecord(end="connect-failed"),
+    ]
+    assert [r.taken for r in records] == [2029, 1000, 0, 0, 0]
+    attack = rr.summarize_attack(records)
+    assert (attack.connections, attack.sent, attack.taken) == (4, 11_340, 3029)
+    assert attack.goaways == {"ENHANCE_YOUR_CALM (0xb)": 2}
+    assert attack.without_goaway == 1 and attack.sent_without_goaway == 340
+    assert attack.ends == {"goaway": 2, "eof": 1, "stopped": 1, "connect-failed": 1}
+    assert attack.taken_per_cut == {"min": 1000, "median": 1514.5, "max": 2029}
