@@ -17,9 +17,11 @@ reach it with prior knowledge, h2c) pinned to the proxy CPU. Then:
    process on the load CPU at ``--attacker-nice``) opens h2c connections, ``--parallel`` at a
    time, and on each writes HEADERS (a whole GET) then RST_STREAM(CANCEL) for new streams as
    fast as it can, in batches of ``--batch``, until Weir sends GOAWAY or closes (at most
-   ``--ahead`` pairs before Weir's answer); then it opens another. It stops once Weir has taken
-   ``--streams`` (100,000) of its streams (those within the GOAWAYs' last stream ids), or
-   after ``--max-attack-seconds``.
+   ``--ahead`` pairs before Weir's answer); then it opens another, from its own address
+   (``--attacker-address``, 127.0.0.2: Weir refuses HTTP/2 to an address it has just cut, and
+   the legit client is on 127.0.0.1). It stops once it has written ``--streams`` (100,000)
+   streams, or after ``--max-attack-seconds``. Connections Weir closes before sending anything
+   (the address refused) are counted apart from those cut with GOAWAY.
 3. **After** (``--after`` s): the client alone again, to see Weir recover.
 
 Reported: the client's p50/p99/max and errors per phase, p99 during / p99 before (the target is
@@ -252,6 +254,7 @@ class ConnRecord:
     """One attacker connection: streams written, what Weir said, how it ended."""
 
     sent: int = 0
+    heard: bool = False  # Weir sent something (its SETTINGS) before it closed
     goaway_last_stream: int | None = None
     goaway_code: int | None = None
     # goaway, reset, eof (closed without GOAWAY), connect-failed, stopped (by the attack's
@@ -276,7 +279,8 @@ class AttackSummary:
     taken: int
     goaways: dict[str, int]  # by error name
     ends: dict[str, int]  # how connections ended, by kind
-    without_goaway: int  # and not stopped by the attack's deadline
+    without_goaway: int  # and not stopped by the attack's deadline, nor refused at once
+    refused: int  # closed by Weir before it sent anything: the address is penalized
     sent_without_goaway: int
     taken_per_cut: dict[str, float]  # min/median/max streams taken on connections cut by GOAWAY
     sent_per_conn: dict[str, float]
@@ -297,7 +301,10 @@ def summarize_attack(records: list[ConnRecord]) -> AttackSummary:
         connections=len(conns), sent=sum(r.sent for r in conns),
         taken=sum(r.taken for r in conns), goaways=dict(goaways),
         ends=dict(Counter(r.end for r in records)),
-        without_goaway=sum(1 for r in conns if r.goaway_code is None and r.end != "stopped"),
+        without_goaway=sum(1 for r in conns if r.goaway_code is None and r.end != "stopped"
+                           and r.heard),
+        refused=sum(1 for r in conns if r.goaway_code is None and not r.heard
+                    and r.end in ("eof", "reset")),
         sent_without_goaway=sum(r.sent for r in conns if r.goaway_code is None),
         taken_per_cut=spread(cut), sent_per_conn=spread([r.sent for r in conns]))
 
@@ -376,6 +383,7 @@ class AttackConnection(asyncio.Protocol):
         self.transport.write(PREFACE + frame(SETTINGS, 0, 0))
 
     def data_received(self, data: bytes) -> None:
+        self.record.heard = True
         self.buf += data
         for kind, flags, _, payload in parse_frames(self.buf):
             if kind == SETTINGS and not flags & ACK:
@@ -411,11 +419,13 @@ class AttackConnection(asyncio.Protocol):
 class AttackState:
     target: int
     deadline: float
+    source: str = "127.0.0.1"  # the attacker's own address (see --attacker-address)
     taken: int = 0  # by connections over
+    sent: int = 0  # streams written, by connections over
     records: list[ConnRecord] = field(default_factory=list)
 
     def more(self) -> bool:
-        return self.taken < self.target and time.monotonic() < self.deadline
+        return self.sent < self.target and time.monotonic() < self.deadline
 
 
 async def attack_one(port: int, block: bytes, batch: int, ahead: int,
@@ -430,7 +440,7 @@ async def attack_one(port: int, block: bytes, batch: int, ahead: int,
     t0 = time.monotonic()
     try:
         transport, proto = await loop.create_connection(
-            lambda: AttackConnection(record), HOST, port)
+            lambda: AttackConnection(record), HOST, port, local_addr=(state.source, 0))
     except OSError as exc:
         record.end = "connect-failed"
         print(f"attacker: connect failed: {exc}", file=sys.stderr)
@@ -464,12 +474,13 @@ async def attack_one(port: int, block: bytes, batch: int, ahead: int,
             record.end = "timeout"
         record.seconds = time.monotonic() - t0
         state.taken += record.taken
+        state.sent += record.sent
 
 
 async def attack(port: int, target: int, seconds: float, parallel: int, batch: int,
-                 ahead: int) -> dict[str, Any]:
+                 ahead: int, source: str = HOST) -> dict[str, Any]:
     block = request_block(f"{HOST}:{port}", ATTACK_PATH)
-    state = AttackState(target=target, deadline=time.monotonic() + seconds)
+    state = AttackState(target=target, deadline=time.monotonic() + seconds, source=source)
     start = time.monotonic()
 
     async def worker() -> None:
@@ -489,7 +500,7 @@ def run_attacker(args: argparse.Namespace) -> int:
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     result = asyncio.run(attack(args.attack, args.streams, args.max_attack_seconds,
-                                args.parallel, args.batch, args.ahead))
+                                args.parallel, args.batch, args.ahead, args.attacker_address))
     Path(args.attack_out).write_text(json.dumps(result))
     return 0
 
@@ -824,7 +835,7 @@ async def drive(args: argparse.Namespace, pm: bench.ProcessManager, tools: dict[
                 "--attack-out", str(out), "--streams", str(args.streams),
                 "--max-attack-seconds", str(args.max_attack_seconds),
                 "--parallel", str(args.parallel), "--batch", str(args.batch),
-                "--ahead", str(args.ahead)]
+                "--ahead", str(args.ahead), "--attacker-address", args.attacker_address]
         print(f"attack: {args.streams:,} streams, {args.parallel} connection(s) at a time, "
               f"at most {args.max_attack_seconds:g} s", file=sys.stderr)
         attacker = pm.start("attacker", argv)
@@ -961,7 +972,7 @@ def passed(o: Outcome, args: argparse.Namespace) -> bool:
     a = o.attack
     cut = a.goaways.get(error_name(ENHANCE_YOUR_CALM), 0)
     errors = sum(sum(p.errors.values()) + p.unanswered for p in o.phases)
-    return (a.taken >= args.streams and cut > 0 and cut == sum(a.goaways.values())
+    return (a.sent >= args.streams and cut > 0 and cut == sum(a.goaways.values())
             and not a.without_goaway and not errors
             and within(o.ratio) and within(o.ratio_due))
 
@@ -969,8 +980,8 @@ def passed(o: Outcome, args: argparse.Namespace) -> bool:
 def verdict_notes(o: Outcome, args: argparse.Namespace) -> list[str]:
     notes = []
     a = o.attack
-    if a.taken < args.streams:
-        notes.append(f"the attacker got only {a.taken:,} of {args.streams:,} streams taken in "
+    if a.sent < args.streams:
+        notes.append(f"the attacker wrote only {a.sent:,} of {args.streams:,} streams in "
                      f"{o.attack_seconds:.0f} s")
     calm = error_name(ENHANCE_YOUR_CALM)
     if a.without_goaway or set(a.goaways) - {calm}:
@@ -1041,8 +1052,9 @@ def render(o: Outcome, args: argparse.Namespace) -> str:
     lines.append(f"attacker: {a.taken:,} streams taken by Weir ({a.sent:,} written) on "
                  f"{a.connections:,} connections in {o.attack_seconds:.1f} s ({rate:,.0f} "
                  f"streams/s), attacker CPU {o.attacker_cpu_s:.1f} s")
-    lines.append(f"  GOAWAY: {a.goaways or 'none'}; connections without GOAWAY: "
-                 f"{a.without_goaway:,} ({a.sent_without_goaway:,} streams written on them); "
+    lines.append(f"  GOAWAY: {a.goaways or 'none'}; refused at once (the address penalized): "
+                 f"{a.refused:,}; other connections without GOAWAY: {a.without_goaway:,} "
+                 f"({a.sent_without_goaway:,} streams written on connections without one); "
                  f"how they ended: {a.ends}")
 
     def fmt(d: dict[str, float]) -> str:
@@ -1081,6 +1093,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ahead", type=int, default=10_000,
                    help="pairs written on a connection before the attacker waits for Weir's "
                         "GOAWAY (default 10000, about 550 KB: twice what uvloop reads at once)")
+    p.add_argument("--attacker-address", default="127.0.0.2",
+                   help="the attacker's source address (default 127.0.0.2): Weir refuses HTTP/2 "
+                        "to an address it cut for abuse, which must not be the legit client's "
+                        "(127.0.0.1)")
     p.add_argument("--attacker-nice", type=int, default=10,
                    help="nice value of the attacker, which shares the load cpu with the "
                         "client and the backend (default 10)")

@@ -364,14 +364,17 @@ def test_rapid_reset_percentiles_and_attack_summary() -> None:
     records = [
         rr.ConnRecord(sent=10_000, goaway_last_stream=4057, goaway_code=0xB, end="goaway"),
         rr.ConnRecord(sent=1_000, goaway_last_stream=4057, goaway_code=0xB, end="goaway"),
-        rr.ConnRecord(sent=300, end="eof"),  # closed without a word: nothing known taken
+        rr.ConnRecord(sent=300, heard=True, end="eof"),  # closed without GOAWAY: none taken
+        rr.ConnRecord(sent=20, end="reset"),  # refused before a frame: the address penalized
         rr.ConnRecord(sent=40, end="stopped"),  # the deadline, not Weir
         rr.ConnRecord(end="connect-failed"),
     ]
-    assert [r.taken for r in records] == [2029, 1000, 0, 0, 0]
+    assert [r.taken for r in records] == [2029, 1000, 0, 0, 0, 0]
     attack = rr.summarize_attack(records)
-    assert (attack.connections, attack.sent, attack.taken) == (4, 11_340, 3029)
+    assert (attack.connections, attack.sent, attack.taken) == (5, 11_360, 3029)
     assert attack.goaways == {"ENHANCE_YOUR_CALM (0xb)": 2}
-    assert attack.without_goaway == 1 and attack.sent_without_goaway == 340
-    assert attack.ends == {"goaway": 2, "eof": 1, "stopped": 1, "connect-failed": 1}
+    assert attack.without_goaway == 1 and attack.sent_without_goaway == 360
+    assert attack.refused == 1
+    assert attack.ends == {"goaway": 2, "eof": 1, "reset": 1, "stopped": 1,
+                           "connect-failed": 1}
     assert attack.taken_per_cut == {"min": 1000, "median": 1514.5, "max": 2029}

@@ -84,7 +84,8 @@ class LiveStateCollector(Collector):
             "weir_limit_rejections", "Connections and requests stopped by a `limits` setting: "
             "max_connections (503 at accept), header_timeout (408, or a connection that sent "
             "no request), idle_timeout (idle keep-alive connections closed), max_header_bytes "
-            "(431), max_body_bytes (413).", labels=["limit"])
+            "(431), max_body_bytes (413), http2_abuse (HTTP/2 connections cut for rapid reset or a "
+            "flood, and those refused from the same address right after).", labels=["limit"])
         for name in stats.limits.NAMES:
             limits.add_metric([name], getattr(stats.limits, name))
         mirrors = CounterMetricFamily(

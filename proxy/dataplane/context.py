@@ -60,6 +60,48 @@ class DataPlaneSettings:
         return any(address in net for net in self.trusted_networks)
 
 
+# An address whose HTTP/2 connection was cut for abuse (rapid reset, a control-frame flood)
+# gets no HTTP/2 connection for PENALTY_FIRST seconds, doubling with each cut while it keeps
+# coming back, up to PENALTY_MAX; PENALTIES_KEPT addresses are remembered at most.
+PENALTY_FIRST: Final = 1.0
+PENALTY_MAX: Final = 60.0
+PENALTIES_KEPT: Final = 10_000
+
+
+class Penalties:
+    """Client addresses that abused HTTP/2, and until when (loop time) they are refused: the
+    per-connection defences bound what one connection costs, this bounds a client that
+    reconnects as fast as it is cut."""
+
+    __slots__ = ("strikes", "until")
+
+    def __init__(self) -> None:
+        self.until: dict[str, float] = {}
+        self.strikes: dict[str, int] = {}
+
+    def penalize(self, address: str, now: float) -> float:
+        """A cut for abuse: returns how long the address is refused."""
+        until = self.until
+        if address not in until and len(until) >= PENALTIES_KEPT:
+            for other in [a for a, end in until.items() if end + PENALTY_MAX < now]:
+                del until[other]
+                self.strikes.pop(other, None)
+            if len(until) >= PENALTIES_KEPT:
+                return 0.0  # a flood from this many addresses is beyond a per-client defence
+        previous = until.get(address)
+        # Strikes count while the address keeps coming back; a long quiet spell forgives.
+        strikes = (self.strikes.get(address, 0) if previous is not None
+                   and now < previous + PENALTY_MAX else 0) + 1
+        seconds = min(PENALTY_FIRST * 2 ** (strikes - 1), PENALTY_MAX)
+        self.strikes[address] = strikes
+        until[address] = now + seconds
+        return seconds
+
+    def refuses(self, address: str, now: float) -> bool:
+        end = self.until.get(address)
+        return end is not None and now < end
+
+
 class ClientSide(Protocol):
     """What the process asks of every client connection, whatever protocol it speaks."""
 
@@ -76,7 +118,7 @@ class DataPlaneContext:
     reload) and ``draining`` (a shutdown); the rest is fixed for the life of the process."""
 
     __slots__ = ("access_log", "connections", "corker", "draining", "health", "listener_tls",
-                 "loop", "scheme", "settings", "stats", "table")
+                 "loop", "penalties", "scheme", "settings", "stats", "table")
 
     def __init__(self, table: RouteTable, access_log: AccessLog | None,
                  settings: DataPlaneSettings, stats: StatsRegistry, health: Any,
@@ -93,6 +135,7 @@ class DataPlaneContext:
         self.scheme = scheme  # b"https" on a TLS listener, else b"http"
         self.listener_tls = listener_tls  # None for plain HTTP
         self.connections: set[ClientSide] = set()
+        self.penalties = Penalties()  # addresses refused HTTP/2 for a while after abuse
 
 
 class Peer:

@@ -353,6 +353,12 @@ class Http1Connection(asyncio.Protocol):
         return False
 
     def hand_to_http2(self, data: bytes) -> None:
+        penalties = self.plane.penalties
+        if penalties.until and penalties.refuses(self.peer.address, self.loop.time()):
+            # Cut for abuse a moment ago: closed before any of its frames is parsed.
+            self.plane.stats.limits.http2_abuse += 1
+            self.transport.abort()
+            return
         raw = self.transport.transport
         h2 = Http2Connection(self.plane, self.settings, self.peer)
         raw.set_protocol(h2)

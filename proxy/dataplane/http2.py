@@ -615,8 +615,9 @@ class Http2Connection(asyncio.Protocol):
             self.premature += 1
             if (self.opened >= PREMATURE_MIN_STREAMS and self.premature * 2 > self.opened):
                 log.warning("HTTP/2 client %s reset %d of %d streams right after opening "
-                            "them (rapid reset): connection closed", self.peer.address,
-                            self.premature, self.opened)
+                            "them (rapid reset): connection closed, and the address refused "
+                            "HTTP/2 for %.0fs", self.peer.address, self.premature, self.opened,
+                            self.penalize())
                 self.go_away(ErrorCodes.ENHANCE_YOUR_CALM)
                 self.abort()
                 return
@@ -631,10 +632,20 @@ class Http2Connection(asyncio.Protocol):
         if budget >= 1:
             return True
         log.warning("HTTP/2 client %s sent SETTINGS or PING frames faster than %d a second: "
-                    "connection closed", self.peer.address, int(CONTROL_PER_SECOND))
+                    "connection closed, and the address refused HTTP/2 for %.0fs",
+                    self.peer.address, int(CONTROL_PER_SECOND), self.penalize())
         self.go_away(ErrorCodes.ENHANCE_YOUR_CALM)
         self.abort()
         return False
+
+    def penalize(self) -> float:
+        """Cut for abuse: the address gets no HTTP/2 connection for a while (see
+        context.Penalties); returns how long. Not a trusted proxy's (``trusted_proxies``):
+        every client behind it would pay for one."""
+        self.plane.stats.limits.http2_abuse += 1
+        if self.peer.trusted:
+            return 0.0
+        return self.plane.penalties.penalize(self.peer.address, self.loop.time())
 
     # --- used by the streams ----------------------------------------------------------------
 

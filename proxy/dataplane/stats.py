@@ -162,7 +162,7 @@ class LimitStats:
     normal request path (a 408, 413, 431 or 503 answered by Weir, an idle close)."""
 
     NAMES = ("max_connections", "header_timeout", "idle_timeout", "max_header_bytes",
-             "max_body_bytes")
+             "max_body_bytes", "http2_abuse")
     __slots__ = (*NAMES, "last_warning")
 
     def __init__(self) -> None:
@@ -171,6 +171,9 @@ class LimitStats:
         self.idle_timeout = 0       # keep-alive connections closed while idle between requests
         self.max_header_bytes = 0   # 431
         self.max_body_bytes = 0     # 413 (or a reset when the response had already started)
+        # HTTP/2 connections cut for abuse (rapid reset, floods), and the ones refused at
+        # once from an address cut a moment before (see context.Penalties)
+        self.http2_abuse = 0
         self.last_warning = 0.0     # loop time of the last "max_connections reached" log line
 
 

@@ -222,6 +222,11 @@ class H2Client:
 # --- a client that sends what it likes (hyperframe, hpack) -----------------------------------
 
 
+# The raw (hostile) client's source address: a client cut for abuse is refused HTTP/2 from
+# its address for a while, which must not hit the well-behaved clients on 127.0.0.1.
+HOSTILE_ADDRESS = "127.0.0.2"
+
+
 class RawH2:
     """Frames as the test writes them; what Weir sends is parsed and kept."""
 
@@ -249,8 +254,9 @@ class RawH2:
 
     @classmethod
     async def open(cls, port: int, preface: bytes | None = PREFACE, settings: bool = True,
-                   ack_settings: bool = True) -> RawH2:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                   ack_settings: bool = True, source: str = HOSTILE_ADDRESS) -> RawH2:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port,
+                                                       local_addr=(source, 0))
         raw = cls(reader, writer, ack_settings)
         if preface:
             raw.send_bytes(preface)
@@ -1288,3 +1294,45 @@ async def test_early_answer_with_its_body_in_the_same_read_spares_the_connection
     assert client.streams[slow].status == 200
     await client.close()
     await no_leaks(proxy)
+
+
+async def rapid_reset_cut(port: int) -> None:
+    raw = await RawH2.open(port)
+    await flood(raw, lambda i: [raw.headers_frame(2 * i + 1, "/slow?delay=3"),
+                                RstStreamFrame(2 * i + 1, error_code=ErrorCodes.CANCEL)], 300)
+    await expect_connection_error(raw, {ErrorCodes.ENHANCE_YOUR_CALM}, "rapid reset")
+
+
+async def test_an_address_cut_for_rapid_reset_gets_no_http2_for_a_while(
+        plain: tuple[ProxyServer, Backend]) -> None:
+    """A client that reconnects as fast as it is cut would cost a core (bench/rapid_reset.py):
+    its address is refused HTTP/2 at once for a second, doubling while it keeps coming back.
+    HTTP/1.1 from it, and other addresses, are served meanwhile."""
+    proxy, _ = plain
+    await rapid_reset_cut(proxy.port)
+    again = await RawH2.open(proxy.port)
+    await again.until_closed(5)
+    assert not again.frames, f"closed before any frame of its was read: {again.summary()}"
+    assert proxy.stats.limits.http2_abuse == 2  # the cut, then the refusal
+    status, _ = await http11_get(proxy.port)  # from 127.0.0.1: the penalty is per address
+    assert status == 200
+    await assert_still_serving(proxy)
+    penalties = proxy.plane.penalties
+    assert penalties.refuses(HOSTILE_ADDRESS, proxy.loop.time())
+    first = penalties.until[HOSTILE_ADDRESS]
+    await wait_for(lambda: not penalties.refuses(HOSTILE_ADDRESS, proxy.loop.time()), 3)
+    await rapid_reset_cut(proxy.port)  # back, and cut again: twice as long
+    assert penalties.until[HOSTILE_ADDRESS] - first >= 2.0 - 0.1
+
+
+async def test_a_trusted_proxy_is_not_refused_after_a_cut(
+        start_backend: StartBackend, start_proxy: StartProxy) -> None:
+    """Every client behind a trusted proxy would pay for one abuser."""
+    backend = await start_backend("b")
+    proxy = await start_proxy(one_service(backend.address),
+                              trusted_proxies=[f"{HOSTILE_ADDRESS}/32"])
+    await rapid_reset_cut(proxy.port)
+    assert not proxy.plane.penalties.until
+    client = await RawH2.open(proxy.port)
+    await finished_stream(client, 1)
+    await client.close()
