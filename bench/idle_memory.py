@@ -15,6 +15,13 @@ What it does not count: kernel socket memory (not in any process's RSS), and for
 connection slots it allocates at start for all ``worker_connections`` (measured apart: the
 "upfront" column). The issue's target for Weir is under 10 KiB per idle connection.
 
+``--http2``: the client connections speak HTTP/2 in cleartext with prior knowledge (h2c): the
+connection preface and SETTINGS, one GET on stream 1, its answer read to the end (and the
+server's SETTINGS acknowledged), then idle. nginx then listens with ``http2`` (1.22's syntax:
+h2c only on that port); both proxies still reach the backend over HTTP/1.1. The target for
+Weir (issue 19) is at most 32 KiB per idle HTTP/2 connection. The clients use the ``h2``
+package (a Weir dependency); the HTTP/1.1 mode needs nothing beyond the standard library.
+
 Each client connection is one file descriptor here and one in the proxy, so this raises its
 own RLIMIT_NOFILE soft limit and starts the proxies with the same. Connections come from
 ``--source-addresses`` addresses (127.0.0.1, 127.0.0.2, ...) to spread them over more
@@ -25,6 +32,7 @@ stopped, even on Ctrl-C. Standard library only.
     python bench/idle_memory.py                     # 10,000 connections, Weir and nginx
     python bench/idle_memory.py --connections 200 --no-nginx
     python bench/idle_memory.py --proxy-nofile 1024 --connections 2000   # a low fd limit
+    python bench/idle_memory.py --http2 --connections 2000             # idle h2c connections
 """
 
 from __future__ import annotations
@@ -44,13 +52,17 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench
 
+if TYPE_CHECKING:
+    from h2.connection import H2Connection
+
 HOST = bench.HOST
 TARGET_BYTES = 10 * 1024  # the issue's target per idle connection, for Weir
+H2_TARGET_BYTES = 32 * 1024  # issue 19's, per idle HTTP/2 client connection
 FD_MARGIN = 512  # fds beyond the client connections: listeners, upstreams, logs, the loop
 PORTS_PER_ADDRESS = 20_000  # stay well inside one address's ephemeral range (28k by default)
 RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 12\r\n\r\nhello world\n"
@@ -182,6 +194,70 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
     return status, keep
 
 
+# --------------------------------------------------------------------------
+# An h2c client (--http2)
+# --------------------------------------------------------------------------
+
+
+def h2_request_headers(i: int, authority: str) -> list[tuple[bytes, bytes]]:
+    """The headers of the HTTP/2 request ``i``: the same request as ``request_bytes``."""
+    return [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", authority.encode()),
+            (b":path", f"/idle/{i}".encode()), (b"x-user-id", f"user-{i % 1000}".encode()),
+            (b"user-agent", b"weir-idle-memory")]
+
+
+def new_h2_client() -> H2Connection:
+    """A client-side h2 state machine, its preface and SETTINGS ready to send."""
+    try:
+        from h2.config import H2Configuration
+        from h2.connection import H2Connection
+    except ImportError as exc:
+        raise bench.BenchError("--http2 needs the h2 package (a Weir dependency: run this "
+                               "from Weir's virtualenv, or pip install h2)") from exc
+    conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    conn.initiate_connection()
+    return conn
+
+
+async def h2_exchange(conn: H2Connection, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter, stream_id: int,
+                      headers: list[tuple[bytes, bytes]]) -> int:
+    """Send one GET on ``stream_id`` (with whatever ``conn`` has to send first: the preface
+    on a new connection) and read until its answer has ended; the answer's status. What the
+    server sent along (SETTINGS, PING, WINDOW_UPDATE) is acknowledged as h2 does, and that
+    is sent before this returns, so the connection is then quiet on both sides."""
+    from h2.events import (
+        ConnectionTerminated,
+        DataReceived,
+        ResponseReceived,
+        StreamEnded,
+        StreamReset,
+    )
+
+    conn.send_headers(stream_id, headers, end_stream=True)
+    writer.write(conn.data_to_send())
+    status = 0
+    ended = False
+    while not ended:
+        data = await reader.read(65536)
+        if not data:
+            raise ConnectionResetError("the server closed the connection")
+        for event in conn.receive_data(data):
+            if isinstance(event, ResponseReceived) and event.stream_id == stream_id:
+                status = int(dict(event.headers).get(b":status", b"0"))
+            elif isinstance(event, DataReceived):
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, StreamEnded) and event.stream_id == stream_id:
+                ended = True
+            elif isinstance(event, StreamReset) and event.stream_id == stream_id:
+                raise ConnectionResetError(f"stream reset ({event.error_code!r})")
+            elif isinstance(event, ConnectionTerminated):
+                raise ConnectionResetError(f"GOAWAY ({event.error_code!r})")
+        writer.write(conn.data_to_send())
+    await writer.drain()
+    return status
+
+
 @dataclass
 class Opened:
     held: list[asyncio.StreamWriter] = field(default_factory=list)
@@ -194,9 +270,11 @@ class Opened:
 
 
 async def open_idle(port: int, first: int, count: int, sources: list[str], concurrency: int,
-                    opened: Opened, timeout: float) -> None:
-    """Open ``count`` connections, one request each, and keep them (idle) in ``opened``."""
+                    opened: Opened, timeout: float, http2: bool = False) -> None:
+    """Open ``count`` connections, one request each (over h2c with ``http2``), and keep them
+    (idle) in ``opened``."""
     gate = asyncio.Semaphore(concurrency)
+    authority = f"{HOST}:{port}"
 
     async def one(i: int) -> None:
         async with gate:
@@ -206,8 +284,15 @@ async def open_idle(port: int, first: int, count: int, sources: list[str], concu
                     # Round-robin over the source addresses: each has its own port range.
                     local = (sources[i % len(sources)], 0) if len(sources) > 1 else None
                     reader, writer = await asyncio.open_connection(HOST, port, local_addr=local)
-                    writer.write(request_bytes(i))
-                    status, keep = await _read_response(reader)
+                    if http2:
+                        # The client's h2 state is dropped once the answer is in: only the
+                        # socket stays, as with HTTP/1.1 (this side's memory is not measured).
+                        status = await h2_exchange(new_h2_client(), reader, writer, 1,
+                                                   h2_request_headers(i, authority))
+                        keep = True
+                    else:
+                        writer.write(request_bytes(i))
+                        status, keep = await _read_response(reader)
                 if status != 200 or not keep:
                     opened.fail(f"status {status}" + ("" if keep else ", connection: close"))
                     writer.close()
@@ -231,8 +316,36 @@ async def close_all(opened: Opened) -> None:
     await asyncio.sleep(0)
 
 
-def warm_up(port: int, requests: int = 300, connections: int = 10) -> None:
-    """Exercise the request path (imports, caches, the upstream pool) before the baseline."""
+async def _warm_up_h2(port: int, requests: int, connections: int) -> None:
+    per = max(1, requests // connections)
+    authority = f"{HOST}:{port}"
+
+    async def one(c: int) -> None:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        try:
+            conn = new_h2_client()
+            for i in range(per):
+                status = await h2_exchange(conn, reader, writer, 2 * i + 1,
+                                           h2_request_headers(c * per + i, authority))
+                if status != 200:
+                    raise bench.BenchError(f"warm-up request got {status} on port {port}")
+        finally:
+            writer.close()
+
+    async with asyncio.timeout(30):
+        await asyncio.gather(*(one(c) for c in range(connections)))
+
+
+def warm_up(port: int, requests: int = 300, connections: int = 10, http2: bool = False) -> None:
+    """Exercise the request path (imports, caches, the upstream pool) before the baseline;
+    with ``http2`` over h2c, several requests on each connection."""
+    if http2:
+        try:
+            asyncio.run(_warm_up_h2(port, requests, connections))
+        except (OSError, TimeoutError) as exc:
+            raise bench.BenchError(f"warm-up against port {port} over h2c failed: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+        return
     per = max(1, requests // connections)
     for c in range(connections):
         conn = http.client.HTTPConnection(HOST, port, timeout=5.0)
@@ -247,6 +360,37 @@ def warm_up(port: int, requests: int = 300, connections: int = 10) -> None:
             raise bench.BenchError(f"warm-up against port {port} failed: {exc}") from exc
         finally:
             conn.close()
+
+
+def wait_for_h2_ok(proc: bench.Proc, port: int, timeout: float) -> None:
+    """Poll until one GET over h2c through ``port`` is answered 200."""
+    authority = f"{HOST}:{port}"
+
+    async def once() -> int:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        try:
+            async with asyncio.timeout(2):
+                return await h2_exchange(new_h2_client(), reader, writer, 1,
+                                         h2_request_headers(0, authority))
+        finally:
+            writer.close()
+
+    deadline = time.monotonic() + timeout
+    last = "no attempt"
+    while True:
+        bench._check_alive(proc)
+        try:
+            status = asyncio.run(once())
+            if status == 200:
+                return
+            last = f"status {status}"
+        except (OSError, TimeoutError) as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() >= deadline:
+            raise bench.BenchError(f"{proc.name} on port {port} did not answer a GET over h2c "
+                                   f"with 200 within {timeout:.0f}s (last: {last}); its output "
+                                   f"ends:\n{proc.log_tail()}")
+        time.sleep(0.1)
 
 
 # --------------------------------------------------------------------------
@@ -297,7 +441,7 @@ def settle(seconds: float) -> None:
 
 def measure(name: str, proc: bench.Proc, port: int, args: argparse.Namespace,
             sources: list[str], deadline: float) -> Result:
-    warm_up(port)
+    warm_up(port, http2=args.http2)
     settle(2 * args.settle)
     before = group_memory(proc.pid)
     opened = Opened()
@@ -314,7 +458,7 @@ def measure(name: str, proc: bench.Proc, port: int, args: argparse.Namespace,
                 raise bench.BenchError("out of time (the run is bounded at "
                                        f"{DEADLINE_S:.0f}s); try fewer --connections")
             loop.run_until_complete(open_idle(port, done, count, sources, args.concurrency,
-                                              opened, timeout=left - 3))
+                                              opened, timeout=left - 3, http2=args.http2))
             done += count
             bench._check_alive(proc)
             settle(args.settle)
@@ -394,6 +538,8 @@ services:
     proc = start_with_nofile(pm, "weir", argv, nofile, cwd=bench.REPO_ROOT, env=env)
     bench.wait_for_port(proc, port, args.startup_timeout)
     bench.wait_for_http_ok(proc, port, args.startup_timeout, {"x-user-id": "user-1"})
+    if args.http2:  # h2c with prior knowledge on the same port
+        wait_for_h2_ok(proc, port, args.startup_timeout)
     return proc, port
 
 
@@ -411,7 +557,12 @@ def start_with_nofile(pm: bench.ProcessManager, name: str, argv: list[str], nofi
         resource.setrlimit(resource.RLIMIT_NOFILE, old)
 
 
-def nginx_conf(prefix: Path, port: int, backend_port: int, worker_connections: int) -> str:
+def nginx_conf(prefix: Path, port: int, backend_port: int, worker_connections: int,
+               http2: bool = False) -> str:
+    """nginx, one process, proxying to the backend over HTTP/1.1 with keep-alive; ``http2``:
+    its clients speak h2c with prior knowledge (``listen ... http2``; idle HTTP/2 connections
+    are closed after ``keepalive_timeout`` in nginx 1.19.7 and later, as HTTP/1.1 ones)."""
+    listen = f"{HOST}:{port}" + (" http2" if http2 else "") + " backlog=4096"
     return f"""daemon off;
 master_process off;
 worker_processes 1;
@@ -427,7 +578,7 @@ http {{
         keepalive 64;
     }}
     server {{
-        listen {HOST}:{port} backlog=4096;
+        listen {listen};
         location / {{
             proxy_pass http://backend;
             proxy_http_version 1.1;
@@ -440,17 +591,20 @@ http {{
 
 def start_nginx(pm: bench.ProcessManager, nginx: str, workdir: Path, name: str,
                 backend_port: int, worker_connections: int, nofile: int,
-                timeout: float) -> tuple[bench.Proc, int]:
+                timeout: float, http2: bool = False) -> tuple[bench.Proc, int]:
     prefix = workdir / name
     for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (prefix / "tmp" / sub).mkdir(parents=True, exist_ok=True)
     port = bench.free_port()
     conf = prefix / "nginx.conf"
-    conf.write_text(nginx_conf(prefix, port, backend_port, worker_connections))
+    conf.write_text(nginx_conf(prefix, port, backend_port, worker_connections, http2))
     argv = [nginx, "-p", f"{prefix}/", "-e", str(prefix / "error.log"), "-c", str(conf)]
     proc = start_with_nofile(pm, name, argv, nofile)
     bench.wait_for_port(proc, port, timeout)
-    bench.wait_for_http_ok(proc, port, timeout)
+    if http2:
+        wait_for_h2_ok(proc, port, timeout)
+    else:
+        bench.wait_for_http_ok(proc, port, timeout)
     return proc, port
 
 
@@ -509,13 +663,14 @@ def run(args: argparse.Namespace) -> list[Result]:
             # The same nginx with few slots: the difference at rest is what it allocates up
             # front per worker_connections slot, a cost the per-connection number leaves out.
             small, small_port = start_nginx(pm, nginx, workdir, "nginx-small", backend_port,
-                                            1024, proxy_nofile, args.startup_timeout)
-            warm_up(small_port)
+                                            1024, proxy_nofile, args.startup_timeout,
+                                            args.http2)
+            warm_up(small_port, http2=args.http2)
             settle(2 * args.settle)
             small_rss = group_memory(small.pid).rss
             stop(pm, small)
             proc, port = start_nginx(pm, nginx, workdir, "nginx", backend_port, slots,
-                                     proxy_nofile, args.startup_timeout)
+                                     proxy_nofile, args.startup_timeout, args.http2)
             print(f"nginx on {HOST}:{port}, max open files {nofile_limit(proc.pid)}",
                   file=sys.stderr)
             res = measure("nginx", proc, port, args, sources, deadline)
@@ -529,6 +684,11 @@ def run(args: argparse.Namespace) -> list[Result]:
             res.notes.append(f"{res.failures:,} of {args.connections:,} connections failed: "
                              + ", ".join(f"{k} x{v}" for k, v in sorted(res.errors.items())))
     return results
+
+
+def target_bytes(http2: bool) -> int:
+    """Weir's target per idle client connection: HTTP/1.1's, or HTTP/2's with ``http2``."""
+    return H2_TARGET_BYTES if http2 else TARGET_BYTES
 
 
 def render(results: list[Result], args: argparse.Namespace) -> str:
@@ -545,14 +705,19 @@ def render(results: list[Result], args: argparse.Namespace) -> str:
             "-" if r.slope_rss is None else f"{r.slope_rss:,.0f}",
             "-" if r.upfront_per_slot is None else f"{r.upfront_per_slot:,.0f}",
             f"{r.after_close.rss / 2**20:.1f} MiB", r.nofile))
-    lines = [f"{args.connections:,} idle keep-alive connections, one request each, "
-             f"in {args.steps} steps", bench.format_table(rows)]
+    kind = ("idle HTTP/2 (h2c) connections, one request on stream 1 each" if args.http2
+            else "idle keep-alive connections, one request each")
+    lines = [f"{args.connections:,} {kind}, in {args.steps} steps", bench.format_table(rows)]
     weir = next((r for r in results if r.name == "weir"), None)
     ref = next((r for r in results if r.name == "nginx"), None)
     if weir is not None and weir.per_conn_rss is not None:
-        verdict = "under" if weir.per_conn_rss < TARGET_BYTES else "OVER"
-        lines.append(f"weir: {weir.per_conn_rss / 1024:.2f} KiB per idle connection, {verdict} "
-                     f"the {TARGET_BYTES // 1024} KiB target")
+        target = target_bytes(args.http2)
+        # HTTP/1.1's target (issue 15) is "under", HTTP/2's (issue 19) "at most".
+        within = weir.per_conn_rss <= target if args.http2 else weir.per_conn_rss < target
+        verdict = ("at most" if args.http2 else "under") if within else "OVER"
+        what = "HTTP/2 connection" if args.http2 else "connection"
+        lines.append(f"weir: {weir.per_conn_rss / 1024:.2f} KiB per idle {what}, {verdict} "
+                     f"the {target // 1024} KiB target")
         if ref is not None and ref.per_conn_rss:
             ratio = weir.per_conn_rss / ref.per_conn_rss
             line = f"weir/nginx: {ratio:.1f}x per idle connection"
@@ -585,6 +750,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "process's raised one (e.g. 1024, a common default)")
     p.add_argument("--settle", type=float, default=0.5, metavar="S",
                    help="seconds to wait before each memory reading (default 0.5)")
+    p.add_argument("--http2", action="store_true",
+                   help="idle HTTP/2 client connections (h2c with prior knowledge, one request "
+                        "on stream 1) instead of HTTP/1.1 keep-alive ones; needs the h2 package")
     p.add_argument("--no-nginx", action="store_true", help="measure Weir only")
     p.add_argument("--weir-arg", action="append", default=[], metavar="ARG",
                    help="extra argument(s) for `python -m proxy run`, shell-split")
@@ -616,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = {"settings": {"connections": args.connections, "steps": args.steps,
                             "source_addresses": args.source_addresses,
                             "proxy_nofile": args.proxy_nofile, "weir_args": args.weir_args,
-                            "target_bytes": TARGET_BYTES},
+                            "http2": args.http2, "target_bytes": target_bytes(args.http2)},
                "results": [asdict(r) for r in results]}
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)

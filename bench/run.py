@@ -13,6 +13,11 @@ a baseline. Results are the median per target over ``--rounds`` rounds.
 proxy still speaks HTTP/1.1 to the backend, and the baseline is h2load against a second, h2c
 port of the backend.
 
+``--grpc`` drives gRPC unary calls (h2load POSTs one pre-framed message with
+``content-type: application/grpc`` and ``te: trailers``) through nginx (``grpc_pass``), HAProxy
+(``proto h2`` both ways) and Weir (a version with ``protocol: h2c``) to a gRPC-shaped backend:
+nghttpd serving a framed message as ``application/grpc`` with the trailer ``grpc-status: 0``.
+
 Stdlib only. See bench/README.md.
 """
 
@@ -44,12 +49,31 @@ from typing import TypeVar
 REPO_ROOT = Path(__file__).resolve().parent.parent
 INSTALL_HINT = "apt-get install -y nginx haproxy wrk"
 H2_INSTALL_HINT = "apt-get install -y nginx haproxy nghttp2-client"
+GRPC_INSTALL_HINT = "apt-get install -y nginx haproxy nghttp2-client nghttp2-server"
 LOADS = ("wrk", "h2load")
 H2_CONNECTIONS = 10  # h2load -c, the default with --load h2load
 H2_STREAMS = 10  # h2load -m
 # h2load sends the same headers on every request (no per-request script as with wrk): one sticky
 # key, so Weir's sticky hashing still runs.
 H2_HEADERS = {"x-user-id": "user-1"}
+
+# --grpc: one unary method. The path ends in .grpc so that nghttpd, the backend, answers it with
+# content-type application/grpc (its MIME table goes by the file's extension); no proxy here
+# looks at the method's name.
+GRPC_PATH = "/bench.Echo/Call.grpc"
+
+
+def grpc_frame(payload: bytes) -> bytes:
+    """One gRPC length-prefixed message: compressed flag 0, the length (4 bytes, big-endian),
+    the payload."""
+    return b"\x00" + len(payload).to_bytes(4, "big") + payload
+
+
+# A protobuf message of one string field (field 1, wire type 2): 0x0a, the length, the bytes.
+GRPC_REQUEST = grpc_frame(b"\x0a\x05hello")
+GRPC_RESPONSE = grpc_frame(b"\x0a\x0bhello world")
+GRPC_HEADERS = {"content-type": "application/grpc", "te": "trailers", **H2_HEADERS}
+GRPC_REQUEST_FILE = "grpc-request.bin"  # GRPC_REQUEST, in the run's temp dir
 HOST = "127.0.0.1"
 PROXIES: tuple[str, ...] = ("nginx", "haproxy", "weir")
 BASELINE = "baseline"
@@ -359,6 +383,47 @@ def wait_for_h2_ok(
         delay = min(delay * 2, 0.2)
 
 
+def check_grpc(proc: Proc, port: int, timeout: float, nghttp: str, request: Path,
+               headers: dict[str, str] | None = None) -> H2Answer:
+    """--grpc's preflight: one unary call through ``port`` with ``nghttp -v``, until an HTTP
+    200 comes back (or the deadline); that answer must be a whole gRPC answer (the message,
+    then the trailer grpc-status 0), or the run stops here, loudly: h2load counts only HTTP
+    statuses and would count a proxy that drops trailers as fine."""
+    deadline = time.monotonic() + timeout
+    argv = [nghttp, "-v", "-n", "--no-dep", "--timeout=2", f"--data={request}"]
+    for name, value in (GRPC_HEADERS | (headers or {})).items():
+        argv += ["-H", f"{name}: {value}"]
+    argv.append(f"http://{HOST}:{port}{GRPC_PATH}")
+    last = "no attempt"
+    delay = 0.01
+    while True:
+        _check_alive(proc)
+        try:
+            done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                                  text=True, errors="replace", timeout=5, check=False)
+            answer = parse_nghttp_verbose(done.stdout)
+            status = answer.header_blocks[0].get(":status") if answer and \
+                answer.header_blocks else None
+            if status == "200":
+                problems = grpc_answer_problems(answer)
+                if problems:
+                    raise BenchError(
+                        f"{proc.name} on port {port} did not pass a whole gRPC answer: "
+                        + "; ".join(problems) + f"\n{shlex.join(argv)} said:\n"
+                        + done.stdout[-3000:] + done.stderr[-1000:])
+                assert answer is not None
+                return answer
+            last = f"nghttp exit {done.returncode}, status {status}, {done.stderr[-200:]!r}"
+        except subprocess.TimeoutExpired:
+            last = "nghttp timed out"
+        if time.monotonic() >= deadline:
+            raise BenchError(
+                f"{proc.name} on port {port} did not answer a gRPC call with HTTP 200 within "
+                f"{timeout:.0f}s (last: {last}); its output ends:\n{proc.log_tail()}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
 # --------------------------------------------------------------------------
 # Config generation
 # --------------------------------------------------------------------------
@@ -427,15 +492,26 @@ def nginx_proxy_conf(
     reuseport: bool = False,
     http2: bool = False,
     keepalive: int = 64,
+    grpc: bool = False,
 ) -> str:
     """nginx as a keep-alive proxy to the backend; ``reuseport``: one listening socket per
     worker, spread by the kernel, as Weir's workers do (instead of one shared socket);
     ``http2``: clients speak h2c with prior knowledge (nginx 1.22's ``listen ... http2``;
     HTTP/1.1 clients are then refused), the upstream stays HTTP/1.1; ``keepalive``: idle
     upstream connections kept, which must cover the requests in flight, or nginx closes the
-    surplus after each answer and opens new ones."""
+    surplus after each answer and opens new ones; ``grpc`` (implies ``http2``): ``grpc_pass``
+    to the backend over h2c instead (nginx's gRPC proxy runs one stream per upstream
+    connection, so ``keepalive`` matters as much there)."""
+    http2 = http2 or grpc
     listen = f"{HOST}:{port}" + (" http2" if http2 else "") + " backlog=4096"
     listen += " reuseport" if reuseport else ""
+    if grpc:
+        location = "            grpc_pass grpc://backend;\n"
+    else:
+        location = """            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+"""
     return (
         _nginx_common(prefix, workers, master_process)
         + "http {\n"
@@ -448,19 +524,19 @@ def nginx_proxy_conf(
     server {{
         listen {listen};
         location / {{
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }}
+{location}        }}
     }}
 }}
 """
     )
 
 
-def haproxy_conf(port: int, backend_port: int, http2: bool = False) -> str:
-    """HAProxy as a keep-alive proxy; ``http2``: clients speak h2c (``proto h2``)."""
+def haproxy_conf(port: int, backend_port: int, http2: bool = False,
+                 backend_h2: bool = False) -> str:
+    """HAProxy as a keep-alive proxy; ``http2``: clients speak h2c (``proto h2``);
+    ``backend_h2``: so does the backend (``proto h2`` on the server line, for --grpc)."""
     bind = f"{HOST}:{port}" + (" proto h2" if http2 else "")
+    server = f"{HOST}:{backend_port}" + (" proto h2" if backend_h2 else "")
     return f"""global
     nbthread 1
     maxconn 4096
@@ -479,25 +555,50 @@ frontend fe
     default_backend be
 
 backend be
-    server s1 {HOST}:{backend_port}
+    server s1 {server}
 """
 
 
-def weir_conf(port: int, admin_port: int, backend_port: int) -> str:
+def weir_conf(port: int, admin_port: int, backend_port: int, protocol: str | None = None) -> str:
+    """Weir with two versions (90/10), sticky users and a header rule; ``protocol``: what the
+    versions' upstreams speak (``h2c`` for --grpc), left to Weir's default when None."""
     upstream = f'["{HOST}:{backend_port}"]'
+    version = f"upstreams: {upstream}" + (f", protocol: {protocol}" if protocol else "")
     return f"""listen: {HOST}:{port}
 admin: {{listen: {HOST}:{admin_port}}}
 services:
   - name: bench
     versions:
-      stable: {{upstreams: {upstream}}}
-      canary: {{upstreams: {upstream}}}
+      stable: {{{version}}}
+      canary: {{{version}}}
     weights: {{stable: 90, canary: 10}}
     sticky: {{header: x-user-id}}
     rules:
       - match: {{headers: {{x-beta: "yes"}}}}
         version: canary
 """
+
+
+def grpc_backend_files(root: Path) -> Path:
+    """The backend's document root for --grpc (under ``root``): ``GRPC_PATH`` holding
+    ``GRPC_RESPONSE``, and beside it the MIME table that makes nghttpd answer it as
+    application/grpc. Returns the document root."""
+    docroot = root / "docroot"
+    answer = docroot / GRPC_PATH.lstrip("/")
+    answer.parent.mkdir(parents=True, exist_ok=True)
+    answer.write_bytes(GRPC_RESPONSE)
+    (root / "mime.types").write_text("application/grpc grpc\n")
+    return docroot
+
+
+def nghttpd_argv(nghttpd: str, port: int, docroot: Path) -> list[str]:
+    """nghttpd as a gRPC-shaped backend over h2c: every answer is a static file (read once
+    the request has ended, as a gRPC server does), followed by the trailer ``grpc-status: 0``
+    (nghttpd sends a trailer only after a body, so a missing file would show: 404, no
+    trailer). ``docroot`` from ``grpc_backend_files``."""
+    return [nghttpd, "--no-tls", "-a", HOST, "-d", str(docroot),
+            f"--mime-types-file={docroot.parent / 'mime.types'}",
+            "--trailer=grpc-status: 0", str(port)]
 
 
 def wrk_user_script(n_users: int, delay_ms: int = 0) -> str:
@@ -629,6 +730,10 @@ _RE_H2_REQS = re.compile(
     re.M,
 )
 _RE_H2_STATUS = re.compile(r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", re.M)
+# "traffic: 1.17MB (1230647) total, 517.58KB (530000) headers (space savings 49.52%),
+# 175.78KB (180000) data": the last count is the bytes of DATA frames' payloads received.
+_RE_H2_TRAFFIC = re.compile(
+    r"^traffic: .*?\((\d+)\) total, .*?\((\d+)\) headers.*?\((\d+)\) data", re.M)
 _DURATION = r"([\d.]+)(us|ms|s|m|h)"
 _RE_H2_TIME = re.compile(
     rf"^time for request:\s+{_DURATION}\s+{_DURATION}\s+{_DURATION}\s+{_DURATION}", re.M
@@ -651,12 +756,17 @@ class H2loadResult(WrkResult):
     errored: int = 0
     timeout: int = 0
     status: dict[str, int] = field(default_factory=dict)
+    # Bytes of response bodies (DATA frames) received; None if h2load did not say.
+    data_bytes: int | None = None
+    # --grpc: succeeded answers that did not carry the response message (a trailers-only
+    # gRPC error is an HTTP 200 with no body, which h2load counts as a success).
+    missing_messages: int = 0
 
     @property
     def errors(self) -> int:
         # h2load counts every request that did not end in a 2xx/3xx as failed: 4xx/5xx answers,
         # resets, and those lost with their connection ("errored") or timed out.
-        return self.failed
+        return self.failed + self.missing_messages
 
 
 def log_percentiles(log_text: str, pcts: tuple[float, ...] = (50.0, 99.0)) -> dict[float, float]:
@@ -687,6 +797,7 @@ def parse_h2load(output: str, log_text: str | None = None) -> H2loadResult:
     if 50.0 not in pcts or 99.0 not in pcts:
         raise BenchError(f"no request times in h2load's output or log:\n{output}")
     _total, _started, done, succeeded, failed, errored, timeout = map(int, reqs.groups())
+    traffic = _RE_H2_TRAFFIC.search(output)
     codes = dict(zip(("2xx", "3xx", "4xx", "5xx"), map(int, status.groups()), strict=True))
     g = times.groups()  # min, max, mean, sd: each a number and its unit
     _min_ms, max_ms, mean_ms, sd_ms = (to_ms(g[i], g[i + 1]) for i in range(0, 8, 2))
@@ -704,7 +815,114 @@ def parse_h2load(output: str, log_text: str | None = None) -> H2loadResult:
         errored=errored,
         timeout=timeout,
         status=codes,
+        data_bytes=int(traffic.group(3)) if traffic else None,
     )
+
+
+def missing_messages(succeeded: int, data_bytes: int | None, message_len: int) -> int:
+    """How many of ``succeeded`` answers cannot have carried their ``message_len``-byte
+    message, given the body bytes h2load received in all (failed answers' bodies, such as
+    error pages, only make the count lower). Raises BenchError without the byte count."""
+    if data_bytes is None:
+        raise BenchError("h2load printed no traffic line: cannot tell whether the gRPC "
+                         "answers carried their message")
+    short = succeeded * message_len - data_bytes
+    return max(0, math.ceil(short / message_len))
+
+
+# --------------------------------------------------------------------------
+# A gRPC answer as nghttp -v shows it (--grpc's preflight)
+# --------------------------------------------------------------------------
+
+_RE_NGHTTP_FIELD = re.compile(r"^\[[\s\d.]+\] recv \(stream_id=(\d+)\) (:?[^:]+): (.*)$")
+_RE_NGHTTP_FRAME = re.compile(
+    r"^\[[\s\d.]+\] recv (HEADERS|DATA|RST_STREAM) frame <length=(\d+), flags=0x([0-9a-f]+), "
+    r"stream_id=(\d+)>")
+_RE_NGHTTP_ERROR = re.compile(r"error_code=(\w+)")
+
+
+@dataclass
+class H2Answer:
+    """What one stream received: its header blocks in order (the answer's headers, then any
+    trailers), whether each ended the stream, the body bytes and a reset's error code."""
+
+    header_blocks: list[dict[str, str]] = field(default_factory=list)
+    block_end_stream: list[bool] = field(default_factory=list)
+    data_bytes: int = 0
+    data_end_stream: bool = False
+    reset: str | None = None
+
+
+def parse_nghttp_verbose(output: str) -> H2Answer | None:
+    """The answer on the first stream that received a header block, from ``nghttp -v -n``'s
+    transcript; None if no stream did."""
+    fields: dict[int, dict[str, str]] = {}
+    answers: dict[int, H2Answer] = {}
+    first: int | None = None
+    pending_reset: H2Answer | None = None
+    for line in output.splitlines():
+        if pending_reset is not None:
+            if code := _RE_NGHTTP_ERROR.search(line):
+                pending_reset.reset = code.group(1)
+                pending_reset = None
+            continue
+        if m := _RE_NGHTTP_FIELD.match(line):
+            fields.setdefault(int(m.group(1)), {})[m.group(2).lower()] = m.group(3)
+            continue
+        m = _RE_NGHTTP_FRAME.match(line)
+        if m is None:
+            continue
+        kind, length, flags, stream = m.group(1), int(m.group(2)), int(m.group(3), 16), \
+            int(m.group(4))
+        end_stream = bool(flags & 0x1)
+        if kind == "HEADERS":
+            answer = answers.setdefault(stream, H2Answer())
+            first = stream if first is None else first
+            answer.header_blocks.append(fields.pop(stream, {}))
+            answer.block_end_stream.append(end_stream)
+        elif kind == "DATA":
+            answer = answers.setdefault(stream, H2Answer())
+            answer.data_bytes += length
+            answer.data_end_stream = answer.data_end_stream or end_stream
+        else:
+            pending_reset = answers.setdefault(stream, H2Answer())
+            pending_reset.reset = "?"
+    return None if first is None else answers[first]
+
+
+def grpc_answer_problems(answer: H2Answer | None, message: bytes = GRPC_RESPONSE) -> list[str]:
+    """What is wrong with a unary gRPC answer (empty if nothing): it must be HTTP 200 with
+    content-type application/grpc, carry ``message`` (by its length) and end with trailers
+    holding grpc-status 0."""
+    if answer is None:
+        return ["no answer (no HEADERS frame received)"]
+    if not answer.header_blocks:
+        return ["no header block" + (f"; stream reset ({answer.reset})" if answer.reset else "")]
+    problems: list[str] = []
+    head = answer.header_blocks[0]
+    if head.get(":status") != "200":
+        problems.append(f"HTTP status {head.get(':status', 'missing')}, not 200")
+    ctype = head.get("content-type", "")
+    if not ctype.startswith("application/grpc"):
+        problems.append(f"content-type {ctype or 'missing'}, not application/grpc")
+    if answer.data_bytes != len(message):
+        problems.append(f"{answer.data_bytes} body bytes, not the {len(message)}-byte message")
+    if len(answer.header_blocks) < 2:
+        if "grpc-status" in head:
+            problems.append(f"no trailers: grpc-status {head['grpc-status']} came with the "
+                            "answer's headers (a trailers-only answer)")
+        else:
+            problems.append("no trailers: no grpc-status at all")
+    else:
+        trailers = answer.header_blocks[-1]
+        if trailers.get("grpc-status") != "0":
+            problems.append(f"trailer grpc-status {trailers.get('grpc-status', 'missing')}, "
+                            "not 0")
+        if not answer.block_end_stream[-1]:
+            problems.append("the trailers did not end the stream")
+    if answer.reset is not None:
+        problems.append(f"stream reset ({answer.reset})")
+    return problems
 
 
 def run_h2load(
@@ -719,10 +937,14 @@ def run_h2load(
     threads: int,
     headers: dict[str, str],
     log_file: Path | None,
+    data: Path | None = None,
 ) -> str:
-    """h2load over h2c (prior knowledge) for ``duration`` seconds; its stdout."""
+    """h2load over h2c (prior knowledge) for ``duration`` seconds; its stdout. With ``data``
+    every request is a POST of that file's bytes."""
     argv = [taskset, "-c", cpus, h2load, f"-t{threads}", f"-c{connections}", f"-m{streams}"]
     argv += [f"-D{max(1, round(duration))}"]
+    if data is not None:
+        argv.append(f"--data={data}")
     for name, value in headers.items():
         argv += ["-H", f"{name}: {value}"]
     if log_file is not None:
@@ -777,7 +999,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--duration", type=float, default=10.0, help="seconds per measured wrk run (default 10)"
     )
     p.add_argument(
-        "--load", choices=LOADS, default="wrk",
+        "--load", choices=LOADS, default=None,
         help="wrk: HTTP/1.1 (default); h2load: HTTP/2 over h2c with prior knowledge, "
              "nginx and HAProxy listening for HTTP/2, every proxy's upstream still HTTP/1.1")
     p.add_argument(
@@ -787,15 +1009,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--streams", type=int, default=H2_STREAMS,
         help=f"h2load -m: requests in flight per connection (default {H2_STREAMS}; "
              "--load h2load only)")
-    # TODO(issue 19): gRPC unary calls. h2load can send them: -d FILE with a pre-framed message
-    # (1 byte compressed flag, 4 bytes length, the protobuf), -H 'content-type: application/grpc'
-    # -H 'te: trailers'. nginx's side is `grpc_pass grpc://backend;` to a gRPC backend (which
-    # the bench would have to start: nginx cannot answer with trailers itself). Weir cannot be
-    # measured until it speaks HTTP/2 to upstreams, so the flag only says so for now.
     p.add_argument(
         "--grpc", action="store_true",
-        help="(not implemented yet) gRPC unary calls through nginx grpc_pass and Weir; "
-             "needs HTTP/2 to upstreams in Weir")
+        help="gRPC unary calls (implies --load h2load): h2load POSTs a framed message to "
+             "nginx (grpc_pass), HAProxy (proto h2 both ways) and Weir (protocol: h2c), all "
+             "in front of nghttpd answering application/grpc with the trailer grpc-status 0; "
+             "needs nghttp2-server")
     p.add_argument(
         "--delay-ms", type=int, default=0,
         help="each wrk connection waits this long before each request: a fixed moderate "
@@ -868,9 +1087,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown or not only:
         p.error(f"--only takes a subset of {','.join(PROXIES)}; got {args.only!r}")
     args.only = [n for n in PROXIES if n in only]
-    if args.grpc:
-        p.error("--grpc is not implemented yet: Weir has no HTTP/2 to upstreams, which gRPC "
-                "needs (see the TODO in bench/run.py)")
+    if args.grpc and args.load == "wrk":
+        p.error("--grpc runs h2load (gRPC is HTTP/2); leave out --load wrk")
+    if args.load is None:
+        args.load = "h2load" if args.grpc else "wrk"
     h2load = args.load == "h2load"
     if args.connections is None:
         args.connections = H2_CONNECTIONS if h2load else 50
@@ -918,11 +1138,22 @@ def start_servers(
     timeout = args.startup_timeout
     sticky = {"x-user-id": "user-1"}
     h2 = args.load == "h2load"
-    backend_h2_port = free_port() if h2 else None
+    grpc = args.grpc
+    backend_h2_port = free_port() if h2 and not grpc else None
+    request = workdir / GRPC_REQUEST_FILE
+    if grpc:
+        request.write_bytes(GRPC_REQUEST)
 
     def ready(proc: Proc, port: int, headers: dict[str, str] | None = None) -> None:
-        """The target answers the way the load will ask: HTTP/1.1, or h2c with --load h2load."""
-        if h2:
+        """The target answers the way the load will ask: HTTP/1.1, h2c with --load h2load, a
+        whole gRPC answer with --grpc."""
+        if grpc:
+            answer = check_grpc(proc, port, timeout, tools["nghttp"], request, headers)
+            head, trailers = answer.header_blocks[0], answer.header_blocks[-1]
+            print(f"{proc.name}: gRPC answer {head[':status']} {head['content-type']}, "
+                  f"{answer.data_bytes}-byte message, trailer grpc-status "
+                  f"{trailers['grpc-status']}", file=sys.stderr)
+        elif h2:
             wait_for_h2_ok(proc, port, timeout, tools["nghttp"], headers)
         else:
             wait_for_http_ok(proc, port, timeout, headers)
@@ -943,7 +1174,7 @@ def start_servers(
             # (HAProxy shares its idle connections without a cap; Weir keeps 128).
             in_flight = args.connections * args.streams if h2 else 0
             text = nginx_proxy_conf(prefix, port, upstream_port, http2=h2,
-                                    keepalive=max(64, in_flight))
+                                    keepalive=max(64, in_flight), grpc=grpc)
             cpus = args.proxy_cpus
         conf = prefix / "nginx.conf"
         conf.write_text(text)
@@ -965,7 +1196,8 @@ def start_servers(
         """Weir from the checkout at tree (this one, or another for an A/B run)."""
         admin_port = free_port()
         conf = workdir / f"{name}.yaml"
-        conf.write_text(weir_conf(port, admin_port, backend_port))
+        conf.write_text(weir_conf(port, admin_port, backend_port,
+                                  protocol="h2c" if grpc else None))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(tree), env.get("PYTHONPATH", "")) if p
@@ -979,11 +1211,20 @@ def start_servers(
         )
 
     backend_port = free_port()
-    proc = nginx("backend", backend_port, None)
-    wait_for_port(proc, backend_port, timeout)
-    wait_for_http_ok(proc, backend_port, timeout)
+    if grpc:  # nghttpd: h2c only, the baseline straight on its one port
+        docroot = grpc_backend_files(workdir / "backend")
+        proc = pm.start("backend", pinned(args.load_cpus,
+                                          *nghttpd_argv(tools["nghttpd"], backend_port, docroot)))
+        wait_for_port(proc, backend_port, timeout)
+        ready(proc, backend_port)
+        what = "nghttpd (h2c, gRPC-shaped answers)"
+    else:
+        proc = nginx("backend", backend_port, None)
+        wait_for_port(proc, backend_port, timeout)
+        wait_for_http_ok(proc, backend_port, timeout)
+        what = "nginx"
     backend = Target(BASELINE, backend_port, proc)
-    print(f"backend nginx on {HOST}:{backend_port} (cpu {args.load_cpus})", file=sys.stderr)
+    print(f"backend {what} on {HOST}:{backend_port} (cpu {args.load_cpus})", file=sys.stderr)
     if backend_h2_port is not None:  # the baseline: h2load straight to the backend's h2c port
         ready(proc, backend_h2_port)
         backend = Target(BASELINE, backend_h2_port, proc)
@@ -997,7 +1238,7 @@ def start_servers(
             proc = nginx("nginx", port, backend_port)
         elif name == "haproxy":
             conf = workdir / "haproxy.cfg"
-            conf.write_text(haproxy_conf(port, backend_port, http2=h2))
+            conf.write_text(haproxy_conf(port, backend_port, http2=h2, backend_h2=grpc))
             proc = pm.start(
                 "haproxy", pinned(args.proxy_cpus, tools["haproxy"], "-db", "-f", str(conf))
             )
@@ -1025,7 +1266,8 @@ def measure(
     target: Target,
     script: Path,
 ) -> WrkResult:
-    url = f"http://{HOST}:{target.port}/"
+    grpc = getattr(args, "grpc", False)
+    url = f"http://{HOST}:{target.port}" + (GRPC_PATH if grpc else "/")
     common = {
         "connections": args.connections,
         "threads": args.threads,
@@ -1046,7 +1288,8 @@ def measure(
             return run_h2load(
                 tools["h2load"], tools["taskset"], args.load_cpus, url, duration=duration,
                 connections=args.connections, streams=args.streams, threads=args.threads,
-                headers=H2_HEADERS, log_file=h2_log if log else None,
+                headers=GRPC_HEADERS if grpc else H2_HEADERS, log_file=h2_log if log else None,
+                data=pm.workdir / GRPC_REQUEST_FILE if grpc else None,
             )
         return run_wrk(
             tools["wrk"], tools["taskset"], args.load_cpus, url, duration=duration, **common
@@ -1074,6 +1317,9 @@ def measure(
             h2_log.unlink(missing_ok=True)
     _check_alive(target.proc)
     result = parse_wrk(out) if log_text is None else parse_h2load(out, log_text)
+    if grpc and isinstance(result, H2loadResult):
+        result.missing_messages = missing_messages(result.succeeded, result.data_bytes,
+                                                   len(GRPC_RESPONSE))
     result.cpu_pct = 100.0 * (cpu1 - cpu0) / wall if wall > 0 else None
     if total1 > total0:
         result.pinned_cpu_idle_pct = 100.0 * (idle1 - idle0) / (total1 - total0)
@@ -1219,7 +1465,10 @@ def _versions(tools: dict[str, str]) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     h2 = args.load == "h2load"
-    if h2:
+    if args.grpc:
+        tools = find_tools(("nginx", "haproxy", "h2load", "nghttp", "nghttpd", "taskset"),
+                           GRPC_INSTALL_HINT)
+    elif h2:
         tools = find_tools(("nginx", "haproxy", "h2load", "nghttp", "taskset"), H2_INSTALL_HINT)
     else:
         tools = find_tools(("nginx", "haproxy", "wrk", "taskset"), INSTALL_HINT)
@@ -1286,7 +1535,15 @@ def run(args: argparse.Namespace) -> int:
 
     stat = "median of" if args.rounds > 1 else "single run,"
     print()
-    if h2:
+    if args.grpc:
+        print(
+            f"gRPC unary calls: h2load -t{args.threads} -c{args.connections} -m{args.streams} "
+            f"-D{max(1, round(args.duration))} over h2c, POST {GRPC_PATH} "
+            f"({len(GRPC_REQUEST)}-byte message in, {len(GRPC_RESPONSE)} out, trailer "
+            f"grpc-status 0) ({stat} {args.rounds} round(s)); proxies on cpu {args.proxy_cpus}, "
+            f"h2load+backend (nghttpd) on cpu {args.load_cpus}; upstreams h2c"
+        )
+    elif h2:
         print(
             f"h2load -t{args.threads} -c{args.connections} -m{args.streams} "
             f"-D{max(1, round(args.duration))} over h2c "
@@ -1307,8 +1564,10 @@ def run(args: argparse.Namespace) -> int:
     if h2:
         print(
             "p50/p99 from h2load's per-request log; mean/sd/max = h2load's \"time for "
-            "request\"; errors = h2load's failed requests (non-2xx/3xx, errored, timed out), "
-            "summed over rounds; cpu% = CPU used by the target's processes during the run; "
+            "request\"; errors = h2load's failed requests (non-2xx/3xx, errored, timed out)"
+            + (" plus 200s without the response message (by the body bytes received)"
+               if args.grpc else "")
+            + ", summed over rounds; cpu% = CPU used by the target's processes during the run; "
             "other% = CPU used meanwhile by processes this benchmark did not start "
             "(should be ~0)"
         )
@@ -1336,7 +1595,10 @@ def run(args: argparse.Namespace) -> int:
                 "versions": _versions(tools),
             }
             | ({"load": "h2load", "protocol": "h2c", "streams": args.streams,
-                "headers": H2_HEADERS} if h2 else {}),
+                "headers": H2_HEADERS} if h2 else {})
+            | ({"grpc": True, "path": GRPC_PATH, "headers": GRPC_HEADERS,
+                "request_bytes": len(GRPC_REQUEST), "response_bytes": len(GRPC_RESPONSE),
+                "backend": "nghttpd", "upstream_protocol": "h2c"} if args.grpc else {}),
             "results": {
                 s.name: {
                     "rps": s.rps,

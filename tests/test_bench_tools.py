@@ -260,7 +260,7 @@ def test_h2load_mode_settings_leave_the_wrk_mode_alone(tmp_path: Path) -> None:
     assert "proto h2" not in run.haproxy_conf(1, 2)
     assert "bind 127.0.0.1:1 proto h2\n" in run.haproxy_conf(1, 2, http2=True)
 
-    for argv, said in ((["--grpc"], "--grpc is not implemented yet"),
+    for argv, said in ((["--grpc", "--load", "wrk"], "--grpc runs h2load"),
                        (["--load", "h2load", "--delay-ms", "5"], "--delay-ms needs --load wrk")):
         done = run_script(str(BENCH / "run.py"), *argv, cwd=tmp_path)
         assert done.returncode == 2 and said in done.stderr, done.stderr
@@ -378,3 +378,187 @@ def test_rapid_reset_percentiles_and_attack_summary() -> None:
     assert attack.ends == {"goaway": 2, "eof": 1, "reset": 1, "stopped": 1,
                            "connect-failed": 1}
     assert attack.taken_per_cut == {"min": 1000, "median": 1514.5, "max": 2029}
+
+
+# nghttp -v -n --no-dep -d REQUEST ... against nghttpd as --grpc starts it (the send side cut).
+NGHTTP_GRPC = """\
+[  0.000] Connected
+[  0.000] recv SETTINGS frame <length=6, flags=0x00, stream_id=0>
+          (niv=1)
+          [SETTINGS_MAX_CONCURRENT_STREAMS(0x03):100]
+[  0.000] send HEADERS frame <length=80, flags=0x04, stream_id=1>
+          ; END_HEADERS
+          (padlen=0)
+          ; Open new stream
+          :method: POST
+          :path: /bench.Echo/Call.grpc
+          content-type: application/grpc
+          te: trailers
+[  0.000] send DATA frame <length=12, flags=0x01, stream_id=1>
+          ; END_STREAM
+[  0.000] recv SETTINGS frame <length=0, flags=0x01, stream_id=0>
+          ; ACK
+          (niv=0)
+[  0.000] recv (stream_id=1) :status: 200
+[  0.000] recv (stream_id=1) server: nghttpd nghttp2/1.52.0
+[  0.000] recv (stream_id=1) content-length: 18
+[  0.000] recv (stream_id=1) content-type: application/grpc
+[  0.000] recv (stream_id=1) trailer: grpc-status
+[  0.000] recv HEADERS frame <length=112, flags=0x04, stream_id=1>
+          ; END_HEADERS
+          (padlen=0)
+          ; First response header
+[  0.001] recv DATA frame <length=18, flags=0x00, stream_id=1>
+[  0.001] recv (stream_id=1) grpc-status: 0
+[  0.001] recv HEADERS frame <length=12, flags=0x05, stream_id=1>
+          ; END_STREAM | END_HEADERS
+          (padlen=0)
+[  0.001] send GOAWAY frame <length=8, flags=0x00, stream_id=0>
+          (last_stream_id=0, error_code=NO_ERROR(0x00), opaque_data(0)=[])
+"""
+
+
+def test_grpc_message_and_answer_checks() -> None:
+    run = load_run()
+    assert run.grpc_frame(b"hi") == b"\x00\x00\x00\x00\x02hi"
+    assert run.GRPC_REQUEST[5:] == b"\x0a\x05hello" and len(run.GRPC_REQUEST) == 12
+    assert len(run.GRPC_RESPONSE) == 18
+    assert run.GRPC_HEADERS["content-type"] == "application/grpc"
+    assert run.GRPC_HEADERS["te"] == "trailers"
+
+    answer = run.parse_nghttp_verbose(NGHTTP_GRPC)
+    assert answer.header_blocks[0][":status"] == "200"
+    assert answer.header_blocks[-1] == {"grpc-status": "0"}
+    assert answer.block_end_stream == [False, True]
+    assert answer.data_bytes == 18 and answer.reset is None
+    assert run.grpc_answer_problems(answer) == []
+    # The request's own headers (send side, indented) are not taken for the answer's.
+    assert ":path" not in answer.header_blocks[0]
+
+    # A proxy that drops the trailers: the answer ends with its DATA frame.
+    cut = NGHTTP_GRPC.split("[  0.001] recv (stream_id=1) grpc-status: 0")[0].replace(
+        "recv DATA frame <length=18, flags=0x00", "recv DATA frame <length=18, flags=0x01")
+    (problem,) = run.grpc_answer_problems(run.parse_nghttp_verbose(cut))
+    assert problem == "no trailers: no grpc-status at all"
+
+    # A trailers-only error (what a proxy answers when it has no upstream): no message either.
+    only = """\
+[  0.000] recv (stream_id=13) :status: 200
+[  0.000] recv (stream_id=13) content-type: application/grpc
+[  0.000] recv (stream_id=13) grpc-status: 14
+[  0.000] recv HEADERS frame <length=20, flags=0x05, stream_id=13>
+"""
+    problems = run.grpc_answer_problems(run.parse_nghttp_verbose(only))
+    assert problems == ["0 body bytes, not the 18-byte message",
+                        "no trailers: grpc-status 14 came with the answer's headers "
+                        "(a trailers-only answer)"]
+
+    bad = (NGHTTP_GRPC.replace(":status: 200", ":status: 502")
+           .replace("content-type: application/grpc\n[", "content-type: text/html\n[", 1)
+           .replace("grpc-status: 0", "grpc-status: 13")
+           + "[  0.002] recv RST_STREAM frame <length=4, flags=0x00, stream_id=1>\n"
+           "          (error_code=INTERNAL_ERROR(0x02))\n")
+    assert run.grpc_answer_problems(run.parse_nghttp_verbose(bad)) == [
+        "HTTP status 502, not 200", "content-type text/html, not application/grpc",
+        "trailer grpc-status 13, not 0", "stream reset (INTERNAL_ERROR)"]
+    assert run.parse_nghttp_verbose("[  0.000] Connected\n") is None
+    assert run.grpc_answer_problems(None) == ["no answer (no HEADERS frame received)"]
+
+
+def test_grpc_answers_without_their_message_are_errors() -> None:
+    run = load_run()
+    result = run.parse_h2load(H2LOAD_OUTPUT, "1796381649946379\t200\t100\n")
+    assert result.data_bytes == 120000  # "117.19KB (120000) data"
+    assert result.errors == 57
+    # 10,000 answers of 12 bytes each: all there; 11 bytes short: one answer had none.
+    assert run.missing_messages(10000, 120000, 12) == 0
+    assert run.missing_messages(10000, 120000 - 11, 12) == 1
+    assert run.missing_messages(10000, 0, 12) == 10000
+    assert run.missing_messages(10, 500, 12) == 0  # error pages' bodies count for nothing
+    result.missing_messages = 3
+    assert result.errors == 60
+    no_traffic = "\n".join(line for line in H2LOAD_OUTPUT.splitlines()
+                           if not line.startswith("traffic"))
+    assert run.parse_h2load(no_traffic, "1\t200\t100\n").data_bytes is None
+    with pytest.raises(run.BenchError, match="no traffic line"):
+        run.missing_messages(10, None, 12)
+
+
+def test_grpc_mode_configs(tmp_path: Path) -> None:
+    run = load_run()
+    args = run.parse_args(["--grpc"])
+    assert (args.grpc, args.load, args.connections, args.streams) == (True, "h2load", 10, 10)
+    assert run.parse_args(["--grpc", "--load", "h2load"]).load == "h2load"
+    assert run.parse_args([]).grpc is False
+
+    nginx = run.nginx_proxy_conf(tmp_path, 1, 2, keepalive=100, grpc=True)
+    assert "listen 127.0.0.1:1 http2 backlog=4096;" in nginx
+    assert "grpc_pass grpc://backend;" in nginx and "proxy_pass" not in nginx
+    assert "keepalive 100;" in nginx
+    assert "grpc_pass" not in run.nginx_proxy_conf(tmp_path, 1, 2, http2=True)
+
+    haproxy = run.haproxy_conf(1, 2, http2=True, backend_h2=True)
+    assert "bind 127.0.0.1:1 proto h2\n" in haproxy
+    assert "server s1 127.0.0.1:2 proto h2\n" in haproxy
+    assert "server s1 127.0.0.1:2\n" in run.haproxy_conf(1, 2, http2=True)
+
+    assert "protocol" not in run.weir_conf(1, 2, 3)
+    weir = run.weir_conf(1, 2, 3, protocol="h2c")
+    assert weir.count('{upstreams: ["127.0.0.1:3"], protocol: h2c}') == 2  # both versions
+    yaml = pytest.importorskip("yaml")
+    versions = yaml.safe_load(weir)["services"][0]["versions"]
+    assert versions["stable"] == versions["canary"] == {"upstreams": ["127.0.0.1:3"],
+                                                        "protocol": "h2c"}
+
+    docroot = run.grpc_backend_files(tmp_path / "backend")
+    assert (docroot / "bench.Echo" / "Call.grpc").read_bytes() == run.GRPC_RESPONSE
+    assert run.GRPC_PATH == "/bench.Echo/Call.grpc"
+    assert (tmp_path / "backend" / "mime.types").read_text() == "application/grpc grpc\n"
+    argv = run.nghttpd_argv("/usr/sbin/nghttpd", 4, docroot)
+    assert argv[0] == "/usr/sbin/nghttpd" and argv[-1] == "4"
+    assert {"--no-tls", "--trailer=grpc-status: 0", f"--mime-types-file={tmp_path}/backend/"
+            "mime.types"} <= set(argv)
+    assert argv[argv.index("-a") + 1] == "127.0.0.1" and argv[argv.index("-d") + 1] == \
+        str(docroot)
+
+
+def load_idle_memory() -> ModuleType:
+    """bench/idle_memory.py as a module (it imports bench/run.py as ``run``)."""
+    spec = importlib.util.spec_from_file_location("bench_idle_memory", BENCH / "idle_memory.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_idle_memory_http2_settings(tmp_path: Path) -> None:
+    idle = load_idle_memory()
+    assert (idle.target_bytes(False), idle.target_bytes(True)) == (10 * 1024, 32 * 1024)
+    assert idle.parse_args(["--http2"]).http2 and not idle.parse_args([]).http2
+    assert "listen 127.0.0.1:1 backlog=4096;" in idle.nginx_conf(tmp_path, 1, 2, 100)
+    assert "listen 127.0.0.1:1 http2 backlog=4096;" in idle.nginx_conf(tmp_path, 1, 2, 100,
+                                                                       http2=True)
+    headers = dict(idle.h2_request_headers(1234, "127.0.0.1:9"))
+    assert headers == {b":method": b"GET", b":scheme": b"http", b":authority": b"127.0.0.1:9",
+                       b":path": b"/idle/1234", b"x-user-id": b"user-234",
+                       b"user-agent": b"weir-idle-memory"}
+    # The same request as over HTTP/1.1.
+    assert b"GET /idle/1234 HTTP/1.1" in idle.request_bytes(1234)
+    assert b"x-user-id: user-234" in idle.request_bytes(1234)
+
+
+def test_idle_memory_measures_weir_over_http2(tmp_path: Path) -> None:
+    out = tmp_path / "idle.json"
+    done = run_script(str(BENCH / "idle_memory.py"), "--http2", "--connections", "200",
+                      "--steps", "2", "--no-nginx", "--settle", "0.1", "--json", str(out),
+                      cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "per idle HTTP/2 connection" in done.stdout
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["http2"] is True and doc["settings"]["target_bytes"] == 32 * 1024
+    (weir,) = doc["results"]
+    assert weir["held"] == 200 and weir["failures"] == 0
+    assert weir["points"][-1]["fds"] - weir["before"]["fds"] >= 200
+    left = processes_with("/weir-idle-", "idle_memory.py --serve-backend")
+    assert not left, f"still running: {left}"
