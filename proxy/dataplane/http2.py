@@ -333,8 +333,8 @@ class Http2Exchange(Exchange):
             self.out_done = True
             return
         self.flush()
-        if self.pending:
-            return  # ends with the last of its data (send_pending)
+        if self.pending or self.out_done:
+            return  # ends (or has ended, in flush) with the last of its data (send_pending)
         if self.trailers is not None:
             self.conn.send_headers(self.stream_id, self.trailers, True)
         else:
