@@ -285,13 +285,24 @@ class Http2Exchange(Exchange):
             upstream.resume_reading()
 
     def end_response(self) -> None:
-        """Settled in maybe_finish, which follows at once."""
-        self.flush()
+        """Settled in maybe_finish, which follows at once. END_STREAM goes on the last frame
+        of the response (its HEADERS when it has no body), not on an empty DATA frame."""
         self.ended = True
+        head = self.head
+        if head is not None:
+            self.head = None
+            self.response = SENDING
+            if not self.pending:
+                self.conn.send_headers(self.stream_id, head, True)
+                self.out_done = True
+                return
+            self.conn.send_headers(self.stream_id, head, False)
         if self.pending:
-            return  # ends with the last of its data (send_pending)
-        self.conn.end_stream(self.stream_id)
-        self.out_done = True
+            self.send_pending()  # ends with the last of its data, now or once it fits
+            return
+        if not self.out_done:
+            self.conn.end_stream(self.stream_id)
+            self.out_done = True
 
     def on_upstream_tunnel_data(self, data: bytes) -> None:
         raise AssertionError("no Upgrade over HTTP/2")
