@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import time
 from typing import TYPE_CHECKING, Any, Final
 
@@ -51,6 +52,9 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
+from h2.stream import StreamInputs
+from hpack.hpack import encode_integer
+from hpack.table import HeaderTable
 from hyperframe.frame import GoAwayFrame
 
 from .corking import CorkedTransport
@@ -92,6 +96,81 @@ VIA_PAIR: Final = (b"via", b"1.1 weir")
 
 perf_counter: Final = time.perf_counter
 
+# --- response frames, framed by Weir -------------------------------------------------------
+# A response's HEADERS and DATA frames are framed here rather than by h2, whose generic path
+# (frame objects, header normalization, its HPACK encoder's table search) cost more than the
+# rest of an exchange. h2 is told what went out: the stream's state machine takes the same
+# inputs h2's own send_headers/send_data give it, and the same flow-control windows shrink.
+
+FRAME_HEADER: Final = struct.Struct(">HBBBL")  # length (24 bits: 16 + 8), type, flags, stream
+DATA_FRAME: Final = 0x0
+HEADERS_FRAME: Final = 0x1
+CONTINUATION_FRAME: Final = 0x9
+END_STREAM_FLAG: Final = 0x1
+END_HEADERS_FLAG: Final = 0x4
+
+SEND_HEADERS: Final = StreamInputs.SEND_HEADERS
+SEND_DATA: Final = StreamInputs.SEND_DATA
+SEND_END_STREAM: Final = StreamInputs.SEND_END_STREAM
+
+# HPACK (RFC 7541) as Weir encodes response fields: each one a literal without indexing, its
+# name indexed when the static table has it, its value as it is (no Huffman). The dynamic table
+# is never used, so no field depends on what the client's decoder holds, and the encoding of a
+# name is worked out once (as nginx, which does not index response fields either).
+
+
+def hpack_name_code(name: bytes) -> bytes:
+    """The start of a literal field without indexing (RFC 7541 6.2.2) for ``name``."""
+    index = STATIC_NAMES.get(name, 0)
+    if index:
+        return bytes(encode_integer(index, 4))  # 0000 and the index
+    return b"\x00" + bytes(encode_integer(len(name), 7)) + name
+
+
+def static_names() -> dict[bytes, int]:
+    names: dict[bytes, int] = {}
+    for index, (name, _) in enumerate(HeaderTable.STATIC_TABLE, 1):
+        names.setdefault(name, index)
+    return names
+
+
+def static_statuses() -> dict[int, bytes]:
+    """:status fields the static table has whole, as indexed fields (RFC 7541 6.1)."""
+    return {int(value): bytes((0x80 | index,))
+            for index, (name, value) in enumerate(HeaderTable.STATIC_TABLE, 1)
+            if name == b":status"}
+
+
+STATIC_NAMES: Final = static_names()
+NAME_CODES: Final[dict[bytes, bytes]] = {name: hpack_name_code(name) for name in STATIC_NAMES}
+NAME_CODES_MAX: Final = 1024  # names learnt from upstreams beyond the static table's
+LENGTH_CODES: Final = [bytes((n,)) for n in range(127)]  # a 7-bit prefix, under 127
+STATUS_CODES: Final = static_statuses()
+
+
+def hpack_status(status: int) -> bytes:
+    code = STATUS_CODES.get(status)
+    if code is None:
+        code = NAME_CODES[b":status"] + b"\x03%d" % status
+        STATUS_CODES[status] = code
+    return code
+
+
+def hpack_field(parts: list[bytes], name: bytes, value: bytes) -> None:
+    """Add the encoding of one field (``name`` lower-case) to ``parts``."""
+    code = NAME_CODES.get(name)
+    if code is None:
+        code = hpack_name_code(name)
+        if len(NAME_CODES) < NAME_CODES_MAX:
+            NAME_CODES[name] = code
+    parts.append(code)
+    size = len(value)
+    parts.append(LENGTH_CODES[size] if size < 127 else bytes(encode_integer(size, 7)))
+    parts.append(value)
+
+
+VIA_FIELD: Final = NAME_CODES[b"via"] + LENGTH_CODES[len(VIA_PAIR[1])] + VIA_PAIR[1]
+
 PAUSE_UPSTREAM: Final = 1  # the upstream's write buffer is full
 PAUSE_BUFFER: Final = 2    # body bytes are piling up while we connect
 
@@ -128,7 +207,7 @@ class Http2Exchange(Exchange):
         super().__init__(conn.plane, conn.settings, conn.peer)
         self.conn = conn
         self.stream_id = stream_id
-        self.head: list[tuple[bytes, bytes]] | None = None  # held until the read ends
+        self.head: bytes | None = None  # its HPACK block, held until the read ends
         self.pending: list[bytes] = []  # response bytes waiting for the client's window
         self.pending_bytes = 0
         self.ended = False  # the response's end is waiting behind pending
@@ -238,18 +317,20 @@ class Http2Exchange(Exchange):
             drop = (drop or set()) | {b"content-length"}  # chunked wins (RFC 9112 6.3)
         self.until_eof = not (chunked_in or has_length or self.head_request
                               or status in (204, 304))
-        head = [(b":status", b"%d" % status)]
+        parts = [hpack_status(status)]
         for i in range(1, len(lines), 4):
             name = lines[i].lower()
             if drop is None or name not in drop:
-                head.append((name, lines[i + 2]))
+                hpack_field(parts, name, lines[i + 2])
         target = self.target
         assert target is not None
-        head += target.response_pairs
+        for name, value in target.response_pairs:
+            hpack_field(parts, name, value)
         if self.extra_headers:
-            head += header_pairs(self.extra_headers)
-        head.append(VIA_PAIR)
-        self.head = head
+            for name, value in header_pairs(self.extra_headers):
+                hpack_field(parts, name, value)
+        parts.append(VIA_FIELD)
+        self.head = b"".join(parts)
         self.response = HELD
 
     def on_upstream_body(self, data: bytes) -> None:
@@ -264,7 +345,7 @@ class Http2Exchange(Exchange):
         if head is not None:
             self.head = None
             self.response = SENDING
-            self.conn.send_headers(self.stream_id, head, False)
+            self.conn.send_block(self.stream_id, head, False)
         if self.pending:
             self.send_pending()
 
@@ -293,10 +374,10 @@ class Http2Exchange(Exchange):
             self.head = None
             self.response = SENDING
             if not self.pending:
-                self.conn.send_headers(self.stream_id, head, True)
+                self.conn.send_block(self.stream_id, head, True)
                 self.out_done = True
                 return
-            self.conn.send_headers(self.stream_id, head, False)
+            self.conn.send_block(self.stream_id, head, False)
         if self.pending:
             self.send_pending()  # ends with the last of its data, now or once it fits
             return
@@ -565,6 +646,15 @@ class Http2Connection(asyncio.Protocol):
         if data:
             self.transport.write(data)
 
+    def write_frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        """A frame framed by Weir, after what h2 holds."""
+        if self.h2._data_to_send:
+            self.write_out()
+        size = len(payload)
+        transport = self.transport
+        transport.write(FRAME_HEADER.pack(size >> 8, size & 0xFF, kind, flags, stream_id))
+        transport.write(payload)
+
     def acknowledge(self, stream_id: int, size: int) -> None:
         """Credit ``size`` bytes back to the client's windows (h2 sends WINDOW_UPDATE once
         enough has been consumed; a closed stream's share goes to the connection alone)."""
@@ -580,29 +670,72 @@ class Http2Connection(asyncio.Protocol):
             return
         self.write_out()
 
+    def send_block(self, stream_id: int, block: bytes, end_stream: bool) -> None:
+        """A response head Weir has encoded (see hpack_field): its HEADERS frame, and
+        CONTINUATION frames for what does not fit in one."""
+        h2 = self.h2
+        stream = h2.streams.get(stream_id)
+        if stream is None or h2.state_machine.state == ConnectionState.CLOSED:
+            return  # a stream the client has reset meanwhile, or a connection ending
+        machine = stream.state_machine
+        try:
+            machine.process_input(SEND_HEADERS)
+            if end_stream:
+                machine.process_input(SEND_END_STREAM)
+        except ProtocolError:  # a stream the client has reset meanwhile
+            return
+        table = h2.encoder.header_table
+        if table.resized:  # the client's SETTINGS changed the table's size: said first
+            block = h2.encoder._encode_table_size_change() + block
+            table.resized = False
+        flags = END_STREAM_FLAG if end_stream else 0
+        frame = h2.max_outbound_frame_size
+        if len(block) <= frame:
+            self.write_frame(HEADERS_FRAME, flags | END_HEADERS_FLAG, stream_id, block)
+            return
+        self.write_frame(HEADERS_FRAME, flags, stream_id, block[:frame])
+        for start in range(frame, len(block), frame):
+            last = start + frame >= len(block)
+            self.write_frame(CONTINUATION_FRAME, END_HEADERS_FLAG if last else 0, stream_id,
+                             block[start:start + frame])
+
     def send_data(self, stream_id: int, pending: list[bytes], end: bool) -> int:
         """Send from ``pending`` what the stream's and the connection's windows take, in
         frames the client accepts; end the stream with the last of it when ``end``. Returns
         the bytes sent; ``pending`` keeps the rest."""
         h2 = self.h2
-        sent = 0
-        try:
-            window = h2.local_flow_control_window(stream_id)
-            frame = h2.max_outbound_frame_size
-            while pending and window > 0:
-                chunk = pending[0]
-                size = min(window, frame, len(chunk))
-                if size == len(chunk):
-                    pending.pop(0)
-                else:
-                    pending[0] = chunk[size:]
-                    chunk = chunk[:size]
-                window -= size
-                sent += size
-                h2.send_data(stream_id, chunk, end_stream=end and not pending)
-        except ProtocolError:  # the stream is closed (StreamClosedError among them)
+        stream = h2.streams.get(stream_id)
+        if stream is None or h2.state_machine.state == ConnectionState.CLOSED:
             pending.clear()
-        self.write_out()
+            return 0
+        window = min(stream.outbound_flow_control_window, h2.outbound_flow_control_window)
+        if window <= 0:
+            return 0
+        machine = stream.state_machine
+        try:
+            machine.process_input(SEND_DATA)
+        except ProtocolError:  # the stream is closed (reset by the client, say)
+            pending.clear()
+            return 0
+        frame = h2.max_outbound_frame_size
+        sent = 0
+        while pending and window > 0:
+            chunk = pending[0]
+            size = min(window, frame, len(chunk))
+            if size == len(chunk):
+                pending.pop(0)
+            else:
+                pending[0] = chunk[size:]
+                chunk = chunk[:size]
+            window -= size
+            sent += size
+            if end and not pending:
+                machine.process_input(SEND_END_STREAM)
+                self.write_frame(DATA_FRAME, END_STREAM_FLAG, stream_id, chunk)
+            else:
+                self.write_frame(DATA_FRAME, 0, stream_id, chunk)
+        stream.outbound_flow_control_window -= sent
+        h2.outbound_flow_control_window -= sent
         return sent
 
     def end_stream(self, stream_id: int) -> None:
