@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import struct
 import time
 from typing import TYPE_CHECKING, Any, Final
@@ -37,6 +38,7 @@ from h2.connection import (
     ConnectionState,
     H2Connection,
     H2ConnectionStateMachine,
+    _decode_headers,
 )
 from h2.errors import ErrorCodes
 from h2.events import (
@@ -52,7 +54,7 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
-from h2.stream import StreamInputs
+from h2.stream import H2Stream, StreamInputs
 from hpack.hpack import encode_integer
 from hpack.table import HeaderTable
 from hyperframe.frame import GoAwayFrame
@@ -112,6 +114,8 @@ END_HEADERS_FLAG: Final = 0x4
 SEND_HEADERS: Final = StreamInputs.SEND_HEADERS
 SEND_DATA: Final = StreamInputs.SEND_DATA
 SEND_END_STREAM: Final = StreamInputs.SEND_END_STREAM
+RECV_HEADERS: Final = StreamInputs.RECV_HEADERS
+RECV_END_STREAM: Final = StreamInputs.RECV_END_STREAM
 
 # HPACK (RFC 7541) as Weir encodes response fields: each one a literal without indexing, its
 # name indexed when the static table has it, its value as it is (no Huffman). The dynamic table
@@ -170,6 +174,101 @@ def hpack_field(parts: list[bytes], name: bytes, value: bytes) -> None:
 
 
 VIA_FIELD: Final = NAME_CODES[b"via"] + LENGTH_CODES[len(VIA_PAIR[1])] + VIA_PAIR[1]
+
+# --- requests' HEADERS, taken by Weir ------------------------------------------------------
+# The HEADERS frame that opens a stream, in the usual shape (the whole block in it, no padding
+# or priority), is taken by Http2Connection.take_frames rather than by h2's frame-by-frame
+# path; everything else goes to h2 as it comes. What h2 would do is done: the block decoded by
+# h2's HPACK decoder (and its errors taken as h2 takes them), the header list checked as h2's
+# validate_inbound_headers checks it (below; a malformed one is a connection error, as in h2),
+# the stream made in h2 with the state machine inputs and content length h2 gives it.
+
+PSEUDO_METHOD: Final = 1
+PSEUDO_SCHEME: Final = 2
+PSEUDO_AUTHORITY: Final = 4
+PSEUDO_PATH: Final = 8
+PSEUDO_PROTOCOL: Final = 16
+REQUEST_PSEUDO: Final = {b":method": PSEUDO_METHOD, b":scheme": PSEUDO_SCHEME,
+                         b":authority": PSEUDO_AUTHORITY, b":path": PSEUDO_PATH,
+                         b":protocol": PSEUDO_PROTOCOL}
+# A field name (RFC 9113 8.2.1): none of 0x00-0x20, 0x41-0x5a (upper case), 0x7f-0xff, nor a
+# colon outside of a pseudo-header's first character.
+FIELD_NAME: Final = re.compile(rb"[!-9;-@\[-~]+")
+# Connection-specific fields (RFC 9113 8.2.2), as h2 lists them.
+CONNECTION_SPECIFIC: Final = frozenset({b"connection", b"proxy-connection", b"keep-alive",
+                                        b"transfer-encoding", b"upgrade"})
+# Names whose values need a look of their own; every other name that passed is remembered.
+LOOKED_AT: Final = frozenset({b"te", b"host", b"content-length"})
+GOOD_NAMES: Final[set[bytes]] = set()
+GOOD_NAMES_MAX: Final = 4096
+
+
+def malformed(headers: list[tuple[bytes, bytes]]) -> str:
+    """Why a request's header list is malformed (RFC 9113 8.2, 8.3), as h2's inbound
+    validation would refuse it; "" when it is not."""
+    seen = 0
+    regular = False
+    method = b""
+    authority: bytes | None = None
+    host: bytes | None = None
+    for name, value in headers:
+        if value:
+            if b"\r" in value or b"\n" in value or b"\x00" in value:
+                return f"illegal character in the value of {name!r}"
+            first = value[0]
+            last = value[-1]
+            if first == 0x20 or first == 0x09 or last == 0x20 or last == 0x09:
+                return f"value of {name!r} surrounded by whitespace"
+        if name[:1] == b":":
+            bit = REQUEST_PSEUDO.get(name, 0)
+            if not bit:
+                return f"pseudo-header field {name!r} in a request"
+            if seen & bit:
+                return f"duplicate pseudo-header field {name!r}"
+            if regular:
+                return f"pseudo-header field {name!r} after a regular one"
+            seen |= bit
+            if bit == PSEUDO_METHOD:
+                method = value
+            elif bit == PSEUDO_AUTHORITY:
+                authority = value
+            elif bit == PSEUDO_PATH and not value:
+                return "empty :path"
+            continue
+        regular = True
+        if name in GOOD_NAMES:
+            continue
+        if FIELD_NAME.fullmatch(name) is None:
+            return f"illegal header name {name!r}"
+        if name in CONNECTION_SPECIFIC:
+            return f"connection-specific header field {name!r}"
+        if name in LOOKED_AT:
+            if name == b"te":
+                if value.lower() != b"trailers":
+                    return f"TE header {value!r}"
+            elif name == b"host":
+                if host is not None:
+                    return "more than one Host header"
+                host = value
+            elif not value.isdigit():
+                return f"content-length {value!r}"
+        elif len(GOOD_NAMES) < GOOD_NAMES_MAX:
+            GOOD_NAMES.add(name)
+    if not seen & PSEUDO_METHOD:
+        return "no :method"
+    if method == b"CONNECT" and not seen & PSEUDO_PROTOCOL:
+        if seen & (PSEUDO_SCHEME | PSEUDO_PATH):
+            return "CONNECT with :scheme or :path"
+    else:
+        if seen & (PSEUDO_SCHEME | PSEUDO_PATH) != PSEUDO_SCHEME | PSEUDO_PATH:
+            return "no :scheme or no :path"
+        if seen & PSEUDO_PROTOCOL and method != b"CONNECT":
+            return ":protocol without CONNECT"
+    if authority is None and host is None:
+        return "neither :authority nor Host"
+    if authority is not None and host is not None and authority != host:
+        return ":authority and Host differ"
+    return ""
 
 PAUSE_UPSTREAM: Final = 1  # the upstream's write buffer is full
 PAUSE_BUFFER: Final = 2    # body bytes are piling up while we connect
@@ -491,6 +590,13 @@ class Http2Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
+            if self.settings_seen and not self.closing:
+                taken = self.take_frames(data)
+                if taken:
+                    if taken == len(data):
+                        self.write_out()
+                        return
+                    data = data[taken:]
             # Any: compiled, the events' fields are then read without a check of their type
             # for each, which their classes (h2's, interpreted) would not make faster.
             events: list[Any] = self.h2.receive_data(data)
@@ -519,7 +625,8 @@ class Http2Connection(asyncio.Protocol):
         for event in events:
             kind = type(event)
             if kind is RequestReceived:
-                self.request_received(event)
+                self.request_received(event.stream_id, event.headers,
+                                      event.stream_ended is not None)
             elif kind is DataReceived:
                 ex = self.streams.get(event.stream_id)
                 if ex is not None:
@@ -576,8 +683,69 @@ class Http2Connection(asyncio.Protocol):
 
     # --- events -----------------------------------------------------------------------------
 
-    def request_received(self, event: Any) -> None:
-        stream_id = event.stream_id
+    def take_frames(self, data: bytes) -> int:
+        """Take the HEADERS frames that open new streams at the start of ``data`` (see
+        malformed); how many bytes they are. What follows them is h2's, and all of it is when
+        h2 holds part of a frame or of a header block."""
+        h2 = self.h2
+        buffer = h2.incoming_buffer
+        if (buffer._data or buffer._headers_buffer
+                or h2.state_machine.state != ConnectionState.SERVER_OPEN):
+            return 0
+        end = len(data)
+        pos = 0
+        while end - pos >= 9:
+            size = data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2]
+            start = pos + 9
+            flags = data[pos + 4]
+            if (data[pos + 3] != HEADERS_FRAME or flags & ~END_STREAM_FLAG != END_HEADERS_FLAG
+                    or start + size > end or size > h2.max_inbound_frame_size):
+                break
+            stream_id = ((data[pos + 5] & 0x7F) << 24 | data[pos + 6] << 16
+                         | data[pos + 7] << 8 | data[pos + 8])
+            if not self.open_stream(stream_id, data[start:start + size],
+                                    flags & END_STREAM_FLAG != 0):
+                break
+            pos = start + size
+        return pos
+
+    def open_stream(self, stream_id: int, block: bytes, ended: bool) -> bool:
+        """A new stream's request, as h2 would take it (see malformed). False: left to h2
+        (not a new stream, or one over the limit, which h2 refuses)."""
+        h2 = self.h2
+        streams = h2.streams
+        if (not stream_id & 1 or stream_id <= h2.highest_inbound_stream_id
+                or len(streams) >= self.settings.max_concurrent_streams):
+            return False
+        try:
+            headers: list[tuple[bytes, bytes]] = _decode_headers(  # type: ignore[assignment]
+                h2.decoder, block)
+            problem = malformed(headers)
+            if problem:
+                raise ProtocolError(f"malformed request: {problem}")
+        except ProtocolError as exc:
+            h2._terminate_connection(exc.error_code)  # GOAWAY, as h2's receive_data does
+            raise
+        stream = H2Stream(stream_id, config=h2.config,
+                          inbound_window_size=h2.local_settings.initial_window_size,
+                          outbound_window_size=h2.remote_settings.initial_window_size)
+        stream.max_outbound_frame_size = h2.max_outbound_frame_size
+        streams[stream_id] = stream
+        h2.highest_inbound_stream_id = stream_id
+        machine = stream.state_machine
+        machine.process_input(RECV_HEADERS)
+        if ended:
+            machine.process_input(RECV_END_STREAM)
+        self.request_received(stream_id, headers, ended)
+        if not ended:
+            ex = self.streams.get(stream_id)
+            if ex is not None and not ex.chunked:
+                # h2 refuses a body longer or shorter than its content-length.
+                stream._expected_content_length = ex.content_length
+        return True
+
+    def request_received(self, stream_id: int, headers: list[tuple[bytes, bytes]],
+                         stream_ended: bool) -> None:
         if self.closing:
             self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
@@ -585,7 +753,7 @@ class Http2Connection(asyncio.Protocol):
         self.cancel_timer()
         ex = Http2Exchange(self, stream_id)
         self.streams[stream_id] = ex
-        if not ex.take_request(event.headers, event.stream_ended is not None):
+        if not ex.take_request(headers, stream_ended):
             self.streams.pop(stream_id, None)
             self.h2.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
             return
@@ -764,8 +932,16 @@ class Http2Connection(asyncio.Protocol):
         self.forget(ex)
 
     def forget(self, ex: Http2Exchange) -> None:
-        if self.streams.get(ex.stream_id) is ex:
-            del self.streams[ex.stream_id]
+        stream_id = ex.stream_id
+        if self.streams.get(stream_id) is ex:
+            del self.streams[stream_id]
+        h2_streams = self.h2.streams
+        stream = h2_streams.get(stream_id)
+        if stream is not None and stream.closed:
+            # h2 would drop it when it next counts its open streams, which it does only for
+            # the HEADERS it takes itself (see take_frames).
+            del h2_streams[stream_id]
+            self.h2._closed_streams[stream_id] = stream.closed_by
         if not self.streams:
             if self.closing:
                 self.close()

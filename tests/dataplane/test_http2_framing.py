@@ -1,12 +1,20 @@
-"""HTTP/2 response framing that Weir does itself (dataplane/http2.py frames a response's
-HEADERS, CONTINUATION and DATA frames and encodes its fields with HPACK, rather than h2): what
-clients decode is what the upstream sent, whatever the head's size, its status, its names, and
-whatever the client's HPACK table size; answers framed by h2 (Weir's own) on the same
-connection decode too."""
+"""HTTP/2 framing that Weir does itself rather than h2 (dataplane/http2.py):
+
+- responses: Weir frames a response's HEADERS, CONTINUATION and DATA frames and encodes its
+  fields with HPACK. What clients decode is what the upstream sent, whatever the head's size,
+  its status, its names, and whatever the client's HPACK table size; answers framed by h2
+  (Weir's own) on the same connection decode too.
+- requests: Weir takes the HEADERS frames that open streams. A header list it takes is one h2
+  takes, and one it refuses is one h2 refuses (``malformed`` against h2's validation, on
+  thousands of lists); a body is held to its content-length as h2 holds it.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
+import random
 import re
 import shutil
 
@@ -14,10 +22,14 @@ import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import DataReceived, ResponseReceived, StreamEnded
+from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
-from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame
+from hpack import Encoder
+from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame, SettingsFrame
 
-from ..conftest import one_service
+from proxy.dataplane.http2 import H2_CONFIG, PREFACE, malformed
+
+from ..conftest import one_service, wait_for
 
 BIG = "v" * 10_000  # two of these make a head over the 16 KiB frame size
 
@@ -170,3 +182,121 @@ async def test_nghttp_with_a_small_table_decodes_every_answer(raw_backend, start
     codes = {line.split()[-1]: line.split()[-3] for line in text.splitlines()
              if re.match(r"\s*\d+\s+\+", line)}
     assert codes == {"/a": "200", "/big": "200", "/odd": "418", "/b": "200"}, text
+
+
+# --- requests: malformed, against h2 ---------------------------------------------------------
+
+Fields = list[tuple[bytes, bytes]]
+BASE: Fields = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"app"),
+                (b":path", b"/")]
+ODD_FIELDS: Fields = [
+    (b":method", b"POST"), (b":method", b"CONNECT"), (b":scheme", b"https"),
+    (b":authority", b"other"), (b":path", b""), (b":path", b"/x"), (b":protocol", b"websocket"),
+    (b":status", b"200"), (b":custom", b"x"), (b":", b"x"), (b"", b"x"),
+    (b"host", b"app"), (b"host", b"other"), (b"te", b"trailers"), (b"te", b"TRAILERS"),
+    (b"te", b"gzip"), (b"connection", b"close"), (b"keep-alive", b"1"), (b"upgrade", b"h2c"),
+    (b"transfer-encoding", b"chunked"), (b"proxy-connection", b"x"),
+    (b"content-length", b"12"), (b"content-length", b"1a"), (b"content-length", b""),
+    (b"content-length", b" 5"), (b"X-Upper", b"x"), (b"x-upper", b"x"), (b"a:b", b"x"),
+    (b"a b", b"x"), (b"a\x7f", b"x"), (b"a\xc3\xa9", b"x"), (b"x-v", b"a\r\nb"),
+    (b"x-v", b"a\x00"), (b"x-v", b" lead"), (b"x-v", b"trail\t"), (b"x-v", b""),
+    (b"x-v", b"in side"), (b"x-v", b"\xff\xfe"), (b"cookie", b"a=1"), (b"cookie", b"b=2"),
+    (b"accept", b"*/*"), (b"x-ok!#$%&'*+-.^_`|~09", b"v"),
+]
+
+
+def h2_takes(fields: Fields) -> bool:
+    """Whether h2, as Weir configures it, takes a request with this header list."""
+    conn = H2Connection(H2_CONFIG)
+    conn.initiate_connection()
+    headers = HeadersFrame(1)
+    headers.flags.add("END_HEADERS")
+    headers.flags.add("END_STREAM")
+    headers.data = Encoder().encode(fields, huffman=False)
+    try:
+        conn.receive_data(PREFACE + SettingsFrame(0).serialize() + headers.serialize())
+    except ProtocolError:
+        return False
+    return True
+
+
+def cases() -> list[Fields]:
+    shuffled = random.Random(19)
+    out: list[Fields] = [BASE]
+    for field in ODD_FIELDS:  # each one added, and each one in place of a base field
+        out.append([*BASE, field])
+        for i in range(len(BASE)):
+            out.append([*BASE[:i], field, *BASE[i + 1:]])
+    for pair in itertools.combinations(ODD_FIELDS, 2):
+        out.append([*BASE, *pair])
+    for _ in range(1500):  # and lists in any order, of any of them
+        fields = shuffled.sample(BASE + ODD_FIELDS, shuffled.randint(1, 8))
+        out.append(fields)
+    return out
+
+
+def test_weir_refuses_exactly_the_request_header_lists_h2_refuses() -> None:
+    differ = [(fields, malformed(fields)) for fields in cases()
+              if (malformed(fields) == "") != h2_takes(fields)]
+    assert not differ, differ[:5]
+
+
+RECEIVED: list[bytes] = []
+
+
+async def body_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers a GET; after a POST's head, keeps what follows until the connection closes."""
+    while True:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"GET"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            continue
+        body = b""
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            while data := await asyncio.wait_for(reader.read(65536), 5):
+                body += data
+        RECEIVED.append(body)
+        writer.close()
+        return
+
+
+@pytest.mark.parametrize("sent", [b"x" * 20, b"x" * 5], ids=["longer", "shorter"])
+async def test_a_body_that_is_not_its_content_length_is_refused(raw_backend, start_proxy,
+                                                               sent: bytes):
+    """A client's body must match its content-length (RFC 9113 8.1.1): h2 refuses the DATA
+    that breaks it, and none of the excess reaches the upstream."""
+    RECEIVED.clear()
+    port = await raw_backend(body_upstream)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    client = H2Connection(H2Configuration(client_side=True, header_encoding=None,
+                                          validate_outbound_headers=False))
+    client.initiate_connection()
+    client.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"),
+                            (b":authority", b"app"), (b":path", b"/first")], end_stream=True)
+    writer.write(client.data_to_send())
+    answered = b""
+    while not answered.endswith(b"ok"):  # the upstream connection is pooled: the POST's head
+        answered += await asyncio.wait_for(reader.read(65536), 5)  # reaches it at once
+    client.send_headers(3, [(b":method", b"POST"), (b":scheme", b"http"),
+                            (b":authority", b"app"), (b":path", b"/up"),
+                            (b"content-length", b"10")])
+    client.send_data(3, sent, end_stream=True)
+    writer.write(client.data_to_send())
+    closed = b""
+    while True:
+        data = await asyncio.wait_for(reader.read(65536), 5)
+        if not data:
+            break
+        closed += data
+    frames = []
+    while len(closed) >= 9:
+        frame, length = Frame.parse_frame_header(memoryview(closed[:9]))
+        frame.parse_body(memoryview(closed[9:9 + length]))
+        frames.append(frame)
+        closed = closed[9 + length:]
+    assert any(type(f).__name__ == "GoAwayFrame" and f.error_code == 1 for f in frames), frames
+    assert not any(type(f).__name__ == "DataFrame" and f.stream_id == 3 for f in frames)
+    writer.close()
+    await wait_for(lambda: RECEIVED, timeout=5)
+    assert RECEIVED == [b""]  # the head alone: the DATA that broke the length went nowhere
