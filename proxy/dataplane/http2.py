@@ -203,6 +203,37 @@ GOOD_NAMES: Final[set[bytes]] = set()
 GOOD_NAMES_MAX: Final = 4096
 
 
+STATIC_TABLE: Final[tuple[tuple[bytes, bytes], ...]] = HeaderTable.STATIC_TABLE
+STATIC_COUNT: Final = len(STATIC_TABLE)
+
+
+def indexed_fields(decoder: Any, block: bytes) -> list[tuple[bytes, bytes]] | None:
+    """The header list of a block made only of indexed fields (RFC 7541 6.1) with indexes
+    under 127, as h2's HPACK decoder decodes it but without a call per field (which is how
+    clients send the fields they repeat: h2load's whole request is six such bytes). None for
+    any other block, which the decoder decodes (or refuses) itself."""
+    table = decoder.header_table
+    dynamic = table.dynamic_entries
+    fields: list[tuple[bytes, bytes]] = []
+    size = 0
+    for i in range(len(block)):
+        index = block[i] - 0x81  # 1xxxxxxx, from index 1; 0xff starts an index of 127 and up
+        if index < 0 or index > 0x7D:
+            return None
+        if index < STATIC_COUNT:
+            field = STATIC_TABLE[index]
+        else:
+            index -= STATIC_COUNT
+            if index >= len(dynamic):
+                return None
+            field = dynamic[index]
+        size += 32 + len(field[0]) + len(field[1])  # RFC 7541 4.1, as hpack counts the list
+        fields.append(field)
+    if size > decoder.max_header_list_size or table.maxsize > decoder.max_allowed_table_size:
+        return None
+    return fields
+
+
 def malformed(headers: list[tuple[bytes, bytes]]) -> str:
     """Why a request's header list is malformed (RFC 9113 8.2, 8.3), as h2's inbound
     validation would refuse it; "" when it is not."""
@@ -718,8 +749,8 @@ class Http2Connection(asyncio.Protocol):
                 or len(streams) >= self.settings.max_concurrent_streams):
             return False
         try:
-            headers: list[tuple[bytes, bytes]] = _decode_headers(  # type: ignore[assignment]
-                h2.decoder, block)
+            fields = indexed_fields(h2.decoder, block)
+            headers = fields if fields is not None else list(_decode_headers(h2.decoder, block))
             problem = malformed(headers)
             if problem:
                 raise ProtocolError(f"malformed request: {problem}")

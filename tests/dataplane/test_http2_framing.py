@@ -24,10 +24,10 @@ from h2.connection import H2Connection
 from h2.events import DataReceived, ResponseReceived, StreamEnded
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
-from hpack import Encoder
+from hpack import Decoder, Encoder
 from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame, SettingsFrame
 
-from proxy.dataplane.http2 import H2_CONFIG, PREFACE, malformed
+from proxy.dataplane.http2 import H2_CONFIG, PREFACE, indexed_fields, malformed
 
 from ..conftest import one_service, wait_for
 
@@ -242,6 +242,35 @@ def test_weir_refuses_exactly_the_request_header_lists_h2_refuses() -> None:
 
 
 RECEIVED: list[bytes] = []
+
+
+def test_indexed_fields_decode_as_hpack_does_or_are_left_to_it() -> None:
+    """indexed_fields takes a block of one-byte indexed fields, and no other: what it decodes
+    is what hpack's decoder does, and a block it leaves is one hpack decodes or refuses."""
+    shuffled = random.Random(7)
+    encoder = Encoder()
+    decoder = Decoder(max_header_list_size=1200)
+    # Five entries in both dynamic tables (indexes 62-66), one of them 400 bytes long.
+    first = [(b"x-a", b"1"), (b"x-b", b"2"), (b"x-long", b"L" * 400), (b"x-c", b"3"),
+             (b"x-d", b"4")]
+    decoder.decode(encoder.encode(first), raw=True)
+    codes = [0x80, 0x81, 0x82, 0x84, 0x88, 0xBD, 0xBE, 0xBF, 0xC0, 0xC1, 0xC2, 0xC3, 0xC4,
+             0xFE, 0xFF, 0x00, 0x0F, 0x40, 0x3F]
+    taken = 0
+    for _ in range(3000):
+        block = bytes(shuffled.choice(codes) for _ in range(shuffled.randint(0, 6)))
+        mine = indexed_fields(decoder, block)
+        try:
+            theirs = [tuple(f) for f in decoder.decode(block, raw=True)]
+        except Exception:  # any refusal of hpack's
+            theirs = None
+        if mine is not None:
+            taken += 1
+            assert [tuple(f) for f in mine] == theirs, block
+        elif all(0x81 <= c <= 0xFE for c in block) and theirs is not None:
+            # Left to hpack only when over the list size.
+            assert sum(32 + len(n) + len(v) for n, v in theirs) > 1200, block
+    assert taken > 500
 
 
 async def body_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
