@@ -54,7 +54,7 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
-from h2.stream import H2Stream, StreamInputs
+from h2.stream import H2Stream, StreamClosedBy, StreamInputs, StreamState
 from hpack.hpack import encode_integer
 from hpack.table import HeaderTable
 from hyperframe.frame import GoAwayFrame
@@ -114,8 +114,59 @@ END_HEADERS_FLAG: Final = 0x4
 SEND_HEADERS: Final = StreamInputs.SEND_HEADERS
 SEND_DATA: Final = StreamInputs.SEND_DATA
 SEND_END_STREAM: Final = StreamInputs.SEND_END_STREAM
-RECV_HEADERS: Final = StreamInputs.RECV_HEADERS
-RECV_END_STREAM: Final = StreamInputs.RECV_END_STREAM
+
+# A stream's state machine (h2.stream.H2StreamStateMachine) is moved by Weir itself on the
+# usual path, as its transition table would move it (for h2's process_input, a Python call and
+# the hash of an Enum per input, five inputs a request): a request's HEADERS in an IDLE stream;
+# a response's HEADERS, DATA and END_STREAM in OPEN or HALF_CLOSED_REMOTE. Anything else goes
+# through process_input.
+OPEN: Final = StreamState.OPEN
+HALF_CLOSED_REMOTE: Final = StreamState.HALF_CLOSED_REMOTE
+HALF_CLOSED_LOCAL: Final = StreamState.HALF_CLOSED_LOCAL
+CLOSED: Final = StreamState.CLOSED
+CLOSED_BY_END: Final = StreamClosedBy.SEND_END_STREAM
+
+
+def request_headers_in(machine: Any, ended: bool) -> None:
+    """RECV_HEADERS (request_received), then RECV_END_STREAM when ``ended``, in an IDLE
+    stream."""
+    machine.client = False
+    machine.headers_received = True
+    machine.state = HALF_CLOSED_REMOTE if ended else OPEN
+
+
+def response_headers_out(machine: Any, end_stream: bool) -> None:
+    """SEND_HEADERS (response_sent), then SEND_END_STREAM when ``end_stream``; raises
+    ProtocolError where h2 would (a stream the client has reset, say)."""
+    state = machine.state
+    if ((state is OPEN or state is HALF_CLOSED_REMOTE) and machine.client is False
+            and not machine.headers_sent):
+        machine.headers_sent = True
+        if end_stream:
+            end_stream_out(machine)
+        return
+    machine.process_input(SEND_HEADERS)
+    if end_stream:
+        machine.process_input(SEND_END_STREAM)
+
+
+def data_out(machine: Any) -> None:
+    """SEND_DATA; raises ProtocolError where h2 would."""
+    state = machine.state
+    if state is not OPEN and state is not HALF_CLOSED_REMOTE:
+        machine.process_input(SEND_DATA)
+
+
+def end_stream_out(machine: Any) -> None:
+    """SEND_END_STREAM; raises ProtocolError where h2 would."""
+    state = machine.state
+    if state is HALF_CLOSED_REMOTE:
+        machine.stream_closed_by = CLOSED_BY_END  # send_end_stream
+        machine.state = CLOSED
+    elif state is OPEN:
+        machine.state = HALF_CLOSED_LOCAL
+    else:
+        machine.process_input(SEND_END_STREAM)
 
 # HPACK (RFC 7541) as Weir encodes response fields: each one a literal without indexing, its
 # name indexed when the static table has it, its value as it is (no Huffman). The dynamic table
@@ -765,10 +816,7 @@ class Http2Connection(asyncio.Protocol):
         stream.max_outbound_frame_size = h2.max_outbound_frame_size
         streams[stream_id] = stream
         h2.highest_inbound_stream_id = stream_id
-        machine = stream.state_machine
-        machine.process_input(RECV_HEADERS)
-        if ended:
-            machine.process_input(RECV_END_STREAM)
+        request_headers_in(stream.state_machine, ended)
         self.request_received(stream_id, headers, ended)
         if not ended:
             ex = self.streams.get(stream_id)
@@ -878,11 +926,8 @@ class Http2Connection(asyncio.Protocol):
         stream = h2.streams.get(stream_id)
         if stream is None or h2.state_machine.state == ConnectionState.CLOSED:
             return  # a stream the client has reset meanwhile, or a connection ending
-        machine = stream.state_machine
         try:
-            machine.process_input(SEND_HEADERS)
-            if end_stream:
-                machine.process_input(SEND_END_STREAM)
+            response_headers_out(stream.state_machine, end_stream)
         except ProtocolError:  # a stream the client has reset meanwhile
             return
         table = h2.encoder.header_table
@@ -914,7 +959,7 @@ class Http2Connection(asyncio.Protocol):
             return 0
         machine = stream.state_machine
         try:
-            machine.process_input(SEND_DATA)
+            data_out(machine)
         except ProtocolError:  # the stream is closed (reset by the client, say)
             pending.clear()
             return 0
@@ -931,7 +976,7 @@ class Http2Connection(asyncio.Protocol):
             window -= size
             sent += size
             if end and not pending:
-                machine.process_input(SEND_END_STREAM)
+                end_stream_out(machine)
                 self.write_frame(DATA_FRAME, END_STREAM_FLAG, stream_id, chunk)
             else:
                 self.write_frame(DATA_FRAME, 0, stream_id, chunk)
@@ -970,11 +1015,11 @@ class Http2Connection(asyncio.Protocol):
             del self.streams[stream_id]
         h2_streams = self.h2.streams
         stream = h2_streams.get(stream_id)
-        if stream is not None and stream.closed:
+        if stream is not None and stream.state_machine.state is CLOSED:
             # h2 would drop it when it next counts its open streams, which it does only for
             # the HEADERS it takes itself (see take_frames).
             del h2_streams[stream_id]
-            self.h2._closed_streams[stream_id] = stream.closed_by
+            self.h2._closed_streams[stream_id] = stream.state_machine.stream_closed_by
         if not self.streams:
             if self.closing:
                 self.close()

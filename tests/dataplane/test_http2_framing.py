@@ -24,10 +24,20 @@ from h2.connection import H2Connection
 from h2.events import DataReceived, ResponseReceived, StreamEnded
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
+from h2.stream import H2StreamStateMachine, StreamInputs
 from hpack import Decoder, Encoder
 from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame, SettingsFrame
 
-from proxy.dataplane.http2 import H2_CONFIG, PREFACE, indexed_fields, malformed
+from proxy.dataplane.http2 import (
+    H2_CONFIG,
+    PREFACE,
+    data_out,
+    end_stream_out,
+    indexed_fields,
+    malformed,
+    request_headers_in,
+    response_headers_out,
+)
 
 from ..conftest import one_service, wait_for
 
@@ -271,6 +281,71 @@ def test_indexed_fields_decode_as_hpack_does_or_are_left_to_it() -> None:
             # Left to hpack only when over the list size.
             assert sum(32 + len(n) + len(v) for n, v in theirs) > 1200, block
     assert taken > 500
+
+
+# --- stream states moved by Weir, against h2's state machine ----------------------------------
+
+SERVER_PATHS = [  # a server stream's life, as h2 takes the inputs
+    [StreamInputs.RECV_HEADERS, StreamInputs.RECV_END_STREAM],
+    [StreamInputs.RECV_HEADERS],
+    [StreamInputs.RECV_HEADERS, StreamInputs.RECV_RST_STREAM],
+    [StreamInputs.RECV_HEADERS, StreamInputs.RECV_END_STREAM, StreamInputs.SEND_RST_STREAM],
+    [StreamInputs.RECV_HEADERS, StreamInputs.SEND_HEADERS],
+    [StreamInputs.RECV_HEADERS, StreamInputs.RECV_END_STREAM, StreamInputs.SEND_HEADERS],
+    [StreamInputs.RECV_HEADERS, StreamInputs.SEND_HEADERS, StreamInputs.SEND_END_STREAM],
+    [StreamInputs.RECV_HEADERS, StreamInputs.RECV_END_STREAM, StreamInputs.SEND_HEADERS,
+     StreamInputs.SEND_END_STREAM],
+]
+
+
+def replay(inputs: list[StreamInputs]) -> H2StreamStateMachine | None:
+    machine = H2StreamStateMachine(1)
+    try:
+        for input_ in inputs:
+            machine.process_input(input_)
+    except ProtocolError:
+        return None
+    return machine
+
+
+def weirs(machine: H2StreamStateMachine, step: str) -> H2StreamStateMachine | None:
+    try:
+        if step == "headers":
+            response_headers_out(machine, False)
+        elif step == "headers-end":
+            response_headers_out(machine, True)
+        elif step == "data":
+            data_out(machine)
+        else:
+            end_stream_out(machine)
+    except ProtocolError:
+        return None
+    return machine
+
+
+STEPS = {"headers": [StreamInputs.SEND_HEADERS],
+         "headers-end": [StreamInputs.SEND_HEADERS, StreamInputs.SEND_END_STREAM],
+         "data": [StreamInputs.SEND_DATA], "end": [StreamInputs.SEND_END_STREAM]}
+
+
+@pytest.mark.parametrize("path", SERVER_PATHS, ids=lambda p: "-".join(i.name for i in p))
+@pytest.mark.parametrize("step", list(STEPS))
+def test_weir_moves_a_stream_as_h2s_state_machine_does(path: list[StreamInputs], step: str):
+    """After any of a server stream's usual histories, each input Weir gives a stream leaves
+    it as h2's process_input does (state, who closed it, what was sent), or fails as it does."""
+    start = replay(path)
+    assert start is not None
+    expected = replay([*path, *STEPS[step]])
+    got = weirs(start, step)
+    assert (vars(got) if got else None) == (vars(expected) if expected else None)
+
+
+@pytest.mark.parametrize("ended", [True, False])
+def test_a_new_streams_request_moves_it_as_h2s_state_machine_does(ended: bool):
+    machine = H2StreamStateMachine(1)
+    request_headers_in(machine, ended)
+    expected = replay([StreamInputs.RECV_HEADERS, *([StreamInputs.RECV_END_STREAM] * ended)])
+    assert expected is not None and vars(machine) == vars(expected)
 
 
 async def body_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
