@@ -10,7 +10,9 @@ through bench/run.py --load h2load (recorded from h2load 1.52 -m10): the preface
 and connection WINDOW_UPDATE, then HEADERS frames, ``--streams`` of them per read as h2load
 keeps that many requests in flight, each answered by its own upstream connection in the same
 loop iteration. ``--window-updates`` adds a connection WINDOW_UPDATE to each read, as a client
-with a small window (curl, nghttp, grpc) sends.
+with a small window (curl, nghttp, grpc) sends; ``--body`` makes each request a POST whose
+12-byte body (its length declared) follows in a DATA frame of its own, the shape of a gRPC
+unary call.
 
     python bench/hotpath.py                 # µs per request, best of 5
     python bench/hotpath.py --profile       # plus the top functions by own time
@@ -23,6 +25,7 @@ import argparse
 import asyncio
 import cProfile
 import pstats
+import socket
 import sys
 import time
 from pathlib import Path
@@ -67,21 +70,35 @@ H2_FIRST_BLOCK = bytes.fromhex("8486418b089d5c0b8170dc0bcfbeff827a8f9c541c722954
 H2_BLOCK = bytes.fromhex("8486c082bfbe")
 H2_SETTINGS_ACK = bytes.fromhex("000000040100000000")
 H2_WINDOW_UPDATE = bytes.fromhex("000004080000000000") + (12 * 10).to_bytes(4)
+# --body: the same fields with :method POST and a content-length of 12, which the first POST
+# adds to the HPACK table (a literal with incremental indexing, ahead of h2load's three)
+H2_FIRST_POST_BLOCK = bytes.fromhex("8486c083bfbe5c023132")
+H2_POST_BLOCK = bytes.fromhex("8486c183c0bfbe")
+H2_BODY = b"hello world\n"
 
 
-def h2_headers(stream_id: int, block: bytes = H2_BLOCK) -> bytes:
-    """A HEADERS frame with END_STREAM and END_HEADERS."""
-    return len(block).to_bytes(3) + b"\x01\x05" + stream_id.to_bytes(4) + block
+def h2_headers(stream_id: int, block: bytes = H2_BLOCK, end_stream: bool = True) -> bytes:
+    """A HEADERS frame with END_HEADERS (and END_STREAM)."""
+    flags = b"\x05" if end_stream else b"\x04"
+    return len(block).to_bytes(3) + b"\x01" + flags + stream_id.to_bytes(4) + block
+
+
+def h2_request(stream_id: int, body: bool) -> bytes:
+    if not body:
+        return h2_headers(stream_id)
+    return (h2_headers(stream_id, H2_POST_BLOCK, False) + len(H2_BODY).to_bytes(3)
+            + b"\x00\x01" + stream_id.to_bytes(4) + H2_BODY)
 
 
 class MemoryTransport:
     """Just enough of asyncio.Transport for the data plane; counts what is written (and keeps
     it, when asked)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sock: socket.socket | None = None) -> None:
         self.written = 0
         self.protocol: Any = None
         self.kept: list[bytes] | None = None
+        self.sock = sock  # for the poll of a pooled connection a POST is sent on
 
     def write(self, data: bytes) -> None:
         self.written += len(data)
@@ -104,6 +121,8 @@ class MemoryTransport:
     def abort(self) -> None: ...
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            return self.sock
         return ("127.0.0.1", 40000) if name == "peername" else default
 
 
@@ -119,7 +138,10 @@ def build(loop: asyncio.AbstractEventLoop) -> tuple[Any, UpstreamConnection, Mem
     return client, upstream, client_transport
 
 
-def build_h2(loop: asyncio.AbstractEventLoop, streams: int
+SOCKETS: list[socket.socket] = []
+
+
+def build_h2(loop: asyncio.AbstractEventLoop, streams: int, body: bool
              ) -> tuple[Any, list[UpstreamConnection], MemoryTransport]:
     """An HTTP/2 client connection past its preface and first request, and one pooled
     upstream connection per stream in flight."""
@@ -128,7 +150,9 @@ def build_h2(loop: asyncio.AbstractEventLoop, streams: int
     upstreams = []
     for _ in range(streams):
         upstream = UpstreamConnection(pool)
-        upstream.connection_made(MemoryTransport())  # type: ignore[arg-type]
+        ours, theirs = socket.socketpair()  # silent: the upstream has not closed it
+        SOCKETS.append(theirs)
+        upstream.connection_made(MemoryTransport(ours))  # type: ignore[arg-type]
         upstreams.append(upstream)
     for upstream in upstreams:
         pool.release(upstream)
@@ -146,11 +170,19 @@ def build_h2(loop: asyncio.AbstractEventLoop, streams: int
         if upstream.sink is not None:
             upstream.data_received(RESPONSE)
     corker.flush()
+    if body:
+        conn.data_received(h2_headers(3, H2_FIRST_POST_BLOCK, False) + len(H2_BODY).to_bytes(3)
+                           + b"\x00\x01" + (3).to_bytes(4) + H2_BODY)
+        corker.flush()
+        for upstream in upstreams:
+            if upstream.sink is not None:
+                upstream.data_received(RESPONSE)
+        corker.flush()
     return conn, upstreams, transport
 
 
 def run_h2(count: int, conn: Any, upstreams: list[UpstreamConnection], streams: int,
-           window_updates: bool) -> float:
+           window_updates: bool, body: bool) -> float:
     """``count`` requests (rounded up to whole reads of ``streams``), on stream ids that go
     on from where the last run left them."""
     first = conn.h2.highest_inbound_stream_id + 2
@@ -158,8 +190,8 @@ def run_h2(count: int, conn: Any, upstreams: list[UpstreamConnection], streams: 
     # The reads are framed before the clock starts (about 300 instructions a request, counted
     # by callgrind all the same).
     prefix = H2_WINDOW_UPDATE if window_updates else b""
-    reads = [prefix + b"".join([h2_headers(sid) for sid in range(start, min(start + 2 * streams,
-                                                                          last), 2)])
+    reads = [prefix + b"".join([h2_request(sid, body)
+                                for sid in range(start, min(start + 2 * streams, last), 2)])
              for start in range(first, last, 2 * streams)]
     corker = upstreams[0].pool.corker
     corker.scheduled = True
@@ -236,6 +268,8 @@ def main() -> int:
                         help="--http2: requests per read, each on its own stream (h2load -m)")
     parser.add_argument("--window-updates", action="store_true",
                         help="--http2: a connection WINDOW_UPDATE in every read")
+    parser.add_argument("--body", action="store_true",
+                        help="--http2: POSTs with a 12-byte body in a DATA frame of its own")
     args = parser.parse_args()
 
     import uvloop
@@ -262,21 +296,21 @@ def main() -> int:
 
 
 def main_h2(args: argparse.Namespace, loop: asyncio.AbstractEventLoop) -> int:
-    conn, upstreams, transport = build_h2(loop, args.streams)
+    conn, upstreams, transport = build_h2(loop, args.streams, args.body)
     settle_garbage_collector()
-    run_h2(2000, conn, upstreams, args.streams, args.window_updates)  # warm caches
+    run_h2(2000, conn, upstreams, args.streams, args.window_updates, args.body)  # warm caches
     kept = transport.kept
     assert kept is not None
     transport.kept = None
     check_h2(kept, conn.h2.highest_inbound_stream_id // 2 + 1)
-    best = min(run_h2(args.count, conn, upstreams, args.streams, args.window_updates)
+    best = min(run_h2(args.count, conn, upstreams, args.streams, args.window_updates, args.body)
                for _ in range(args.repeat))
     print(f"{best / args.count * 1e6:.2f} µs of proxy CPU per HTTP/2 request "
           f"(best of {args.repeat} x {args.count:,}, {args.streams} streams a read)")
     if args.profile:
         profiler = cProfile.Profile()
         profiler.runcall(run_h2, args.count, conn, upstreams, args.streams,
-                         args.window_updates)
+                         args.window_updates, args.body)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
     loop.close()
     return 0
