@@ -107,6 +107,8 @@ perf_counter: Final = time.perf_counter
 FRAME_HEADER: Final = struct.Struct(">HBBBL")  # length (24 bits: 16 + 8), type, flags, stream
 DATA_FRAME: Final = 0x0
 HEADERS_FRAME: Final = 0x1
+WINDOW_UPDATE_FRAME: Final = 0x8
+MAX_WINDOW: Final = 2**31 - 1
 CONTINUATION_FRAME: Final = 0x9
 END_STREAM_FLAG: Final = 0x1
 END_HEADERS_FLAG: Final = 0x4
@@ -768,9 +770,10 @@ class Http2Connection(asyncio.Protocol):
     # --- events -----------------------------------------------------------------------------
 
     def take_frames(self, data: bytes) -> int:
-        """Take the HEADERS frames that open new streams at the start of ``data`` (see
-        malformed); how many bytes they are. What follows them is h2's, and all of it is when
-        h2 holds part of a frame or of a header block."""
+        """Take the frames at the start of ``data`` that are the usual ones in their usual
+        shape: HEADERS that open new streams (see malformed) and WINDOW_UPDATE; how many
+        bytes they are. What follows them is h2's, and all of it is when h2 holds part of a
+        frame or of a header block."""
         h2 = self.h2
         buffer = h2.incoming_buffer
         if (buffer._data or buffer._headers_buffer
@@ -782,16 +785,51 @@ class Http2Connection(asyncio.Protocol):
             size = data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2]
             start = pos + 9
             flags = data[pos + 4]
-            if (data[pos + 3] != HEADERS_FRAME or flags & ~END_STREAM_FLAG != END_HEADERS_FLAG
-                    or start + size > end or size > h2.max_inbound_frame_size):
+            kind = data[pos + 3]
+            if start + size > end or size > h2.max_inbound_frame_size:
                 break
             stream_id = ((data[pos + 5] & 0x7F) << 24 | data[pos + 6] << 16
                          | data[pos + 7] << 8 | data[pos + 8])
-            if not self.open_stream(stream_id, data[start:start + size],
-                                    flags & END_STREAM_FLAG != 0):
+            if kind == HEADERS_FRAME:
+                if (flags & ~END_STREAM_FLAG != END_HEADERS_FLAG
+                        or not self.open_stream(stream_id, data[start:start + size],
+                                                flags & END_STREAM_FLAG != 0)):
+                    break
+            elif kind == WINDOW_UPDATE_FRAME:
+                if size != 4 or not self.window_update(
+                        stream_id, int.from_bytes(data[start:start + 4])):
+                    break
+            else:
                 break
             pos = start + size
         return pos
+
+    def window_update(self, stream_id: int, increment: int) -> bool:
+        """A WINDOW_UPDATE, as h2 takes it when it is valid (a window it leaves within
+        2^31-1), for the connection or a stream that can still send (the held data it makes
+        room for goes out), or for a stream gone. False: left to h2 (all else, errors among
+        them)."""
+        if not 0 < increment <= MAX_WINDOW:  # the reserved bit set, say: h2's error
+            return False
+        h2 = self.h2
+        if not stream_id:
+            window = h2.outbound_flow_control_window + increment
+            if window > MAX_WINDOW:
+                return False
+            h2.outbound_flow_control_window = window
+        else:
+            stream = h2.streams.get(stream_id)
+            if stream is None:
+                # A stream already closed and forgotten (an update sent before the client read
+                # the end of its answer): h2 ignores it, as RFC 9113 6.9 allows.
+                return bool(stream_id & 1) and stream_id <= h2.highest_inbound_stream_id
+            state = stream.state_machine.state
+            window = stream.outbound_flow_control_window + increment
+            if (state is not OPEN and state is not HALF_CLOSED_REMOTE) or window > MAX_WINDOW:
+                return False
+            stream.outbound_flow_control_window = window  # RECV_WINDOW_UPDATE: no change
+        self.window_updated(stream_id)
+        return True
 
     def open_stream(self, stream_id: int, block: bytes, ended: bool) -> bool:
         """A new stream's request, as h2 would take it (see malformed). False: left to h2

@@ -26,7 +26,15 @@ from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
 from h2.stream import H2StreamStateMachine, StreamInputs
 from hpack import Decoder, Encoder
-from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame, SettingsFrame
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    Frame,
+    GoAwayFrame,
+    HeadersFrame,
+    RstStreamFrame,
+    SettingsFrame,
+)
 
 from proxy.dataplane.http2 import (
     H2_CONFIG,
@@ -404,3 +412,149 @@ async def test_a_body_that_is_not_its_content_length_is_refused(raw_backend, sta
     writer.close()
     await wait_for(lambda: RECEIVED, timeout=5)
     assert RECEIVED == [b""]  # the head alone: the DATA that broke the length went nowhere
+
+
+# --- WINDOW_UPDATE, taken by Weir or left to h2 --------------------------------------------------
+
+
+class Raw:
+    """Frames written by hand, after a preface (and SETTINGS) Weir has read on its own."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.buffer = b""
+        self.encoder = Encoder()
+
+    @classmethod
+    async def connect(cls, port: int, initial_window: int = 65535) -> Raw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        raw = cls(reader, writer)
+        settings = SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: initial_window})
+        writer.write(PREFACE + settings.serialize())
+        await raw.frame_of(SettingsFrame)  # Weir's: the preface is read
+        writer.write(SettingsFrame(0, flags=["ACK"]).serialize())
+        return raw
+
+    def request(self, stream_id: int, path: str) -> bytes:
+        frame = HeadersFrame(stream_id, flags=["END_HEADERS", "END_STREAM"])
+        frame.data = self.encoder.encode([(b":method", b"GET"), (b":scheme", b"http"),
+                                          (b":authority", b"app"),
+                                          (b":path", path.encode())])
+        return frame.serialize()
+
+    @staticmethod
+    def window_update(stream_id: int, increment: int) -> bytes:
+        return (4).to_bytes(3) + b"\x08\x00" + stream_id.to_bytes(4) + increment.to_bytes(4)
+
+    async def frames(self) -> list[Frame]:
+        """The frames Weir sends until it closes the connection."""
+        out: list[Frame] = []
+        while True:
+            frame = await self.next_frame()
+            if frame is None:
+                return out
+            out.append(frame)
+
+    async def frame_of(self, kind: type[Frame]) -> Frame:
+        while True:
+            frame = await self.next_frame()
+            assert frame is not None, f"closed before a {kind.__name__}"
+            if isinstance(frame, kind):
+                return frame
+
+    async def next_frame(self) -> Frame | None:
+        while True:
+            if len(self.buffer) >= 9:
+                frame, length = Frame.parse_frame_header(memoryview(self.buffer[:9]))
+                if len(self.buffer) >= 9 + length:
+                    frame.parse_body(memoryview(self.buffer[9:9 + length]))
+                    self.buffer = self.buffer[9 + length:]
+                    return frame
+            data = await asyncio.wait_for(self.reader.read(65536), 5)
+            if not data:
+                return None
+            self.buffer += data
+
+
+async def sized_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """/size/N answers N bytes."""
+    while True:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            break
+        size = int(head.split(b" ", 2)[1].rsplit(b"/", 1)[1])
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"w" * size)
+        await writer.drain()
+
+
+async def test_window_updates_let_held_answers_out_to_the_last_byte(raw_backend, start_proxy):
+    """Answers held for a client whose windows start at 100 bytes go out as its
+    WINDOW_UPDATEs (in reads with new requests) open them, never past either window."""
+    port = await raw_backend(sized_upstream)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    raw = await Raw.connect(proxy.port, initial_window=100)
+    raw.writer.write(raw.request(1, "/size/1000") + raw.request(3, "/size/700"))
+    got = {1: 0, 3: 0}
+    windows = {0: 65535, 1: 100, 3: 100}
+    while got != {1: 1000, 3: 700}:
+        frame = await raw.frame_of(DataFrame)
+        got[frame.stream_id] += len(frame.data)
+        windows[0] -= len(frame.data)
+        windows[frame.stream_id] -= len(frame.data)
+        assert min(windows.values()) >= 0, windows
+        if windows[frame.stream_id] == 0 and got[frame.stream_id] < 1000:
+            windows[frame.stream_id] += 150
+            raw.writer.write(raw.window_update(frame.stream_id, 150)
+                             + raw.window_update(0, 150))
+            windows[0] += 150
+    assert got == {1: 1000, 3: 700}
+
+
+@pytest.mark.parametrize(("stream_id", "increments", "error"), [
+    (0, [2**31 - 65535], "goaway-flow"),             # the connection's window over 2^31-1
+    (0, [0], "goaway-protocol"),                     # no increment
+    (0, [2**31 + 5], "goaway-protocol"),             # the reserved bit set
+    (1, [2**31 - 100, 70_000], "reset-flow"),        # a stream's over 2^31-1: that one only
+    (2, [100], "goaway-protocol"),                   # a stream the server never opened
+    (9, [100], "goaway-protocol"),                   # nor the client
+])
+async def test_a_window_update_h2_refuses_is_refused_the_same(raw_backend, start_proxy,
+                                                             stream_id: int,
+                                                             increments: list[int], error: str):
+    port = await raw_backend(sized_upstream)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    raw = await Raw.connect(proxy.port, initial_window=0)  # the answer waits for a window
+    raw.writer.write(raw.request(1, "/size/100000"))
+    await raw.frame_of(HeadersFrame)
+    for increment in increments:
+        raw.writer.write(raw.window_update(stream_id, increment))
+    if error == "reset-flow":
+        reset = await raw.frame_of(RstStreamFrame)
+        assert (reset.stream_id, reset.error_code) == (1, 3)  # FLOW_CONTROL_ERROR
+        raw.writer.write(raw.request(3, "/size/0"))  # and the connection goes on
+        headers = await raw.frame_of(HeadersFrame)
+        assert headers.stream_id == 3
+    else:
+        frames = await raw.frames()
+        goaway = [f for f in frames if isinstance(f, GoAwayFrame)]
+        assert goaway and goaway[0].error_code == (3 if error == "goaway-flow" else 1), frames
+    raw.writer.close()
+
+
+async def test_a_window_update_for_a_stream_gone_is_ignored(raw_backend, start_proxy):
+    """RFC 9113 6.9: a WINDOW_UPDATE can come for a stream that has just ended; h2 (and Weir)
+    ignore it, and the requests read with it are served."""
+    port = await raw_backend(sized_upstream)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    raw = await Raw.connect(proxy.port)
+    raw.writer.write(raw.request(1, "/size/10"))
+    assert (await raw.frame_of(DataFrame)).stream_id == 1
+    raw.writer.write(raw.window_update(1, 10) + raw.request(3, "/size/20")
+                     + raw.window_update(1, 10) + raw.request(5, "/size/30"))
+    got = {}
+    while len(got) < 2:
+        frame = await raw.frame_of(DataFrame)
+        got[frame.stream_id] = len(frame.data)
+    assert got == {3: 20, 5: 30}
+    raw.writer.close()
