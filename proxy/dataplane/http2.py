@@ -771,9 +771,9 @@ class Http2Connection(asyncio.Protocol):
 
     def take_frames(self, data: bytes) -> int:
         """Take the frames at the start of ``data`` that are the usual ones in their usual
-        shape: HEADERS that open new streams (see malformed) and WINDOW_UPDATE; how many
-        bytes they are. What follows them is h2's, and all of it is when h2 holds part of a
-        frame or of a header block."""
+        shape: HEADERS that open new streams (see malformed), DATA of a request body and
+        WINDOW_UPDATE; how many bytes they are. What follows them is h2's, and all of it is
+        when h2 holds part of a frame or of a header block."""
         h2 = self.h2
         buffer = h2.incoming_buffer
         if (buffer._data or buffer._headers_buffer
@@ -795,6 +795,11 @@ class Http2Connection(asyncio.Protocol):
                         or not self.open_stream(stream_id, data[start:start + size],
                                                 flags & END_STREAM_FLAG != 0)):
                     break
+            elif kind == DATA_FRAME:
+                if (flags & ~END_STREAM_FLAG
+                        or not self.request_data(stream_id, data[start:start + size],
+                                                 flags & END_STREAM_FLAG != 0)):
+                    break
             elif kind == WINDOW_UPDATE_FRAME:
                 if size != 4 or not self.window_update(
                         stream_id, int.from_bytes(data[start:start + 4])):
@@ -803,6 +808,36 @@ class Http2Connection(asyncio.Protocol):
                 break
             pos = start + size
         return pos
+
+    def request_data(self, stream_id: int, data: bytes, ended: bool) -> bool:
+        """A DATA frame (unpadded) of a request body still coming, as h2 takes it when it
+        is valid: within both windows and the declared content-length. False: left to h2
+        (all else, errors among them)."""
+        ex = self.streams.get(stream_id)
+        if ex is None:
+            return False
+        h2 = self.h2
+        stream = h2.streams.get(stream_id)
+        if stream is None or stream.state_machine.state is not OPEN:
+            return False
+        size = len(data)
+        window = h2._inbound_flow_control_window_manager
+        stream_window = stream._inbound_window_manager
+        if size > window.current_window_size or size > stream_window.current_window_size:
+            return False  # h2's FlowControlError
+        received = stream._actual_content_length + size
+        expected = stream._expected_content_length
+        if expected is not None and (received > expected or (ended and received != expected)):
+            return False  # h2's InvalidBodyLengthError
+        window.current_window_size -= size
+        stream_window.current_window_size -= size
+        stream._actual_content_length = received
+        if ended:
+            stream.state_machine.state = HALF_CLOSED_REMOTE  # RECV_END_STREAM
+        ex.received(data, size)
+        if ended:
+            self.stream_ended(stream_id)
+        return True
 
     def window_update(self, stream_id: int, increment: int) -> bool:
         """A WINDOW_UPDATE, as h2 takes it when it is valid (a window it leaves within
