@@ -912,7 +912,7 @@ class Http2Connection(asyncio.Protocol):
             self.h2.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
             return
         if ex.has_body:
-            self.h2.increment_flow_control_window(BODY_WINDOW - DEFAULT_WINDOW, stream_id)
+            self.open_window(stream_id, BODY_WINDOW - DEFAULT_WINDOW)
         ex.start()
 
     def stream_ended(self, stream_id: int) -> None:
@@ -976,6 +976,23 @@ class Http2Connection(asyncio.Protocol):
         transport = self.transport
         transport.write(FRAME_HEADER.pack(size >> 8, size & 0xFF, kind, flags, stream_id))
         transport.write(payload)
+
+    def open_window(self, stream_id: int, increment: int) -> None:
+        """h2's increment_flow_control_window for a stream, done as h2 does it for one still
+        receiving (OPEN) on an open connection: its window grows and a WINDOW_UPDATE goes out.
+        Anything else, by h2."""
+        h2 = self.h2
+        stream = h2.streams.get(stream_id)
+        if (stream is not None and stream.state_machine.state is OPEN
+                and h2.state_machine.state == ConnectionState.SERVER_OPEN):
+            window = stream._inbound_window_manager
+            size = window.current_window_size + increment
+            if increment > 0 and size <= MAX_WINDOW:  # else h2's error
+                window.current_window_size = size  # window_opened
+                window.max_window_size = max(size, window.max_window_size)
+                self.write_frame(WINDOW_UPDATE_FRAME, 0, stream_id, increment.to_bytes(4))
+                return
+        h2.increment_flow_control_window(increment, stream_id)
 
     def acknowledge(self, stream_id: int, size: int) -> None:
         """Credit ``size`` bytes back to the client's windows (h2 sends WINDOW_UPDATE once

@@ -34,9 +34,12 @@ from hyperframe.frame import (
     HeadersFrame,
     RstStreamFrame,
     SettingsFrame,
+    WindowUpdateFrame,
 )
 
 from proxy.dataplane.http2 import (
+    BODY_WINDOW,
+    DEFAULT_WINDOW,
     H2_CONFIG,
     PREFACE,
     data_out,
@@ -557,4 +560,43 @@ async def test_a_window_update_for_a_stream_gone_is_ignored(raw_backend, start_p
         frame = await raw.frame_of(DataFrame)
         got[frame.stream_id] = len(frame.data)
     assert got == {3: 20, 5: 30}
+    raw.writer.close()
+
+
+async def counting_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Reads a chunked request body to its end, then answers with its size."""
+    size = 0
+    try:
+        await reader.readuntil(b"\r\n\r\n")
+        while length := int((await reader.readuntil(b"\r\n"))[:-2], 16):
+            await reader.readexactly(length + 2)
+            size += length
+        await reader.readexactly(2)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return
+    body = b"%d" % size
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    await writer.drain()
+    writer.close()
+
+
+async def test_a_request_body_gets_its_window_at_once(raw_backend, start_proxy):
+    """A stream with a body to come gets BODY_WINDOW at once (a WINDOW_UPDATE for all but the
+    initial window), and takes that much before Weir has acknowledged anything."""
+    port = await raw_backend(counting_upstream)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    raw = await Raw.connect(proxy.port)
+    headers = HeadersFrame(1, flags=["END_HEADERS"])
+    headers.data = raw.encoder.encode([(b":method", b"POST"), (b":scheme", b"http"),
+                                       (b":authority", b"app"), (b":path", b"/up")])
+    raw.writer.write(headers.serialize())
+    update = await raw.frame_of(WindowUpdateFrame)
+    while update.stream_id == 0:  # the connection's, at the start
+        update = await raw.frame_of(WindowUpdateFrame)
+    assert (update.stream_id, update.window_increment) == (1, BODY_WINDOW - DEFAULT_WINDOW)
+    chunk = b"u" * 16384
+    frames = [DataFrame(1, data=chunk).serialize() for _ in range(BODY_WINDOW // 16384)]
+    raw.writer.write(b"".join(frames) + DataFrame(1, flags=["END_STREAM"]).serialize())
+    answer = await raw.frame_of(DataFrame)
+    assert answer.data == b"%d" % BODY_WINDOW
     raw.writer.close()
