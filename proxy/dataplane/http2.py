@@ -129,6 +129,22 @@ CLOSED: Final = StreamState.CLOSED
 CLOSED_BY_END: Final = StreamClosedBy.SEND_END_STREAM
 
 
+def window_credit(window: Any, size: int) -> int:
+    """``size`` more bytes consumed in an inbound window (an h2.windows.WindowManager): by
+    how much to open it now (0: not yet), as its process_bytes decides, and the window's
+    state moved as that does it."""
+    processed = window._bytes_processed + size
+    current = window.current_window_size
+    largest = window.max_window_size
+    if (current == 0 and processed > min(1024, largest // 4)) or processed >= largest // 2:
+        increment = min(processed, largest - current)
+        window._bytes_processed = 0
+        window.current_window_size = current + increment
+        return increment
+    window._bytes_processed = processed
+    return 0
+
+
 def request_headers_in(machine: Any, ended: bool) -> None:
     """RECV_HEADERS (request_received), then RECV_END_STREAM when ``ended``, in an IDLE
     stream."""
@@ -995,11 +1011,23 @@ class Http2Connection(asyncio.Protocol):
         h2.increment_flow_control_window(increment, stream_id)
 
     def acknowledge(self, stream_id: int, size: int) -> None:
-        """Credit ``size`` bytes back to the client's windows (h2 sends WINDOW_UPDATE once
-        enough has been consumed; a closed stream's share goes to the connection alone)."""
+        """Credit ``size`` bytes back to the client's windows (a WINDOW_UPDATE once enough
+        has been consumed; a closed stream's share goes to the connection alone): h2's
+        acknowledge_received_data, done as h2 does it, with its window algorithm
+        (window_credit) and the frames framed by Weir."""
         if size:
-            self.h2.acknowledge_received_data(size, stream_id)
-            self.write_out()
+            h2 = self.h2
+            increment = window_credit(h2._inbound_flow_control_window_manager, size)
+            if increment:
+                self.write_frame(WINDOW_UPDATE_FRAME, 0, 0, increment.to_bytes(4))
+            stream = h2.streams.get(stream_id)
+            if stream is None:
+                return
+            state = stream.state_machine.state
+            if state is OPEN or state is HALF_CLOSED_REMOTE or state is HALF_CLOSED_LOCAL:
+                increment = window_credit(stream._inbound_window_manager, size)
+                if increment:
+                    self.write_frame(WINDOW_UPDATE_FRAME, 0, stream_id, increment.to_bytes(4))
 
     def send_headers(self, stream_id: int, head: list[tuple[bytes, bytes]],
                      end_stream: bool) -> None:

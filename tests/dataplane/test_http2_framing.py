@@ -25,6 +25,7 @@ from h2.events import DataReceived, ResponseReceived, StreamEnded
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
 from h2.stream import H2StreamStateMachine, StreamInputs
+from h2.windows import WindowManager
 from hpack import Decoder, Encoder
 from hyperframe.frame import (
     ContinuationFrame,
@@ -48,6 +49,7 @@ from proxy.dataplane.http2 import (
     malformed,
     request_headers_in,
     response_headers_out,
+    window_credit,
 )
 
 from ..conftest import one_service, wait_for
@@ -600,3 +602,29 @@ async def test_a_request_body_gets_its_window_at_once(raw_backend, start_proxy):
     answer = await raw.frame_of(DataFrame)
     assert answer.data == b"%d" % BODY_WINDOW
     raw.writer.close()
+
+
+@pytest.mark.parametrize("size", [65535, 256 * 1024, 4 * 1024 * 1024, 100])
+def test_window_credit_opens_windows_as_h2s_window_manager_does(size: int):
+    """Bytes received and consumed in any order and size: window_credit gives the increments
+    h2's process_bytes gives, and leaves the window as it does."""
+    shuffled = random.Random(size)
+    ours, theirs = WindowManager(size), WindowManager(size)
+    owed = 0
+    for _ in range(5000):
+        if owed and shuffled.random() < 0.5:  # consume part of what was received
+            consumed = shuffled.randint(1, owed)
+            owed -= consumed
+            expected = theirs.process_bytes(consumed) or 0
+            assert window_credit(ours, consumed) == expected
+        else:  # receive what the window takes, at most a frame
+            if not theirs.current_window_size:
+                continue
+            received = shuffled.randint(1, min(theirs.current_window_size, 16384))
+            theirs.window_consumed(received)
+            ours.window_consumed(received)
+            owed += received
+        if shuffled.random() < 0.01:  # and opened on its own now and then
+            theirs.window_opened(1000)
+            ours.window_opened(1000)
+        assert vars(ours) == vars(theirs)
