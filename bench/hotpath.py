@@ -5,8 +5,18 @@ iteration feeds one request to the client side and one canned response to the up
 so what is measured is exactly the proxy's own CPU cost per request (parsing callbacks,
 routing, sticky hashing, head rewriting), free of kernel and scheduler noise.
 
+With ``--http2`` it drives the real Http2Connection instead, with the bytes h2load sends
+through bench/run.py --load h2load (recorded from h2load 1.52 -m10): the preface, its SETTINGS
+and connection WINDOW_UPDATE, then HEADERS frames, ``--streams`` of them per read as h2load
+keeps that many requests in flight, each answered by its own upstream connection in the same
+loop iteration. ``--window-updates`` adds a connection WINDOW_UPDATE to each read, as a client
+with a small window (curl, nghttp, grpc) sends; ``--body`` makes each request a POST whose
+12-byte body (its length declared) follows in a DATA frame of its own, the shape of a gRPC
+unary call.
+
     python bench/hotpath.py                 # µs per request, best of 5
     python bench/hotpath.py --profile       # plus the top functions by own time
+    python bench/hotpath.py --http2         # the same over HTTP/2 (h2c)
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ import argparse
 import asyncio
 import cProfile
 import pstats
+import socket
 import sys
 import time
 from pathlib import Path
@@ -47,18 +58,59 @@ RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sun, 22 Nov 2026 02:00:0
             b"Connection: keep-alive\r\n\r\nhello world\n")
 
 
-class MemoryTransport:
-    """Just enough of asyncio.Transport for the data plane; counts what is written."""
+# h2load's bytes over h2c, as it sends them with -m10 and `-H 'x-user-id: user-1'` (see
+# bench/README.md): its SETTINGS (no push, a 1 GiB stream window) and connection
+# WINDOW_UPDATE, then the first request's HEADERS, which fill the HPACK table, and every later
+# request's, six bytes of indexed fields.
+H2_PREFACE = (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+              + bytes.fromhex("00000c040000000000" "00020000000000043fffffff"
+                              "000004080000000000" "3fff0000"))
+H2_FIRST_BLOCK = bytes.fromhex("8486418b089d5c0b8170dc0bcfbeff827a8f9c541c722954d3a5358980ae"
+                               "d897074087f2b5a82d8b1a4f85b505b160ff")
+H2_BLOCK = bytes.fromhex("8486c082bfbe")
+H2_SETTINGS_ACK = bytes.fromhex("000000040100000000")
+H2_WINDOW_UPDATE = bytes.fromhex("000004080000000000") + (12 * 10).to_bytes(4)
+# --body: the same fields with :method POST and a content-length of 12, which the first POST
+# adds to the HPACK table (a literal with incremental indexing, ahead of h2load's three)
+H2_FIRST_POST_BLOCK = bytes.fromhex("8486c083bfbe5c023132")
+H2_POST_BLOCK = bytes.fromhex("8486c183c0bfbe")
+H2_BODY = b"hello world\n"
 
-    def __init__(self) -> None:
+
+def h2_headers(stream_id: int, block: bytes = H2_BLOCK, end_stream: bool = True) -> bytes:
+    """A HEADERS frame with END_HEADERS (and END_STREAM)."""
+    flags = b"\x05" if end_stream else b"\x04"
+    return len(block).to_bytes(3) + b"\x01" + flags + stream_id.to_bytes(4) + block
+
+
+def h2_request(stream_id: int, body: bool) -> bytes:
+    if not body:
+        return h2_headers(stream_id)
+    return (h2_headers(stream_id, H2_POST_BLOCK, False) + len(H2_BODY).to_bytes(3)
+            + b"\x00\x01" + stream_id.to_bytes(4) + H2_BODY)
+
+
+class MemoryTransport:
+    """Just enough of asyncio.Transport for the data plane; counts what is written (and keeps
+    it, when asked)."""
+
+    def __init__(self, sock: socket.socket | None = None) -> None:
         self.written = 0
+        self.protocol: Any = None
+        self.kept: list[bytes] | None = None
+        self.sock = sock  # for the poll of a pooled connection a POST is sent on
 
     def write(self, data: bytes) -> None:
         self.written += len(data)
+        if self.kept is not None:
+            self.kept.append(bytes(data))
 
     def writelines(self, parts: Any) -> None:
         for part in parts:
-            self.written += len(part)
+            self.write(part)
+
+    def set_protocol(self, protocol: Any) -> None:
+        self.protocol = protocol
 
     def is_closing(self) -> bool:
         return False
@@ -69,6 +121,8 @@ class MemoryTransport:
     def abort(self) -> None: ...
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            return self.sock
         return ("127.0.0.1", 40000) if name == "peername" else default
 
 
@@ -82,6 +136,104 @@ def build(loop: asyncio.AbstractEventLoop) -> tuple[Any, UpstreamConnection, Mem
     client_transport = MemoryTransport()
     client.connection_made(client_transport)  # type: ignore[arg-type]
     return client, upstream, client_transport
+
+
+SOCKETS: list[socket.socket] = []
+
+
+def build_h2(loop: asyncio.AbstractEventLoop, streams: int, body: bool
+             ) -> tuple[Any, list[UpstreamConnection], MemoryTransport]:
+    """An HTTP/2 client connection past its preface and first request, and one pooled
+    upstream connection per stream in flight."""
+    proxy = ProxyServer(parse_config(CONFIG), loop)
+    pool = next(iter(proxy.pools.pools.values()))
+    upstreams = []
+    for _ in range(streams):
+        upstream = UpstreamConnection(pool)
+        ours, theirs = socket.socketpair()  # silent: the upstream has not closed it
+        SOCKETS.append(theirs)
+        upstream.connection_made(MemoryTransport(ours))  # type: ignore[arg-type]
+        upstreams.append(upstream)
+    for upstream in upstreams:
+        pool.release(upstream)
+    client = proxy.protocol()
+    transport = MemoryTransport()
+    transport.kept = []
+    client.connection_made(transport)  # type: ignore[arg-type]
+    client.data_received(H2_PREFACE)  # handed over to HTTP/2
+    conn = transport.protocol
+    assert conn is not None and type(conn).__name__ == "Http2Connection", conn
+    corker = pool.corker
+    conn.data_received(H2_SETTINGS_ACK + h2_headers(1, H2_FIRST_BLOCK))
+    corker.flush()
+    for upstream in upstreams:
+        if upstream.sink is not None:
+            upstream.data_received(RESPONSE)
+    corker.flush()
+    if body:
+        conn.data_received(h2_headers(3, H2_FIRST_POST_BLOCK, False) + len(H2_BODY).to_bytes(3)
+                           + b"\x00\x01" + (3).to_bytes(4) + H2_BODY)
+        corker.flush()
+        for upstream in upstreams:
+            if upstream.sink is not None:
+                upstream.data_received(RESPONSE)
+        corker.flush()
+    return conn, upstreams, transport
+
+
+def run_h2(count: int, conn: Any, upstreams: list[UpstreamConnection], streams: int,
+           window_updates: bool, body: bool) -> float:
+    """``count`` requests (rounded up to whole reads of ``streams``), on stream ids that go
+    on from where the last run left them."""
+    first = conn.h2.highest_inbound_stream_id + 2
+    last = first + 2 * count
+    # The reads are framed before the clock starts (about 300 instructions a request, counted
+    # by callgrind all the same).
+    prefix = H2_WINDOW_UPDATE if window_updates else b""
+    reads = [prefix + b"".join([h2_request(sid, body)
+                                for sid in range(start, min(start + 2 * streams, last), 2)])
+             for start in range(first, last, 2 * streams)]
+    corker = upstreams[0].pool.corker
+    corker.scheduled = True
+    send_held = corker.flush
+    response = RESPONSE
+    started = time.perf_counter()
+    for data in reads:
+        conn.data_received(data)
+        send_held()
+        corker.scheduled = True
+        for upstream in upstreams:
+            if upstream.sink is not None:
+                upstream.data_received(response)
+        send_held()
+        corker.scheduled = True
+    return time.perf_counter() - started
+
+
+def check_h2(kept: list[bytes], expected: int) -> None:
+    """Every request answered whole: a 200 with the upstream's body, the stream ended."""
+    from hpack import Decoder
+    from hyperframe.frame import DataFrame, Frame, HeadersFrame
+
+    data = b"".join(kept)
+    decoder = Decoder()
+    statuses: dict[int, bytes] = {}
+    bodies: dict[int, bytes] = {}
+    ended = set()
+    while data:
+        frame, length = Frame.parse_frame_header(memoryview(data[:9]))
+        frame.parse_body(memoryview(data[9:9 + length]))
+        data = data[9 + length:]
+        if isinstance(frame, HeadersFrame):
+            statuses[frame.stream_id] = dict(decoder.decode(frame.data, raw=True))[b":status"]
+        elif isinstance(frame, DataFrame):
+            bodies[frame.stream_id] = bodies.get(frame.stream_id, b"") + frame.data
+        if "END_STREAM" in frame.flags:
+            ended.add(frame.stream_id)
+    assert len(statuses) == expected, (len(statuses), expected)
+    assert set(statuses.values()) == {b"200"}, set(statuses.values())
+    assert set(bodies.values()) == {b"hello world\n"}, set(bodies.values())
+    assert ended == set(statuses), "a stream not ended"
 
 
 def run(count: int, client: Any, upstream: UpstreamConnection) -> float:
@@ -110,11 +262,21 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=50_000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--http2", action="store_true",
+                        help="an HTTP/2 client connection (h2c, h2load's frames)")
+    parser.add_argument("--streams", type=int, default=10,
+                        help="--http2: requests per read, each on its own stream (h2load -m)")
+    parser.add_argument("--window-updates", action="store_true",
+                        help="--http2: a connection WINDOW_UPDATE in every read")
+    parser.add_argument("--body", action="store_true",
+                        help="--http2: POSTs with a 12-byte body in a DATA frame of its own")
     args = parser.parse_args()
 
     import uvloop
 
     loop = uvloop.new_event_loop()
+    if args.http2:
+        return main_h2(args, loop)
     client, upstream, transport = build(loop)
     # As `weir run` does once it listens: without it, every full collection walks all that
     # start-up imported, and the count would grow with each module imported (h2's, say)
@@ -129,6 +291,27 @@ def main() -> int:
         profiler = cProfile.Profile()
         profiler.runcall(run, args.count, client, upstream)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    loop.close()
+    return 0
+
+
+def main_h2(args: argparse.Namespace, loop: asyncio.AbstractEventLoop) -> int:
+    conn, upstreams, transport = build_h2(loop, args.streams, args.body)
+    settle_garbage_collector()
+    run_h2(2000, conn, upstreams, args.streams, args.window_updates, args.body)  # warm caches
+    kept = transport.kept
+    assert kept is not None
+    transport.kept = None
+    check_h2(kept, conn.h2.highest_inbound_stream_id // 2 + 1)
+    best = min(run_h2(args.count, conn, upstreams, args.streams, args.window_updates, args.body)
+               for _ in range(args.repeat))
+    print(f"{best / args.count * 1e6:.2f} µs of proxy CPU per HTTP/2 request "
+          f"(best of {args.repeat} x {args.count:,}, {args.streams} streams a read)")
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.runcall(run_h2, args.count, conn, upstreams, args.streams,
+                         args.window_updates, args.body)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
     loop.close()
     return 0
 

@@ -29,6 +29,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+import struct
 import time
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
@@ -39,6 +41,7 @@ from h2.connection import (
     ConnectionState,
     H2Connection,
     H2ConnectionStateMachine,
+    _decode_headers,
 )
 from h2.errors import ErrorCodes
 from h2.events import (
@@ -54,6 +57,9 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
+from h2.stream import H2Stream, StreamClosedBy, StreamInputs, StreamState
+from hpack.hpack import encode_integer
+from hpack.table import HeaderTable
 from hyperframe.frame import GoAwayFrame
 
 from .corking import CorkedTransport
@@ -102,6 +108,280 @@ GRPC_INTERNAL: Final = 13
 GRPC_UNAVAILABLE: Final = 14
 # Printable ASCII but "%", which gRPC sends as is in grpc-message.
 GRPC_MESSAGE_SAFE: Final = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+# --- response frames, framed by Weir -------------------------------------------------------
+# A response's HEADERS and DATA frames are framed here rather than by h2, whose generic path
+# (frame objects, header normalization, its HPACK encoder's table search) cost more than the
+# rest of an exchange. h2 is told what went out: the stream's state machine takes the same
+# inputs h2's own send_headers/send_data give it, and the same flow-control windows shrink.
+
+FRAME_HEADER: Final = struct.Struct(">HBBBL")  # length (24 bits: 16 + 8), type, flags, stream
+DATA_FRAME: Final = 0x0
+HEADERS_FRAME: Final = 0x1
+WINDOW_UPDATE_FRAME: Final = 0x8
+MAX_WINDOW: Final = 2**31 - 1
+CONTINUATION_FRAME: Final = 0x9
+END_STREAM_FLAG: Final = 0x1
+END_HEADERS_FLAG: Final = 0x4
+
+SEND_HEADERS: Final = StreamInputs.SEND_HEADERS
+SEND_DATA: Final = StreamInputs.SEND_DATA
+SEND_END_STREAM: Final = StreamInputs.SEND_END_STREAM
+
+# A stream's state machine (h2.stream.H2StreamStateMachine) is moved by Weir itself on the
+# usual path, as its transition table would move it (for h2's process_input, a Python call and
+# the hash of an Enum per input, five inputs a request): a request's HEADERS in an IDLE stream;
+# a response's HEADERS, DATA and END_STREAM in OPEN or HALF_CLOSED_REMOTE. Anything else goes
+# through process_input.
+OPEN: Final = StreamState.OPEN
+HALF_CLOSED_REMOTE: Final = StreamState.HALF_CLOSED_REMOTE
+HALF_CLOSED_LOCAL: Final = StreamState.HALF_CLOSED_LOCAL
+CLOSED: Final = StreamState.CLOSED
+CLOSED_BY_END: Final = StreamClosedBy.SEND_END_STREAM
+
+
+def window_credit(window: Any, size: int) -> int:
+    """``size`` more bytes consumed in an inbound window (an h2.windows.WindowManager): by
+    how much to open it now (0: not yet), as its process_bytes decides, and the window's
+    state moved as that does it."""
+    processed = window._bytes_processed + size
+    current = window.current_window_size
+    largest = window.max_window_size
+    if (current == 0 and processed > min(1024, largest // 4)) or processed >= largest // 2:
+        increment = min(processed, largest - current)
+        window._bytes_processed = 0
+        window.current_window_size = current + increment
+        return increment
+    window._bytes_processed = processed
+    return 0
+
+
+def request_headers_in(machine: Any, ended: bool) -> None:
+    """RECV_HEADERS (request_received), then RECV_END_STREAM when ``ended``, in an IDLE
+    stream."""
+    machine.client = False
+    machine.headers_received = True
+    machine.state = HALF_CLOSED_REMOTE if ended else OPEN
+
+
+def response_headers_out(machine: Any, end_stream: bool) -> None:
+    """SEND_HEADERS (response_sent), then SEND_END_STREAM when ``end_stream``; raises
+    ProtocolError where h2 would (a stream the client has reset, say)."""
+    state = machine.state
+    if ((state is OPEN or state is HALF_CLOSED_REMOTE) and machine.client is False
+            and not machine.headers_sent):
+        machine.headers_sent = True
+        if end_stream:
+            end_stream_out(machine)
+        return
+    machine.process_input(SEND_HEADERS)
+    if end_stream:
+        machine.process_input(SEND_END_STREAM)
+
+
+def data_out(machine: Any) -> None:
+    """SEND_DATA; raises ProtocolError where h2 would."""
+    state = machine.state
+    if state is not OPEN and state is not HALF_CLOSED_REMOTE:
+        machine.process_input(SEND_DATA)
+
+
+def end_stream_out(machine: Any) -> None:
+    """SEND_END_STREAM; raises ProtocolError where h2 would."""
+    state = machine.state
+    if state is HALF_CLOSED_REMOTE:
+        machine.stream_closed_by = CLOSED_BY_END  # send_end_stream
+        machine.state = CLOSED
+    elif state is OPEN:
+        machine.state = HALF_CLOSED_LOCAL
+    else:
+        machine.process_input(SEND_END_STREAM)
+
+# HPACK (RFC 7541) as Weir encodes response fields: each one a literal without indexing, its
+# name indexed when the static table has it, its value as it is (no Huffman). The dynamic table
+# is never used, so no field depends on what the client's decoder holds, and the encoding of a
+# name is worked out once (as nginx, which does not index response fields either).
+
+
+def hpack_name_code(name: bytes) -> bytes:
+    """The start of a literal field without indexing (RFC 7541 6.2.2) for ``name``."""
+    index = STATIC_NAMES.get(name, 0)
+    if index:
+        return bytes(encode_integer(index, 4))  # 0000 and the index
+    return b"\x00" + bytes(encode_integer(len(name), 7)) + name
+
+
+def static_names() -> dict[bytes, int]:
+    names: dict[bytes, int] = {}
+    for index, (name, _) in enumerate(HeaderTable.STATIC_TABLE, 1):
+        names.setdefault(name, index)
+    return names
+
+
+def static_statuses() -> dict[int, bytes]:
+    """:status fields the static table has whole, as indexed fields (RFC 7541 6.1)."""
+    return {int(value): bytes((0x80 | index,))
+            for index, (name, value) in enumerate(HeaderTable.STATIC_TABLE, 1)
+            if name == b":status"}
+
+
+STATIC_NAMES: Final = static_names()
+NAME_CODES: Final[dict[bytes, bytes]] = {name: hpack_name_code(name) for name in STATIC_NAMES}
+NAME_CODES_MAX: Final = 1024  # names learnt from upstreams beyond the static table's
+LENGTH_CODES: Final = [bytes((n,)) for n in range(127)]  # a 7-bit prefix, under 127
+STATUS_CODES: Final = static_statuses()
+
+
+def hpack_status(status: int) -> bytes:
+    code = STATUS_CODES.get(status)
+    if code is None:
+        code = NAME_CODES[b":status"] + b"\x03%d" % status
+        STATUS_CODES[status] = code
+    return code
+
+
+def hpack_field(parts: list[bytes], name: bytes, value: bytes) -> None:
+    """Add the encoding of one field (``name`` lower-case) to ``parts``."""
+    code = NAME_CODES.get(name)
+    if code is None:
+        code = hpack_name_code(name)
+        if len(NAME_CODES) < NAME_CODES_MAX:
+            NAME_CODES[name] = code
+    parts.append(code)
+    size = len(value)
+    parts.append(LENGTH_CODES[size] if size < 127 else bytes(encode_integer(size, 7)))
+    parts.append(value)
+
+
+VIA_FIELD: Final = NAME_CODES[b"via"] + LENGTH_CODES[len(VIA_PAIR[1])] + VIA_PAIR[1]
+
+# --- requests' HEADERS, taken by Weir ------------------------------------------------------
+# The HEADERS frame that opens a stream, in the usual shape (the whole block in it, no padding
+# or priority), is taken by Http2Connection.take_frames rather than by h2's frame-by-frame
+# path; everything else goes to h2 as it comes. What h2 would do is done: the block decoded by
+# h2's HPACK decoder (and its errors taken as h2 takes them), the header list checked as h2's
+# validate_inbound_headers checks it (below; a malformed one is a connection error, as in h2),
+# the stream made in h2 with the state machine inputs and content length h2 gives it.
+
+PSEUDO_METHOD: Final = 1
+PSEUDO_SCHEME: Final = 2
+PSEUDO_AUTHORITY: Final = 4
+PSEUDO_PATH: Final = 8
+PSEUDO_PROTOCOL: Final = 16
+REQUEST_PSEUDO: Final = {b":method": PSEUDO_METHOD, b":scheme": PSEUDO_SCHEME,
+                         b":authority": PSEUDO_AUTHORITY, b":path": PSEUDO_PATH,
+                         b":protocol": PSEUDO_PROTOCOL}
+# A field name (RFC 9113 8.2.1): none of 0x00-0x20, 0x41-0x5a (upper case), 0x7f-0xff, nor a
+# colon outside of a pseudo-header's first character.
+FIELD_NAME: Final = re.compile(rb"[!-9;-@\[-~]+")
+# Connection-specific fields (RFC 9113 8.2.2), as h2 lists them.
+CONNECTION_SPECIFIC: Final = frozenset({b"connection", b"proxy-connection", b"keep-alive",
+                                        b"transfer-encoding", b"upgrade"})
+# Names whose values need a look of their own; every other name that passed is remembered.
+LOOKED_AT: Final = frozenset({b"te", b"host", b"content-length"})
+GOOD_NAMES: Final[set[bytes]] = set()
+GOOD_NAMES_MAX: Final = 4096
+
+
+STATIC_TABLE: Final[tuple[tuple[bytes, bytes], ...]] = HeaderTable.STATIC_TABLE
+STATIC_COUNT: Final = len(STATIC_TABLE)
+
+
+def indexed_fields(decoder: Any, block: bytes) -> list[tuple[bytes, bytes]] | None:
+    """The header list of a block made only of indexed fields (RFC 7541 6.1) with indexes
+    under 127, as h2's HPACK decoder decodes it but without a call per field (which is how
+    clients send the fields they repeat: h2load's whole request is six such bytes). None for
+    any other block, which the decoder decodes (or refuses) itself."""
+    table = decoder.header_table
+    dynamic = table.dynamic_entries
+    fields: list[tuple[bytes, bytes]] = []
+    size = 0
+    for i in range(len(block)):
+        index = block[i] - 0x81  # 1xxxxxxx, from index 1; 0xff starts an index of 127 and up
+        if index < 0 or index > 0x7D:
+            return None
+        if index < STATIC_COUNT:
+            field = STATIC_TABLE[index]
+        else:
+            index -= STATIC_COUNT
+            if index >= len(dynamic):
+                return None
+            field = dynamic[index]
+        size += 32 + len(field[0]) + len(field[1])  # RFC 7541 4.1, as hpack counts the list
+        fields.append(field)
+    if size > decoder.max_header_list_size or table.maxsize > decoder.max_allowed_table_size:
+        return None
+    return fields
+
+
+def malformed(headers: list[tuple[bytes, bytes]]) -> str:
+    """Why a request's header list is malformed (RFC 9113 8.2, 8.3), as h2's inbound
+    validation would refuse it; "" when it is not."""
+    seen = 0
+    regular = False
+    method = b""
+    authority: bytes | None = None
+    host: bytes | None = None
+    for name, value in headers:
+        if value:
+            # By their codes: bytes.__contains__ tries a bytes argument as an int first and
+            # raises and clears a TypeError each time (2,000 instructions a look).
+            if 13 in value or 10 in value or 0 in value:
+                return f"illegal character in the value of {name!r}"
+            first = value[0]
+            last = value[-1]
+            if first == 0x20 or first == 0x09 or last == 0x20 or last == 0x09:
+                return f"value of {name!r} surrounded by whitespace"
+        if name[:1] == b":":
+            bit = REQUEST_PSEUDO.get(name, 0)
+            if not bit:
+                return f"pseudo-header field {name!r} in a request"
+            if seen & bit:
+                return f"duplicate pseudo-header field {name!r}"
+            if regular:
+                return f"pseudo-header field {name!r} after a regular one"
+            seen |= bit
+            if bit == PSEUDO_METHOD:
+                method = value
+            elif bit == PSEUDO_AUTHORITY:
+                authority = value
+            elif bit == PSEUDO_PATH and not value:
+                return "empty :path"
+            continue
+        regular = True
+        if name in GOOD_NAMES:
+            continue
+        if FIELD_NAME.fullmatch(name) is None:
+            return f"illegal header name {name!r}"
+        if name in CONNECTION_SPECIFIC:
+            return f"connection-specific header field {name!r}"
+        if name in LOOKED_AT:
+            if name == b"te":
+                if value.lower() != b"trailers":
+                    return f"TE header {value!r}"
+            elif name == b"host":
+                if host is not None:
+                    return "more than one Host header"
+                host = value
+            elif not value.isdigit():
+                return f"content-length {value!r}"
+        elif len(GOOD_NAMES) < GOOD_NAMES_MAX:
+            GOOD_NAMES.add(name)
+    if not seen & PSEUDO_METHOD:
+        return "no :method"
+    if method == b"CONNECT" and not seen & PSEUDO_PROTOCOL:
+        if seen & (PSEUDO_SCHEME | PSEUDO_PATH):
+            return "CONNECT with :scheme or :path"
+    else:
+        if seen & (PSEUDO_SCHEME | PSEUDO_PATH) != PSEUDO_SCHEME | PSEUDO_PATH:
+            return "no :scheme or no :path"
+        if seen & PSEUDO_PROTOCOL and method != b"CONNECT":
+            return ":protocol without CONNECT"
+    if authority is None and host is None:
+        return "neither :authority nor Host"
+    if authority is not None and host is not None and authority != host:
+        return ":authority and Host differ"
+    return ""
 
 PAUSE_UPSTREAM: Final = 1  # the upstream's write buffer is full
 PAUSE_BUFFER: Final = 2    # body bytes are piling up while we connect
@@ -160,7 +440,7 @@ class Http2Exchange(Exchange):
         super().__init__(conn.plane, conn.settings, conn.peer)
         self.conn = conn
         self.stream_id = stream_id
-        self.head: list[tuple[bytes, bytes]] | None = None  # held until the read ends
+        self.head: bytes | None = None  # its HPACK block, held until the read ends
         self.pending: list[bytes] = []  # response bytes waiting for the client's window
         self.pending_bytes = 0
         self.ended = False  # the response's end is waiting behind pending
@@ -270,18 +550,20 @@ class Http2Exchange(Exchange):
             drop = (drop or set()) | {b"content-length"}  # chunked wins (RFC 9112 6.3)
         self.until_eof = not (chunked_in or has_length or self.head_request
                               or status in (204, 304))
-        head = [(b":status", b"%d" % status)]
+        parts = [hpack_status(status)]
         for i in range(1, len(lines), 4):
             name = lines[i].lower()
             if drop is None or name not in drop:
-                head.append((name, lines[i + 2]))
+                hpack_field(parts, name, lines[i + 2])
         target = self.target
         assert target is not None
-        head += target.response_pairs
+        for name, value in target.response_pairs:
+            hpack_field(parts, name, value)
         if self.extra_headers:
-            head += header_pairs(self.extra_headers)
-        head.append(VIA_PAIR)
-        self.head = head
+            for name, value in header_pairs(self.extra_headers):
+                hpack_field(parts, name, value)
+        parts.append(VIA_FIELD)
+        self.head = b"".join(parts)
         self.response = HELD
 
     def on_upstream_body(self, data: bytes) -> None:
@@ -296,7 +578,7 @@ class Http2Exchange(Exchange):
         if head is not None:
             self.head = None
             self.response = SENDING
-            self.conn.send_headers(self.stream_id, head, False)
+            self.conn.send_block(self.stream_id, head, False)
         if self.pending:
             self.send_pending()
 
@@ -320,26 +602,30 @@ class Http2Exchange(Exchange):
             upstream.resume_reading()
 
     def end_response(self) -> None:
-        """Settled in maybe_finish, which follows at once."""
-        head = self.head
+        """Settled in maybe_finish, which follows at once. END_STREAM goes on the last frame
+        of the response: its HEADERS when it has no body and no trailers (a gRPC client takes
+        a HEADERS frame that does not end the stream for the call's start, and a trailers-only
+        answer's grpc-status in it as nothing), the last DATA, or the trailers."""
         self.ended = True
-        if head is not None and not self.pending and self.trailers is None:
-            # A head alone (an answer to HEAD, a 204, a trailers-only gRPC answer): one
-            # HEADERS frame that ends the stream. A gRPC client takes a HEADERS frame that
-            # does not end the stream for the call's start, and its grpc-status as nothing.
+        head = self.head
+        trailers = self.trailers
+        if head is not None:
             self.head = None
             self.response = SENDING
-            self.conn.send_headers(self.stream_id, head, True)
-            self.out_done = True
+            if not self.pending and trailers is None:
+                self.conn.send_block(self.stream_id, head, True)
+                self.out_done = True
+                return
+            self.conn.send_block(self.stream_id, head, False)
+        if self.pending:
+            self.send_pending()  # ends with the last of its data, now or once it fits
             return
-        self.flush()
-        if self.pending or self.out_done:
-            return  # ends (or has ended, in flush) with the last of its data (send_pending)
-        if self.trailers is not None:
-            self.conn.send_headers(self.stream_id, self.trailers, True)
-        else:
-            self.conn.end_stream(self.stream_id)
-        self.out_done = True
+        if not self.out_done:
+            if trailers is not None:
+                self.conn.send_headers(self.stream_id, trailers, True)
+            else:
+                self.conn.end_stream(self.stream_id)
+            self.out_done = True
 
     def on_upstream_tunnel_data(self, data: bytes) -> None:
         raise AssertionError("no Upgrade over HTTP/2")
@@ -488,6 +774,13 @@ class Http2Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
+            if self.settings_seen and not self.closing:
+                taken = self.take_frames(data)
+                if taken:
+                    if taken == len(data):
+                        self.write_out()
+                        return
+                    data = data[taken:]
             # Any: compiled, the events' fields are then read without a check of their type
             # for each, which their classes (h2's, interpreted) would not make faster.
             events: list[Any] = self.h2.receive_data(data)
@@ -516,7 +809,8 @@ class Http2Connection(asyncio.Protocol):
         for event in events:
             kind = type(event)
             if kind is RequestReceived:
-                self.request_received(event)
+                self.request_received(event.stream_id, event.headers,
+                                      event.stream_ended is not None)
             elif kind is DataReceived:
                 ex = self.streams.get(event.stream_id)
                 if ex is not None:
@@ -573,8 +867,137 @@ class Http2Connection(asyncio.Protocol):
 
     # --- events -----------------------------------------------------------------------------
 
-    def request_received(self, event: Any) -> None:
-        stream_id = event.stream_id
+    def take_frames(self, data: bytes) -> int:
+        """Take the frames at the start of ``data`` that are the usual ones in their usual
+        shape: HEADERS that open new streams (see malformed), DATA of a request body and
+        WINDOW_UPDATE; how many bytes they are. What follows them is h2's, and all of it is
+        when h2 holds part of a frame or of a header block."""
+        h2 = self.h2
+        buffer = h2.incoming_buffer
+        if (buffer._data or buffer._headers_buffer
+                or h2.state_machine.state != ConnectionState.SERVER_OPEN):
+            return 0
+        end = len(data)
+        pos = 0
+        while end - pos >= 9:
+            size = data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2]
+            start = pos + 9
+            flags = data[pos + 4]
+            kind = data[pos + 3]
+            if start + size > end or size > h2.max_inbound_frame_size:
+                break
+            stream_id = ((data[pos + 5] & 0x7F) << 24 | data[pos + 6] << 16
+                         | data[pos + 7] << 8 | data[pos + 8])
+            if kind == HEADERS_FRAME:
+                if (flags & ~END_STREAM_FLAG != END_HEADERS_FLAG
+                        or not self.open_stream(stream_id, data[start:start + size],
+                                                flags & END_STREAM_FLAG != 0)):
+                    break
+            elif kind == DATA_FRAME:
+                if (flags & ~END_STREAM_FLAG
+                        or not self.request_data(stream_id, data[start:start + size],
+                                                 flags & END_STREAM_FLAG != 0)):
+                    break
+            elif kind == WINDOW_UPDATE_FRAME:
+                if size != 4 or not self.window_update(
+                        stream_id, int.from_bytes(data[start:start + 4])):
+                    break
+            else:
+                break
+            pos = start + size
+        return pos
+
+    def request_data(self, stream_id: int, data: bytes, ended: bool) -> bool:
+        """A DATA frame (unpadded) of a request body still coming, as h2 takes it when it
+        is valid: within both windows and the declared content-length. False: left to h2
+        (all else, errors among them)."""
+        ex = self.streams.get(stream_id)
+        if ex is None:
+            return False
+        h2 = self.h2
+        stream = h2.streams.get(stream_id)
+        if stream is None or stream.state_machine.state is not OPEN:
+            return False
+        size = len(data)
+        window = h2._inbound_flow_control_window_manager
+        stream_window = stream._inbound_window_manager
+        if size > window.current_window_size or size > stream_window.current_window_size:
+            return False  # h2's FlowControlError
+        received = stream._actual_content_length + size
+        expected = stream._expected_content_length
+        if expected is not None and (received > expected or (ended and received != expected)):
+            return False  # h2's InvalidBodyLengthError
+        window.current_window_size -= size
+        stream_window.current_window_size -= size
+        stream._actual_content_length = received
+        if ended:
+            stream.state_machine.state = HALF_CLOSED_REMOTE  # RECV_END_STREAM
+        ex.received(data, size)
+        if ended:
+            self.stream_ended(stream_id)
+        return True
+
+    def window_update(self, stream_id: int, increment: int) -> bool:
+        """A WINDOW_UPDATE, as h2 takes it when it is valid (a window it leaves within
+        2^31-1), for the connection or a stream that can still send (the held data it makes
+        room for goes out), or for a stream gone. False: left to h2 (all else, errors among
+        them)."""
+        if not 0 < increment <= MAX_WINDOW:  # the reserved bit set, say: h2's error
+            return False
+        h2 = self.h2
+        if not stream_id:
+            window = h2.outbound_flow_control_window + increment
+            if window > MAX_WINDOW:
+                return False
+            h2.outbound_flow_control_window = window
+        else:
+            stream = h2.streams.get(stream_id)
+            if stream is None:
+                # A stream already closed and forgotten (an update sent before the client read
+                # the end of its answer): h2 ignores it, as RFC 9113 6.9 allows.
+                return bool(stream_id & 1) and stream_id <= h2.highest_inbound_stream_id
+            state = stream.state_machine.state
+            window = stream.outbound_flow_control_window + increment
+            if (state is not OPEN and state is not HALF_CLOSED_REMOTE) or window > MAX_WINDOW:
+                return False
+            stream.outbound_flow_control_window = window  # RECV_WINDOW_UPDATE: no change
+        self.window_updated(stream_id)
+        return True
+
+    def open_stream(self, stream_id: int, block: bytes, ended: bool) -> bool:
+        """A new stream's request, as h2 would take it (see malformed). False: left to h2
+        (not a new stream, or one over the limit, which h2 refuses)."""
+        h2 = self.h2
+        streams = h2.streams
+        if (not stream_id & 1 or stream_id <= h2.highest_inbound_stream_id
+                or len(streams) >= self.settings.max_concurrent_streams):
+            return False
+        try:
+            fields = indexed_fields(h2.decoder, block)
+            headers = fields if fields is not None else list(_decode_headers(h2.decoder, block))
+            problem = malformed(headers)
+            if problem:
+                raise ProtocolError(f"malformed request: {problem}")
+        except ProtocolError as exc:
+            h2._terminate_connection(exc.error_code)  # GOAWAY, as h2's receive_data does
+            raise
+        stream = H2Stream(stream_id, config=h2.config,
+                          inbound_window_size=h2.local_settings.initial_window_size,
+                          outbound_window_size=h2.remote_settings.initial_window_size)
+        stream.max_outbound_frame_size = h2.max_outbound_frame_size
+        streams[stream_id] = stream
+        h2.highest_inbound_stream_id = stream_id
+        request_headers_in(stream.state_machine, ended)
+        self.request_received(stream_id, headers, ended)
+        if not ended:
+            ex = self.streams.get(stream_id)
+            if ex is not None and not ex.chunked:
+                # h2 refuses a body longer or shorter than its content-length.
+                stream._expected_content_length = ex.content_length
+        return True
+
+    def request_received(self, stream_id: int, headers: list[tuple[bytes, bytes]],
+                         stream_ended: bool) -> None:
         if self.closing:
             self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
@@ -582,12 +1005,12 @@ class Http2Connection(asyncio.Protocol):
         self.cancel_timer()
         ex = Http2Exchange(self, stream_id)
         self.streams[stream_id] = ex
-        if not ex.take_request(event.headers, event.stream_ended is not None):
+        if not ex.take_request(headers, stream_ended):
             self.streams.pop(stream_id, None)
             self.h2.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
             return
         if ex.has_body:
-            self.h2.increment_flow_control_window(BODY_WINDOW - DEFAULT_WINDOW, stream_id)
+            self.open_window(stream_id, BODY_WINDOW - DEFAULT_WINDOW)
         ex.start()
 
     def stream_ended(self, stream_id: int) -> None:
@@ -654,12 +1077,50 @@ class Http2Connection(asyncio.Protocol):
         if data:
             self.transport.write(data)
 
-    def acknowledge(self, stream_id: int, size: int) -> None:
-        """Credit ``size`` bytes back to the client's windows (h2 sends WINDOW_UPDATE once
-        enough has been consumed; a closed stream's share goes to the connection alone)."""
-        if size:
-            self.h2.acknowledge_received_data(size, stream_id)
+    def write_frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        """A frame framed by Weir, after what h2 holds."""
+        if self.h2._data_to_send:
             self.write_out()
+        size = len(payload)
+        transport = self.transport
+        transport.write(FRAME_HEADER.pack(size >> 8, size & 0xFF, kind, flags, stream_id))
+        transport.write(payload)
+
+    def open_window(self, stream_id: int, increment: int) -> None:
+        """h2's increment_flow_control_window for a stream, done as h2 does it for one still
+        receiving (OPEN) on an open connection: its window grows and a WINDOW_UPDATE goes out.
+        Anything else, by h2."""
+        h2 = self.h2
+        stream = h2.streams.get(stream_id)
+        if (stream is not None and stream.state_machine.state is OPEN
+                and h2.state_machine.state == ConnectionState.SERVER_OPEN):
+            window = stream._inbound_window_manager
+            size = window.current_window_size + increment
+            if increment > 0 and size <= MAX_WINDOW:  # else h2's error
+                window.current_window_size = size  # window_opened
+                window.max_window_size = max(size, window.max_window_size)
+                self.write_frame(WINDOW_UPDATE_FRAME, 0, stream_id, increment.to_bytes(4))
+                return
+        h2.increment_flow_control_window(increment, stream_id)
+
+    def acknowledge(self, stream_id: int, size: int) -> None:
+        """Credit ``size`` bytes back to the client's windows (a WINDOW_UPDATE once enough
+        has been consumed; a closed stream's share goes to the connection alone): h2's
+        acknowledge_received_data, done as h2 does it, with its window algorithm
+        (window_credit) and the frames framed by Weir."""
+        if size:
+            h2 = self.h2
+            increment = window_credit(h2._inbound_flow_control_window_manager, size)
+            if increment:
+                self.write_frame(WINDOW_UPDATE_FRAME, 0, 0, increment.to_bytes(4))
+            stream = h2.streams.get(stream_id)
+            if stream is None:
+                return
+            state = stream.state_machine.state
+            if state is OPEN or state is HALF_CLOSED_REMOTE or state is HALF_CLOSED_LOCAL:
+                increment = window_credit(stream._inbound_window_manager, size)
+                if increment:
+                    self.write_frame(WINDOW_UPDATE_FRAME, 0, stream_id, increment.to_bytes(4))
 
     def send_headers(self, stream_id: int, head: list[tuple[bytes, bytes]],
                      end_stream: bool) -> None:
@@ -669,29 +1130,69 @@ class Http2Connection(asyncio.Protocol):
             return
         self.write_out()
 
+    def send_block(self, stream_id: int, block: bytes, end_stream: bool) -> None:
+        """A response head Weir has encoded (see hpack_field): its HEADERS frame, and
+        CONTINUATION frames for what does not fit in one."""
+        h2 = self.h2
+        stream = h2.streams.get(stream_id)
+        if stream is None or h2.state_machine.state == ConnectionState.CLOSED:
+            return  # a stream the client has reset meanwhile, or a connection ending
+        try:
+            response_headers_out(stream.state_machine, end_stream)
+        except ProtocolError:  # a stream the client has reset meanwhile
+            return
+        table = h2.encoder.header_table
+        if table.resized:  # the client's SETTINGS changed the table's size: said first
+            block = h2.encoder._encode_table_size_change() + block
+            table.resized = False
+        flags = END_STREAM_FLAG if end_stream else 0
+        frame = h2.max_outbound_frame_size
+        if len(block) <= frame:
+            self.write_frame(HEADERS_FRAME, flags | END_HEADERS_FLAG, stream_id, block)
+            return
+        self.write_frame(HEADERS_FRAME, flags, stream_id, block[:frame])
+        for start in range(frame, len(block), frame):
+            last = start + frame >= len(block)
+            self.write_frame(CONTINUATION_FRAME, END_HEADERS_FLAG if last else 0, stream_id,
+                             block[start:start + frame])
+
     def send_data(self, stream_id: int, pending: list[bytes], end: bool) -> int:
         """Send from ``pending`` what the stream's and the connection's windows take, in
         frames the client accepts; end the stream with the last of it when ``end``. Returns
         the bytes sent; ``pending`` keeps the rest."""
         h2 = self.h2
-        sent = 0
-        try:
-            window = h2.local_flow_control_window(stream_id)
-            frame = h2.max_outbound_frame_size
-            while pending and window > 0:
-                chunk = pending[0]
-                size = min(window, frame, len(chunk))
-                if size == len(chunk):
-                    pending.pop(0)
-                else:
-                    pending[0] = chunk[size:]
-                    chunk = chunk[:size]
-                window -= size
-                sent += size
-                h2.send_data(stream_id, chunk, end_stream=end and not pending)
-        except ProtocolError:  # the stream is closed (StreamClosedError among them)
+        stream = h2.streams.get(stream_id)
+        if stream is None or h2.state_machine.state == ConnectionState.CLOSED:
             pending.clear()
-        self.write_out()
+            return 0
+        window = min(stream.outbound_flow_control_window, h2.outbound_flow_control_window)
+        if window <= 0:
+            return 0
+        machine = stream.state_machine
+        try:
+            data_out(machine)
+        except ProtocolError:  # the stream is closed (reset by the client, say)
+            pending.clear()
+            return 0
+        frame = h2.max_outbound_frame_size
+        sent = 0
+        while pending and window > 0:
+            chunk = pending[0]
+            size = min(window, frame, len(chunk))
+            if size == len(chunk):
+                pending.pop(0)
+            else:
+                pending[0] = chunk[size:]
+                chunk = chunk[:size]
+            window -= size
+            sent += size
+            if end and not pending:
+                end_stream_out(machine)
+                self.write_frame(DATA_FRAME, END_STREAM_FLAG, stream_id, chunk)
+            else:
+                self.write_frame(DATA_FRAME, 0, stream_id, chunk)
+        stream.outbound_flow_control_window -= sent
+        h2.outbound_flow_control_window -= sent
         return sent
 
     def end_stream(self, stream_id: int) -> None:
@@ -720,8 +1221,16 @@ class Http2Connection(asyncio.Protocol):
         self.forget(ex)
 
     def forget(self, ex: Http2Exchange) -> None:
-        if self.streams.get(ex.stream_id) is ex:
-            del self.streams[ex.stream_id]
+        stream_id = ex.stream_id
+        if self.streams.get(stream_id) is ex:
+            del self.streams[stream_id]
+        h2_streams = self.h2.streams
+        stream = h2_streams.get(stream_id)
+        if stream is not None and stream.state_machine.state is CLOSED:
+            # h2 would drop it when it next counts its open streams, which it does only for
+            # the HEADERS it takes itself (see take_frames).
+            del h2_streams[stream_id]
+            self.h2._closed_streams[stream_id] = stream.state_machine.stream_closed_by
         if not self.streams:
             if self.closing:
                 self.close()

@@ -1,0 +1,630 @@
+"""HTTP/2 framing that Weir does itself rather than h2 (dataplane/http2.py):
+
+- responses: Weir frames a response's HEADERS, CONTINUATION and DATA frames and encodes its
+  fields with HPACK. What clients decode is what the upstream sent, whatever the head's size,
+  its status, its names, and whatever the client's HPACK table size; answers framed by h2
+  (Weir's own) on the same connection decode too.
+- requests: Weir takes the HEADERS frames that open streams. A header list it takes is one h2
+  takes, and one it refuses is one h2 refuses (``malformed`` against h2's validation, on
+  thousands of lists); a body is held to its content-length as h2 holds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import random
+import re
+import shutil
+
+import pytest
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import DataReceived, ResponseReceived, StreamEnded
+from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes
+from h2.stream import H2StreamStateMachine, StreamInputs
+from h2.windows import WindowManager
+from hpack import Decoder, Encoder
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    Frame,
+    GoAwayFrame,
+    HeadersFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
+
+from proxy.dataplane.http2 import (
+    BODY_WINDOW,
+    DEFAULT_WINDOW,
+    H2_CONFIG,
+    PREFACE,
+    data_out,
+    end_stream_out,
+    indexed_fields,
+    malformed,
+    request_headers_in,
+    response_headers_out,
+    window_credit,
+)
+
+from ..conftest import one_service, wait_for
+
+BIG = "v" * 10_000  # two of these make a head over the 16 KiB frame size
+
+
+async def odd_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Keep-alive HTTP/1.1: /big answers a head of 20 KB and more, /odd a status and names
+    no static table has, anything else a plain 200."""
+    while True:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            break
+        path = head.split(b" ", 2)[1]
+        if path == b"/big":
+            lines = f"HTTP/1.1 200 OK\r\nX-Big-One: {BIG}\r\nX-Big-Two: {BIG}\r\n"
+        elif path == b"/odd":
+            lines = ("HTTP/1.1 418 I'm a teapot\r\nX-Odd-Name: odd value\r\nServer: raw\r\n"
+                     f"X-Long-Value: {'w' * 300}\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n")
+        else:
+            lines = "HTTP/1.1 200 OK\r\nServer: raw\r\nContent-Type: text/plain\r\n"
+        body = b"body of " + path
+        writer.write(lines.encode() + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+    writer.close()
+
+
+class Client:
+    """h2 as a client, keeping every frame it was sent."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 table_size: int | None) -> None:
+        self.reader, self.writer = reader, writer
+        self.conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.conn.initiate_connection()
+        if table_size is not None:
+            self.conn.update_settings({SettingCodes.HEADER_TABLE_SIZE: table_size})
+        self.frames: list[Frame] = []
+        self.buffer = b""
+
+    async def get(self, path: str, method: str = "GET") -> tuple[list[tuple[bytes, bytes]],
+                                                                  bytes]:
+        stream_id = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(stream_id, [(":method", method), (":scheme", "http"),
+                                           (":authority", "app"), (":path", path)],
+                               end_stream=True)
+        self.writer.write(self.conn.data_to_send())
+        headers: list[tuple[bytes, bytes]] = []
+        body = b""
+        while True:
+            data = await asyncio.wait_for(self.reader.read(65536), 10)
+            assert data, "connection closed"
+            self.keep_frames(data)
+            ended = False
+            for event in self.conn.receive_data(data):
+                if getattr(event, "stream_id", None) != stream_id:
+                    continue
+                if isinstance(event, ResponseReceived):
+                    headers = list(event.headers)
+                elif isinstance(event, DataReceived):
+                    body += event.data
+                    self.conn.acknowledge_received_data(event.flow_controlled_length,
+                                                        stream_id)
+                elif isinstance(event, StreamEnded):
+                    ended = True
+            self.writer.write(self.conn.data_to_send())
+            if ended:
+                return headers, body
+
+    def keep_frames(self, data: bytes) -> None:
+        self.buffer += data
+        while len(self.buffer) >= 9:
+            frame, length = Frame.parse_frame_header(memoryview(self.buffer[:9]))
+            if len(self.buffer) < 9 + length:
+                return
+            frame.parse_body(memoryview(self.buffer[9:9 + length]))
+            self.frames.append(frame)
+            self.buffer = self.buffer[9 + length:]
+
+
+async def connect(port: int, table_size: int | None = None) -> Client:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    return Client(reader, writer, table_size)
+
+
+async def test_a_head_over_the_frame_size_goes_out_in_continuation_frames(raw_backend,
+                                                                         start_proxy):
+    port = await raw_backend(odd_upstream)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    client = await connect(proxy.port)
+    headers, body = await client.get("/big")
+    assert dict(headers)[b"x-big-one"] == BIG.encode()
+    assert dict(headers)[b"x-big-two"] == BIG.encode()
+    assert dict(headers)[b":status"] == b"200" and body == b"body of /big"
+    kinds = [type(f) for f in client.frames if f.stream_id == 1]
+    assert kinds[:2] == [HeadersFrame, ContinuationFrame]
+    assert all(f.body_len <= 16384 for f in client.frames)
+    # And the connection goes on.
+    headers, body = await client.get("/after")
+    assert dict(headers)[b":status"] == b"200" and body == b"body of /after"
+
+
+async def test_statuses_and_names_beyond_the_static_table_decode_as_sent(raw_backend,
+                                                                         start_proxy):
+    port = await raw_backend(odd_upstream)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    client = await connect(proxy.port)
+    for _ in range(2):  # the second time, from the names Weir has learnt
+        headers, body = await client.get("/odd")
+        assert headers[0] == (b":status", b"418")
+        assert (b"x-odd-name", b"odd value") in headers and (b"server", b"raw") in headers
+        assert (b"x-long-value", b"w" * 300) in headers
+        assert [v for n, v in headers if n == b"set-cookie"] == [b"a=1", b"b=2"]
+        assert (b"via", b"1.1 weir") in headers and body == b"body of /odd"
+
+
+@pytest.mark.parametrize("table_size", [0, 256, None])
+async def test_answers_framed_by_weir_and_by_h2_share_a_connection(raw_backend, start_proxy,
+                                                                  table_size: int | None):
+    """Weir's own answers (a 405 to TRACE here) go through h2's encoder, which indexes
+    fields; the upstream's do not. Whatever the client's table size, both decode, and a
+    smaller table is announced at the start of the next header block (RFC 7541 4.2)."""
+    port = await raw_backend(odd_upstream)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    client = await connect(proxy.port, table_size)
+    for i in range(3):
+        headers, body = await client.get(f"/p{i}")
+        assert dict(headers)[b":status"] == b"200" and body == f"body of /p{i}".encode()
+        assert dict(headers)[b"content-type"] == b"text/plain"
+        headers, _ = await client.get("/t", method="TRACE")
+        assert dict(headers)[b":status"] == b"405"
+        assert dict(headers)[b"content-type"] == b"text/plain; charset=utf-8"
+
+
+@pytest.mark.skipif(shutil.which("nghttp") is None, reason="needs nghttp (nghttp2-client)")
+@pytest.mark.parametrize("table_size", ["0", "100"])
+async def test_nghttp_with_a_small_table_decodes_every_answer(raw_backend, start_proxy,
+                                                              table_size: str):
+    """nghttp2's decoder insists on the table size update after it makes its table smaller."""
+    port = await raw_backend(odd_upstream)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    url = f"http://127.0.0.1:{proxy.port}"
+    process = await asyncio.create_subprocess_exec(
+        "nghttp", "-n", "-s", "-c", table_size, f"{url}/a", f"{url}/big", f"{url}/odd",
+        f"{url}/b", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), 20)
+    text = out.decode() + err.decode()
+    assert process.returncode == 0, text
+    assert "error" not in text.lower(), text  # COMPRESSION_ERROR, say
+    # -s: a line per stream, "id responseEnd requestStart process code size path"
+    codes = {line.split()[-1]: line.split()[-3] for line in text.splitlines()
+             if re.match(r"\s*\d+\s+\+", line)}
+    assert codes == {"/a": "200", "/big": "200", "/odd": "418", "/b": "200"}, text
+
+
+# --- requests: malformed, against h2 ---------------------------------------------------------
+
+Fields = list[tuple[bytes, bytes]]
+BASE: Fields = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"app"),
+                (b":path", b"/")]
+ODD_FIELDS: Fields = [
+    (b":method", b"POST"), (b":method", b"CONNECT"), (b":scheme", b"https"),
+    (b":authority", b"other"), (b":path", b""), (b":path", b"/x"), (b":protocol", b"websocket"),
+    (b":status", b"200"), (b":custom", b"x"), (b":", b"x"), (b"", b"x"),
+    (b"host", b"app"), (b"host", b"other"), (b"te", b"trailers"), (b"te", b"TRAILERS"),
+    (b"te", b"gzip"), (b"connection", b"close"), (b"keep-alive", b"1"), (b"upgrade", b"h2c"),
+    (b"transfer-encoding", b"chunked"), (b"proxy-connection", b"x"),
+    (b"content-length", b"12"), (b"content-length", b"1a"), (b"content-length", b""),
+    (b"content-length", b" 5"), (b"X-Upper", b"x"), (b"x-upper", b"x"), (b"a:b", b"x"),
+    (b"a b", b"x"), (b"a\x7f", b"x"), (b"a\xc3\xa9", b"x"), (b"x-v", b"a\r\nb"),
+    (b"x-v", b"a\x00"), (b"x-v", b" lead"), (b"x-v", b"trail\t"), (b"x-v", b""),
+    (b"x-v", b"in side"), (b"x-v", b"\xff\xfe"), (b"cookie", b"a=1"), (b"cookie", b"b=2"),
+    (b"accept", b"*/*"), (b"x-ok!#$%&'*+-.^_`|~09", b"v"),
+]
+
+
+def h2_takes(fields: Fields) -> bool:
+    """Whether h2, as Weir configures it, takes a request with this header list."""
+    conn = H2Connection(H2_CONFIG)
+    conn.initiate_connection()
+    headers = HeadersFrame(1)
+    headers.flags.add("END_HEADERS")
+    headers.flags.add("END_STREAM")
+    headers.data = Encoder().encode(fields, huffman=False)
+    try:
+        conn.receive_data(PREFACE + SettingsFrame(0).serialize() + headers.serialize())
+    except ProtocolError:
+        return False
+    return True
+
+
+def cases() -> list[Fields]:
+    shuffled = random.Random(19)
+    out: list[Fields] = [BASE]
+    for field in ODD_FIELDS:  # each one added, and each one in place of a base field
+        out.append([*BASE, field])
+        for i in range(len(BASE)):
+            out.append([*BASE[:i], field, *BASE[i + 1:]])
+    for pair in itertools.combinations(ODD_FIELDS, 2):
+        out.append([*BASE, *pair])
+    for _ in range(1500):  # and lists in any order, of any of them
+        fields = shuffled.sample(BASE + ODD_FIELDS, shuffled.randint(1, 8))
+        out.append(fields)
+    return out
+
+
+def test_weir_refuses_exactly_the_request_header_lists_h2_refuses() -> None:
+    differ = [(fields, malformed(fields)) for fields in cases()
+              if (malformed(fields) == "") != h2_takes(fields)]
+    assert not differ, differ[:5]
+
+
+RECEIVED: list[bytes] = []
+
+
+def test_indexed_fields_decode_as_hpack_does_or_are_left_to_it() -> None:
+    """indexed_fields takes a block of one-byte indexed fields, and no other: what it decodes
+    is what hpack's decoder does, and a block it leaves is one hpack decodes or refuses."""
+    shuffled = random.Random(7)
+    encoder = Encoder()
+    decoder = Decoder(max_header_list_size=1200)
+    # Five entries in both dynamic tables (indexes 62-66), one of them 400 bytes long.
+    first = [(b"x-a", b"1"), (b"x-b", b"2"), (b"x-long", b"L" * 400), (b"x-c", b"3"),
+             (b"x-d", b"4")]
+    decoder.decode(encoder.encode(first), raw=True)
+    codes = [0x80, 0x81, 0x82, 0x84, 0x88, 0xBD, 0xBE, 0xBF, 0xC0, 0xC1, 0xC2, 0xC3, 0xC4,
+             0xFE, 0xFF, 0x00, 0x0F, 0x40, 0x3F]
+    taken = 0
+    for _ in range(3000):
+        block = bytes(shuffled.choice(codes) for _ in range(shuffled.randint(0, 6)))
+        mine = indexed_fields(decoder, block)
+        try:
+            theirs = [tuple(f) for f in decoder.decode(block, raw=True)]
+        except Exception:  # any refusal of hpack's
+            theirs = None
+        if mine is not None:
+            taken += 1
+            assert [tuple(f) for f in mine] == theirs, block
+        elif all(0x81 <= c <= 0xFE for c in block) and theirs is not None:
+            # Left to hpack only when over the list size.
+            assert sum(32 + len(n) + len(v) for n, v in theirs) > 1200, block
+    assert taken > 500
+
+
+# --- stream states moved by Weir, against h2's state machine ----------------------------------
+
+SERVER_PATHS = [  # a server stream's life, as h2 takes the inputs
+    [StreamInputs.RECV_HEADERS, StreamInputs.RECV_END_STREAM],
+    [StreamInputs.RECV_HEADERS],
+    [StreamInputs.RECV_HEADERS, StreamInputs.RECV_RST_STREAM],
+    [StreamInputs.RECV_HEADERS, StreamInputs.RECV_END_STREAM, StreamInputs.SEND_RST_STREAM],
+    [StreamInputs.RECV_HEADERS, StreamInputs.SEND_HEADERS],
+    [StreamInputs.RECV_HEADERS, StreamInputs.RECV_END_STREAM, StreamInputs.SEND_HEADERS],
+    [StreamInputs.RECV_HEADERS, StreamInputs.SEND_HEADERS, StreamInputs.SEND_END_STREAM],
+    [StreamInputs.RECV_HEADERS, StreamInputs.RECV_END_STREAM, StreamInputs.SEND_HEADERS,
+     StreamInputs.SEND_END_STREAM],
+]
+
+
+def replay(inputs: list[StreamInputs]) -> H2StreamStateMachine | None:
+    machine = H2StreamStateMachine(1)
+    try:
+        for input_ in inputs:
+            machine.process_input(input_)
+    except ProtocolError:
+        return None
+    return machine
+
+
+def weirs(machine: H2StreamStateMachine, step: str) -> H2StreamStateMachine | None:
+    try:
+        if step == "headers":
+            response_headers_out(machine, False)
+        elif step == "headers-end":
+            response_headers_out(machine, True)
+        elif step == "data":
+            data_out(machine)
+        else:
+            end_stream_out(machine)
+    except ProtocolError:
+        return None
+    return machine
+
+
+STEPS = {"headers": [StreamInputs.SEND_HEADERS],
+         "headers-end": [StreamInputs.SEND_HEADERS, StreamInputs.SEND_END_STREAM],
+         "data": [StreamInputs.SEND_DATA], "end": [StreamInputs.SEND_END_STREAM]}
+
+
+@pytest.mark.parametrize("path", SERVER_PATHS, ids=lambda p: "-".join(i.name for i in p))
+@pytest.mark.parametrize("step", list(STEPS))
+def test_weir_moves_a_stream_as_h2s_state_machine_does(path: list[StreamInputs], step: str):
+    """After any of a server stream's usual histories, each input Weir gives a stream leaves
+    it as h2's process_input does (state, who closed it, what was sent), or fails as it does."""
+    start = replay(path)
+    assert start is not None
+    expected = replay([*path, *STEPS[step]])
+    got = weirs(start, step)
+    assert (vars(got) if got else None) == (vars(expected) if expected else None)
+
+
+@pytest.mark.parametrize("ended", [True, False])
+def test_a_new_streams_request_moves_it_as_h2s_state_machine_does(ended: bool):
+    machine = H2StreamStateMachine(1)
+    request_headers_in(machine, ended)
+    expected = replay([StreamInputs.RECV_HEADERS, *([StreamInputs.RECV_END_STREAM] * ended)])
+    assert expected is not None and vars(machine) == vars(expected)
+
+
+async def body_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers a GET; after a POST's head, keeps what follows until the connection closes."""
+    while True:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"GET"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            continue
+        body = b""
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            while data := await asyncio.wait_for(reader.read(65536), 5):
+                body += data
+        RECEIVED.append(body)
+        writer.close()
+        return
+
+
+@pytest.mark.parametrize("sent", [b"x" * 20, b"x" * 5], ids=["longer", "shorter"])
+async def test_a_body_that_is_not_its_content_length_is_refused(raw_backend, start_proxy,
+                                                               sent: bytes):
+    """A client's body must match its content-length (RFC 9113 8.1.1): h2 refuses the DATA
+    that breaks it, and none of the excess reaches the upstream."""
+    RECEIVED.clear()
+    port = await raw_backend(body_upstream)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    client = H2Connection(H2Configuration(client_side=True, header_encoding=None,
+                                          validate_outbound_headers=False))
+    client.initiate_connection()
+    client.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"),
+                            (b":authority", b"app"), (b":path", b"/first")], end_stream=True)
+    writer.write(client.data_to_send())
+    answered = b""
+    while not answered.endswith(b"ok"):  # the upstream connection is pooled: the POST's head
+        answered += await asyncio.wait_for(reader.read(65536), 5)  # reaches it at once
+    client.send_headers(3, [(b":method", b"POST"), (b":scheme", b"http"),
+                            (b":authority", b"app"), (b":path", b"/up"),
+                            (b"content-length", b"10")])
+    client.send_data(3, sent, end_stream=True)
+    writer.write(client.data_to_send())
+    closed = b""
+    while True:
+        data = await asyncio.wait_for(reader.read(65536), 5)
+        if not data:
+            break
+        closed += data
+    frames = []
+    while len(closed) >= 9:
+        frame, length = Frame.parse_frame_header(memoryview(closed[:9]))
+        frame.parse_body(memoryview(closed[9:9 + length]))
+        frames.append(frame)
+        closed = closed[9 + length:]
+    assert any(type(f).__name__ == "GoAwayFrame" and f.error_code == 1 for f in frames), frames
+    assert not any(type(f).__name__ == "DataFrame" and f.stream_id == 3 for f in frames)
+    writer.close()
+    await wait_for(lambda: RECEIVED, timeout=5)
+    assert RECEIVED == [b""]  # the head alone: the DATA that broke the length went nowhere
+
+
+# --- WINDOW_UPDATE, taken by Weir or left to h2 --------------------------------------------------
+
+
+class Raw:
+    """Frames written by hand, after a preface (and SETTINGS) Weir has read on its own."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.buffer = b""
+        self.encoder = Encoder()
+
+    @classmethod
+    async def connect(cls, port: int, initial_window: int = 65535) -> Raw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        raw = cls(reader, writer)
+        settings = SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: initial_window})
+        writer.write(PREFACE + settings.serialize())
+        await raw.frame_of(SettingsFrame)  # Weir's: the preface is read
+        writer.write(SettingsFrame(0, flags=["ACK"]).serialize())
+        return raw
+
+    def request(self, stream_id: int, path: str) -> bytes:
+        frame = HeadersFrame(stream_id, flags=["END_HEADERS", "END_STREAM"])
+        frame.data = self.encoder.encode([(b":method", b"GET"), (b":scheme", b"http"),
+                                          (b":authority", b"app"),
+                                          (b":path", path.encode())])
+        return frame.serialize()
+
+    @staticmethod
+    def window_update(stream_id: int, increment: int) -> bytes:
+        return (4).to_bytes(3) + b"\x08\x00" + stream_id.to_bytes(4) + increment.to_bytes(4)
+
+    async def frames(self) -> list[Frame]:
+        """The frames Weir sends until it closes the connection."""
+        out: list[Frame] = []
+        while True:
+            frame = await self.next_frame()
+            if frame is None:
+                return out
+            out.append(frame)
+
+    async def frame_of(self, kind: type[Frame]) -> Frame:
+        while True:
+            frame = await self.next_frame()
+            assert frame is not None, f"closed before a {kind.__name__}"
+            if isinstance(frame, kind):
+                return frame
+
+    async def next_frame(self) -> Frame | None:
+        while True:
+            if len(self.buffer) >= 9:
+                frame, length = Frame.parse_frame_header(memoryview(self.buffer[:9]))
+                if len(self.buffer) >= 9 + length:
+                    frame.parse_body(memoryview(self.buffer[9:9 + length]))
+                    self.buffer = self.buffer[9 + length:]
+                    return frame
+            data = await asyncio.wait_for(self.reader.read(65536), 5)
+            if not data:
+                return None
+            self.buffer += data
+
+
+async def sized_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """/size/N answers N bytes."""
+    while True:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            break
+        size = int(head.split(b" ", 2)[1].rsplit(b"/", 1)[1])
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"w" * size)
+        await writer.drain()
+
+
+async def test_window_updates_let_held_answers_out_to_the_last_byte(raw_backend, start_proxy):
+    """Answers held for a client whose windows start at 100 bytes go out as its
+    WINDOW_UPDATEs (in reads with new requests) open them, never past either window."""
+    port = await raw_backend(sized_upstream)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    raw = await Raw.connect(proxy.port, initial_window=100)
+    raw.writer.write(raw.request(1, "/size/1000") + raw.request(3, "/size/700"))
+    got = {1: 0, 3: 0}
+    windows = {0: 65535, 1: 100, 3: 100}
+    while got != {1: 1000, 3: 700}:
+        frame = await raw.frame_of(DataFrame)
+        got[frame.stream_id] += len(frame.data)
+        windows[0] -= len(frame.data)
+        windows[frame.stream_id] -= len(frame.data)
+        assert min(windows.values()) >= 0, windows
+        if windows[frame.stream_id] == 0 and got[frame.stream_id] < 1000:
+            windows[frame.stream_id] += 150
+            raw.writer.write(raw.window_update(frame.stream_id, 150)
+                             + raw.window_update(0, 150))
+            windows[0] += 150
+    assert got == {1: 1000, 3: 700}
+
+
+@pytest.mark.parametrize(("stream_id", "increments", "error"), [
+    (0, [2**31 - 65535], "goaway-flow"),             # the connection's window over 2^31-1
+    (0, [0], "goaway-protocol"),                     # no increment
+    (0, [2**31 + 5], "goaway-protocol"),             # the reserved bit set
+    (1, [2**31 - 100, 70_000], "reset-flow"),        # a stream's over 2^31-1: that one only
+    (2, [100], "goaway-protocol"),                   # a stream the server never opened
+    (9, [100], "goaway-protocol"),                   # nor the client
+])
+async def test_a_window_update_h2_refuses_is_refused_the_same(raw_backend, start_proxy,
+                                                             stream_id: int,
+                                                             increments: list[int], error: str):
+    port = await raw_backend(sized_upstream)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    raw = await Raw.connect(proxy.port, initial_window=0)  # the answer waits for a window
+    raw.writer.write(raw.request(1, "/size/100000"))
+    await raw.frame_of(HeadersFrame)
+    for increment in increments:
+        raw.writer.write(raw.window_update(stream_id, increment))
+    if error == "reset-flow":
+        reset = await raw.frame_of(RstStreamFrame)
+        assert (reset.stream_id, reset.error_code) == (1, 3)  # FLOW_CONTROL_ERROR
+        raw.writer.write(raw.request(3, "/size/0"))  # and the connection goes on
+        headers = await raw.frame_of(HeadersFrame)
+        assert headers.stream_id == 3
+    else:
+        frames = await raw.frames()
+        goaway = [f for f in frames if isinstance(f, GoAwayFrame)]
+        assert goaway and goaway[0].error_code == (3 if error == "goaway-flow" else 1), frames
+    raw.writer.close()
+
+
+async def test_a_window_update_for_a_stream_gone_is_ignored(raw_backend, start_proxy):
+    """RFC 9113 6.9: a WINDOW_UPDATE can come for a stream that has just ended; h2 (and Weir)
+    ignore it, and the requests read with it are served."""
+    port = await raw_backend(sized_upstream)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    raw = await Raw.connect(proxy.port)
+    raw.writer.write(raw.request(1, "/size/10"))
+    assert (await raw.frame_of(DataFrame)).stream_id == 1
+    raw.writer.write(raw.window_update(1, 10) + raw.request(3, "/size/20")
+                     + raw.window_update(1, 10) + raw.request(5, "/size/30"))
+    got = {}
+    while len(got) < 2:
+        frame = await raw.frame_of(DataFrame)
+        got[frame.stream_id] = len(frame.data)
+    assert got == {3: 20, 5: 30}
+    raw.writer.close()
+
+
+async def counting_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Reads a chunked request body to its end, then answers with its size."""
+    size = 0
+    try:
+        await reader.readuntil(b"\r\n\r\n")
+        while length := int((await reader.readuntil(b"\r\n"))[:-2], 16):
+            await reader.readexactly(length + 2)
+            size += length
+        await reader.readexactly(2)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return
+    body = b"%d" % size
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    await writer.drain()
+    writer.close()
+
+
+async def test_a_request_body_gets_its_window_at_once(raw_backend, start_proxy):
+    """A stream with a body to come gets BODY_WINDOW at once (a WINDOW_UPDATE for all but the
+    initial window), and takes that much before Weir has acknowledged anything."""
+    port = await raw_backend(counting_upstream)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    raw = await Raw.connect(proxy.port)
+    headers = HeadersFrame(1, flags=["END_HEADERS"])
+    headers.data = raw.encoder.encode([(b":method", b"POST"), (b":scheme", b"http"),
+                                       (b":authority", b"app"), (b":path", b"/up")])
+    raw.writer.write(headers.serialize())
+    update = await raw.frame_of(WindowUpdateFrame)
+    while update.stream_id == 0:  # the connection's, at the start
+        update = await raw.frame_of(WindowUpdateFrame)
+    assert (update.stream_id, update.window_increment) == (1, BODY_WINDOW - DEFAULT_WINDOW)
+    chunk = b"u" * 16384
+    frames = [DataFrame(1, data=chunk).serialize() for _ in range(BODY_WINDOW // 16384)]
+    raw.writer.write(b"".join(frames) + DataFrame(1, flags=["END_STREAM"]).serialize())
+    answer = await raw.frame_of(DataFrame)
+    assert answer.data == b"%d" % BODY_WINDOW
+    raw.writer.close()
+
+
+@pytest.mark.parametrize("size", [65535, 256 * 1024, 4 * 1024 * 1024, 100])
+def test_window_credit_opens_windows_as_h2s_window_manager_does(size: int):
+    """Bytes received and consumed in any order and size: window_credit gives the increments
+    h2's process_bytes gives, and leaves the window as it does."""
+    shuffled = random.Random(size)
+    ours, theirs = WindowManager(size), WindowManager(size)
+    owed = 0
+    for _ in range(5000):
+        if owed and shuffled.random() < 0.5:  # consume part of what was received
+            consumed = shuffled.randint(1, owed)
+            owed -= consumed
+            expected = theirs.process_bytes(consumed) or 0
+            assert window_credit(ours, consumed) == expected
+        else:  # receive what the window takes, at most a frame
+            if not theirs.current_window_size:
+                continue
+            received = shuffled.randint(1, min(theirs.current_window_size, 16384))
+            theirs.window_consumed(received)
+            ours.window_consumed(received)
+            owed += received
+        if shuffled.random() < 0.01:  # and opened on its own now and then
+            theirs.window_opened(1000)
+            ours.window_opened(1000)
+        assert vars(ours) == vars(theirs)
