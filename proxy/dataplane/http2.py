@@ -77,6 +77,10 @@ PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # stops being read.
 RESPONSE_HIGH_WATER: Final = 256 * 1024
 
+# A read over SLICE_OVER bytes is parsed SLICE_FRAMES frames at a time (see data_received).
+SLICE_OVER: Final = 4096
+SLICE_FRAMES: Final = 64
+
 # Rapid reset (CVE-2023-44487), as Envoy counts it: a stream the client resets within
 # PREMATURE_SECONDS of opening it is premature; once a connection has opened
 # PREMATURE_MIN_STREAMS streams, more than half of them premature ends it.
@@ -773,13 +777,34 @@ class Http2Connection(asyncio.Protocol):
         self.arm_idle_timer()
 
     def data_received(self, data: bytes) -> None:
+        size = len(data)
+        if size <= SLICE_OVER or self.h2.incoming_buffer._data:
+            self.receive(data)  # (a read that goes on a frame h2 holds part of: whole)
+            return
+        # A read of many frames is parsed SLICE_FRAMES frames at a time, so that a client cut
+        # for abuse early in it does not have the rest parsed: h2 parses all it is given
+        # before Weir sees an event, and a 100 KB read of HEADERS and RST_STREAM pairs is
+        # 2,000 streams. Counted in frames, not bytes: a body's big DATA frames stay whole.
+        start = pos = frames = 0
+        while pos + 9 <= size:
+            pos += 9 + (data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2])
+            frames += 1
+            if frames == SLICE_FRAMES and pos < size:
+                if not self.receive(data[start:pos]):
+                    return
+                start = pos
+                frames = 0
+        self.receive(data[start:] if start else data)
+
+    def receive(self, data: bytes) -> bool:
+        """Handle one slice of a read. False: the connection has ended (the rest unread)."""
         try:
             if self.settings_seen and not self.closing:
                 taken = self.take_frames(data)
                 if taken:
                     if taken == len(data):
                         self.write_out()
-                        return
+                        return not self.transport.is_closing()
                     data = data[taken:]
             # Any: compiled, the events' fields are then read without a check of their type
             # for each, which their classes (h2's, interpreted) would not make faster.
@@ -788,7 +813,7 @@ class Http2Connection(asyncio.Protocol):
             log.info("HTTP/2 protocol error from %s: %s", self.peer.address, exc)
             self.write_out()  # the GOAWAY h2 has queued
             self.close()
-            return
+            return False
         if not self.settings_seen and events:
             if type(events[0]) is not RemoteSettingsChanged:
                 # RFC 9113 3.4: the preface ends with SETTINGS; anything else is no preface.
@@ -796,7 +821,7 @@ class Http2Connection(asyncio.Protocol):
                 self.h2.data_to_send()  # nothing h2 answered on its own goes out
                 self.go_away(ErrorCodes.PROTOCOL_ERROR)
                 self.close()
-                return
+                return False
             self.settings_seen = True
         buffered = self.h2.incoming_buffer._data
         if len(buffered) >= 9 and int.from_bytes(buffered[:3]) > self.h2.max_inbound_frame_size:
@@ -805,7 +830,7 @@ class Http2Connection(asyncio.Protocol):
             log.info("HTTP/2 frame over the frame size from %s", self.peer.address)
             self.go_away(ErrorCodes.FRAME_SIZE_ERROR)
             self.close()
-            return
+            return False
         for event in events:
             kind = type(event)
             if kind is RequestReceived:
@@ -825,22 +850,25 @@ class Http2Connection(asyncio.Protocol):
                 self.window_updated(event.stream_id)
             elif kind is StreamReset:
                 self.stream_reset(event.stream_id)
+                if self.transport.is_closing():
+                    return False  # cut for rapid reset: nothing more of this read is handled
             elif kind is TrailersReceived:
                 if event.stream_ended is not None:
                     self.stream_ended(event.stream_id)
             elif kind is PingReceived or kind is RemoteSettingsChanged:
                 if not self.spend_control():
-                    return
+                    return False
                 if kind is RemoteSettingsChanged:
                     self.window_updated(0)  # an INITIAL_WINDOW_SIZE change moves windows
             elif kind is ConnectionTerminated:
                 if event.error_code:
                     self.abort()
-                    return
+                    return False
                 self.closing = True  # streams in flight run to their end; no new ones
         self.write_out()
         if self.closing and not self.streams:
             self.close()
+        return not self.transport.is_closing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.plane.connections.discard(self)

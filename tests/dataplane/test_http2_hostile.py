@@ -1336,3 +1336,21 @@ async def test_a_trusted_proxy_is_not_refused_after_a_cut(
     client = await RawH2.open(proxy.port)
     await finished_stream(client, 1)
     await client.close()
+
+
+async def test_a_rapid_reset_read_is_not_parsed_past_the_cut(
+        plain: tuple[ProxyServer, Backend]) -> None:
+    """1,000 HEADERS and RST_STREAM pairs in one write: Weir parses a big read a slice of
+    frames at a time and stops at the cut, so the GOAWAY names a stream not far past the
+    100th, and no more streams than that became requests (h2 alone would have parsed all
+    2,000 frames first)."""
+    proxy, _ = plain
+    raw = await RawH2.open(proxy.port)
+    await raw.pump(lambda: bool(raw.frames), what="the server's SETTINGS")
+    raw.send(*[f for i in range(1000) for f in (
+        raw.headers_frame(2 * i + 1, "/slow?delay=3"),
+        RstStreamFrame(2 * i + 1, error_code=ErrorCodes.CANCEL))])
+    goaway = await expect_connection_error(raw, {ErrorCodes.ENHANCE_YOUR_CALM}, "rapid reset")
+    assert 2 * PREMATURE_MIN_STREAMS - 1 <= goaway.last_stream_id < 2 * 200, goaway
+    stats = proxy.table.routes[0].versions["stable"].stats
+    assert PREMATURE_MIN_STREAMS <= stats.total < 200
