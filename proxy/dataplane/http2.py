@@ -413,6 +413,15 @@ def header_pairs(block: bytes) -> list[tuple[bytes, bytes]]:
     return pairs
 
 
+def free_h2(h2: H2Connection) -> None:
+    """A closed connection's H2Connection: its table of bound methods (a reference cycle)
+    dropped, so that it is freed at once rather than at the next full collection, which
+    runs rarely (runtime/process.py freezes the start-up objects and raises the young
+    generation's threshold): 14-18 KiB per closed connection piled up until then. Nothing
+    parses a frame on it any more."""
+    h2.__dict__.pop("_frame_dispatch_table", None)
+
+
 def grpc_code_for(status: int) -> int:
     """The gRPC status of a call Weir answers itself with what would be this HTTP status:
     DEADLINE_EXCEEDED for a timeout, RESOURCE_EXHAUSTED over a size limit, UNIMPLEMENTED when
@@ -876,6 +885,7 @@ class Http2Connection(asyncio.Protocol):
         streams, self.streams = self.streams, {}
         for ex in streams.values():
             ex.abandon()
+        free_h2(self.h2)
 
     def pause_writing(self) -> None:
         self.write_paused = True

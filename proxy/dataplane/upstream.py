@@ -228,6 +228,9 @@ class UpstreamConnection(UpstreamChannel, asyncio.Protocol):
             return
         if sink is self.sink:
             sink.flush()  # a completed response has flushed itself
+        # Not kept past the read: a pooled connection would hold its last exchange, and with
+        # it the client's connection (and an HTTP/2 client's whole h2 state), alive.
+        self._reading = None
         if self._reset_parser:
             # A response to HEAD ends with its head; httptools cannot be told so, so the
             # parser that is waiting for a body is replaced before the connection is reused.

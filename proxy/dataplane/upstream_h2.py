@@ -52,6 +52,7 @@ from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 
 from .corking import CorkedTransport
+from .http2 import free_h2
 from .http11 import CRLF, HOP_BY_HOP
 from .upstream import ResponseSink, UpstreamChannel, UpstreamPool
 
@@ -326,6 +327,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream.connection_closed()
+        free_h2(self.h2)
 
     def pause_writing(self) -> None:
         self.write_paused = True

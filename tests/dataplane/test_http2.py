@@ -233,3 +233,27 @@ async def test_an_upstream_connection_held_for_a_slow_reader_is_pooled_reading_a
     quick = await asyncio.gather(*(client.request(f"/after{i}") for i in range(6)))
     assert [s.status for s in quick] == [200] * 6
     assert asyncio.get_running_loop().time() - started < 2  # not the 3 s read timeout
+
+
+async def test_a_closed_connections_h2_state_is_freed_without_a_collection(
+        start_backend, start_proxy, h2_client):
+    """h2's connection object is a reference cycle (a table of its own bound methods), and
+    `weir run` makes full collections rare: dropped when the connection closes, it is freed
+    by reference counting at once."""
+    import gc
+    import weakref
+
+    backend = await start_backend("stable")
+    proxy = await start_proxy(one_service(backend.address))
+    client = await h2_client(proxy.port)
+    assert (await client.request("/x")).status == 200
+    (conn,) = [c for c in proxy.plane.connections if hasattr(c, "h2")]
+    freed = weakref.ref(conn.h2)
+    del conn
+    gc.disable()
+    try:
+        await client.close()
+        await wait_for(lambda: not proxy.plane.connections)
+        await wait_for(lambda: freed() is None, timeout=2)
+    finally:
+        gc.enable()
