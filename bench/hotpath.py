@@ -12,7 +12,8 @@ keeps that many requests in flight, each answered by its own upstream connection
 loop iteration. ``--window-updates`` adds a connection WINDOW_UPDATE to each read, as a client
 with a small window (curl, nghttp, grpc) sends; ``--body`` makes each request a POST whose
 12-byte body (its length declared) follows in a DATA frame of its own, the shape of a gRPC
-unary call.
+unary call; ``--cut N`` delivers each read in pieces of N bytes, most ending inside a frame,
+as TCP hands over a large write.
 
     python bench/hotpath.py                 # µs per request, best of 5
     python bench/hotpath.py --profile       # plus the top functions by own time
@@ -182,7 +183,7 @@ def build_h2(loop: asyncio.AbstractEventLoop, streams: int, body: bool
 
 
 def run_h2(count: int, conn: Any, upstreams: list[UpstreamConnection], streams: int,
-           window_updates: bool, body: bool) -> float:
+           window_updates: bool, body: bool, cut: int = 0) -> float:
     """``count`` requests (rounded up to whole reads of ``streams``), on stream ids that go
     on from where the last run left them."""
     first = conn.h2.highest_inbound_stream_id + 2
@@ -193,6 +194,8 @@ def run_h2(count: int, conn: Any, upstreams: list[UpstreamConnection], streams: 
     reads = [prefix + b"".join([h2_request(sid, body)
                                 for sid in range(start, min(start + 2 * streams, last), 2)])
              for start in range(first, last, 2 * streams)]
+    if cut:
+        reads = [read[i:i + cut] for read in reads for i in range(0, len(read), cut)]
     corker = upstreams[0].pool.corker
     corker.scheduled = True
     send_held = corker.flush
@@ -203,7 +206,8 @@ def run_h2(count: int, conn: Any, upstreams: list[UpstreamConnection], streams: 
         send_held()
         corker.scheduled = True
         for upstream in upstreams:
-            if upstream.sink is not None:
+            sink: Any = upstream.sink
+            if sink is not None and sink.request_complete:  # answered once it is all there
                 upstream.data_received(response)
         send_held()
         corker.scheduled = True
@@ -270,6 +274,8 @@ def main() -> int:
                         help="--http2: a connection WINDOW_UPDATE in every read")
     parser.add_argument("--body", action="store_true",
                         help="--http2: POSTs with a 12-byte body in a DATA frame of its own")
+    parser.add_argument("--cut", type=int, default=0,
+                        help="--http2: each read delivered in pieces of this many bytes")
     args = parser.parse_args()
 
     import uvloop
@@ -298,19 +304,21 @@ def main() -> int:
 def main_h2(args: argparse.Namespace, loop: asyncio.AbstractEventLoop) -> int:
     conn, upstreams, transport = build_h2(loop, args.streams, args.body)
     settle_garbage_collector()
-    run_h2(2000, conn, upstreams, args.streams, args.window_updates, args.body)  # warm caches
+    run_h2(2000, conn, upstreams, args.streams, args.window_updates, args.body,
+           args.cut)  # warm caches
     kept = transport.kept
     assert kept is not None
     transport.kept = None
     check_h2(kept, conn.h2.highest_inbound_stream_id // 2 + 1)
-    best = min(run_h2(args.count, conn, upstreams, args.streams, args.window_updates, args.body)
+    best = min(run_h2(args.count, conn, upstreams, args.streams, args.window_updates, args.body,
+                      args.cut)
                for _ in range(args.repeat))
     print(f"{best / args.count * 1e6:.2f} µs of proxy CPU per HTTP/2 request "
           f"(best of {args.repeat} x {args.count:,}, {args.streams} streams a read)")
     if args.profile:
         profiler = cProfile.Profile()
         profiler.runcall(run_h2, args.count, conn, upstreams, args.streams,
-                         args.window_updates, args.body)
+                         args.window_updates, args.body, args.cut)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
     loop.close()
     return 0
