@@ -142,6 +142,10 @@ HALF_CLOSED_REMOTE: Final = StreamState.HALF_CLOSED_REMOTE
 HALF_CLOSED_LOCAL: Final = StreamState.HALF_CLOSED_LOCAL
 CLOSED: Final = StreamState.CLOSED
 CLOSED_BY_END: Final = StreamClosedBy.SEND_END_STREAM
+# The connection's (h2.connection.H2ConnectionStateMachine): a server's is IDLE until its first
+# request, SERVER_OPEN from then on.
+NO_STREAM_YET: Final = ConnectionState.IDLE
+SERVER_OPEN: Final = ConnectionState.SERVER_OPEN
 
 
 def window_credit(window: Any, size: int) -> int:
@@ -762,6 +766,7 @@ class Http2Connection(asyncio.Protocol):
         self.control_budget = CONTROL_BURST
         self.control_at = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self.unread = b""  # the start of a frame a read ended in, held by take_frames
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -786,6 +791,9 @@ class Http2Connection(asyncio.Protocol):
         self.arm_idle_timer()
 
     def data_received(self, data: bytes) -> None:
+        if self.unread:  # the start of a frame the last read ended inside (take_frames)
+            data = self.unread + data
+            self.unread = b""
         size = len(data)
         if size <= SLICE_OVER or self.h2.incoming_buffer._data:
             self.receive(data)  # (a read that goes on a frame h2 holds part of: whole)
@@ -810,11 +818,12 @@ class Http2Connection(asyncio.Protocol):
         try:
             if self.settings_seen and not self.closing:
                 taken = self.take_frames(data)
-                if taken:
-                    if taken == len(data):
-                        self.write_out()
-                        return not self.transport.is_closing()
-                    data = data[taken:]
+                whole = len(data) - len(self.unread)  # h2 gets whole frames only
+                if taken == whole:
+                    self.write_out()
+                    return not self.transport.is_closing()
+                if taken or self.unread:
+                    data = data[taken:whole]
             # Any: compiled, the events' fields are then read without a check of their type
             # for each, which their classes (h2's, interpreted) would not make faster.
             events: list[Any] = self.h2.receive_data(data)
@@ -909,21 +918,41 @@ class Http2Connection(asyncio.Protocol):
         """Take the frames at the start of ``data`` that are the usual ones in their usual
         shape: HEADERS that open new streams (see malformed), DATA of a request body and
         WINDOW_UPDATE; how many bytes they are. What follows them is h2's, and all of it is
-        when h2 holds part of a frame or of a header block."""
+        when h2 holds part of a frame or of a header block. A frame the read ends inside is
+        held (unread) for the next read rather than by h2, which would take the next read
+        whole, and the next, as long as reads end inside frames (an upload, say)."""
         h2 = self.h2
+        state = h2.state_machine.state
+        if state is not SERVER_OPEN and state is not NO_STREAM_YET:
+            return 0
         buffer = h2.incoming_buffer
-        if (buffer._data or buffer._headers_buffer
-                or h2.state_machine.state != ConnectionState.SERVER_OPEN):
+        held = buffer._data
+        if held or buffer._headers_buffer:
+            # What ends h2's frame or header block is h2's, and the whole frames after it.
+            pos = 0
+            if held:
+                if len(held) < 9:
+                    return 0
+                pos = 9 + (held[0] << 16 | held[1] << 8 | held[2]) - len(held)
+                if pos > len(data):
+                    return 0
+            self.hold_cut_frame(data, pos)
             return 0
         end = len(data)
         pos = 0
-        while end - pos >= 9:
+        while pos < end:
+            if end - pos < 9:
+                self.unread = data[pos:]  # completed by the next read, whoever takes it then
+                return pos
             size = data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2]
             start = pos + 9
             flags = data[pos + 4]
             kind = data[pos + 3]
-            if start + size > end or size > h2.max_inbound_frame_size:
-                break
+            if size > h2.max_inbound_frame_size:
+                return pos  # h2's FRAME_SIZE_ERROR
+            if start + size > end:
+                self.unread = data[pos:]
+                return pos
             stream_id = ((data[pos + 5] & 0x7F) << 24 | data[pos + 6] << 16
                          | data[pos + 7] << 8 | data[pos + 8])
             if kind == HEADERS_FRAME:
@@ -943,7 +972,23 @@ class Http2Connection(asyncio.Protocol):
             else:
                 break
             pos = start + size
+        self.hold_cut_frame(data, pos)
         return pos
+
+    def hold_cut_frame(self, data: bytes, pos: int) -> None:
+        """Hold the frame ``data`` ends inside, after the whole frames from ``pos`` (which go
+        to h2); none when a frame over the frame size comes first (h2 refuses it)."""
+        end = len(data)
+        limit = self.h2.max_inbound_frame_size
+        while end - pos >= 9:
+            size = data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2]
+            if size > limit:
+                return
+            if pos + 9 + size > end:
+                break
+            pos += 9 + size
+        if pos < end:
+            self.unread = data[pos:]
 
     def request_data(self, stream_id: int, data: bytes, ended: bool) -> bool:
         """A DATA frame (unpadded) of a request body still coming, as h2 takes it when it
@@ -1019,6 +1064,8 @@ class Http2Connection(asyncio.Protocol):
         except ProtocolError as exc:
             h2._terminate_connection(exc.error_code)  # GOAWAY, as h2's receive_data does
             raise
+        if h2.state_machine.state is NO_STREAM_YET:
+            h2.state_machine.state = SERVER_OPEN  # RECV_HEADERS, the connection's first
         stream = H2Stream(stream_id, config=h2.config,
                           inbound_window_size=h2.local_settings.initial_window_size,
                           outbound_window_size=h2.remote_settings.initial_window_size)
@@ -1131,7 +1178,7 @@ class Http2Connection(asyncio.Protocol):
         h2 = self.h2
         stream = h2.streams.get(stream_id)
         if (stream is not None and stream.state_machine.state is OPEN
-                and h2.state_machine.state == ConnectionState.SERVER_OPEN):
+                and h2.state_machine.state is SERVER_OPEN):
             window = stream._inbound_window_manager
             size = window.current_window_size + increment
             if increment > 0 and size <= MAX_WINDOW:  # else h2's error

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import random
 import re
@@ -628,3 +629,117 @@ def test_window_credit_opens_windows_as_h2s_window_manager_does(size: int):
             theirs.window_opened(1000)
             ours.window_opened(1000)
         assert vars(ours) == vars(theirs)
+
+
+async def echo_size_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Keep-alive: answers each request with the size and a digest of its body (sized or
+    chunked)."""
+    while True:
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).lower()
+            body = b""
+            if match := re.search(rb"content-length: (\d+)", head):
+                body = await reader.readexactly(int(match.group(1)))
+            elif b"transfer-encoding: chunked" in head:
+                while length := int((await reader.readuntil(b"\r\n"))[:-2], 16):
+                    body += (await reader.readexactly(length + 2))[:-2]
+                await reader.readexactly(2)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        answer = b"%d %s" % (len(body), hashlib.sha256(body).hexdigest()[:16].encode())
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(answer)
+                     + answer)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_frames_cut_anywhere_across_reads_are_taken_whole(raw_backend, start_proxy,
+                                                                seed: int):
+    """GETs, POSTs with bodies in several DATA frames (declared or not) and WINDOW_UPDATEs,
+    written a few bytes at a time: every frame cut across reads, headers and payloads alike.
+    Each request is answered, each body arrives whole."""
+    shuffled = random.Random(seed)
+    port = await raw_backend(echo_size_upstream)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    raw = await Raw.connect(proxy.port)
+    stream = b""
+    bodies: dict[int, bytes] = {}
+    for i in range(12):
+        stream_id = 2 * i + 1
+        if i % 3 == 0:
+            stream += raw.request(stream_id, "/get")
+            bodies[stream_id] = b""
+            continue
+        body = bytes(shuffled.randrange(256) for _ in range(shuffled.randint(1, 40_000)))
+        bodies[stream_id] = body
+        fields = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"app"),
+                  (b":path", b"/post")]
+        if i % 3 == 1:
+            fields.append((b"content-length", b"%d" % len(body)))
+        headers = HeadersFrame(stream_id, flags=["END_HEADERS"])
+        headers.data = raw.encoder.encode(fields)
+        stream += headers.serialize() + raw.window_update(0, 100)
+        while body:
+            piece, body = body[:16384], body[16384:]
+            stream += DataFrame(stream_id, data=piece,
+                                flags=[] if body else ["END_STREAM"]).serialize()
+    while stream:
+        cut = shuffled.randint(1, 40)
+        raw.writer.write(stream[:cut])
+        stream = stream[cut:]
+        await raw.writer.drain()
+        await asyncio.sleep(0)  # a read of its own for each piece, as often as not
+    answers: dict[int, bytes] = {}
+    while len(answers) < len(bodies):
+        frame = await raw.frame_of(DataFrame)
+        answers[frame.stream_id] = answers.get(frame.stream_id, b"") + frame.data
+    for stream_id, body in bodies.items():
+        expected = b"%d %s" % (len(body), hashlib.sha256(body).hexdigest()[:16].encode())
+        assert answers[stream_id] == expected, stream_id
+    raw.writer.close()
+
+
+async def test_a_header_block_in_continuation_frames_cut_across_reads(raw_backend, start_proxy):
+    """HEADERS without END_HEADERS and its CONTINUATION frames are h2's, cut anywhere; the
+    requests around them are served."""
+    port = await raw_backend(sized_upstream)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    raw = await Raw.connect(proxy.port)
+    before = raw.request(1, "/size/1")  # encoded in the order sent: one HPACK table
+    block = raw.encoder.encode([(b":method", b"GET"), (b":scheme", b"http"),
+                                (b":authority", b"app"), (b":path", b"/size/3"),
+                                (b"x-long", b"l" * 3000)])
+    first = HeadersFrame(3, flags=["END_STREAM"])
+    first.data = block[:1000]
+    middle = ContinuationFrame(3)
+    middle.data = block[1000:2000]
+    last = ContinuationFrame(3, flags=["END_HEADERS"])
+    last.data = block[2000:]
+    stream = (before + first.serialize() + middle.serialize() + last.serialize()
+              + raw.request(5, "/size/5"))
+    for cut in range(0, len(stream), 700):
+        raw.writer.write(stream[cut:cut + 700])
+        await raw.writer.drain()
+        await asyncio.sleep(0)  # a read of its own for each piece, as often as not
+    sizes = {}
+    while len(sizes) < 3:
+        frame = await raw.frame_of(DataFrame)
+        sizes[frame.stream_id] = len(frame.data)
+    assert sizes == {1: 1, 3: 3, 5: 5}
+    raw.writer.close()
+
+
+async def test_a_frame_over_the_frame_size_cut_across_reads_is_refused(raw_backend,
+                                                                       start_proxy):
+    port = await raw_backend(sized_upstream)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    raw = await Raw.connect(proxy.port)
+    raw.writer.write(raw.request(1, "/size/1"))
+    await raw.frame_of(DataFrame)
+    header = (20_000).to_bytes(3) + b"\x00\x00" + (1).to_bytes(4)
+    for piece in (header[:5], header[5:]):
+        raw.writer.write(piece)
+        await raw.writer.drain()
+        await asyncio.sleep(0)
+    frames = await raw.frames()
+    goaway = [f for f in frames if isinstance(f, GoAwayFrame)]
+    assert goaway and goaway[0].error_code == 6, frames  # FRAME_SIZE_ERROR
