@@ -27,7 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hotpath import (  # noqa: E402
+from hotpath import (
     H2_BODY,
     H2_FIRST_BLOCK,
     H2_FIRST_POST_BLOCK,
@@ -38,10 +38,10 @@ from hotpath import (  # noqa: E402
     h2_request,
 )
 
-from proxy.config.loader import parse_config  # noqa: E402
-from proxy.dataplane.proxyserver import ProxyServer  # noqa: E402
-from proxy.dataplane.upstream_h2 import Http2Pool, Http2UpstreamConnection  # noqa: E402
-from proxy.runtime.process import settle_garbage_collector  # noqa: E402
+from proxy.config.loader import parse_config
+from proxy.dataplane.proxyserver import ProxyServer
+from proxy.dataplane.upstream_h2 import Http2Pool, Http2UpstreamConnection
+from proxy.runtime.process import settle_garbage_collector
 
 CONFIG = {
     "listen": "127.0.0.1:0",

@@ -50,9 +50,21 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
+from h2.stream import H2Stream, StreamState
 
 from .corking import CorkedTransport
-from .http2 import free_h2
+from .http2 import (
+    CONTINUATION_FRAME,
+    DATA_FRAME,
+    END_HEADERS_FLAG,
+    END_STREAM_FLAG,
+    FRAME_HEADER,
+    HEADERS_FRAME,
+    data_out,
+    end_stream_out,
+    free_h2,
+    hpack_field,
+)
 from .http11 import CRLF, HOP_BY_HOP
 from .upstream import ResponseSink, UpstreamChannel, UpstreamPool
 
@@ -96,6 +108,12 @@ H2_CLIENT_CONFIG: Final = H2Configuration(client_side=True, header_encoding=None
                                           normalize_inbound_headers=True,
                                           validate_outbound_headers=False,
                                           normalize_outbound_headers=False)
+
+CLIENT_OPEN: Final = ConnectionState.CLIENT_OPEN
+CONNECTION_CLOSED: Final = ConnectionState.CLOSED
+STREAM_OPEN: Final = StreamState.OPEN
+STREAM_HALF_CLOSED_LOCAL: Final = StreamState.HALF_CLOSED_LOCAL
+STREAM_CLOSED: Final = StreamState.CLOSED
 
 # How the head of a response without content-length is noted: its end is END_STREAM, which
 # an HTTP/1.1 client gets as chunked framing and an HTTP/2 client as END_STREAM.
@@ -214,6 +232,8 @@ class Http2UpstreamConnection(asyncio.Protocol):
         self.streams: dict[int, UpstreamStream] = {}
         self.reserved = 0  # streams handed out and not yet ended, opened or about to be
         self.max_streams = DEFAULT_MAX_STREAMS
+        # The upstream's SETTINGS_MAX_CONCURRENT_STREAMS as h2 holds it (2^31: none).
+        self.stream_limit = 2**31
         self.ready: asyncio.Future[None] = self.loop.create_future()
         self.closing = False  # GOAWAY received or sent: no new streams
         self.closed = False
@@ -349,6 +369,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
     def settings_changed(self) -> None:
         limit = self.h2.remote_settings.max_concurrent_streams
         self.max_streams = max(1, min(limit, 2**31)) if limit is not None else 2**31
+        self.stream_limit = limit if limit is not None else 2**31
         if not self.ready.done():
             self.ready.set_result(None)
         self.window_updated(0)  # an INITIAL_WINDOW_SIZE change moves the streams' windows
@@ -398,6 +419,64 @@ class Http2UpstreamConnection(asyncio.Protocol):
         if data:
             self.transport.write(data)
 
+    def write_frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        """A frame framed by Weir, after what h2 holds."""
+        if self.h2._data_to_send:
+            self.write_out()
+        size = len(payload)
+        transport = self.transport
+        transport.write(FRAME_HEADER.pack(size >> 8, size & 0xFF, kind, flags, stream_id))
+        transport.write(payload)
+
+    def send_request(self, stream_id: int, headers: list[tuple[bytes, bytes]],
+                     end_stream: bool) -> None:
+        """A request's HEADERS (and CONTINUATION) on a new stream, encoded and framed by Weir
+        as http2.py does responses (HPACK literals without indexing, names from the static
+        table), with h2 told what went out as its send_headers tells it: the stream made and
+        counted as h2's _begin_new_stream makes it (its windows from both sides' SETTINGS,
+        the highest outbound stream id), its state machine moved by SEND_HEADERS (and
+        SEND_END_STREAM), its request method noted (a HEAD's answer has no body). Anything
+        unusual (a connection not open, the upstream's stream limit reached) goes through h2,
+        which raises ProtocolError where it would refuse."""
+        h2 = self.h2
+        if (h2.state_machine.state is not CLIENT_OPEN or len(self.streams) > self.stream_limit
+                or stream_id <= (h2.highest_outbound_stream_id or 0)):
+            h2.send_headers(stream_id, headers, end_stream=end_stream)
+            self.write_out()
+            return
+        stream = H2Stream(stream_id, config=h2.config,
+                          inbound_window_size=h2.local_settings.initial_window_size,
+                          outbound_window_size=h2.remote_settings.initial_window_size)
+        stream.max_outbound_frame_size = h2.max_outbound_frame_size
+        h2.streams[stream_id] = stream
+        h2.highest_outbound_stream_id = stream_id
+        machine = stream.state_machine
+        machine.client = True  # request_sent
+        machine.headers_sent = True
+        machine.state = STREAM_HALF_CLOSED_LOCAL if end_stream else STREAM_OPEN
+        parts: list[bytes] = []
+        table = h2.encoder.header_table
+        if table.resized:  # the upstream's SETTINGS changed the table's size: said first
+            parts.append(h2.encoder._encode_table_size_change())
+            table.resized = False
+        for name, value in headers:
+            if name == b":method":
+                stream.request_method = value
+            elif name == b":authority":
+                stream._authority = value
+            hpack_field(parts, name, value)
+        block = b"".join(parts)
+        flags = END_STREAM_FLAG if end_stream else 0
+        frame = h2.max_outbound_frame_size
+        if len(block) <= frame:
+            self.write_frame(HEADERS_FRAME, flags | END_HEADERS_FLAG, stream_id, block)
+            return
+        self.write_frame(HEADERS_FRAME, flags, stream_id, block[:frame])
+        for start in range(frame, len(block), frame):
+            last = start + frame >= len(block)
+            self.write_frame(CONTINUATION_FRAME, END_HEADERS_FLAG if last else 0, stream_id,
+                             block[start:start + frame])
+
     def acknowledge(self, stream_id: int, size: int) -> None:
         if size:
             with contextlib.suppress(ProtocolError):
@@ -406,8 +485,16 @@ class Http2UpstreamConnection(asyncio.Protocol):
     def stream_done(self, stream: UpstreamStream) -> None:
         """A stream handed out is over (ended, reset, or never started)."""
         self.reserved -= 1
-        if stream.stream_id and self.streams.get(stream.stream_id) is stream:
-            del self.streams[stream.stream_id]
+        stream_id = stream.stream_id
+        if stream_id and self.streams.get(stream_id) is stream:
+            del self.streams[stream_id]
+            h2_streams = self.h2.streams
+            h2_stream = h2_streams.get(stream_id)
+            if h2_stream is not None and h2_stream.state_machine.state is STREAM_CLOSED:
+                # h2 would drop it when it next counts its open streams, which it does only
+                # for the HEADERS it sends itself (see send_request).
+                del h2_streams[stream_id]
+                self.h2._closed_streams[stream_id] = h2_stream.state_machine.stream_closed_by
         if not self.streams and self.reserved == 0:
             if self.closing:
                 self.close()
@@ -490,17 +577,16 @@ class UpstreamStream(UpstreamChannel):
             # keep-alive connection would be.
             self.loop_call(self.refused)
             return
-        stream_id = h2.get_next_available_stream_id()
+        stream_id = (h2.highest_outbound_stream_id or -1) + 2  # get_next_available_stream_id
         self.stream_id = stream_id
         conn.streams[stream_id] = self
         self.local_ended = end_stream
         try:
-            h2.send_headers(stream_id, headers, end_stream=end_stream)
+            conn.send_request(stream_id, headers, end_stream)
         except ProtocolError as exc:  # over a limit the upstream has just lowered
             log.info("upstream %s: stream not opened: %s", self.pool.address, exc)
             self.loop_call(self.refused)
             return
-        conn.write_out()
         self.timer = conn.loop.call_later(read_timeout, self.check_timeout)
 
     def loop_call(self, callback: Any) -> None:
@@ -527,40 +613,60 @@ class UpstreamStream(UpstreamChannel):
             return
         self.local_ended = True
         conn = self.conn
-        try:
-            conn.h2.end_stream(self.stream_id)
-        except ProtocolError:
+        stream = conn.h2.streams.get(self.stream_id)
+        if stream is None or conn.h2.state_machine.state is CONNECTION_CLOSED:
             return  # the upstream reset the stream, or ended it: its answer is its own
-        conn.write_out()
+        try:
+            end_stream_out(stream.state_machine)  # h2's end_stream, framed by Weir
+        except ProtocolError:
+            return
+        conn.write_frame(DATA_FRAME, END_STREAM_FLAG, self.stream_id, b"")
 
     def send_pending(self) -> None:
-        """Send what the upstream's windows take; hold the rest."""
+        """Send what the upstream's windows take; hold the rest. Framed by Weir, as h2's
+        send_data would frame it: the stream's state machine moved by SEND_DATA (and
+        SEND_END_STREAM with the last of it), both windows shrunk."""
         conn = self.conn
         h2 = conn.h2
         stream_id = self.stream_id
         pending = self.pending
+        stream = h2.streams.get(stream_id)
+        if h2.state_machine.state is CONNECTION_CLOSED:
+            stream = None
+        window = 0
+        if stream is not None:
+            window = min(stream.outbound_flow_control_window, h2.outbound_flow_control_window)
         try:
-            window = h2.local_flow_control_window(stream_id)
-            frame = h2.max_outbound_frame_size
-            while pending and window > 0:
-                chunk = pending[0]
-                size = min(window, frame, len(chunk))
-                if size == len(chunk):
-                    pending.pop(0)
-                else:
-                    pending[0] = chunk[size:]
-                    chunk = chunk[:size]
-                window -= size
-                self.pending_bytes -= size
-                end = self.end_pending and not pending
-                if end:
-                    self.local_ended = True
-                h2.send_data(stream_id, chunk, end_stream=end)
+            if stream is None:
+                raise ProtocolError("stream closed")
+            if window > 0:
+                machine = stream.state_machine
+                data_out(machine)
+                frame = h2.max_outbound_frame_size
+                sent = 0
+                while pending and window > 0:
+                    chunk = pending[0]
+                    size = min(window, frame, len(chunk))
+                    if size == len(chunk):
+                        pending.pop(0)
+                    else:
+                        pending[0] = chunk[size:]
+                        chunk = chunk[:size]
+                    window -= size
+                    sent += size
+                    self.pending_bytes -= size
+                    if self.end_pending and not pending:
+                        self.local_ended = True
+                        end_stream_out(machine)
+                        conn.write_frame(DATA_FRAME, END_STREAM_FLAG, stream_id, chunk)
+                    else:
+                        conn.write_frame(DATA_FRAME, 0, stream_id, chunk)
+                stream.outbound_flow_control_window -= sent
+                h2.outbound_flow_control_window -= sent
         except ProtocolError:  # the stream is closed: the upstream is done with the body
             pending.clear()
             self.pending_bytes = 0
             self.end_pending = False
-        conn.write_out()
         if self.pending_bytes <= REQUEST_HIGH_WATER and not conn.write_paused:
             self.pause_client(False)
 
@@ -609,9 +715,12 @@ class UpstreamStream(UpstreamChannel):
             return
         if self.stream_id:
             conn = self.conn
-            with contextlib.suppress(ProtocolError):
-                conn.h2.reset_stream(self.stream_id, ErrorCodes.CANCEL)
-            conn.write_out()
+            stream = conn.h2.streams.get(self.stream_id)
+            if stream is not None and stream.state_machine.state is not STREAM_CLOSED:
+                # (h2 raises StreamClosedError for one over on the wire: nothing to stop)
+                with contextlib.suppress(ProtocolError):
+                    conn.h2.reset_stream(self.stream_id, ErrorCodes.CANCEL)
+                conn.write_out()
         self.finish()
 
     # --- what the connection reports --------------------------------------------------------
