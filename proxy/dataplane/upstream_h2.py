@@ -36,6 +36,7 @@ from h2.connection import (
     ConnectionState,
     H2Connection,
     H2ConnectionStateMachine,
+    _decode_headers,
 )
 from h2.errors import ErrorCodes
 from h2.events import (
@@ -50,16 +51,20 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
-from h2.stream import H2Stream, StreamState
+from h2.stream import H2Stream, StreamClosedBy, StreamState
 
 from .corking import CorkedTransport
 from .http2 import (
+    CONNECTION_SPECIFIC,
     CONTINUATION_FRAME,
     DATA_FRAME,
     END_HEADERS_FLAG,
     END_STREAM_FLAG,
+    FIELD_NAME,
     FRAME_HEADER,
     HEADERS_FRAME,
+    MAX_WINDOW,
+    WINDOW_UPDATE_FRAME,
     data_out,
     end_stream_out,
     free_h2,
@@ -114,6 +119,100 @@ CONNECTION_CLOSED: Final = ConnectionState.CLOSED
 STREAM_OPEN: Final = StreamState.OPEN
 STREAM_HALF_CLOSED_LOCAL: Final = StreamState.HALF_CLOSED_LOCAL
 STREAM_CLOSED: Final = StreamState.CLOSED
+STREAM_HALF_CLOSED_REMOTE: Final = StreamState.HALF_CLOSED_REMOTE
+CLOSED_BY_RECV_END: Final = StreamClosedBy.RECV_END_STREAM
+
+# --- responses' frames, taken by Weir ---------------------------------------------------------
+# The usual frames of answers (HEADERS with the whole block, DATA, WINDOW_UPDATE) are taken by
+# Http2UpstreamConnection.take_frames before h2 sees the read, as h2 would take them: its HPACK
+# decoder, its inbound validation (response_malformed), its state machine inputs, windows and
+# content-length tracking. A response head is taken only when its block starts with an indexed
+# final :status (a 1xx answer, which h2 handles apart, goes to h2 with the rest of the read).
+
+# The first byte of a block that starts with :status 200, 204, 206, 304, 400, 404 or 500 from
+# the static table (RFC 7541 appendix A, indexes 8-14).
+FINAL_STATUS_FIRST: Final = frozenset(range(0x88, 0x8F))
+PSEUDO_RESPONSE: Final = frozenset({b":status"})
+PSEUDO_OTHERS: Final = frozenset({b":method", b":scheme", b":authority", b":path",
+                                  b":protocol"})
+GOOD_RESPONSE_NAMES: Final[set[bytes]] = set()
+GOOD_RESPONSE_NAMES_MAX: Final = 4096
+
+
+def response_malformed(headers: list[tuple[bytes, bytes]], trailers: bool) -> str:
+    """Why a response's header list (or its trailers) is malformed, as h2's inbound validation
+    (validate_headers with the flags of a response or trailers) would refuse it; "" when it
+    is not. A value with CR, LF or NUL is refused here: passed on to an HTTP/1.1 client, it
+    would split the response."""
+    seen_status = False
+    regular = False
+    for name, value in headers:
+        if value:
+            # By their codes: bytes.__contains__ with an int is the cheap look (see http2.py).
+            if 13 in value or 10 in value or 0 in value:
+                return f"illegal character in the value of {name!r}"
+            first = value[0]
+            last = value[-1]
+            if first == 0x20 or first == 0x09 or last == 0x20 or last == 0x09:
+                return f"value of {name!r} surrounded by whitespace"
+        if name[:1] == b":":
+            if len(name) > 1 and FIELD_NAME.fullmatch(name, 1) is None:
+                return f"illegal header name {name!r}"
+            if trailers:
+                return f"pseudo-header field {name!r} in trailers"
+            if regular:
+                return f"pseudo-header field {name!r} after a regular one"
+            if name in PSEUDO_RESPONSE:
+                if seen_status:
+                    return f"duplicate pseudo-header field {name!r}"
+                seen_status = True
+            elif name in PSEUDO_OTHERS:
+                return f"request pseudo-header field {name!r} in a response"
+            else:
+                return f"pseudo-header field {name!r}"
+            continue
+        regular = True
+        if name in GOOD_RESPONSE_NAMES:
+            continue
+        if FIELD_NAME.fullmatch(name) is None:
+            return f"illegal header name {name!r}"
+        if name in CONNECTION_SPECIFIC:
+            return f"connection-specific header field {name!r}"
+        if name == b"te":
+            if value.lower() != b"trailers":
+                return f"TE header {value!r}"
+        elif len(GOOD_RESPONSE_NAMES) < GOOD_RESPONSE_NAMES_MAX:
+            GOOD_RESPONSE_NAMES.add(name)
+    if not trailers and not seen_status:
+        return "no :status"
+    return ""
+
+
+def content_length_of(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """h2's _initialize_content_length (the HEAD case apart): the declared length, or None;
+    raises ProtocolError for a malformed or conflicting one."""
+    length: int | None = None
+    for name, value in headers:
+        if name == b"content-length":
+            if not value.isdigit():
+                raise ProtocolError(f"Invalid content-length header: {value!r}")
+            parsed = int(value)
+            if length is None:
+                length = parsed
+            elif parsed != length:
+                raise ProtocolError(f"Conflicting content-length headers: {length} and "
+                                    f"{parsed}")
+    return length
+
+
+def combine_cookies(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """h2's normalize_inbound_headers: cookie fields joined, last."""
+    cookies = [value for name, value in headers if name == b"cookie"]
+    if not cookies:
+        return headers
+    fields = [field for field in headers if field[0] != b"cookie"]
+    fields.append((b"cookie", b"; ".join(cookies)))
+    return fields
 
 # How the head of a response without content-length is noted: its end is END_STREAM, which
 # an HTTP/1.1 client gets as chunked framing and an HTTP/2 client as END_STREAM.
@@ -230,6 +329,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
         # own (a drain, an idle pool); after either, Weir opens no new stream itself.
         self.h2.state_machine._transitions = GOAWAY_KEEPS_OPEN
         self.streams: dict[int, UpstreamStream] = {}
+        self.touched: list[UpstreamStream] = []  # streams to flush at the end of a read
         self.reserved = 0  # streams handed out and not yet ended, opened or about to be
         self.max_streams = DEFAULT_MAX_STREAMS
         # The upstream's SETTINGS_MAX_CONCURRENT_STREAMS as h2 holds it (2^31: none).
@@ -272,9 +372,14 @@ class Http2UpstreamConnection(asyncio.Protocol):
             self.ready.exception()
             self.abort()
             return
+        touched = self.touched
         try:
-            events: list[Any] = self.h2.receive_data(data)
+            taken = self.take_frames(data) if self.ready.done() else 0
+            events: list[Any] = self.h2.receive_data(data[taken:]) if taken < len(data) else []
         except ProtocolError as exc:
+            for held in touched:
+                held.touched = False
+            touched.clear()
             if not self.ready.done():
                 self.ready.set_exception(ConnectionError(f"upstream broke HTTP/2: {exc}"))
                 self.ready.exception()
@@ -286,7 +391,6 @@ class Http2UpstreamConnection(asyncio.Protocol):
             self.fail_streams(502, "upstream broke the HTTP/2 protocol")
             self.abort()
             return
-        touched: list[UpstreamStream] = []
         streams = self.streams
         for event in events:
             kind = type(event)
@@ -331,11 +435,13 @@ class Http2UpstreamConnection(asyncio.Protocol):
             elif kind is ConnectionTerminated:
                 self.go_away_received(event.error_code, event.last_stream_id)
         self.write_out()
-        for stream in touched:
-            stream.touched = False
-            sink = stream.sink
-            if sink is not None:
-                sink.flush()
+        if touched:
+            for held in touched:
+                held.touched = False
+                sink = held.sink
+                if sink is not None:
+                    sink.flush()
+            touched.clear()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -363,6 +469,171 @@ class Http2UpstreamConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         self.transport.uncork()
         return None
+
+    # --- frames taken by Weir -----------------------------------------------------------------
+
+    def take_frames(self, data: bytes) -> int:
+        """Take the frames at the start of ``data`` that are the usual ones of answers in their
+        usual shape (HEADERS with the whole block, unpadded DATA, WINDOW_UPDATE) for streams
+        Weir holds; how many bytes they are. What follows them is h2's, and all of it is when
+        h2 holds part of a frame or of a header block. Raises ProtocolError where h2 would,
+        with h2's GOAWAY sent."""
+        h2 = self.h2
+        buffer = h2.incoming_buffer
+        if (buffer._data or buffer._headers_buffer
+                or h2.state_machine.state is not CLIENT_OPEN):
+            return 0
+        end = len(data)
+        pos = 0
+        while end - pos >= 9:
+            size = data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2]
+            start = pos + 9
+            flags = data[pos + 4]
+            kind = data[pos + 3]
+            if start + size > end or size > h2.max_inbound_frame_size:
+                break
+            stream_id = ((data[pos + 5] & 0x7F) << 24 | data[pos + 6] << 16
+                         | data[pos + 7] << 8 | data[pos + 8])
+            if kind == DATA_FRAME:
+                if (flags & ~END_STREAM_FLAG
+                        or not self.response_data(stream_id, data[start:start + size],
+                                                  flags & END_STREAM_FLAG != 0)):
+                    break
+            elif kind == HEADERS_FRAME:
+                if (flags & ~END_STREAM_FLAG != END_HEADERS_FLAG or size == 0
+                        or not self.response_headers(stream_id, data[start:start + size],
+                                                     flags & END_STREAM_FLAG != 0)):
+                    break
+            elif kind == WINDOW_UPDATE_FRAME:
+                if size != 4 or not self.window_update(
+                        stream_id, int.from_bytes(data[start:start + 4])):
+                    break
+            else:
+                break
+            pos = start + size
+        return pos
+
+    def response_data(self, stream_id: int, data: bytes, ended: bool) -> bool:
+        """A DATA frame of an answer, as h2 takes it when valid (after the head, within both
+        windows and the declared content-length). False: left to h2."""
+        ours = self.streams.get(stream_id)
+        if ours is None:
+            return False
+        h2 = self.h2
+        stream = h2.streams.get(stream_id)
+        if stream is None:
+            return False
+        machine = stream.state_machine
+        state = machine.state
+        if ((state is not STREAM_OPEN and state is not STREAM_HALF_CLOSED_LOCAL)
+                or not machine.headers_received):
+            return False
+        size = len(data)
+        window = h2._inbound_flow_control_window_manager
+        stream_window = stream._inbound_window_manager
+        if size > window.current_window_size or size > stream_window.current_window_size:
+            return False  # h2's FlowControlError
+        received = stream._actual_content_length + size
+        expected = stream._expected_content_length
+        if expected is not None and (received > expected or (ended and received != expected)):
+            return False  # h2's InvalidBodyLengthError
+        window.current_window_size -= size
+        stream_window.current_window_size -= size
+        stream._actual_content_length = received
+        if ended:
+            self.end_received(machine)
+        ours.received(data, size)
+        if not ours.touched:
+            ours.touched = True
+            self.touched.append(ours)
+        if ended:
+            ours.ended()
+        return True
+
+    def end_received(self, machine: Any) -> None:
+        """RECV_END_STREAM in OPEN or HALF_CLOSED_LOCAL."""
+        if machine.state is STREAM_OPEN:
+            machine.state = STREAM_HALF_CLOSED_REMOTE  # stream_half_closed
+        else:
+            machine.stream_closed_by = CLOSED_BY_RECV_END  # stream_ended
+            machine.state = STREAM_CLOSED
+
+    def response_headers(self, stream_id: int, block: bytes, ended: bool) -> bool:
+        """A response head (a final status) or trailers, as h2 takes them: decoded by its
+        HPACK decoder, checked as its inbound validation checks them (response_malformed),
+        the stream's state and content length moved as its receive_headers moves them. False:
+        left to h2 (an informational answer, a stream Weir does not hold)."""
+        ours = self.streams.get(stream_id)
+        if ours is None:
+            return False
+        h2 = self.h2
+        stream = h2.streams.get(stream_id)
+        if stream is None:
+            return False
+        machine = stream.state_machine
+        state = machine.state
+        if state is not STREAM_OPEN and state is not STREAM_HALF_CLOSED_LOCAL:
+            return False
+        trailers = bool(machine.headers_received)
+        if trailers:
+            if machine.trailers_received:
+                return False
+        elif block[0] not in FINAL_STATUS_FIRST:
+            return False
+        try:
+            headers = combine_cookies(list(_decode_headers(h2.decoder, block)))
+            if trailers and not ended:
+                raise ProtocolError("Trailers must have END_STREAM set")
+            problem = response_malformed(headers, trailers)
+            if problem:
+                raise ProtocolError(f"malformed response: {problem}")
+            length = 0 if stream.request_method == b"HEAD" else content_length_of(headers)
+        except ProtocolError as exc:
+            h2._terminate_connection(exc.error_code)  # GOAWAY, as h2's receive_data does
+            raise
+        if trailers:
+            machine.trailers_received = True
+        else:
+            machine.headers_received = True
+        if ended:
+            self.end_received(machine)
+        stream._expected_content_length = length
+        if trailers:
+            ours.trailers(headers)
+        else:
+            ours.head(headers)
+            if not ours.touched:
+                ours.touched = True
+                self.touched.append(ours)
+        if ended:
+            ours.ended()
+        return True
+
+    def window_update(self, stream_id: int, increment: int) -> bool:
+        """A WINDOW_UPDATE, as h2 takes it when valid, for the connection or a stream that can
+        still send, or for a stream gone (ignored, as h2 ignores it). False: left to h2."""
+        if not 0 < increment <= MAX_WINDOW:
+            return False
+        h2 = self.h2
+        if not stream_id:
+            window = h2.outbound_flow_control_window + increment
+            if window > MAX_WINDOW:
+                return False
+            h2.outbound_flow_control_window = window
+        else:
+            stream = h2.streams.get(stream_id)
+            if stream is None:
+                return (bool(stream_id & 1)
+                        and stream_id <= (h2.highest_outbound_stream_id or 0)
+                        and stream_id in h2._closed_streams)
+            state = stream.state_machine.state
+            window = stream.outbound_flow_control_window + increment
+            if ((state is not STREAM_OPEN and state is not STREAM_HALF_CLOSED_LOCAL
+                 and state is not STREAM_HALF_CLOSED_REMOTE) or window > MAX_WINDOW):
+                return False
+            stream.outbound_flow_control_window = window
+        self.window_updated(stream_id)
+        return True
 
     # --- events -----------------------------------------------------------------------------
 

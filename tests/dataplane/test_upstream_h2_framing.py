@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.events import DataReceived, RequestReceived, StreamEnded
+from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 
 from proxy.config.loader import parse_config
@@ -44,7 +45,10 @@ class Wire:
 
     def write(self, data: bytes) -> None:
         self.kept.append(bytes(data))
-        self.events.extend(self.server.receive_data(bytes(data)))
+        try:
+            self.events.extend(self.server.receive_data(bytes(data)))
+        except ProtocolError:  # after a GOAWAY Weir sent, its RST_STREAMs
+            assert self.server.state_machine.state == ConnectionState.CLOSED
 
     def writelines(self, parts: Any) -> None:
         for part in parts:
@@ -203,3 +207,145 @@ async def test_a_body_over_the_upstreams_windows_waits_for_its_window_updates() 
     # Both ends agree on the windows.
     assert (conn.h2.outbound_flow_control_window
             == wire.server._inbound_flow_control_window_manager.current_window_size)
+
+
+# --- answers, taken by Weir before h2 --------------------------------------------------------
+
+def frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3) + bytes((kind, flags)) + stream_id.to_bytes(4) + payload
+
+
+def literal(name: bytes, value: bytes) -> bytes:
+    """An HPACK literal without indexing, its name a literal too (names under 127 bytes)."""
+    return b"\x00" + bytes((len(name),)) + name + bytes((len(value),)) + value
+
+
+class Sink(ProbeSink):
+    """A ProbeSink that keeps the trailers and the failures."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.trailers: list[Any] = []
+        self.failed: list[tuple[int, str]] = []
+
+    def on_upstream_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        self.trailers.append(trailers)
+
+    def on_upstream_failed(self, status: int, reason: str, got_bytes: bool) -> None:
+        self.failed.append((status, reason))
+        super().on_upstream_failed(status, reason, got_bytes)
+
+
+def answer_to(conn: Http2UpstreamConnection, method: bytes, data: bytes,
+              body: bytes = b"") -> tuple[Sink, Any]:
+    sink = Sink(conn.loop)
+    stream = conn.open_stream()
+    stream.start(sink, request(b"/a", method), not body, 60.0)
+    if body:
+        stream.write_body(body, False)
+        stream.end_body(False)
+    conn.pool.corker.flush()
+    conn.data_received(data.replace(b"SID!", stream.stream_id.to_bytes(4)))
+    return sink, stream
+
+
+def headers_frame(flags: int, block: bytes) -> bytes:
+    return len(block).to_bytes(3) + b"\x01" + bytes((flags,)) + b"SID!" + block
+
+
+def data_frame(flags: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3) + b"\x00" + bytes((flags,)) + b"SID!" + payload
+
+
+async def test_an_answer_with_trailers_is_taken_whole_and_the_connection_serves_on() -> None:
+    conn, _ = connect(asyncio.get_running_loop())
+    for _ in range(3):
+        sink, stream = answer_to(conn, b"POST", headers_frame(4, b"\x88" + literal(
+            b"content-type", b"application/grpc")) + data_frame(0, b"\x00\x00\x00\x00\x01x")
+            + headers_frame(5, literal(b"grpc-status", b"0")), b"hello")
+        assert sink.done.result() is True and sink.status == 200 and sink.grpc_status == 0
+        assert sink.trailers == [[(b"grpc-status", b"0")]]
+        assert bytes(sink.body) == b"\x00\x00\x00\x00\x01x"
+        assert stream.closed and not conn.streams and stream.stream_id not in conn.h2.streams
+    assert not conn.closed
+
+
+@pytest.mark.parametrize("value", [b"a\r\nx-injected: 1", b"a\nb", b"a\x00b", b" padded"])
+async def test_an_answer_with_a_bad_character_in_a_value_is_refused(value: bytes) -> None:
+    conn, _ = connect(asyncio.get_running_loop())
+    sink, _ = answer_to(conn, b"GET", b"")
+    sid = max(conn.streams)
+    conn.data_received(frame(1, 5, sid, b"\x88" + literal(b"x-bad", value)))
+    assert sink.failed == [(502, "upstream broke the HTTP/2 protocol")]
+    assert conn.closed and sink.status == 0
+
+
+@pytest.mark.parametrize("block,trailer", [
+    (b"\x88" + literal(b"X-Upper", b"1"), b""),
+    (b"\x88" + literal(b"connection", b"close"), b""),
+    (b"\x88\x88", b""),
+    (literal(b"x-a", b"1") + b"\x88", b""),
+    (b"\x88" + b"\x82", b""),  # :method in a response
+    (b"\x88" + literal(b"te", b"gzip"), b""),
+    (b"\x88" + literal(b"content-length", b"x"), b""),
+    (b"\x88", b"\x88"),  # a pseudo-header in trailers
+])
+async def test_answers_h2_refuses_are_refused(block: bytes, trailer: bytes) -> None:
+    conn, _ = connect(asyncio.get_running_loop())
+    sink, _ = answer_to(conn, b"GET", b"")
+    sid = max(conn.streams)
+    if trailer:
+        conn.data_received(frame(1, 4, sid, block) + frame(1, 5, sid, trailer))
+    else:
+        conn.data_received(frame(1, 5, sid, block))
+    assert conn.closed and sink.done.result() is False
+
+
+async def test_a_head_answer_has_no_body_and_a_body_longer_than_declared_is_refused() -> None:
+    conn, _ = connect(asyncio.get_running_loop())
+    sink, _ = answer_to(conn, b"HEAD", headers_frame(5, b"\x88" + literal(
+        b"content-length", b"5")))
+    assert sink.done.result() is True and sink.status == 200 and not sink.body
+    # A HEAD's answer with a body: h2 refuses it (its content length is 0).
+    sink, _ = answer_to(conn, b"HEAD", headers_frame(4, b"\x88" + literal(
+        b"content-length", b"5")) + data_frame(1, b"hello"))
+    assert sink.done.result() is False and conn.closed
+    conn, _ = connect(asyncio.get_running_loop())
+    sink, _ = answer_to(conn, b"GET", headers_frame(4, b"\x88" + literal(
+        b"content-length", b"3")) + data_frame(1, b"hello"))
+    assert sink.done.result() is False and conn.closed
+
+
+async def test_an_informational_answer_then_the_final_one_pass() -> None:
+    conn, _ = connect(asyncio.get_running_loop())
+    sink, _ = answer_to(conn, b"GET", headers_frame(4, literal(b":status", b"103"))
+                        + headers_frame(4, b"\x88") + data_frame(1, b"ok"))
+    assert sink.done.result() is True and sink.status == 200 and bytes(sink.body) == b"ok"
+
+
+def test_response_malformed_refuses_what_h2_refuses() -> None:
+    """Against h2's own inbound validation of responses and trailers, on random lists."""
+    import random
+
+    from h2.utilities import HeaderValidationFlags, validate_headers
+
+    from proxy.dataplane.upstream_h2 import response_malformed
+    names = [b":status", b":method", b":path", b":foo", b"x-a", b"X-Up", b"te", b"connection",
+             b"content-type", b"bad name", b"a:b", b"", b"cookie", b"grpc-status", b":"]
+    values = [b"200", b"trailers", b"gzip", b"", b"a b", b" a", b"a\t", b"a\r\nb", b"\x00",
+              b"text/plain", b"1"]
+    rng = random.Random(19)
+    for _ in range(4000):
+        headers = [(rng.choice(names), rng.choice(values)) for _ in range(rng.randint(0, 4))]
+        if rng.random() < 0.5:
+            headers.insert(0, (b":status", b"200"))
+        for trailers in (False, True):
+            flags = HeaderValidationFlags(is_client=True, is_trailer=trailers,
+                                          is_response_header=not trailers,
+                                          is_push_promise=False)
+            try:
+                list(validate_headers(headers, flags))
+                refused = False
+            except ProtocolError:
+                refused = True
+            assert bool(response_malformed(headers, trailers)) == refused, (headers, trailers)
