@@ -340,6 +340,10 @@ class Http2UpstreamConnection(asyncio.Protocol):
         self.write_paused = False
         self.opened = 0
         self.idle_since = 0.0
+        # One timer for the read timeouts of all the connection's streams, not one a stream
+        # (a call_later and a cancel per request): see check_timeouts.
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0  # when it is due (the loop's time)
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -450,6 +454,9 @@ class Http2UpstreamConnection(asyncio.Protocol):
             self.ready.set_exception(ConnectionError(
                 "upstream closed the connection before its HTTP/2 SETTINGS"))
             self.ready.exception()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream.connection_closed()
@@ -673,6 +680,37 @@ class Http2UpstreamConnection(asyncio.Protocol):
         elif not self.streams:
             self.close()
 
+    def arm_timer(self, delay: float) -> None:
+        """The read-timeout timer due in ``delay`` seconds at the latest."""
+        due = self.loop.time() + delay
+        timer = self.timer
+        if timer is not None:
+            if self.timer_at <= due:
+                return
+            timer.cancel()
+        self.timer_at = due
+        self.timer = self.loop.call_at(due, self.check_timeouts)
+
+    def check_timeouts(self) -> None:
+        """Streams idle past their read timeout fail (504); the timer is armed again for the
+        first of the others to come due, and not at all when no stream is left (the next
+        stream arms it)."""
+        self.timer = None
+        if self.closed:
+            return
+        now = self.loop.time()
+        due = -1.0
+        for stream in list(self.streams.values()):
+            if stream.sink is None or stream.closed:
+                continue
+            left = stream.read_timeout - (now - stream.last_activity)
+            if left <= 0:
+                stream.timed_out()
+            elif due < 0 or left < due:
+                due = left
+        if due >= 0 and not self.closed:
+            self.arm_timer(due)
+
     # --- used by the pool and the streams ---------------------------------------------------
 
     def has_room(self) -> bool:
@@ -812,7 +850,7 @@ class UpstreamStream(UpstreamChannel):
 
     __slots__ = ("client_paused", "conn", "end_pending", "last_activity", "local_ended",
                  "pending", "pending_bytes", "read_timeout", "responded", "sink", "stream_id",
-                 "timer", "touched", "unacked")
+                 "touched", "unacked")
 
     def __init__(self, conn: Http2UpstreamConnection) -> None:
         super().__init__(conn.pool)
@@ -831,7 +869,6 @@ class UpstreamStream(UpstreamChannel):
         self.touched = False  # in this read's list of streams to flush
         self.last_activity = 0.0
         self.read_timeout = 60.0
-        self.timer: asyncio.TimerHandle | None = None
 
     # --- UpstreamChannel: used by the exchange ----------------------------------------------
 
@@ -858,7 +895,7 @@ class UpstreamStream(UpstreamChannel):
             log.info("upstream %s: stream not opened: %s", self.pool.address, exc)
             self.loop_call(self.refused)
             return
-        self.timer = conn.loop.call_later(read_timeout, self.check_timeout)
+        conn.arm_timer(read_timeout)
 
     def loop_call(self, callback: Any) -> None:
         self.conn.loop.call_soon(callback)
@@ -1107,15 +1144,8 @@ class UpstreamStream(UpstreamChannel):
         if sink is not None:
             sink.on_upstream_failed(status, reason, got)
 
-    def check_timeout(self) -> None:
-        """A lazily re-armed timer, as UpstreamConnection's."""
-        self.timer = None
-        if self.sink is None or self.closed:
-            return
-        idle = self.conn.loop.time() - self.last_activity
-        if idle < self.read_timeout:
-            self.timer = self.conn.loop.call_later(self.read_timeout - idle, self.check_timeout)
-            return
+    def timed_out(self) -> None:
+        """Idle past its read timeout (see Http2UpstreamConnection.check_timeouts)."""
         self.pool.timeouts += 1
         self.pool.record_failure()
         self.fail(504, "upstream did not answer in time")
@@ -1131,10 +1161,8 @@ class UpstreamStream(UpstreamChannel):
         if self.closed:
             return
         self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.pending = []
+        if self.pending:
+            self.pending = []
         self.pending_bytes = 0
         self.conn.stream_done(self)
 

@@ -349,3 +349,26 @@ def test_response_malformed_refuses_what_h2_refuses() -> None:
             except ProtocolError:
                 refused = True
             assert bool(response_malformed(headers, trailers)) == refused, (headers, trailers)
+
+
+async def test_one_timer_serves_the_read_timeouts_of_all_a_connections_streams() -> None:
+    """A stream with a shorter read timeout than the one the timer was armed for still
+    times out on time; one kept busy does not; the timer stops when no stream is left."""
+    conn, _ = connect(asyncio.get_running_loop())
+    slow = Sink(conn.loop)
+    conn.open_stream().start(slow, request(b"/slow"), True, 30.0)
+    quick = Sink(conn.loop)
+    conn.open_stream().start(quick, request(b"/quick"), True, 0.1)
+    busy = Sink(conn.loop)
+    busy_stream = conn.open_stream()
+    busy_stream.start(busy, request(b"/busy"), True, 0.15)
+    for _ in range(6):
+        await asyncio.sleep(0.05)
+        busy_stream.touch()
+    assert quick.failed == [(504, "upstream did not answer in time")]
+    assert not slow.failed and not busy.failed
+    await asyncio.sleep(0.3)
+    assert busy.failed == [(504, "upstream did not answer in time")] and not slow.failed
+    assert conn.timer is not None and conn.timer_at - conn.loop.time() > 25
+    next(iter(conn.streams.values())).close()
+    assert not conn.streams
