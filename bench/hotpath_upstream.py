@@ -6,7 +6,9 @@ to the pooled Http2UpstreamConnection: HEADERS (``:status 200``, ``content-type:
 application/grpc``), an 18-byte DATA frame and trailers (``grpc-status: 0``) ending the
 stream, the shape of nghttpd's answer in bench/run.py --grpc. With ``--body`` each request is
 a POST of a 12-byte body (a gRPC unary call's framed message) and each answer carries a
-connection WINDOW_UPDATE for it, as the upstream returns the window.
+connection WINDOW_UPDATE for it, as the upstream returns the window. The answer's fields are
+HPACK literals without indexing; with ``--indexed`` they are encoded as nghttpd encodes them
+(hpack's Encoder: the first answer fills the dynamic table, every later one is indexed).
 
     python bench/hotpath_upstream.py                  # HTTP/1.1 client, µs per request
     python bench/hotpath_upstream.py --http2 --body   # HTTP/2 client, gRPC-shaped POSTs
@@ -67,15 +69,33 @@ def frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
     return len(payload).to_bytes(3) + bytes((kind, flags)) + stream_id.to_bytes(4) + payload
 
 
-def answer(stream_id: int, body: bool) -> bytes:
-    out = (frame(1, 4, stream_id, HEAD_BLOCK) + frame(0, 0, stream_id, MESSAGE)
-           + frame(1, 5, stream_id, TRAILER_BLOCK))
+BLOCKS = {"head": HEAD_BLOCK, "trailers": TRAILER_BLOCK}
+
+
+def index_blocks() -> tuple[bytes, bytes]:
+    """The first answer's blocks as an indexing encoder sends them; the later answers' from
+    then on (BLOCKS)."""
+    from hpack import Encoder
+
+    encoder = Encoder()
+    head = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+    trailers = [(b"grpc-status", b"0")]
+    first = (encoder.encode(head), encoder.encode(trailers))
+    BLOCKS["head"] = encoder.encode(head)
+    BLOCKS["trailers"] = encoder.encode(trailers)
+    return first
+
+
+def answer(stream_id: int, body: bool, blocks: tuple[bytes, bytes] | None = None) -> bytes:
+    head, trailers = blocks or (BLOCKS["head"], BLOCKS["trailers"])
+    out = (frame(1, 4, stream_id, head) + frame(0, 0, stream_id, MESSAGE)
+           + frame(1, 5, stream_id, trailers))
     if body:
         out = frame(8, 0, 0, len(H2_BODY).to_bytes(4)) + out
     return out
 
 
-def build(loop: asyncio.AbstractEventLoop, http2: bool, body: bool
+def build(loop: asyncio.AbstractEventLoop, http2: bool, body: bool, indexed: bool = False
           ) -> tuple[Any, Http2UpstreamConnection, MemoryTransport, MemoryTransport]:
     proxy = ProxyServer(parse_config(CONFIG), loop)
     pool = next(iter(proxy.pools.pools.values()))
@@ -91,12 +111,13 @@ def build(loop: asyncio.AbstractEventLoop, http2: bool, body: bool
     transport = MemoryTransport()
     transport.kept = []
     client.connection_made(transport)  # type: ignore[arg-type]
+    first = index_blocks() if indexed else None
     if http2:
         client.data_received(H2_PREFACE)
         client = transport.protocol
         client.data_received(H2_SETTINGS_ACK + h2_headers(1, H2_FIRST_BLOCK))
         pool.corker.flush()
-        conn.data_received(answer(conn.h2.highest_outbound_stream_id, False))
+        conn.data_received(answer(conn.h2.highest_outbound_stream_id, False, first))
         pool.corker.flush()
         if body:
             client.data_received(h2_headers(3, H2_FIRST_POST_BLOCK, False)
@@ -105,6 +126,11 @@ def build(loop: asyncio.AbstractEventLoop, http2: bool, body: bool
             pool.corker.flush()
             conn.data_received(answer(conn.h2.highest_outbound_stream_id, True))
             pool.corker.flush()
+    elif first is not None:
+        client.data_received(POST if body else GET)
+        pool.corker.flush()
+        conn.data_received(answer(conn.h2.highest_outbound_stream_id, body, first))
+        pool.corker.flush()
     return client, conn, transport, up_transport
 
 
@@ -146,12 +172,14 @@ def main() -> int:
     parser.add_argument("--http2", action="store_true", help="an HTTP/2 client (h2c)")
     parser.add_argument("--body", action="store_true",
                         help="POSTs of a 12-byte body (gRPC unary calls)")
+    parser.add_argument("--indexed", action="store_true",
+                        help="the answers' fields indexed in HPACK's dynamic table (nghttpd)")
     args = parser.parse_args()
 
     import uvloop
 
     loop = uvloop.new_event_loop()
-    client, conn, transport, up_transport = build(loop, args.http2, args.body)
+    client, conn, transport, up_transport = build(loop, args.http2, args.body, args.indexed)
     settle_garbage_collector()
     run(2000, client, conn, args.http2, args.body)  # warm caches
     assert transport.kept is not None and up_transport.kept is not None

@@ -69,6 +69,7 @@ from .http2 import (
     end_stream_out,
     free_h2,
     hpack_field,
+    indexed_fields,
 )
 from .http11 import CRLF, HOP_BY_HOP
 from .upstream import ResponseSink, UpstreamChannel, UpstreamPool
@@ -588,7 +589,9 @@ class Http2UpstreamConnection(asyncio.Protocol):
         elif block[0] not in FINAL_STATUS_FIRST:
             return False
         try:
-            headers = combine_cookies(list(_decode_headers(h2.decoder, block)))
+            fields = indexed_fields(h2.decoder, block)  # the usual answer after the first
+            headers = combine_cookies(fields if fields is not None
+                                      else list(_decode_headers(h2.decoder, block)))
             if trailers and not ended:
                 raise ProtocolError("Trailers must have END_STREAM set")
             problem = response_malformed(headers, trailers)

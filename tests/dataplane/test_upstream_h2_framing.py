@@ -372,3 +372,25 @@ async def test_one_timer_serves_the_read_timeouts_of_all_a_connections_streams()
     assert conn.timer is not None and conn.timer_at - conn.loop.time() > 25
     next(iter(conn.streams.values())).close()
     assert not conn.streams
+
+
+async def test_answers_from_an_indexing_encoder_pass_from_the_first_to_the_last() -> None:
+    """h2's server encodes with HPACK's dynamic table: the first answer fills it, the later
+    ones are indexed fields (taken without hpack's decoder, see indexed_fields)."""
+    conn, wire = connect(asyncio.get_running_loop())
+    server = wire.server
+    for n in range(4):
+        sink = Sink(conn.loop)
+        stream = conn.open_stream()
+        stream.start(sink, request(b"/i"), True, 60.0)
+        conn.pool.corker.flush()
+        sid = stream.stream_id
+        server.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc"),
+                                  (b"x-n", b"same")])
+        server.send_data(sid, b"answer %d" % n)
+        server.send_headers(sid, [(b"grpc-status", b"0"), (b"x-t", b"1")], end_stream=True)
+        wire.answer(conn)
+        assert sink.done.result() is True and sink.status == 200
+        assert bytes(sink.body) == b"answer %d" % n
+        assert sink.trailers == [[(b"grpc-status", b"0"), (b"x-t", b"1")]]
+        assert sink.grpc_status == 0 and not conn.streams and sid not in conn.h2.streams
