@@ -70,6 +70,7 @@ from .http2 import (
     free_h2,
     hpack_field,
     indexed_fields,
+    window_credit,
 )
 from .http11 import CRLF, HOP_BY_HOP
 from .upstream import ResponseSink, UpstreamChannel, UpstreamPool
@@ -790,9 +791,24 @@ class Http2UpstreamConnection(asyncio.Protocol):
                              block[start:start + frame])
 
     def acknowledge(self, stream_id: int, size: int) -> None:
+        """Credit ``size`` bytes back to the upstream's windows: h2's
+        acknowledge_received_data, done as h2 does it, with its window algorithm
+        (window_credit) and the WINDOW_UPDATE frames framed by Weir (as http2.py does for
+        clients)."""
         if size:
-            with contextlib.suppress(ProtocolError):
-                self.h2.acknowledge_received_data(size, stream_id)
+            h2 = self.h2
+            increment = window_credit(h2._inbound_flow_control_window_manager, size)
+            if increment:
+                self.write_frame(WINDOW_UPDATE_FRAME, 0, 0, increment.to_bytes(4))
+            stream = h2.streams.get(stream_id)
+            if stream is None:
+                return
+            state = stream.state_machine.state
+            if (state is STREAM_OPEN or state is STREAM_HALF_CLOSED_LOCAL
+                    or state is STREAM_HALF_CLOSED_REMOTE):
+                increment = window_credit(stream._inbound_window_manager, size)
+                if increment:
+                    self.write_frame(WINDOW_UPDATE_FRAME, 0, stream_id, increment.to_bytes(4))
 
     def stream_done(self, stream: UpstreamStream) -> None:
         """A stream handed out is over (ended, reset, or never started)."""

@@ -394,3 +394,33 @@ async def test_answers_from_an_indexing_encoder_pass_from_the_first_to_the_last(
         assert bytes(sink.body) == b"answer %d" % n
         assert sink.trailers == [[(b"grpc-status", b"0"), (b"x-t", b"1")]]
         assert sink.grpc_status == 0 and not conn.streams and sid not in conn.h2.streams
+
+
+async def test_a_big_answer_flows_through_the_windows_weir_credits_back() -> None:
+    """5 MB answered within Weir's windows (STREAM_WINDOW a stream): each byte handed on
+    is credited back with WINDOW_UPDATEs framed by Weir as h2 would frame them, and both ends
+    agree on every window."""
+    conn, wire = connect(asyncio.get_running_loop())
+    server = wire.server
+    sink = Sink(conn.loop)
+    stream = conn.open_stream()
+    stream.start(sink, request(b"/big"), True, 60.0)
+    conn.pool.corker.flush()
+    sid = stream.stream_id
+    answer = bytes(range(256)) * 20_000
+    server.send_headers(sid, [(b":status", b"200")])
+    sent = 0
+    for _ in range(10_000):
+        window = server.local_flow_control_window(sid)
+        size = min(window, server.max_outbound_frame_size, len(answer) - sent)
+        if size > 0:
+            server.send_data(sid, answer[sent:sent + size], end_stream=sent + size == len(answer))
+            sent += size
+        wire.answer(conn)
+        conn.pool.corker.flush()
+        if sent == len(answer):
+            break
+        assert size > 0 or server.local_flow_control_window(sid) > 0, "stalled"
+    assert sink.done.result() is True and bytes(sink.body) == answer[:4096]
+    assert (conn.h2._inbound_flow_control_window_manager.current_window_size
+            == server.outbound_flow_control_window)
