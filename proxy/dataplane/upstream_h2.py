@@ -36,6 +36,7 @@ from h2.connection import (
     ConnectionState,
     H2Connection,
     H2ConnectionStateMachine,
+    _decode_headers,
 )
 from h2.errors import ErrorCodes
 from h2.events import (
@@ -50,9 +51,27 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
+from h2.stream import H2Stream, StreamClosedBy, StreamState
 
 from .corking import CorkedTransport
-from .http2 import free_h2
+from .http2 import (
+    CONNECTION_SPECIFIC,
+    CONTINUATION_FRAME,
+    DATA_FRAME,
+    END_HEADERS_FLAG,
+    END_STREAM_FLAG,
+    FIELD_NAME,
+    FRAME_HEADER,
+    HEADERS_FRAME,
+    MAX_WINDOW,
+    WINDOW_UPDATE_FRAME,
+    data_out,
+    end_stream_out,
+    free_h2,
+    hpack_field,
+    indexed_fields,
+    window_credit,
+)
 from .http11 import CRLF, HOP_BY_HOP
 from .upstream import ResponseSink, UpstreamChannel, UpstreamPool
 
@@ -96,6 +115,106 @@ H2_CLIENT_CONFIG: Final = H2Configuration(client_side=True, header_encoding=None
                                           normalize_inbound_headers=True,
                                           validate_outbound_headers=False,
                                           normalize_outbound_headers=False)
+
+CLIENT_OPEN: Final = ConnectionState.CLIENT_OPEN
+CONNECTION_CLOSED: Final = ConnectionState.CLOSED
+STREAM_OPEN: Final = StreamState.OPEN
+STREAM_HALF_CLOSED_LOCAL: Final = StreamState.HALF_CLOSED_LOCAL
+STREAM_CLOSED: Final = StreamState.CLOSED
+STREAM_HALF_CLOSED_REMOTE: Final = StreamState.HALF_CLOSED_REMOTE
+CLOSED_BY_RECV_END: Final = StreamClosedBy.RECV_END_STREAM
+
+# --- responses' frames, taken by Weir ---------------------------------------------------------
+# The usual frames of answers (HEADERS with the whole block, DATA, WINDOW_UPDATE) are taken by
+# Http2UpstreamConnection.take_frames before h2 sees the read, as h2 would take them: its HPACK
+# decoder, its inbound validation (response_malformed), its state machine inputs, windows and
+# content-length tracking. A response head is taken only when its block starts with an indexed
+# final :status (a 1xx answer, which h2 handles apart, goes to h2 with the rest of the read).
+
+# The first byte of a block that starts with :status 200, 204, 206, 304, 400, 404 or 500 from
+# the static table (RFC 7541 appendix A, indexes 8-14).
+FINAL_STATUS_FIRST: Final = frozenset(range(0x88, 0x8F))
+PSEUDO_RESPONSE: Final = frozenset({b":status"})
+PSEUDO_OTHERS: Final = frozenset({b":method", b":scheme", b":authority", b":path",
+                                  b":protocol"})
+GOOD_RESPONSE_NAMES: Final[set[bytes]] = set()
+GOOD_RESPONSE_NAMES_MAX: Final = 4096
+
+
+def response_malformed(headers: list[tuple[bytes, bytes]], trailers: bool) -> str:
+    """Why a response's header list (or its trailers) is malformed, as h2's inbound validation
+    (validate_headers with the flags of a response or trailers) would refuse it; "" when it
+    is not. A value with CR, LF or NUL is refused here: passed on to an HTTP/1.1 client, it
+    would split the response."""
+    seen_status = False
+    regular = False
+    for name, value in headers:
+        if value:
+            # By their codes: bytes.__contains__ with an int is the cheap look (see http2.py).
+            if 13 in value or 10 in value or 0 in value:
+                return f"illegal character in the value of {name!r}"
+            first = value[0]
+            last = value[-1]
+            if first == 0x20 or first == 0x09 or last == 0x20 or last == 0x09:
+                return f"value of {name!r} surrounded by whitespace"
+        if name[:1] == b":":
+            if len(name) > 1 and FIELD_NAME.fullmatch(name, 1) is None:
+                return f"illegal header name {name!r}"
+            if trailers:
+                return f"pseudo-header field {name!r} in trailers"
+            if regular:
+                return f"pseudo-header field {name!r} after a regular one"
+            if name in PSEUDO_RESPONSE:
+                if seen_status:
+                    return f"duplicate pseudo-header field {name!r}"
+                seen_status = True
+            elif name in PSEUDO_OTHERS:
+                return f"request pseudo-header field {name!r} in a response"
+            else:
+                return f"pseudo-header field {name!r}"
+            continue
+        regular = True
+        if name in GOOD_RESPONSE_NAMES:
+            continue
+        if FIELD_NAME.fullmatch(name) is None:
+            return f"illegal header name {name!r}"
+        if name in CONNECTION_SPECIFIC:
+            return f"connection-specific header field {name!r}"
+        if name == b"te":
+            if value.lower() != b"trailers":
+                return f"TE header {value!r}"
+        elif len(GOOD_RESPONSE_NAMES) < GOOD_RESPONSE_NAMES_MAX:
+            GOOD_RESPONSE_NAMES.add(name)
+    if not trailers and not seen_status:
+        return "no :status"
+    return ""
+
+
+def content_length_of(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """h2's _initialize_content_length (the HEAD case apart): the declared length, or None;
+    raises ProtocolError for a malformed or conflicting one."""
+    length: int | None = None
+    for name, value in headers:
+        if name == b"content-length":
+            if not value.isdigit():
+                raise ProtocolError(f"Invalid content-length header: {value!r}")
+            parsed = int(value)
+            if length is None:
+                length = parsed
+            elif parsed != length:
+                raise ProtocolError(f"Conflicting content-length headers: {length} and "
+                                    f"{parsed}")
+    return length
+
+
+def combine_cookies(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """h2's normalize_inbound_headers: cookie fields joined, last."""
+    cookies = [value for name, value in headers if name == b"cookie"]
+    if not cookies:
+        return headers
+    fields = [field for field in headers if field[0] != b"cookie"]
+    fields.append((b"cookie", b"; ".join(cookies)))
+    return fields
 
 # How the head of a response without content-length is noted: its end is END_STREAM, which
 # an HTTP/1.1 client gets as chunked framing and an HTTP/2 client as END_STREAM.
@@ -212,14 +331,21 @@ class Http2UpstreamConnection(asyncio.Protocol):
         # own (a drain, an idle pool); after either, Weir opens no new stream itself.
         self.h2.state_machine._transitions = GOAWAY_KEEPS_OPEN
         self.streams: dict[int, UpstreamStream] = {}
+        self.touched: list[UpstreamStream] = []  # streams to flush at the end of a read
         self.reserved = 0  # streams handed out and not yet ended, opened or about to be
         self.max_streams = DEFAULT_MAX_STREAMS
+        # The upstream's SETTINGS_MAX_CONCURRENT_STREAMS as h2 holds it (2^31: none).
+        self.stream_limit = 2**31
         self.ready: asyncio.Future[None] = self.loop.create_future()
         self.closing = False  # GOAWAY received or sent: no new streams
         self.closed = False
         self.write_paused = False
         self.opened = 0
         self.idle_since = 0.0
+        # One timer for the read timeouts of all the connection's streams, not one a stream
+        # (a call_later and a cancel per request): see check_timeouts.
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0  # when it is due (the loop's time)
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -252,9 +378,14 @@ class Http2UpstreamConnection(asyncio.Protocol):
             self.ready.exception()
             self.abort()
             return
+        touched = self.touched
         try:
-            events: list[Any] = self.h2.receive_data(data)
+            taken = self.take_frames(data) if self.ready.done() else 0
+            events: list[Any] = self.h2.receive_data(data[taken:]) if taken < len(data) else []
         except ProtocolError as exc:
+            for held in touched:
+                held.touched = False
+            touched.clear()
             if not self.ready.done():
                 self.ready.set_exception(ConnectionError(f"upstream broke HTTP/2: {exc}"))
                 self.ready.exception()
@@ -266,7 +397,6 @@ class Http2UpstreamConnection(asyncio.Protocol):
             self.fail_streams(502, "upstream broke the HTTP/2 protocol")
             self.abort()
             return
-        touched: list[UpstreamStream] = []
         streams = self.streams
         for event in events:
             kind = type(event)
@@ -311,11 +441,13 @@ class Http2UpstreamConnection(asyncio.Protocol):
             elif kind is ConnectionTerminated:
                 self.go_away_received(event.error_code, event.last_stream_id)
         self.write_out()
-        for stream in touched:
-            stream.touched = False
-            sink = stream.sink
-            if sink is not None:
-                sink.flush()
+        if touched:
+            for held in touched:
+                held.touched = False
+                sink = held.sink
+                if sink is not None:
+                    sink.flush()
+            touched.clear()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -324,6 +456,9 @@ class Http2UpstreamConnection(asyncio.Protocol):
             self.ready.set_exception(ConnectionError(
                 "upstream closed the connection before its HTTP/2 SETTINGS"))
             self.ready.exception()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream.connection_closed()
@@ -344,11 +479,179 @@ class Http2UpstreamConnection(asyncio.Protocol):
         self.transport.uncork()
         return None
 
+    # --- frames taken by Weir -----------------------------------------------------------------
+
+    def take_frames(self, data: bytes) -> int:
+        """Take the frames at the start of ``data`` that are the usual ones of answers in their
+        usual shape (HEADERS with the whole block, unpadded DATA, WINDOW_UPDATE) for streams
+        Weir holds; how many bytes they are. What follows them is h2's, and all of it is when
+        h2 holds part of a frame or of a header block. Raises ProtocolError where h2 would,
+        with h2's GOAWAY sent."""
+        h2 = self.h2
+        buffer = h2.incoming_buffer
+        if (buffer._data or buffer._headers_buffer
+                or h2.state_machine.state is not CLIENT_OPEN):
+            return 0
+        end = len(data)
+        pos = 0
+        while end - pos >= 9:
+            size = data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2]
+            start = pos + 9
+            flags = data[pos + 4]
+            kind = data[pos + 3]
+            if start + size > end or size > h2.max_inbound_frame_size:
+                break
+            stream_id = ((data[pos + 5] & 0x7F) << 24 | data[pos + 6] << 16
+                         | data[pos + 7] << 8 | data[pos + 8])
+            if kind == DATA_FRAME:
+                if (flags & ~END_STREAM_FLAG
+                        or not self.response_data(stream_id, data[start:start + size],
+                                                  flags & END_STREAM_FLAG != 0)):
+                    break
+            elif kind == HEADERS_FRAME:
+                if (flags & ~END_STREAM_FLAG != END_HEADERS_FLAG or size == 0
+                        or not self.response_headers(stream_id, data[start:start + size],
+                                                     flags & END_STREAM_FLAG != 0)):
+                    break
+            elif kind == WINDOW_UPDATE_FRAME:
+                if size != 4 or not self.window_update(
+                        stream_id, int.from_bytes(data[start:start + 4])):
+                    break
+            else:
+                break
+            pos = start + size
+        return pos
+
+    def response_data(self, stream_id: int, data: bytes, ended: bool) -> bool:
+        """A DATA frame of an answer, as h2 takes it when valid (after the head, within both
+        windows and the declared content-length). False: left to h2."""
+        ours = self.streams.get(stream_id)
+        if ours is None:
+            return False
+        h2 = self.h2
+        stream = h2.streams.get(stream_id)
+        if stream is None:
+            return False
+        machine = stream.state_machine
+        state = machine.state
+        if ((state is not STREAM_OPEN and state is not STREAM_HALF_CLOSED_LOCAL)
+                or not machine.headers_received):
+            return False
+        size = len(data)
+        window = h2._inbound_flow_control_window_manager
+        stream_window = stream._inbound_window_manager
+        if size > window.current_window_size or size > stream_window.current_window_size:
+            return False  # h2's FlowControlError
+        received = stream._actual_content_length + size
+        expected = stream._expected_content_length
+        if expected is not None and (received > expected or (ended and received != expected)):
+            return False  # h2's InvalidBodyLengthError
+        window.current_window_size -= size
+        stream_window.current_window_size -= size
+        stream._actual_content_length = received
+        if ended:
+            self.end_received(machine)
+        ours.received(data, size)
+        if not ours.touched:
+            ours.touched = True
+            self.touched.append(ours)
+        if ended:
+            ours.ended()
+        return True
+
+    def end_received(self, machine: Any) -> None:
+        """RECV_END_STREAM in OPEN or HALF_CLOSED_LOCAL."""
+        if machine.state is STREAM_OPEN:
+            machine.state = STREAM_HALF_CLOSED_REMOTE  # stream_half_closed
+        else:
+            machine.stream_closed_by = CLOSED_BY_RECV_END  # stream_ended
+            machine.state = STREAM_CLOSED
+
+    def response_headers(self, stream_id: int, block: bytes, ended: bool) -> bool:
+        """A response head (a final status) or trailers, as h2 takes them: decoded by its
+        HPACK decoder, checked as its inbound validation checks them (response_malformed),
+        the stream's state and content length moved as its receive_headers moves them. False:
+        left to h2 (an informational answer, a stream Weir does not hold)."""
+        ours = self.streams.get(stream_id)
+        if ours is None:
+            return False
+        h2 = self.h2
+        stream = h2.streams.get(stream_id)
+        if stream is None:
+            return False
+        machine = stream.state_machine
+        state = machine.state
+        if state is not STREAM_OPEN and state is not STREAM_HALF_CLOSED_LOCAL:
+            return False
+        trailers = bool(machine.headers_received)
+        if trailers:
+            if machine.trailers_received:
+                return False
+        elif block[0] not in FINAL_STATUS_FIRST:
+            return False
+        try:
+            fields = indexed_fields(h2.decoder, block)  # the usual answer after the first
+            headers = combine_cookies(fields if fields is not None
+                                      else list(_decode_headers(h2.decoder, block)))
+            if trailers and not ended:
+                raise ProtocolError("Trailers must have END_STREAM set")
+            problem = response_malformed(headers, trailers)
+            if problem:
+                raise ProtocolError(f"malformed response: {problem}")
+            length = 0 if stream.request_method == b"HEAD" else content_length_of(headers)
+        except ProtocolError as exc:
+            h2._terminate_connection(exc.error_code)  # GOAWAY, as h2's receive_data does
+            raise
+        if trailers:
+            machine.trailers_received = True
+        else:
+            machine.headers_received = True
+        if ended:
+            self.end_received(machine)
+        stream._expected_content_length = length
+        if trailers:
+            ours.trailers(headers)
+        else:
+            ours.head(headers)
+            if not ours.touched:
+                ours.touched = True
+                self.touched.append(ours)
+        if ended:
+            ours.ended()
+        return True
+
+    def window_update(self, stream_id: int, increment: int) -> bool:
+        """A WINDOW_UPDATE, as h2 takes it when valid, for the connection or a stream that can
+        still send, or for a stream gone (ignored, as h2 ignores it). False: left to h2."""
+        if not 0 < increment <= MAX_WINDOW:
+            return False
+        h2 = self.h2
+        if not stream_id:
+            window = h2.outbound_flow_control_window + increment
+            if window > MAX_WINDOW:
+                return False
+            h2.outbound_flow_control_window = window
+        else:
+            stream = h2.streams.get(stream_id)
+            if stream is None:
+                return (bool(stream_id & 1)
+                        and stream_id <= (h2.highest_outbound_stream_id or 0)
+                        and stream_id in h2._closed_streams)
+            state = stream.state_machine.state
+            window = stream.outbound_flow_control_window + increment
+            if ((state is not STREAM_OPEN and state is not STREAM_HALF_CLOSED_LOCAL
+                 and state is not STREAM_HALF_CLOSED_REMOTE) or window > MAX_WINDOW):
+                return False
+            stream.outbound_flow_control_window = window
+        self.window_updated(stream_id)
+        return True
+
     # --- events -----------------------------------------------------------------------------
 
     def settings_changed(self) -> None:
         limit = self.h2.remote_settings.max_concurrent_streams
         self.max_streams = max(1, min(limit, 2**31)) if limit is not None else 2**31
+        self.stream_limit = limit if limit is not None else 2**31
         if not self.ready.done():
             self.ready.set_result(None)
         self.window_updated(0)  # an INITIAL_WINDOW_SIZE change moves the streams' windows
@@ -381,6 +684,37 @@ class Http2UpstreamConnection(asyncio.Protocol):
         elif not self.streams:
             self.close()
 
+    def arm_timer(self, delay: float) -> None:
+        """The read-timeout timer due in ``delay`` seconds at the latest."""
+        due = self.loop.time() + delay
+        timer = self.timer
+        if timer is not None:
+            if self.timer_at <= due:
+                return
+            timer.cancel()
+        self.timer_at = due
+        self.timer = self.loop.call_at(due, self.check_timeouts)
+
+    def check_timeouts(self) -> None:
+        """Streams idle past their read timeout fail (504); the timer is armed again for the
+        first of the others to come due, and not at all when no stream is left (the next
+        stream arms it)."""
+        self.timer = None
+        if self.closed:
+            return
+        now = self.loop.time()
+        due = -1.0
+        for stream in list(self.streams.values()):
+            if stream.sink is None or stream.closed:
+                continue
+            left = stream.read_timeout - (now - stream.last_activity)
+            if left <= 0:
+                stream.timed_out()
+            elif due < 0 or left < due:
+                due = left
+        if due >= 0 and not self.closed:
+            self.arm_timer(due)
+
     # --- used by the pool and the streams ---------------------------------------------------
 
     def has_room(self) -> bool:
@@ -398,16 +732,97 @@ class Http2UpstreamConnection(asyncio.Protocol):
         if data:
             self.transport.write(data)
 
+    def write_frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        """A frame framed by Weir, after what h2 holds."""
+        if self.h2._data_to_send:
+            self.write_out()
+        size = len(payload)
+        transport = self.transport
+        transport.write(FRAME_HEADER.pack(size >> 8, size & 0xFF, kind, flags, stream_id))
+        transport.write(payload)
+
+    def send_request(self, stream_id: int, headers: list[tuple[bytes, bytes]],
+                     end_stream: bool) -> None:
+        """A request's HEADERS (and CONTINUATION) on a new stream, encoded and framed by Weir
+        as http2.py does responses (HPACK literals without indexing, names from the static
+        table), with h2 told what went out as its send_headers tells it: the stream made and
+        counted as h2's _begin_new_stream makes it (its windows from both sides' SETTINGS,
+        the highest outbound stream id), its state machine moved by SEND_HEADERS (and
+        SEND_END_STREAM), its request method noted (a HEAD's answer has no body). Anything
+        unusual (a connection not open, the upstream's stream limit reached) goes through h2,
+        which raises ProtocolError where it would refuse."""
+        h2 = self.h2
+        if (h2.state_machine.state is not CLIENT_OPEN or len(self.streams) > self.stream_limit
+                or stream_id <= (h2.highest_outbound_stream_id or 0)):
+            h2.send_headers(stream_id, headers, end_stream=end_stream)
+            self.write_out()
+            return
+        stream = H2Stream(stream_id, config=h2.config,
+                          inbound_window_size=h2.local_settings.initial_window_size,
+                          outbound_window_size=h2.remote_settings.initial_window_size)
+        stream.max_outbound_frame_size = h2.max_outbound_frame_size
+        h2.streams[stream_id] = stream
+        h2.highest_outbound_stream_id = stream_id
+        machine = stream.state_machine
+        machine.client = True  # request_sent
+        machine.headers_sent = True
+        machine.state = STREAM_HALF_CLOSED_LOCAL if end_stream else STREAM_OPEN
+        parts: list[bytes] = []
+        table = h2.encoder.header_table
+        if table.resized:  # the upstream's SETTINGS changed the table's size: said first
+            parts.append(h2.encoder._encode_table_size_change())
+            table.resized = False
+        for name, value in headers:
+            if name == b":method":
+                stream.request_method = value
+            elif name == b":authority":
+                stream._authority = value
+            hpack_field(parts, name, value)
+        block = b"".join(parts)
+        flags = END_STREAM_FLAG if end_stream else 0
+        frame = h2.max_outbound_frame_size
+        if len(block) <= frame:
+            self.write_frame(HEADERS_FRAME, flags | END_HEADERS_FLAG, stream_id, block)
+            return
+        self.write_frame(HEADERS_FRAME, flags, stream_id, block[:frame])
+        for start in range(frame, len(block), frame):
+            last = start + frame >= len(block)
+            self.write_frame(CONTINUATION_FRAME, END_HEADERS_FLAG if last else 0, stream_id,
+                             block[start:start + frame])
+
     def acknowledge(self, stream_id: int, size: int) -> None:
+        """Credit ``size`` bytes back to the upstream's windows: h2's
+        acknowledge_received_data, done as h2 does it, with its window algorithm
+        (window_credit) and the WINDOW_UPDATE frames framed by Weir (as http2.py does for
+        clients)."""
         if size:
-            with contextlib.suppress(ProtocolError):
-                self.h2.acknowledge_received_data(size, stream_id)
+            h2 = self.h2
+            increment = window_credit(h2._inbound_flow_control_window_manager, size)
+            if increment:
+                self.write_frame(WINDOW_UPDATE_FRAME, 0, 0, increment.to_bytes(4))
+            stream = h2.streams.get(stream_id)
+            if stream is None:
+                return
+            state = stream.state_machine.state
+            if (state is STREAM_OPEN or state is STREAM_HALF_CLOSED_LOCAL
+                    or state is STREAM_HALF_CLOSED_REMOTE):
+                increment = window_credit(stream._inbound_window_manager, size)
+                if increment:
+                    self.write_frame(WINDOW_UPDATE_FRAME, 0, stream_id, increment.to_bytes(4))
 
     def stream_done(self, stream: UpstreamStream) -> None:
         """A stream handed out is over (ended, reset, or never started)."""
         self.reserved -= 1
-        if stream.stream_id and self.streams.get(stream.stream_id) is stream:
-            del self.streams[stream.stream_id]
+        stream_id = stream.stream_id
+        if stream_id and self.streams.get(stream_id) is stream:
+            del self.streams[stream_id]
+            h2_streams = self.h2.streams
+            h2_stream = h2_streams.get(stream_id)
+            if h2_stream is not None and h2_stream.state_machine.state is STREAM_CLOSED:
+                # h2 would drop it when it next counts its open streams, which it does only
+                # for the HEADERS it sends itself (see send_request).
+                del h2_streams[stream_id]
+                self.h2._closed_streams[stream_id] = h2_stream.state_machine.stream_closed_by
         if not self.streams and self.reserved == 0:
             if self.closing:
                 self.close()
@@ -454,7 +869,7 @@ class UpstreamStream(UpstreamChannel):
 
     __slots__ = ("client_paused", "conn", "end_pending", "last_activity", "local_ended",
                  "pending", "pending_bytes", "read_timeout", "responded", "sink", "stream_id",
-                 "timer", "touched", "unacked")
+                 "touched", "unacked")
 
     def __init__(self, conn: Http2UpstreamConnection) -> None:
         super().__init__(conn.pool)
@@ -473,7 +888,6 @@ class UpstreamStream(UpstreamChannel):
         self.touched = False  # in this read's list of streams to flush
         self.last_activity = 0.0
         self.read_timeout = 60.0
-        self.timer: asyncio.TimerHandle | None = None
 
     # --- UpstreamChannel: used by the exchange ----------------------------------------------
 
@@ -490,18 +904,17 @@ class UpstreamStream(UpstreamChannel):
             # keep-alive connection would be.
             self.loop_call(self.refused)
             return
-        stream_id = h2.get_next_available_stream_id()
+        stream_id = (h2.highest_outbound_stream_id or -1) + 2  # get_next_available_stream_id
         self.stream_id = stream_id
         conn.streams[stream_id] = self
         self.local_ended = end_stream
         try:
-            h2.send_headers(stream_id, headers, end_stream=end_stream)
+            conn.send_request(stream_id, headers, end_stream)
         except ProtocolError as exc:  # over a limit the upstream has just lowered
             log.info("upstream %s: stream not opened: %s", self.pool.address, exc)
             self.loop_call(self.refused)
             return
-        conn.write_out()
-        self.timer = conn.loop.call_later(read_timeout, self.check_timeout)
+        conn.arm_timer(read_timeout)
 
     def loop_call(self, callback: Any) -> None:
         self.conn.loop.call_soon(callback)
@@ -527,40 +940,60 @@ class UpstreamStream(UpstreamChannel):
             return
         self.local_ended = True
         conn = self.conn
-        try:
-            conn.h2.end_stream(self.stream_id)
-        except ProtocolError:
+        stream = conn.h2.streams.get(self.stream_id)
+        if stream is None or conn.h2.state_machine.state is CONNECTION_CLOSED:
             return  # the upstream reset the stream, or ended it: its answer is its own
-        conn.write_out()
+        try:
+            end_stream_out(stream.state_machine)  # h2's end_stream, framed by Weir
+        except ProtocolError:
+            return
+        conn.write_frame(DATA_FRAME, END_STREAM_FLAG, self.stream_id, b"")
 
     def send_pending(self) -> None:
-        """Send what the upstream's windows take; hold the rest."""
+        """Send what the upstream's windows take; hold the rest. Framed by Weir, as h2's
+        send_data would frame it: the stream's state machine moved by SEND_DATA (and
+        SEND_END_STREAM with the last of it), both windows shrunk."""
         conn = self.conn
         h2 = conn.h2
         stream_id = self.stream_id
         pending = self.pending
+        stream = h2.streams.get(stream_id)
+        if h2.state_machine.state is CONNECTION_CLOSED:
+            stream = None
+        window = 0
+        if stream is not None:
+            window = min(stream.outbound_flow_control_window, h2.outbound_flow_control_window)
         try:
-            window = h2.local_flow_control_window(stream_id)
-            frame = h2.max_outbound_frame_size
-            while pending and window > 0:
-                chunk = pending[0]
-                size = min(window, frame, len(chunk))
-                if size == len(chunk):
-                    pending.pop(0)
-                else:
-                    pending[0] = chunk[size:]
-                    chunk = chunk[:size]
-                window -= size
-                self.pending_bytes -= size
-                end = self.end_pending and not pending
-                if end:
-                    self.local_ended = True
-                h2.send_data(stream_id, chunk, end_stream=end)
+            if stream is None:
+                raise ProtocolError("stream closed")
+            if window > 0:
+                machine = stream.state_machine
+                data_out(machine)
+                frame = h2.max_outbound_frame_size
+                sent = 0
+                while pending and window > 0:
+                    chunk = pending[0]
+                    size = min(window, frame, len(chunk))
+                    if size == len(chunk):
+                        pending.pop(0)
+                    else:
+                        pending[0] = chunk[size:]
+                        chunk = chunk[:size]
+                    window -= size
+                    sent += size
+                    self.pending_bytes -= size
+                    if self.end_pending and not pending:
+                        self.local_ended = True
+                        end_stream_out(machine)
+                        conn.write_frame(DATA_FRAME, END_STREAM_FLAG, stream_id, chunk)
+                    else:
+                        conn.write_frame(DATA_FRAME, 0, stream_id, chunk)
+                stream.outbound_flow_control_window -= sent
+                h2.outbound_flow_control_window -= sent
         except ProtocolError:  # the stream is closed: the upstream is done with the body
             pending.clear()
             self.pending_bytes = 0
             self.end_pending = False
-        conn.write_out()
         if self.pending_bytes <= REQUEST_HIGH_WATER and not conn.write_paused:
             self.pause_client(False)
 
@@ -609,9 +1042,12 @@ class UpstreamStream(UpstreamChannel):
             return
         if self.stream_id:
             conn = self.conn
-            with contextlib.suppress(ProtocolError):
-                conn.h2.reset_stream(self.stream_id, ErrorCodes.CANCEL)
-            conn.write_out()
+            stream = conn.h2.streams.get(self.stream_id)
+            if stream is not None and stream.state_machine.state is not STREAM_CLOSED:
+                # (h2 raises StreamClosedError for one over on the wire: nothing to stop)
+                with contextlib.suppress(ProtocolError):
+                    conn.h2.reset_stream(self.stream_id, ErrorCodes.CANCEL)
+                conn.write_out()
         self.finish()
 
     # --- what the connection reports --------------------------------------------------------
@@ -727,15 +1163,8 @@ class UpstreamStream(UpstreamChannel):
         if sink is not None:
             sink.on_upstream_failed(status, reason, got)
 
-    def check_timeout(self) -> None:
-        """A lazily re-armed timer, as UpstreamConnection's."""
-        self.timer = None
-        if self.sink is None or self.closed:
-            return
-        idle = self.conn.loop.time() - self.last_activity
-        if idle < self.read_timeout:
-            self.timer = self.conn.loop.call_later(self.read_timeout - idle, self.check_timeout)
-            return
+    def timed_out(self) -> None:
+        """Idle past its read timeout (see Http2UpstreamConnection.check_timeouts)."""
         self.pool.timeouts += 1
         self.pool.record_failure()
         self.fail(504, "upstream did not answer in time")
@@ -751,10 +1180,8 @@ class UpstreamStream(UpstreamChannel):
         if self.closed:
             return
         self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.pending = []
+        if self.pending:
+            self.pending = []
         self.pending_bytes = 0
         self.conn.stream_done(self)
 
