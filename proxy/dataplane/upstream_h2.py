@@ -44,6 +44,7 @@ from h2.events import (
     DataReceived,
     RemoteSettingsChanged,
     ResponseReceived,
+    SettingsAcknowledged,
     StreamEnded,
     StreamReset,
     TrailersReceived,
@@ -336,6 +337,9 @@ class Http2UpstreamConnection(asyncio.Protocol):
         self.max_streams = DEFAULT_MAX_STREAMS
         # The upstream's SETTINGS_MAX_CONCURRENT_STREAMS as h2 holds it (2^31: none).
         self.stream_limit = 2**31
+        # A new stream's inbound and outbound windows as h2's SETTINGS give them (read from
+        # them again once either side's SETTINGS change; None: to be read).
+        self.initial_windows: tuple[int, int] | None = None
         self.ready: asyncio.Future[None] = self.loop.create_future()
         self.closing = False  # GOAWAY received or sent: no new streams
         self.closed = False
@@ -438,6 +442,8 @@ class Http2UpstreamConnection(asyncio.Protocol):
                     stream.reset_by_upstream(event.error_code)
             elif kind is RemoteSettingsChanged:
                 self.settings_changed()
+            elif kind is SettingsAcknowledged:
+                self.initial_windows = None  # Weir's own SETTINGS now apply
             elif kind is ConnectionTerminated:
                 self.go_away_received(event.error_code, event.last_stream_id)
         self.write_out()
@@ -649,6 +655,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
     # --- events -----------------------------------------------------------------------------
 
     def settings_changed(self) -> None:
+        self.initial_windows = None
         limit = self.h2.remote_settings.max_concurrent_streams
         self.max_streams = max(1, min(limit, 2**31)) if limit is not None else 2**31
         self.stream_limit = limit if limit is not None else 2**31
@@ -757,9 +764,12 @@ class Http2UpstreamConnection(asyncio.Protocol):
             h2.send_headers(stream_id, headers, end_stream=end_stream)
             self.write_out()
             return
-        stream = H2Stream(stream_id, config=h2.config,
-                          inbound_window_size=h2.local_settings.initial_window_size,
-                          outbound_window_size=h2.remote_settings.initial_window_size)
+        windows = self.initial_windows
+        if windows is None:
+            windows = self.initial_windows = (h2.local_settings.initial_window_size,
+                                              h2.remote_settings.initial_window_size)
+        stream = H2Stream(stream_id, config=h2.config, inbound_window_size=windows[0],
+                          outbound_window_size=windows[1])
         stream.max_outbound_frame_size = h2.max_outbound_frame_size
         h2.streams[stream_id] = stream
         h2.highest_outbound_stream_id = stream_id

@@ -424,3 +424,19 @@ async def test_a_big_answer_flows_through_the_windows_weir_credits_back() -> Non
     assert sink.done.result() is True and bytes(sink.body) == answer[:4096]
     assert (conn.h2._inbound_flow_control_window_manager.current_window_size
             == server.outbound_flow_control_window)
+
+
+async def test_new_streams_take_the_windows_of_the_latest_settings() -> None:
+    conn, wire = connect(asyncio.get_running_loop())
+    windows = []
+    for size in (1000, 70_000):
+        wire.server.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: size})
+        wire.answer(conn)
+        conn.pool.corker.flush()
+        wire.answer(conn)
+        stream = conn.open_stream()
+        stream.start(Sink(conn.loop), request(b"/w"), True, 60.0)
+        h2_stream = conn.h2.streams[stream.stream_id]
+        windows.append((h2_stream.outbound_flow_control_window,
+                        h2_stream._inbound_window_manager.current_window_size))
+    assert windows == [(1000, STREAM_WINDOW), (70_000, STREAM_WINDOW)]
