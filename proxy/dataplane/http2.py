@@ -146,6 +146,7 @@ CLOSED_BY_END: Final = StreamClosedBy.SEND_END_STREAM
 # request, SERVER_OPEN from then on.
 NO_STREAM_YET: Final = ConnectionState.IDLE
 SERVER_OPEN: Final = ConnectionState.SERVER_OPEN
+CONNECTION_CLOSED: Final = ConnectionState.CLOSED
 
 
 def window_credit(window: Any, size: int) -> int:
@@ -757,6 +758,13 @@ class Http2Connection(asyncio.Protocol):
         # them) for an error, where RFC 9113 6.8 has the streams in flight finish. A client's
         # GOAWAY leaves this connection's state machine open; Weir refuses new streams itself.
         self.h2.state_machine._transitions = GOAWAY_KEEPS_OPEN
+        # What of h2's Weir reads for every frame it takes itself (take_frames), held here:
+        # h2 makes each once, and a lookup by name on its connection costs more than the rest
+        # of some of those calls. New streams' windows, as h2's settings have them.
+        self.h2_streams: dict[int, Any] = self.h2.streams
+        self.h2_machine: Any = self.h2.state_machine
+        self.local_window = DEFAULT_WINDOW
+        self.remote_window = DEFAULT_WINDOW
         self.streams: dict[int, Http2Exchange] = {}
         self.write_paused = False
         self.settings_seen = False  # the client's preface ends with SETTINGS
@@ -784,6 +792,8 @@ class Http2Connection(asyncio.Protocol):
             SettingCodes.ENABLE_PUSH: 0,
         })
         h2.decoder.max_header_list_size = max_header_list
+        self.local_window = h2.local_settings.initial_window_size
+        self.remote_window = h2.remote_settings.initial_window_size
         h2.initiate_connection()
         h2.increment_flow_control_window(CONNECTION_WINDOW - DEFAULT_WINDOW)
         self.control_at = self.loop.time()
@@ -877,6 +887,7 @@ class Http2Connection(asyncio.Protocol):
                 if not self.spend_control():
                     return False
                 if kind is RemoteSettingsChanged:
+                    self.remote_window = self.h2.remote_settings.initial_window_size
                     self.window_updated(0)  # an INITIAL_WINDOW_SIZE change moves windows
             elif kind is ConnectionTerminated:
                 if event.error_code:
@@ -922,7 +933,7 @@ class Http2Connection(asyncio.Protocol):
         held (unread) for the next read rather than by h2, which would take the next read
         whole, and the next, as long as reads end inside frames (an upload, say)."""
         h2 = self.h2
-        state = h2.state_machine.state
+        state = self.h2_machine.state
         if state is not SERVER_OPEN and state is not NO_STREAM_YET:
             return 0
         buffer = h2.incoming_buffer
@@ -998,7 +1009,7 @@ class Http2Connection(asyncio.Protocol):
         if ex is None:
             return False
         h2 = self.h2
-        stream = h2.streams.get(stream_id)
+        stream = self.h2_streams.get(stream_id)
         if stream is None or stream.state_machine.state is not OPEN:
             return False
         size = len(data)
@@ -1034,7 +1045,7 @@ class Http2Connection(asyncio.Protocol):
                 return False
             h2.outbound_flow_control_window = window
         else:
-            stream = h2.streams.get(stream_id)
+            stream = self.h2_streams.get(stream_id)
             if stream is None:
                 # A stream already closed and forgotten (an update sent before the client read
                 # the end of its answer): h2 ignores it, as RFC 9113 6.9 allows.
@@ -1051,7 +1062,7 @@ class Http2Connection(asyncio.Protocol):
         """A new stream's request, as h2 would take it (see malformed). False: left to h2
         (not a new stream, or one over the limit, which h2 refuses)."""
         h2 = self.h2
-        streams = h2.streams
+        streams = self.h2_streams
         if (not stream_id & 1 or stream_id <= h2.highest_inbound_stream_id
                 or len(streams) >= self.settings.max_concurrent_streams):
             return False
@@ -1064,11 +1075,12 @@ class Http2Connection(asyncio.Protocol):
         except ProtocolError as exc:
             h2._terminate_connection(exc.error_code)  # GOAWAY, as h2's receive_data does
             raise
-        if h2.state_machine.state is NO_STREAM_YET:
-            h2.state_machine.state = SERVER_OPEN  # RECV_HEADERS, the connection's first
+        machine = self.h2_machine
+        if machine.state is NO_STREAM_YET:
+            machine.state = SERVER_OPEN  # RECV_HEADERS, the connection's first
         stream = H2Stream(stream_id, config=h2.config,
-                          inbound_window_size=h2.local_settings.initial_window_size,
-                          outbound_window_size=h2.remote_settings.initial_window_size)
+                          inbound_window_size=self.local_window,
+                          outbound_window_size=self.remote_window)
         stream.max_outbound_frame_size = h2.max_outbound_frame_size
         streams[stream_id] = stream
         h2.highest_inbound_stream_id = stream_id
@@ -1176,9 +1188,9 @@ class Http2Connection(asyncio.Protocol):
         receiving (OPEN) on an open connection: its window grows and a WINDOW_UPDATE goes out.
         Anything else, by h2."""
         h2 = self.h2
-        stream = h2.streams.get(stream_id)
+        stream = self.h2_streams.get(stream_id)
         if (stream is not None and stream.state_machine.state is OPEN
-                and h2.state_machine.state is SERVER_OPEN):
+                and self.h2_machine.state is SERVER_OPEN):
             window = stream._inbound_window_manager
             size = window.current_window_size + increment
             if increment > 0 and size <= MAX_WINDOW:  # else h2's error
@@ -1198,7 +1210,7 @@ class Http2Connection(asyncio.Protocol):
             increment = window_credit(h2._inbound_flow_control_window_manager, size)
             if increment:
                 self.write_frame(WINDOW_UPDATE_FRAME, 0, 0, increment.to_bytes(4))
-            stream = h2.streams.get(stream_id)
+            stream = self.h2_streams.get(stream_id)
             if stream is None:
                 return
             state = stream.state_machine.state
@@ -1219,8 +1231,8 @@ class Http2Connection(asyncio.Protocol):
         """A response head Weir has encoded (see hpack_field): its HEADERS frame, and
         CONTINUATION frames for what does not fit in one."""
         h2 = self.h2
-        stream = h2.streams.get(stream_id)
-        if stream is None or h2.state_machine.state == ConnectionState.CLOSED:
+        stream = self.h2_streams.get(stream_id)
+        if stream is None or self.h2_machine.state is CONNECTION_CLOSED:
             return  # a stream the client has reset meanwhile, or a connection ending
         try:
             response_headers_out(stream.state_machine, end_stream)
@@ -1246,8 +1258,8 @@ class Http2Connection(asyncio.Protocol):
         frames the client accepts; end the stream with the last of it when ``end``. Returns
         the bytes sent; ``pending`` keeps the rest."""
         h2 = self.h2
-        stream = h2.streams.get(stream_id)
-        if stream is None or h2.state_machine.state == ConnectionState.CLOSED:
+        stream = self.h2_streams.get(stream_id)
+        if stream is None or self.h2_machine.state is CONNECTION_CLOSED:
             pending.clear()
             return 0
         window = min(stream.outbound_flow_control_window, h2.outbound_flow_control_window)
@@ -1309,7 +1321,7 @@ class Http2Connection(asyncio.Protocol):
         stream_id = ex.stream_id
         if self.streams.get(stream_id) is ex:
             del self.streams[stream_id]
-        h2_streams = self.h2.streams
+        h2_streams = self.h2_streams
         stream = h2_streams.get(stream_id)
         if stream is not None and stream.state_machine.state is CLOSED:
             # h2 would drop it when it next counts its open streams, which it does only for

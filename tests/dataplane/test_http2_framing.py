@@ -743,3 +743,27 @@ async def test_a_frame_over_the_frame_size_cut_across_reads_is_refused(raw_backe
     frames = await raw.frames()
     goaway = [f for f in frames if isinstance(f, GoAwayFrame)]
     assert goaway and goaway[0].error_code == 6, frames  # FRAME_SIZE_ERROR
+
+
+async def test_streams_opened_after_a_settings_change_get_the_new_window(raw_backend,
+                                                                         start_proxy):
+    """A client that makes its initial window smaller mid-connection: the streams it opens
+    next (taken by Weir) start with the new window, not the one the connection began with."""
+    port = await raw_backend(sized_upstream)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    raw = await Raw.connect(proxy.port)
+    raw.writer.write(raw.request(1, "/size/10"))
+    assert (await raw.frame_of(DataFrame)).stream_id == 1
+    raw.writer.write(SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 100})
+                     .serialize())
+    while "ACK" not in (await raw.frame_of(SettingsFrame)).flags:
+        pass
+    raw.writer.write(raw.request(3, "/size/1000"))  # a read of its own: Weir takes it
+    first = await raw.frame_of(DataFrame)
+    assert (first.stream_id, len(first.data)) == (3, 100)
+    raw.writer.write(raw.window_update(3, 900))
+    rest = b""
+    while len(rest) < 900:
+        rest += (await raw.frame_of(DataFrame)).data
+    assert len(rest) == 900
+    raw.writer.close()
