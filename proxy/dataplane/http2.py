@@ -127,6 +127,7 @@ MAX_WINDOW: Final = 2**31 - 1
 CONTINUATION_FRAME: Final = 0x9
 END_STREAM_FLAG: Final = 0x1
 END_HEADERS_FLAG: Final = 0x4
+PRIORITY_FLAG: Final = 0x20
 
 SEND_HEADERS: Final = StreamInputs.SEND_HEADERS
 SEND_DATA: Final = StreamInputs.SEND_DATA
@@ -265,8 +266,8 @@ def hpack_field(parts: list[bytes], name: bytes, value: bytes) -> None:
 VIA_FIELD: Final = NAME_CODES[b"via"] + LENGTH_CODES[len(VIA_PAIR[1])] + VIA_PAIR[1]
 
 # --- requests' HEADERS, taken by Weir ------------------------------------------------------
-# The HEADERS frame that opens a stream, in the usual shape (the whole block in it, no padding
-# or priority), is taken by Http2Connection.take_frames rather than by h2's frame-by-frame
+# The HEADERS frame that opens a stream, in the usual shape (the whole block in it, no padding;
+# priority data skipped), is taken by Http2Connection.take_frames rather than by h2's frame-by-frame
 # path; everything else goes to h2 as it comes. What h2 would do is done: the block decoded by
 # h2's HPACK decoder (and its errors taken as h2 takes them), the header list checked as h2's
 # validate_inbound_headers checks it (below; a malformed one is a connection error, as in h2),
@@ -927,11 +928,12 @@ class Http2Connection(asyncio.Protocol):
 
     def take_frames(self, data: bytes) -> int:
         """Take the frames at the start of ``data`` that are the usual ones in their usual
-        shape: HEADERS that open new streams (see malformed), DATA of a request body and
-        WINDOW_UPDATE; how many bytes they are. What follows them is h2's, and all of it is
-        when h2 holds part of a frame or of a header block. A frame the read ends inside is
-        held (unread) for the next read rather than by h2, which would take the next read
-        whole, and the next, as long as reads end inside frames (an upload, say)."""
+        shape: HEADERS that open new streams (see malformed; with or without priority), DATA
+        of a request body and WINDOW_UPDATE; how many bytes they are. What follows them is
+        h2's, and all of it is when h2 holds part of a frame or of a header block. A frame
+        the read ends inside is held (unread) for the next read rather than by h2, which
+        would take the next read whole, and the next, as long as reads end inside frames (an
+        upload, say)."""
         h2 = self.h2
         state = self.h2_machine.state
         if state is not SERVER_OPEN and state is not NO_STREAM_YET:
@@ -967,9 +969,17 @@ class Http2Connection(asyncio.Protocol):
             stream_id = ((data[pos + 5] & 0x7F) << 24 | data[pos + 6] << 16
                          | data[pos + 7] << 8 | data[pos + 8])
             if kind == HEADERS_FRAME:
-                if (flags & ~END_STREAM_FLAG != END_HEADERS_FLAG
-                        or not self.open_stream(stream_id, data[start:start + size],
-                                                flags & END_STREAM_FLAG != 0)):
+                if flags & ~(END_STREAM_FLAG | PRIORITY_FLAG) != END_HEADERS_FLAG:
+                    break
+                block = start
+                if flags & PRIORITY_FLAG:  # as browsers send them: skipped, as h2 does
+                    block += 5
+                    if block > start + size or stream_id == (
+                            (data[start] & 0x7F) << 24 | data[start + 1] << 16
+                            | data[start + 2] << 8 | data[start + 3]):
+                        break  # h2's error: too short, or a stream depending on itself
+                if not self.open_stream(stream_id, data[block:start + size],
+                                        flags & END_STREAM_FLAG != 0):
                     break
             elif kind == DATA_FRAME:
                 if (flags & ~END_STREAM_FLAG

@@ -767,3 +767,35 @@ async def test_streams_opened_after_a_settings_change_get_the_new_window(raw_bac
         rest += (await raw.frame_of(DataFrame)).data
     assert len(rest) == 900
     raw.writer.close()
+
+
+@pytest.mark.parametrize("depends_on", [0, 1, 5])
+async def test_headers_with_priority_as_browsers_send_them(raw_backend, start_proxy,
+                                                          depends_on: int):
+    """HEADERS with the PRIORITY flag (Chrome's and Firefox's every request) are taken; one
+    whose stream depends on itself is h2's connection error."""
+    port = await raw_backend(sized_upstream)
+    proxy = await start_proxy(one_service(f"127.0.0.1:{port}"))
+    raw = await Raw.connect(proxy.port)
+    raw.writer.write(raw.request(1, "/size/1"))
+    assert (await raw.frame_of(DataFrame)).stream_id == 1
+    frames = b""
+    for stream_id in (3, 5, 7):
+        headers = HeadersFrame(stream_id, flags=["END_HEADERS", "END_STREAM", "PRIORITY"],
+                               depends_on=depends_on, stream_weight=200, exclusive=True)
+        headers.data = raw.encoder.encode([(b":method", b"GET"), (b":scheme", b"http"),
+                                           (b":authority", b"app"),
+                                           (b":path", b"/size/%d" % stream_id)])
+        frames += headers.serialize()
+    raw.writer.write(frames)
+    if depends_on == 5:
+        got = await raw.frames()
+        goaway = [f for f in got if isinstance(f, GoAwayFrame)]
+        assert goaway and goaway[0].error_code == 1, got  # PROTOCOL_ERROR
+        return
+    sizes = {}
+    while len(sizes) < 3:
+        frame = await raw.frame_of(DataFrame)
+        sizes[frame.stream_id] = len(frame.data)
+    assert sizes == {3: 3, 5: 5, 7: 7}
+    raw.writer.close()
