@@ -419,6 +419,16 @@ def header_pairs(block: bytes) -> list[tuple[bytes, bytes]]:
     return pairs
 
 
+def write_frame(transport: CorkedTransport, h2: H2Connection, kind: int, flags: int,
+                stream_id: int, payload: bytes) -> None:
+    """A frame framed by Weir (either direction's connection), after what h2 holds."""
+    if h2._data_to_send:
+        transport.write(h2.data_to_send())
+    size = len(payload)
+    transport.write(FRAME_HEADER.pack(size >> 8, size & 0xFF, kind, flags, stream_id))
+    transport.write(payload)
+
+
 def free_h2(h2: H2Connection) -> None:
     """A closed connection's H2Connection: its table of bound methods (a reference cycle)
     dropped, so that it is freed at once rather than at the next full collection, which
@@ -1186,12 +1196,7 @@ class Http2Connection(asyncio.Protocol):
 
     def write_frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
         """A frame framed by Weir, after what h2 holds."""
-        if self.h2._data_to_send:
-            self.write_out()
-        size = len(payload)
-        transport = self.transport
-        transport.write(FRAME_HEADER.pack(size >> 8, size & 0xFF, kind, flags, stream_id))
-        transport.write(payload)
+        write_frame(self.transport, self.h2, kind, flags, stream_id, payload)
 
     def open_window(self, stream_id: int, increment: int) -> None:
         """h2's increment_flow_control_window for a stream, done as h2 does it for one still

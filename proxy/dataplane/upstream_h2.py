@@ -52,19 +52,22 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
-from h2.stream import H2Stream, StreamClosedBy, StreamState
+from h2.stream import H2Stream, StreamClosedBy
 
 from .corking import CorkedTransport
 from .http2 import (
+    CLOSED,
     CONNECTION_SPECIFIC,
     CONTINUATION_FRAME,
     DATA_FRAME,
     END_HEADERS_FLAG,
     END_STREAM_FLAG,
     FIELD_NAME,
-    FRAME_HEADER,
+    HALF_CLOSED_LOCAL,
+    HALF_CLOSED_REMOTE,
     HEADERS_FRAME,
     MAX_WINDOW,
+    OPEN,
     WINDOW_UPDATE_FRAME,
     data_out,
     end_stream_out,
@@ -72,6 +75,7 @@ from .http2 import (
     hpack_field,
     indexed_fields,
     window_credit,
+    write_frame,
 )
 from .http11 import CRLF, HOP_BY_HOP
 from .upstream import ResponseSink, UpstreamChannel, UpstreamPool
@@ -119,10 +123,6 @@ H2_CLIENT_CONFIG: Final = H2Configuration(client_side=True, header_encoding=None
 
 CLIENT_OPEN: Final = ConnectionState.CLIENT_OPEN
 CONNECTION_CLOSED: Final = ConnectionState.CLOSED
-STREAM_OPEN: Final = StreamState.OPEN
-STREAM_HALF_CLOSED_LOCAL: Final = StreamState.HALF_CLOSED_LOCAL
-STREAM_CLOSED: Final = StreamState.CLOSED
-STREAM_HALF_CLOSED_REMOTE: Final = StreamState.HALF_CLOSED_REMOTE
 CLOSED_BY_RECV_END: Final = StreamClosedBy.RECV_END_STREAM
 
 # --- responses' frames, taken by Weir ---------------------------------------------------------
@@ -540,7 +540,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
             return False
         machine = stream.state_machine
         state = machine.state
-        if ((state is not STREAM_OPEN and state is not STREAM_HALF_CLOSED_LOCAL)
+        if ((state is not OPEN and state is not HALF_CLOSED_LOCAL)
                 or not machine.headers_received):
             return False
         size = len(data)
@@ -567,11 +567,11 @@ class Http2UpstreamConnection(asyncio.Protocol):
 
     def end_received(self, machine: Any) -> None:
         """RECV_END_STREAM in OPEN or HALF_CLOSED_LOCAL."""
-        if machine.state is STREAM_OPEN:
-            machine.state = STREAM_HALF_CLOSED_REMOTE  # stream_half_closed
+        if machine.state is OPEN:
+            machine.state = HALF_CLOSED_REMOTE  # stream_half_closed
         else:
             machine.stream_closed_by = CLOSED_BY_RECV_END  # stream_ended
-            machine.state = STREAM_CLOSED
+            machine.state = CLOSED
 
     def response_headers(self, stream_id: int, block: bytes, ended: bool) -> bool:
         """A response head (a final status) or trailers, as h2 takes them: decoded by its
@@ -587,7 +587,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
             return False
         machine = stream.state_machine
         state = machine.state
-        if state is not STREAM_OPEN and state is not STREAM_HALF_CLOSED_LOCAL:
+        if state is not OPEN and state is not HALF_CLOSED_LOCAL:
             return False
         trailers = bool(machine.headers_received)
         if trailers:
@@ -645,8 +645,8 @@ class Http2UpstreamConnection(asyncio.Protocol):
                         and stream_id in h2._closed_streams)
             state = stream.state_machine.state
             window = stream.outbound_flow_control_window + increment
-            if ((state is not STREAM_OPEN and state is not STREAM_HALF_CLOSED_LOCAL
-                 and state is not STREAM_HALF_CLOSED_REMOTE) or window > MAX_WINDOW):
+            if ((state is not OPEN and state is not HALF_CLOSED_LOCAL
+                 and state is not HALF_CLOSED_REMOTE) or window > MAX_WINDOW):
                 return False
             stream.outbound_flow_control_window = window
         self.window_updated(stream_id)
@@ -741,12 +741,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
 
     def write_frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
         """A frame framed by Weir, after what h2 holds."""
-        if self.h2._data_to_send:
-            self.write_out()
-        size = len(payload)
-        transport = self.transport
-        transport.write(FRAME_HEADER.pack(size >> 8, size & 0xFF, kind, flags, stream_id))
-        transport.write(payload)
+        write_frame(self.transport, self.h2, kind, flags, stream_id, payload)
 
     def send_request(self, stream_id: int, headers: list[tuple[bytes, bytes]],
                      end_stream: bool) -> None:
@@ -776,7 +771,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
         machine = stream.state_machine
         machine.client = True  # request_sent
         machine.headers_sent = True
-        machine.state = STREAM_HALF_CLOSED_LOCAL if end_stream else STREAM_OPEN
+        machine.state = HALF_CLOSED_LOCAL if end_stream else OPEN
         parts: list[bytes] = []
         table = h2.encoder.header_table
         if table.resized:  # the upstream's SETTINGS changed the table's size: said first
@@ -814,8 +809,8 @@ class Http2UpstreamConnection(asyncio.Protocol):
             if stream is None:
                 return
             state = stream.state_machine.state
-            if (state is STREAM_OPEN or state is STREAM_HALF_CLOSED_LOCAL
-                    or state is STREAM_HALF_CLOSED_REMOTE):
+            if (state is OPEN or state is HALF_CLOSED_LOCAL
+                    or state is HALF_CLOSED_REMOTE):
                 increment = window_credit(stream._inbound_window_manager, size)
                 if increment:
                     self.write_frame(WINDOW_UPDATE_FRAME, 0, stream_id, increment.to_bytes(4))
@@ -828,7 +823,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
             del self.streams[stream_id]
             h2_streams = self.h2.streams
             h2_stream = h2_streams.get(stream_id)
-            if h2_stream is not None and h2_stream.state_machine.state is STREAM_CLOSED:
+            if h2_stream is not None and h2_stream.state_machine.state is CLOSED:
                 # h2 would drop it when it next counts its open streams, which it does only
                 # for the HEADERS it sends itself (see send_request).
                 del h2_streams[stream_id]
@@ -1053,7 +1048,7 @@ class UpstreamStream(UpstreamChannel):
         if self.stream_id:
             conn = self.conn
             stream = conn.h2.streams.get(self.stream_id)
-            if stream is not None and stream.state_machine.state is not STREAM_CLOSED:
+            if stream is not None and stream.state_machine.state is not CLOSED:
                 # (h2 raises StreamClosedError for one over on the wire: nothing to stop)
                 with contextlib.suppress(ProtocolError):
                     conn.h2.reset_stream(self.stream_id, ErrorCodes.CANCEL)
