@@ -829,7 +829,7 @@ async def drive(args: argparse.Namespace, pm: bench.ProcessManager, tools: dict[
         close_phase("baseline", s0, s1)
 
         out = workdir / "attack.json"
-        argv = [tools["taskset"], "-c", args.load_cpus, tools["nice"], "-n",
+        argv = [tools["taskset"], "-c", args.attacker_cpus or args.load_cpus, tools["nice"], "-n",
                 str(args.attacker_nice),
                 sys.executable, str(Path(__file__).resolve()), "--attack", str(port),
                 "--attack-out", str(out), "--streams", str(args.streams),
@@ -905,6 +905,8 @@ def run(args: argparse.Namespace) -> Outcome:
         raise bench.BenchError("taskset and nice are needed")
     start_load = loadavg()
     print(f"loadavg {start_load}", file=sys.stderr)
+    if args.client_cpus:
+        os.sched_setaffinity(0, bench.parse_cpu_list(args.client_cpus))
     workdir = Path(tempfile.mkdtemp(prefix="weir-reset-"))
     pm = bench.ProcessManager(workdir)
     taskset = tools["taskset"]
@@ -1108,6 +1110,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--proxy-cpus", default="0", help="taskset CPU list for Weir (default 0)")
     p.add_argument("--load-cpus", default="1",
                    help="taskset CPU list for the backend and the attacker (default 1)")
+    p.add_argument("--attacker-cpus", default=None,
+                   help="taskset CPU list for the attacker (default: the load cpus). With "
+                        "--attacker-cpus 0 it shares Weir's core, at its nice value, and all the "
+                        "attack's cost (its connects and writes, the kernel's work for them) "
+                        "falls on that core rather than on the legit client's")
+    p.add_argument("--client-cpus", default=None,
+                   help="taskset CPU list for this process, the legit client (default: none, "
+                        "the scheduler places it)")
     p.add_argument("--weir-arg", action="append", default=[], metavar="ARG",
                    help="extra argument(s) for `python -m proxy run`, shell-split")
     p.add_argument("--startup-timeout", type=float, default=20.0)

@@ -32,6 +32,7 @@ import logging
 import re
 import struct
 import time
+from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
 
@@ -57,8 +58,22 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
-from h2.stream import H2Stream, StreamClosedBy, StreamInputs, StreamState
+from h2.stream import (
+    H2Stream,
+    H2StreamStateMachine,
+    StreamClosedBy,
+    StreamInputs,
+    StreamState,
+)
+from h2.windows import WindowManager
 from hpack.hpack import encode_integer
+from hpack.huffman_table import (
+    HUFFMAN_COMPLETE,
+    HUFFMAN_EMIT_SYMBOL,
+    HUFFMAN_FAIL,
+    HUFFMAN_TABLE,
+)
+from hpack.struct import NeverIndexedHeaderTuple
 from hpack.table import HeaderTable
 from hyperframe.frame import GoAwayFrame
 
@@ -77,8 +92,7 @@ PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # stops being read.
 RESPONSE_HIGH_WATER: Final = 256 * 1024
 
-# A read over SLICE_OVER bytes is parsed SLICE_FRAMES frames at a time (see data_received).
-SLICE_OVER: Final = 4096
+# A read is parsed SLICE_FRAMES frames at a time (see data_received).
 SLICE_FRAMES: Final = 64
 
 # Rapid reset (CVE-2023-44487), as Envoy counts it: a stream the client resets within
@@ -122,6 +136,7 @@ GRPC_MESSAGE_SAFE: Final = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) !
 FRAME_HEADER: Final = struct.Struct(">HBBBL")  # length (24 bits: 16 + 8), type, flags, stream
 DATA_FRAME: Final = 0x0
 HEADERS_FRAME: Final = 0x1
+RST_STREAM_FRAME: Final = 0x3
 WINDOW_UPDATE_FRAME: Final = 0x8
 MAX_WINDOW: Final = 2**31 - 1
 CONTINUATION_FRAME: Final = 0x9
@@ -143,6 +158,7 @@ HALF_CLOSED_REMOTE: Final = StreamState.HALF_CLOSED_REMOTE
 HALF_CLOSED_LOCAL: Final = StreamState.HALF_CLOSED_LOCAL
 CLOSED: Final = StreamState.CLOSED
 CLOSED_BY_END: Final = StreamClosedBy.SEND_END_STREAM
+CLOSED_BY_RESET: Final = StreamClosedBy.RECV_RST_STREAM
 # The connection's (h2.connection.H2ConnectionStateMachine): a server's is IDLE until its first
 # request, SERVER_OPEN from then on.
 NO_STREAM_YET: Final = ConnectionState.IDLE
@@ -184,9 +200,62 @@ def response_headers_out(machine: Any, end_stream: bool) -> None:
         if end_stream:
             end_stream_out(machine)
         return
+    if ((state is OPEN or state is HALF_CLOSED_REMOTE) and machine.client is False
+            and not machine.trailers_sent and end_stream):
+        machine.trailers_sent = True  # trailers: response_sent's second time
+        end_stream_out(machine)
+        return
     machine.process_input(SEND_HEADERS)
     if end_stream:
         machine.process_input(SEND_END_STREAM)
+
+
+def new_h2_stream(stream_id: int, config: Any, inbound_window: int, outbound_window: int,
+                  max_frame: int) -> Any:
+    """``H2Stream(stream_id, config, inbound_window, outbound_window)`` with its
+    max_outbound_frame_size set, the same objects made without running the three __init__
+    (the stream's, its state machine's and its window's) that h2, interpreted, runs for each:
+    their attributes copied from ones made once. test_http2_framing checks them against h2's."""
+    machine = MAKE_OBJECT(H2StreamStateMachine)
+    fields = MACHINE_FIELDS.copy()
+    fields["stream_id"] = stream_id
+    machine.__dict__ = fields
+    window = MAKE_OBJECT(WindowManager)
+    window.__dict__ = {"max_window_size": inbound_window,
+                       "current_window_size": inbound_window, "_bytes_processed": 0}
+    stream = MAKE_OBJECT(H2Stream)
+    fields = STREAM_FIELDS.copy()
+    fields["state_machine"] = machine
+    fields["stream_id"] = stream_id
+    fields["max_outbound_frame_size"] = max_frame
+    fields["outbound_flow_control_window"] = outbound_window
+    fields["_inbound_window_manager"] = window
+    fields["config"] = config
+    stream.__dict__ = fields
+    return stream
+
+
+MAKE_OBJECT: Final = object.__new__
+MACHINE_FIELDS: Final[dict[str, Any]] = dict(vars(H2StreamStateMachine(0)))
+STREAM_FIELDS: Final[dict[str, Any]] = dict(vars(H2Stream(
+    0, config=H2Configuration(), inbound_window_size=0, outbound_window_size=0)))
+
+
+def closed_stream(h2: H2Connection, stream_id: int, closed_by: Any) -> None:
+    """Remember how a stream closed, as h2 does when it drops it (h2's _closed_streams, a
+    SizeLimitDict: its own __setitem__, interpreted, trims it each time; here it is trimmed
+    once it is a tenth over its limit, to the limit)."""
+    closed: Any = h2._closed_streams
+    SET_ITEM(closed, stream_id, closed_by)
+    if len(closed) > CLOSED_STREAMS_TRIM:
+        while len(closed) > CLOSED_STREAMS_KEPT:
+            closed.popitem(last=False)
+
+
+SET_ITEM: Final = OrderedDict.__setitem__
+CLOSED_STREAMS: Final[Any] = H2Connection()._closed_streams  # an empty one, for its limit
+CLOSED_STREAMS_KEPT: Final[int] = CLOSED_STREAMS._size_limit
+CLOSED_STREAMS_TRIM: Final = CLOSED_STREAMS_KEPT + CLOSED_STREAMS_KEPT // 10
 
 
 def data_out(machine: Any) -> None:
@@ -295,33 +364,156 @@ GOOD_NAMES_MAX: Final = 4096
 
 STATIC_TABLE: Final[tuple[tuple[bytes, bytes], ...]] = HeaderTable.STATIC_TABLE
 STATIC_COUNT: Final = len(STATIC_TABLE)
+STATIC_FIELDS: Final[tuple[Any, ...]] = STATIC_TABLE  # see decoded_fields
 
 
-def indexed_fields(decoder: Any, block: bytes) -> list[tuple[bytes, bytes]] | None:
-    """The header list of a block made only of indexed fields (RFC 7541 6.1) with indexes
-    under 127, as h2's HPACK decoder decodes it but without a call per field (which is how
-    clients send the fields they repeat: h2load's whole request is six such bytes). None for
-    any other block, which the decoder decodes (or refuses) itself."""
-    table = decoder.header_table
-    dynamic = table.dynamic_entries
-    fields: list[tuple[bytes, bytes]] = []
-    size = 0
-    for i in range(len(block)):
-        index = block[i] - 0x81  # 1xxxxxxx, from index 1; 0xff starts an index of 127 and up
-        if index < 0 or index > 0x7D:
+# hpack's Huffman decoder as three tables: for a state and the next four bits, the state
+# after them, its flags and the byte it emits (see huffman_decoded).
+HUFFMAN_NEXT: Final[tuple[int, ...]] = tuple(entry[0] for entry in HUFFMAN_TABLE)
+HUFFMAN_FLAGS: Final[tuple[int, ...]] = tuple(entry[1] for entry in HUFFMAN_TABLE)
+HUFFMAN_BYTE: Final[tuple[int, ...]] = tuple(entry[2] for entry in HUFFMAN_TABLE)
+
+
+def huffman_decoded(data: bytes, start: int, end: int) -> bytes | None:
+    """``data[start:end]`` Huffman-decoded (RFC 7541 5.2) as hpack's decode_huffman does it, a
+    nibble at a time; None where it raises (an invalid or incomplete code)."""
+    out = bytearray()
+    state = 0
+    flags = HUFFMAN_COMPLETE  # an empty string is complete
+    for i in range(start, end):
+        byte = data[i]
+        index = state * 16 + (byte >> 4)
+        flags = HUFFMAN_FLAGS[index]
+        if flags & HUFFMAN_FAIL:
             return None
-        if index < STATIC_COUNT:
-            field = STATIC_TABLE[index]
-        else:
-            index -= STATIC_COUNT
-            if index >= len(dynamic):
-                return None
-            field = dynamic[index]
-        size += 32 + len(field[0]) + len(field[1])  # RFC 7541 4.1, as hpack counts the list
-        fields.append(field)
-    if size > decoder.max_header_list_size or table.maxsize > decoder.max_allowed_table_size:
+        if flags & HUFFMAN_EMIT_SYMBOL:
+            out.append(HUFFMAN_BYTE[index])
+        index = HUFFMAN_NEXT[index] * 16 + (byte & 0x0F)
+        flags = HUFFMAN_FLAGS[index]
+        if flags & HUFFMAN_FAIL:
+            return None
+        if flags & HUFFMAN_EMIT_SYMBOL:
+            out.append(HUFFMAN_BYTE[index])
+        state = HUFFMAN_NEXT[index]
+    if not flags & HUFFMAN_COMPLETE:
         return None
-    return fields
+    return bytes(out)
+
+
+def hpack_integer(block: bytes, pos: int, mask: int) -> tuple[int, int]:
+    """The integer (RFC 7541 5.1) whose prefix is the ``mask`` bits of ``block[pos]``, and the
+    position after it; (-1, pos) when the block ends inside it or it is over 2^28 (hpack's
+    limit is its length: it refuses one longer than 10 bytes)."""
+    value = block[pos] & mask
+    pos += 1
+    if value < mask:
+        return value, pos
+    shift = 0
+    end = len(block)
+    while pos < end and shift <= 21:
+        byte = block[pos]
+        pos += 1
+        value += (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    return -1, pos
+
+
+def hpack_string(block: bytes, pos: int) -> tuple[bytes | None, int]:
+    """The string literal (RFC 7541 5.2) at ``pos`` and the position after it; None when it
+    is cut short or its Huffman code is invalid."""
+    huffman = block[pos] & 0x80
+    length, pos = hpack_integer(block, pos, 0x7F)
+    end = pos + length
+    if length < 0 or end > len(block):
+        return None, pos
+    if huffman:
+        return huffman_decoded(block, pos, end), end
+    return block[pos:end], end
+
+
+def decoded_fields(decoder: Any, block: bytes) -> list[tuple[bytes, bytes]] | None:
+    """The header list of a block, decoded as h2's HPACK decoder (hpack's) decodes it, and its
+    dynamic table moved as hpack moves it: indexed fields, and literals with or without
+    indexing (their names indexed or not, their strings Huffman-coded or not). Without a
+    Python call per field and per string: clients send each request's new fields as literals,
+    an attacker all of them. None for anything else (a table size update, an index or string
+    out of the block or the table, a list over its size), the table as it was: the decoder
+    then decodes or refuses the block itself."""
+    table = decoder.header_table
+    if table._maxsize > decoder.max_allowed_table_size:
+        return None
+    limit = decoder.max_header_list_size
+    dynamic = table.dynamic_entries
+    saved: Any = None  # the dynamic table before this block's first entry, to put back
+    # Any: compiled, a field is then the table's own tuple, not unpacked and packed again
+    fields: list[Any] = []
+    field: Any
+    size = 0
+    pos = 0
+    end = len(block)
+    while pos < end:
+        first = block[pos]
+        if first & 0x80:  # indexed (6.1)
+            if first != 0xFF:
+                index = first - 0x81
+                pos += 1
+            else:
+                index, pos = hpack_integer(block, pos, 0x7F)
+                index -= 1
+            if index < 0:
+                break  # index 0, or cut short
+            if index < STATIC_COUNT:
+                field = STATIC_FIELDS[index]
+            elif index - STATIC_COUNT < len(dynamic):
+                field = dynamic[index - STATIC_COUNT]
+            else:
+                break
+        else:
+            if first & 0x40:  # with incremental indexing (6.2.1)
+                name_index, pos = hpack_integer(block, pos, 0x3F)
+            elif first & 0x20:
+                break  # a dynamic table size update: hpack's
+            else:  # without indexing, or never indexed (6.2.2, 6.2.3)
+                name_index, pos = hpack_integer(block, pos, 0x0F)
+            if name_index < 0 or pos >= end:
+                break
+            if name_index:
+                name_index -= 1
+                if name_index < STATIC_COUNT:
+                    name = STATIC_TABLE[name_index][0]
+                elif name_index - STATIC_COUNT < len(dynamic):
+                    name = dynamic[name_index - STATIC_COUNT][0]
+                else:
+                    break
+            else:
+                literal, pos = hpack_string(block, pos)
+                if literal is None or pos >= end:
+                    break
+                name = literal
+            value, pos = hpack_string(block, pos)
+            if value is None:
+                break
+            if first & 0x40:
+                if saved is None:
+                    saved = (deque(dynamic), table._current_size)
+                table.add(name, value)
+                field = (name, value)
+            elif first & 0x10:
+                field = NeverIndexedHeaderTuple(name, value)  # kept so when passed on
+            else:
+                field = (name, value)
+        name, value = field
+        size += 32 + len(name) + len(value)  # RFC 7541 4.1, as hpack counts the list
+        if size > limit:
+            break
+        fields.append(field)
+    else:
+        return fields
+    if saved is not None:
+        table.dynamic_entries, table._current_size = saved
+    return None
 
 
 def malformed(headers: list[tuple[bytes, bytes]]) -> str:
@@ -624,7 +816,7 @@ class Http2Exchange(Exchange):
             return
         if self.ended:
             if trailers is not None:
-                conn.send_headers(self.stream_id, trailers, True)
+                conn.send_trailers(self.stream_id, trailers)
             self.out_done = True  # END_STREAM went with the last of the data, or trailers
             conn.settle(self)
         elif upstream is not None and not conn.write_paused:
@@ -651,7 +843,7 @@ class Http2Exchange(Exchange):
             return
         if not self.out_done:
             if trailers is not None:
-                self.conn.send_headers(self.stream_id, trailers, True)
+                self.conn.send_trailers(self.stream_id, trailers)
             else:
                 self.conn.end_stream(self.stream_id)
             self.out_done = True
@@ -785,7 +977,11 @@ class Http2Connection(asyncio.Protocol):
         self.control_budget = CONTROL_BURST
         self.control_at = 0.0
         self.timer: asyncio.TimerHandle | None = None
-        self.unread = b""  # the start of a frame a read ended in, held by take_frames
+        self.idle_since = 0.0  # loop time the last stream ended (see arm_idle_timer)
+        self.unread = b""  # the start of a frame a read ended in (see data_received)
+        self.held_read = b""  # the rest of a read sliced by data_received, for the next turn
+        # Streams opened by the frames being handled, started once those are (start_streams)
+        self.starting: list[Http2Exchange] = []
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -812,39 +1008,74 @@ class Http2Connection(asyncio.Protocol):
         self.arm_idle_timer()
 
     def data_received(self, data: bytes) -> None:
-        if self.unread:  # the start of a frame the last read ended inside (take_frames)
+        if self.unread:  # the start of a frame the last read ended inside
             data = self.unread + data
             self.unread = b""
+        preface = self.h2.incoming_buffer._preamble_len
+        if preface:  # the client's preface (or what of it is still to come): h2 checks it
+            if not self.receive(data[:preface]) or len(data) <= preface:
+                return
+            data = data[preface:]
+        if not self.settings_seen and len(data) >= 9:
+            # The SETTINGS that end the preface, alone: what follows is then Weir's to take
+            # (take_frames) rather than all h2's.
+            first = 9 + (data[0] << 16 | data[1] << 8 | data[2])
+            if first < len(data) and first - 9 <= self.h2.max_inbound_frame_size:
+                if not self.receive(data[:first]):
+                    return
+                data = data[first:]
+        # Whole frames only, SLICE_FRAMES at a time: the frame a read ends inside waits for
+        # the next read (h2, given part of one, would hold it and take the next read whole,
+        # and the next, as long as reads end inside frames), and after SLICE_FRAMES frames
+        # the rest of the read waits for the loop's next turn, reading paused. A 100 KB read
+        # of HEADERS and RST_STREAM pairs is 2,000 streams: parsed at once it would hold up
+        # every other connection's answers, and be parsed even after its connection was cut
+        # for abuse. Counted in frames, not bytes: a body's big DATA frames stay whole.
         size = len(data)
-        if size <= SLICE_OVER or self.h2.incoming_buffer._data:
-            self.receive(data)  # (a read that goes on a frame h2 holds part of: whole)
-            return
-        # A read of many frames is parsed SLICE_FRAMES frames at a time, so that a client cut
-        # for abuse early in it does not have the rest parsed: h2 parses all it is given
-        # before Weir sees an event, and a 100 KB read of HEADERS and RST_STREAM pairs is
-        # 2,000 streams. Counted in frames, not bytes: a body's big DATA frames stay whole.
-        start = pos = frames = 0
+        limit = self.h2.max_inbound_frame_size
+        pos = frames = 0
         while pos + 9 <= size:
-            pos += 9 + (data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2])
+            length = data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2]
+            if length > limit:
+                pos = size  # h2 refuses it (FRAME_SIZE_ERROR) from its header
+                break
+            if pos + 9 + length > size:
+                break
+            pos += 9 + length
             frames += 1
             if frames == SLICE_FRAMES and pos < size:
-                if not self.receive(data[start:pos]):
-                    return
-                start = pos
-                frames = 0
-        self.receive(data[start:] if start else data)
+                self.held_read = data[pos:]  # (and the streams opened wait for the rest)
+                if self.receive(data[:pos]):
+                    self.transport.pause_reading()
+                    self.loop.call_soon(self.read_held)
+                return
+        if pos == size:
+            self.receive(data)
+        elif not pos:
+            self.unread = data
+        elif self.receive(data[:pos]):
+            self.unread = data[pos:]
+
+    def read_held(self) -> None:
+        """The rest of a read data_received sliced, after the loop's turn."""
+        data = self.held_read
+        self.held_read = b""
+        if data and not self.transport.is_closing():
+            self.transport.resume_reading()  # what comes next is read after this
+            self.data_received(data)
 
     def receive(self, data: bytes) -> bool:
         """Handle one slice of a read. False: the connection has ended (the rest unread)."""
         try:
             if self.settings_seen and not self.closing:
                 taken = self.take_frames(data)
-                whole = len(data) - len(self.unread)  # h2 gets whole frames only
-                if taken == whole:
+                if taken == len(data) or self.transport.is_closing():
+                    if self.starting and not self.held_read:
+                        self.start_streams()
                     self.write_out()
                     return not self.transport.is_closing()
-                if taken or self.unread:
-                    data = data[taken:whole]
+                if taken:
+                    data = data[taken:]
             # Any: compiled, the events' fields are then read without a check of their type
             # for each, which their classes (h2's, interpreted) would not make faster.
             events: list[Any] = self.h2.receive_data(data)
@@ -875,7 +1106,15 @@ class Http2Connection(asyncio.Protocol):
             if kind is RequestReceived:
                 self.request_received(event.stream_id, event.headers,
                                       event.stream_ended is not None)
-            elif kind is DataReceived:
+                continue
+            if kind is StreamReset:
+                self.stream_reset(event.stream_id)
+                if self.transport.is_closing():
+                    return False  # cut for rapid reset: nothing more of this read is handled
+                continue
+            if kind is DataReceived:
+                if self.starting:
+                    self.start_streams()  # a stream's start comes before its body
                 ex = self.streams.get(event.stream_id)
                 if ex is not None:
                     ex.received(event.data, event.flow_controlled_length)
@@ -887,10 +1126,6 @@ class Http2Connection(asyncio.Protocol):
                 self.stream_ended(event.stream_id)
             elif kind is WindowUpdated:
                 self.window_updated(event.stream_id)
-            elif kind is StreamReset:
-                self.stream_reset(event.stream_id)
-                if self.transport.is_closing():
-                    return False  # cut for rapid reset: nothing more of this read is handled
             elif kind is TrailersReceived:
                 if event.stream_ended is not None:
                     self.stream_ended(event.stream_id)
@@ -905,6 +1140,8 @@ class Http2Connection(asyncio.Protocol):
                     self.abort()
                     return False
                 self.closing = True  # streams in flight run to their end; no new ones
+        if self.starting and not self.held_read:
+            self.start_streams()
         self.write_out()
         if self.closing and not self.streams:
             self.close()
@@ -914,6 +1151,8 @@ class Http2Connection(asyncio.Protocol):
         self.plane.connections.discard(self)
         self.cancel_timer()
         streams, self.streams = self.streams, {}
+        self.starting = []
+        self.held_read = b""
         for ex in streams.values():
             ex.abandon()
         free_h2(self.h2)
@@ -937,45 +1176,26 @@ class Http2Connection(asyncio.Protocol):
     # --- events -----------------------------------------------------------------------------
 
     def take_frames(self, data: bytes) -> int:
-        """Take the frames at the start of ``data`` that are the usual ones in their usual
-        shape: HEADERS that open new streams (see malformed; with or without priority), DATA
-        of a request body and WINDOW_UPDATE; how many bytes they are. What follows them is
-        h2's, and all of it is when h2 holds part of a frame or of a header block. A frame
-        the read ends inside is held (unread) for the next read rather than by h2, which
-        would take the next read whole, and the next, as long as reads end inside frames (an
-        upload, say)."""
+        """Take the frames at the start of ``data`` (whole frames, see data_received) that
+        are the usual ones in their usual shape: HEADERS that open new streams (see
+        malformed; with or without priority), DATA of a request body, WINDOW_UPDATE and
+        RST_STREAM; how many bytes they are. What follows them is h2's, and all of it is
+        while h2 holds part of a header block (CONTINUATION to come)."""
         h2 = self.h2
         state = self.h2_machine.state
         if state is not SERVER_OPEN and state is not NO_STREAM_YET:
             return 0
-        buffer = h2.incoming_buffer
-        held = buffer._data
-        if held or buffer._headers_buffer:
-            # What ends h2's frame or header block is h2's, and the whole frames after it.
-            pos = 0
-            if held:
-                if len(held) < 9:
-                    return 0
-                pos = 9 + (held[0] << 16 | held[1] << 8 | held[2]) - len(held)
-                if pos > len(data):
-                    return 0
-            self.hold_cut_frame(data, pos)
+        if h2.incoming_buffer._headers_buffer:
             return 0
         end = len(data)
         pos = 0
-        while pos < end:
-            if end - pos < 9:
-                self.unread = data[pos:]  # completed by the next read, whoever takes it then
-                return pos
+        while pos + 9 <= end:
             size = data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2]
             start = pos + 9
             flags = data[pos + 4]
             kind = data[pos + 3]
-            if size > h2.max_inbound_frame_size:
-                return pos  # h2's FRAME_SIZE_ERROR
-            if start + size > end:
-                self.unread = data[pos:]
-                return pos
+            if size > h2.max_inbound_frame_size or start + size > end:
+                break  # h2's FRAME_SIZE_ERROR
             stream_id = ((data[pos + 5] & 0x7F) << 24 | data[pos + 6] << 16
                          | data[pos + 7] << 8 | data[pos + 8])
             if kind == HEADERS_FRAME:
@@ -1000,31 +1220,37 @@ class Http2Connection(asyncio.Protocol):
                 if size != 4 or not self.window_update(
                         stream_id, int.from_bytes(data[start:start + 4])):
                     break
+            elif kind == RST_STREAM_FRAME:
+                if size != 4 or not self.reset_received(stream_id):
+                    break
+                if self.transport.is_closing():
+                    return start + size  # cut for rapid reset: the rest is not handled
             else:
                 break
             pos = start + size
-        self.hold_cut_frame(data, pos)
         return pos
 
-    def hold_cut_frame(self, data: bytes, pos: int) -> None:
-        """Hold the frame ``data`` ends inside, after the whole frames from ``pos`` (which go
-        to h2); none when a frame over the frame size comes first (h2 refuses it)."""
-        end = len(data)
-        limit = self.h2.max_inbound_frame_size
-        while end - pos >= 9:
-            size = data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2]
-            if size > limit:
-                return
-            if pos + 9 + size > end:
-                break
-            pos += 9 + size
-        if pos < end:
-            self.unread = data[pos:]
+    def reset_received(self, stream_id: int) -> bool:
+        """A RST_STREAM for a stream not yet closed, as h2 takes it (whatever its error
+        code). False: left to h2 (a stream closed, idle or 0)."""
+        stream = self.h2_streams.get(stream_id)
+        if stream is None:
+            return False
+        machine = stream.state_machine
+        state = machine.state
+        if state is not OPEN and state is not HALF_CLOSED_REMOTE and state is not HALF_CLOSED_LOCAL:
+            return False
+        machine.stream_closed_by = CLOSED_BY_RESET
+        machine.state = CLOSED
+        self.stream_reset(stream_id)
+        return True
 
     def request_data(self, stream_id: int, data: bytes, ended: bool) -> bool:
         """A DATA frame (unpadded) of a request body still coming, as h2 takes it when it
         is valid: within both windows and the declared content-length. False: left to h2
         (all else, errors among them)."""
+        if self.starting:
+            self.start_streams()  # a stream's start comes before its body
         ex = self.streams.get(stream_id)
         if ex is None:
             return False
@@ -1087,7 +1313,7 @@ class Http2Connection(asyncio.Protocol):
                 or len(streams) >= self.settings.max_concurrent_streams):
             return False
         try:
-            fields = indexed_fields(h2.decoder, block)
+            fields = decoded_fields(h2.decoder, block)
             headers = fields if fields is not None else list(_decode_headers(h2.decoder, block))
             problem = malformed(headers)
             if problem:
@@ -1098,10 +1324,8 @@ class Http2Connection(asyncio.Protocol):
         machine = self.h2_machine
         if machine.state is NO_STREAM_YET:
             machine.state = SERVER_OPEN  # RECV_HEADERS, the connection's first
-        stream = H2Stream(stream_id, config=h2.config,
-                          inbound_window_size=self.local_window,
-                          outbound_window_size=self.remote_window)
-        stream.max_outbound_frame_size = h2.max_outbound_frame_size
+        stream = new_h2_stream(stream_id, h2.config, self.local_window, self.remote_window,
+                               h2.max_outbound_frame_size)
         streams[stream_id] = stream
         h2.highest_inbound_stream_id = stream_id
         request_headers_in(stream.state_machine, ended)
@@ -1119,7 +1343,6 @@ class Http2Connection(asyncio.Protocol):
             self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         self.opened += 1
-        self.cancel_timer()
         ex = Http2Exchange(self, stream_id)
         self.streams[stream_id] = ex
         if not ex.take_request(headers, stream_ended):
@@ -1128,11 +1351,28 @@ class Http2Connection(asyncio.Protocol):
             return
         if ex.has_body:
             self.open_window(stream_id, BODY_WINDOW - DEFAULT_WINDOW)
-        ex.start()
+        self.starting.append(ex)
+
+    def start_streams(self) -> None:
+        """Start the streams the frames handled so far opened: routed, and an upstream
+        connection asked for. Not as each opens, but at the end of the read that opened them
+        (before, when a frame of their body or their end comes): a stream reset in the same
+        read (rapid reset's every one) then costs no upstream work, nor a connection opened
+        and closed."""
+        starting = self.starting
+        self.starting = []
+        if self.transport.is_closing():
+            return  # cut: connection_lost abandons them
+        streams = self.streams
+        for ex in starting:
+            if streams.get(ex.stream_id) is ex:
+                ex.start()
 
     def stream_ended(self, stream_id: int) -> None:
         ex = self.streams.get(stream_id)
         if ex is not None and not ex.request_complete:
+            if self.starting:
+                self.start_streams()  # a stream's start comes before its end
             ex.on_request_complete()
             self.settle(ex)
 
@@ -1190,9 +1430,8 @@ class Http2Connection(asyncio.Protocol):
     # --- used by the streams ----------------------------------------------------------------
 
     def write_out(self) -> None:
-        data = self.h2.data_to_send()
-        if data:
-            self.transport.write(data)
+        if self.h2._data_to_send:  # (data_to_send's call is the cost when it holds nothing)
+            self.transport.write(self.h2.data_to_send())
 
     def write_frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
         """A frame framed by Weir, after what h2 holds."""
@@ -1241,6 +1480,21 @@ class Http2Connection(asyncio.Protocol):
         except ProtocolError:  # a stream the client has reset meanwhile
             return
         self.write_out()
+
+    def send_trailers(self, stream_id: int, trailers: list[tuple[bytes, bytes]]) -> None:
+        """The response's trailers (a gRPC call's status), ending the stream: encoded by Weir
+        (see hpack_field) when h2 would send them as they are, else by h2, which normalizes
+        them (lower-cases names, strips values) or refuses them as it does."""
+        parts: list[bytes] = []
+        for name, value in trailers:
+            if (name[:1] == b":" or name in CONNECTION_SPECIFIC or name == b"te"
+                    or name != name.lower() or (value and (
+                        value[0] == 0x20 or value[0] == 0x09
+                        or value[-1] == 0x20 or value[-1] == 0x09))):
+                self.send_headers(stream_id, trailers, True)
+                return
+            hpack_field(parts, name, value)
+        self.send_block(stream_id, b"".join(parts), True)
 
     def send_block(self, stream_id: int, block: bytes, end_stream: bool) -> None:
         """A response head Weir has encoded (see hpack_field): its HEADERS frame, and
@@ -1342,7 +1596,7 @@ class Http2Connection(asyncio.Protocol):
             # h2 would drop it when it next counts its open streams, which it does only for
             # the HEADERS it takes itself (see take_frames).
             del h2_streams[stream_id]
-            self.h2._closed_streams[stream_id] = stream.state_machine.stream_closed_by
+            closed_stream(self.h2, stream_id, stream.state_machine.stream_closed_by)
         if not self.streams:
             if self.closing:
                 self.close()
@@ -1372,14 +1626,26 @@ class Http2Connection(asyncio.Protocol):
             self.close()
 
     def arm_idle_timer(self) -> None:
-        if self.timer is None and not self.streams:
-            self.timer = self.loop.call_later(self.settings.idle_timeout, self.idle_timeout)
+        """No stream is open: the connection is closed after idle_timeout without one. One
+        timer is kept while streams come and go, and looks when it fires at how long the
+        connection has been idle: a timer made and cancelled for each idle spell would cost
+        every stream one."""
+        if not self.streams:
+            self.idle_since = self.loop.time()
+            if self.timer is None:
+                self.timer = self.loop.call_later(self.settings.idle_timeout,
+                                                  self.idle_timeout)
 
     def idle_timeout(self) -> None:
         self.timer = None
-        if not self.streams:
-            self.plane.stats.limits.idle_timeout += 1
-            self.shutdown()
+        if self.streams:
+            return  # armed again when the last of them ends
+        left = self.idle_since + self.settings.idle_timeout - self.loop.time()
+        if left > 0:
+            self.timer = self.loop.call_later(left, self.idle_timeout)
+            return
+        self.plane.stats.limits.idle_timeout += 1
+        self.shutdown()
 
     def cancel_timer(self) -> None:
         if self.timer is not None:

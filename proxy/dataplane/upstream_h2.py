@@ -52,7 +52,7 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
-from h2.stream import H2Stream, StreamClosedBy
+from h2.stream import StreamClosedBy
 
 from .corking import CorkedTransport
 from .http2 import (
@@ -69,11 +69,13 @@ from .http2 import (
     MAX_WINDOW,
     OPEN,
     WINDOW_UPDATE_FRAME,
+    closed_stream,
     data_out,
+    decoded_fields,
     end_stream_out,
     free_h2,
     hpack_field,
-    indexed_fields,
+    new_h2_stream,
     window_credit,
     write_frame,
 )
@@ -596,7 +598,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
         elif block[0] not in FINAL_STATUS_FIRST:
             return False
         try:
-            fields = indexed_fields(h2.decoder, block)  # the usual answer after the first
+            fields = decoded_fields(h2.decoder, block)
             headers = combine_cookies(fields if fields is not None
                                       else list(_decode_headers(h2.decoder, block)))
             if trailers and not ended:
@@ -735,9 +737,8 @@ class Http2UpstreamConnection(asyncio.Protocol):
         return stream
 
     def write_out(self) -> None:
-        data = self.h2.data_to_send()
-        if data:
-            self.transport.write(data)
+        if self.h2._data_to_send:
+            self.transport.write(self.h2.data_to_send())
 
     def write_frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
         """A frame framed by Weir, after what h2 holds."""
@@ -763,9 +764,8 @@ class Http2UpstreamConnection(asyncio.Protocol):
         if windows is None:
             windows = self.initial_windows = (h2.local_settings.initial_window_size,
                                               h2.remote_settings.initial_window_size)
-        stream = H2Stream(stream_id, config=h2.config, inbound_window_size=windows[0],
-                          outbound_window_size=windows[1])
-        stream.max_outbound_frame_size = h2.max_outbound_frame_size
+        stream = new_h2_stream(stream_id, h2.config, windows[0], windows[1],
+                               h2.max_outbound_frame_size)
         h2.streams[stream_id] = stream
         h2.highest_outbound_stream_id = stream_id
         machine = stream.state_machine
@@ -827,7 +827,7 @@ class Http2UpstreamConnection(asyncio.Protocol):
                 # h2 would drop it when it next counts its open streams, which it does only
                 # for the HEADERS it sends itself (see send_request).
                 del h2_streams[stream_id]
-                self.h2._closed_streams[stream_id] = h2_stream.state_machine.stream_closed_by
+                closed_stream(self.h2, stream_id, h2_stream.state_machine.stream_closed_by)
         if not self.streams and self.reserved == 0:
             if self.closing:
                 self.close()

@@ -367,7 +367,7 @@ async def test_one_timer_serves_the_read_timeouts_of_all_a_connections_streams()
 
 async def test_answers_from_an_indexing_encoder_pass_from_the_first_to_the_last() -> None:
     """h2's server encodes with HPACK's dynamic table: the first answer fills it, the later
-    ones are indexed fields (taken without hpack's decoder, see indexed_fields)."""
+    ones are indexed fields (all decoded without hpack's decoder, see decoded_fields)."""
     conn, wire = connect(asyncio.get_running_loop())
     server = wire.server
     for n in range(4):
