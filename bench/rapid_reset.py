@@ -30,6 +30,12 @@ error code; ENHANCE_YOUR_CALM is 0xb), streams per connection before the cut; We
 of the cuts (its log) and of the reset streams (``http_requests_total`` with status 499); the
 backend's requests; CPU seconds of Weir, the attacker and the rest per phase; /proc/loadavg.
 
+Placement: by default the backend and the attacker share the load CPU, and this process (the
+legit client) goes where the scheduler puts it. On a 2-CPU machine the attack's own cost (its
+connects and writes, and the kernel's work for them) then lands on the client's or the
+backend's CPU. ``--load-cpus 0 --attacker-cpus 1 --client-cpus 0`` gives the attacker a CPU of
+its own and puts the client and backend beside Weir, which then pays for its own part only.
+
 Everything listens on 127.0.0.1 and is stopped at the end, on Ctrl-C or an error; the run is
 bounded (``--max-attack-seconds`` plus about 20 s). Standard library plus ``h2`` (the client).
 
@@ -1111,10 +1117,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--load-cpus", default="1",
                    help="taskset CPU list for the backend and the attacker (default 1)")
     p.add_argument("--attacker-cpus", default=None,
-                   help="taskset CPU list for the attacker (default: the load cpus). With "
-                        "--attacker-cpus 0 it shares Weir's core, at its nice value, and all the "
-                        "attack's cost (its connects and writes, the kernel's work for them) "
-                        "falls on that core rather than on the legit client's")
+                   help="taskset CPU list for the attacker (default: the load cpus; see "
+                        "Placement in this file's doc)")
     p.add_argument("--client-cpus", default=None,
                    help="taskset CPU list for this process, the legit client (default: none, "
                         "the scheduler places it)")
