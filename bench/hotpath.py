@@ -12,8 +12,9 @@ keeps that many requests in flight, each answered by its own upstream connection
 loop iteration. ``--window-updates`` adds a connection WINDOW_UPDATE to each read, as a client
 with a small window (curl, nghttp, grpc) sends; ``--body`` makes each request a POST whose
 12-byte body (its length declared) follows in a DATA frame of its own, the shape of a gRPC
-unary call; ``--cut N`` delivers each read in pieces of N bytes, most ending inside a frame,
-as TCP hands over a large write.
+unary call, with the header block h2load sends for one (see H2_POST_BLOCK); ``--cut N``
+delivers each read in pieces of N bytes, most ending inside a frame, as TCP hands over a large
+write.
 
     python bench/hotpath.py                 # µs per request, best of 5
     python bench/hotpath.py --profile       # plus the top functions by own time
@@ -71,10 +72,15 @@ H2_FIRST_BLOCK = bytes.fromhex("8486418b089d5c0b8170dc0bcfbeff827a8f9c541c722954
 H2_BLOCK = bytes.fromhex("8486c082bfbe")
 H2_SETTINGS_ACK = bytes.fromhex("000000040100000000")
 H2_WINDOW_UPDATE = bytes.fromhex("000004080000000000") + (12 * 10).to_bytes(4)
-# --body: the same fields with :method POST and a content-length of 12, which the first POST
-# adds to the HPACK table (a literal with incremental indexing, ahead of h2load's three)
-H2_FIRST_POST_BLOCK = bytes.fromhex("8486c083bfbe5c023132")
-H2_POST_BLOCK = bytes.fromhex("8486c183c0bfbe")
+# --body: bench/run.py --grpc's call as h2load sends it (captured from nghttp2 1.52): POST
+# /bench.Echo/Call.grpc with content-type application/grpc and te trailers, which the first
+# POST adds to the HPACK table, and in every request :path (Huffman-coded) and content-length
+# as literals without indexing, which nghttp2 never indexes. (GET / has :path / in the static
+# table: all indexed.)
+GRPC_PATH_LITERAL = "0490" "6232d449d7c049cec5e1d142f359593f"
+H2_FIRST_POST_BLOCK = bytes.fromhex(GRPC_PATH_LITERAL + "86c083bf" "5f8b1d75d0620d263d4c4d6564"
+                                    "4002746586" "4d833505b11f" "c0" "0f0d023132")
+H2_POST_BLOCK = bytes.fromhex(GRPC_PATH_LITERAL + "86c283c1bfbec0" "0f0d023132")
 H2_BODY = b"hello world\n"
 
 

@@ -429,8 +429,22 @@ def hpack_string(block: bytes, pos: int) -> tuple[bytes | None, int]:
     if length < 0 or end > len(block):
         return None, pos
     if huffman:
-        return huffman_decoded(block, pos, end), end
+        # The same strings come again and again (a gRPC method's :path, which nghttp2 never
+        # indexes): each is decoded once. Only short ones are kept, and only so many.
+        code = block[pos:end]
+        text = HUFFMAN_DECODED.get(code)
+        if text is None:
+            text = huffman_decoded(block, pos, end)
+            if text is not None and length <= HUFFMAN_KEPT_LENGTH and (
+                    len(HUFFMAN_DECODED) < HUFFMAN_KEPT):
+                HUFFMAN_DECODED[code] = text
+        return text, end
     return block[pos:end], end
+
+
+HUFFMAN_DECODED: Final[dict[bytes, bytes]] = {}
+HUFFMAN_KEPT: Final = 4096
+HUFFMAN_KEPT_LENGTH: Final = 128
 
 
 def decoded_fields(decoder: Any, block: bytes) -> list[tuple[bytes, bytes]] | None:
