@@ -21,7 +21,11 @@ Defences: concurrent streams (``limits.max_concurrent_streams``), header list si
 (``limits.max_header_bytes``, refused by HPACK as it decodes) and body size as for HTTP/1.1;
 h2 bounds CONTINUATION frames per header block; rapid reset (CVE-2023-44487) as Envoy does it,
 by the share of streams the client resets before they have run a second; SETTINGS and PING
-floods by a budget of control frames. Each ends the connection with GOAWAY.
+floods by a budget of control frames. Each ends the connection with GOAWAY. A read is handled
+whole frames at a time, SLICE_FRAMES of them before the loop's next turn, and the streams it
+opens start once it is handled (see data_received and start_streams): a flood holds up other
+connections for one slice at most, and a stream reset in the read that opened it costs no
+upstream work.
 """
 
 from __future__ import annotations
@@ -337,8 +341,9 @@ VIA_FIELD: Final = NAME_CODES[b"via"] + LENGTH_CODES[len(VIA_PAIR[1])] + VIA_PAI
 # --- requests' HEADERS, taken by Weir ------------------------------------------------------
 # The HEADERS frame that opens a stream, in the usual shape (the whole block in it, no padding;
 # priority data skipped), is taken by Http2Connection.take_frames rather than by h2's frame-by-frame
-# path; everything else goes to h2 as it comes. What h2 would do is done: the block decoded by
-# h2's HPACK decoder (and its errors taken as h2 takes them), the header list checked as h2's
+# path; everything else goes to h2 as it comes. What h2 would do is done: the block decoded as
+# h2's HPACK decoder decodes it (decoded_fields; the decoder itself for any other shape, and its
+# errors taken as h2 takes them), the header list checked as h2's
 # validate_inbound_headers checks it (below; a malformed one is a connection error, as in h2),
 # the stream made in h2 with the state machine inputs and content length h2 gives it.
 
