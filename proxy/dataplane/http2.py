@@ -640,6 +640,60 @@ def write_frame(transport: CorkedTransport, h2: H2Connection, kind: int, flags: 
     transport.write(payload)
 
 
+def send_within_windows(transport: CorkedTransport, h2: H2Connection, stream: Any,
+                        pending: list[bytes], end: bool) -> int:
+    """Frame from ``pending`` what the stream's and the connection's windows take, in frames
+    the peer accepts, as h2's send_data would (either direction's connection): the stream's
+    state machine moved by SEND_DATA, and SEND_END_STREAM with the last of it when ``end``;
+    both windows shrunk. Returns the bytes sent; ``pending`` keeps the rest. Raises
+    ProtocolError where h2 would (a stream closed meanwhile), before anything is sent."""
+    window = min(stream.outbound_flow_control_window, h2.outbound_flow_control_window)
+    if window <= 0:
+        return 0
+    machine = stream.state_machine
+    data_out(machine)
+    stream_id = stream.stream_id
+    frame = h2.max_outbound_frame_size
+    sent = 0
+    while pending and window > 0:
+        chunk = pending[0]
+        size = min(window, frame, len(chunk))
+        if size == len(chunk):
+            pending.pop(0)
+        else:
+            pending[0] = chunk[size:]
+            chunk = chunk[:size]
+        window -= size
+        sent += size
+        if end and not pending:
+            end_stream_out(machine)
+            write_frame(transport, h2, DATA_FRAME, END_STREAM_FLAG, stream_id, chunk)
+        else:
+            write_frame(transport, h2, DATA_FRAME, 0, stream_id, chunk)
+    stream.outbound_flow_control_window -= sent
+    h2.outbound_flow_control_window -= sent
+    return sent
+
+
+def take_within_windows(h2: H2Connection, stream: Any, size: int, ended: bool) -> bool:
+    """A DATA frame of ``size`` bytes received on ``stream``, as h2 takes it when it is
+    valid (either direction's connection): within both inbound windows and the declared
+    content-length, which it then shrinks and counts. False, with nothing changed: h2's
+    FlowControlError or InvalidBodyLengthError, left to h2 to raise."""
+    window: Any = h2._inbound_flow_control_window_manager
+    stream_window = stream._inbound_window_manager
+    if size > window.current_window_size or size > stream_window.current_window_size:
+        return False
+    received = stream._actual_content_length + size
+    expected = stream._expected_content_length
+    if expected is not None and (received > expected or (ended and received != expected)):
+        return False
+    window.current_window_size -= size
+    stream_window.current_window_size -= size
+    stream._actual_content_length = received
+    return True
+
+
 def free_h2(h2: H2Connection) -> None:
     """A closed connection's H2Connection: its table of bound methods (a reference cycle)
     dropped, so that it is freed at once rather than at the next full collection, which
@@ -1278,17 +1332,8 @@ class Http2Connection(asyncio.Protocol):
         if stream is None or stream.state_machine.state is not OPEN:
             return False
         size = len(data)
-        window = h2._inbound_flow_control_window_manager
-        stream_window = stream._inbound_window_manager
-        if size > window.current_window_size or size > stream_window.current_window_size:
-            return False  # h2's FlowControlError
-        received = stream._actual_content_length + size
-        expected = stream._expected_content_length
-        if expected is not None and (received > expected or (ended and received != expected)):
-            return False  # h2's InvalidBodyLengthError
-        window.current_window_size -= size
-        stream_window.current_window_size -= size
-        stream._actual_content_length = received
+        if not take_within_windows(h2, stream, size, ended):
+            return False
         if ended:
             stream.state_machine.state = HALF_CLOSED_REMOTE  # RECV_END_STREAM
         ex.received(data, size)
@@ -1550,35 +1595,11 @@ class Http2Connection(asyncio.Protocol):
         if stream is None or self.h2_machine.state is CONNECTION_CLOSED:
             pending.clear()
             return 0
-        window = min(stream.outbound_flow_control_window, h2.outbound_flow_control_window)
-        if window <= 0:
-            return 0
-        machine = stream.state_machine
         try:
-            data_out(machine)
+            return send_within_windows(self.transport, h2, stream, pending, end)
         except ProtocolError:  # the stream is closed (reset by the client, say)
             pending.clear()
             return 0
-        frame = h2.max_outbound_frame_size
-        sent = 0
-        while pending and window > 0:
-            chunk = pending[0]
-            size = min(window, frame, len(chunk))
-            if size == len(chunk):
-                pending.pop(0)
-            else:
-                pending[0] = chunk[size:]
-                chunk = chunk[:size]
-            window -= size
-            sent += size
-            if end and not pending:
-                end_stream_out(machine)
-                self.write_frame(DATA_FRAME, END_STREAM_FLAG, stream_id, chunk)
-            else:
-                self.write_frame(DATA_FRAME, 0, stream_id, chunk)
-        stream.outbound_flow_control_window -= sent
-        h2.outbound_flow_control_window -= sent
-        return sent
 
     def end_stream(self, stream_id: int) -> None:
         try:

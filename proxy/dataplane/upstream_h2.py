@@ -70,12 +70,13 @@ from .http2 import (
     OPEN,
     WINDOW_UPDATE_FRAME,
     closed_stream,
-    data_out,
     decoded_fields,
     end_stream_out,
     free_h2,
     hpack_field,
     new_h2_stream,
+    send_within_windows,
+    take_within_windows,
     window_credit,
     write_frame,
 )
@@ -546,17 +547,8 @@ class Http2UpstreamConnection(asyncio.Protocol):
                 or not machine.headers_received):
             return False
         size = len(data)
-        window = h2._inbound_flow_control_window_manager
-        stream_window = stream._inbound_window_manager
-        if size > window.current_window_size or size > stream_window.current_window_size:
-            return False  # h2's FlowControlError
-        received = stream._actual_content_length + size
-        expected = stream._expected_content_length
-        if expected is not None and (received > expected or (ended and received != expected)):
-            return False  # h2's InvalidBodyLengthError
-        window.current_window_size -= size
-        stream_window.current_window_size -= size
-        stream._actual_content_length = received
+        if not take_within_windows(h2, stream, size, ended):
+            return False
         if ended:
             self.end_received(machine)
         ours.received(data, size)
@@ -965,36 +957,14 @@ class UpstreamStream(UpstreamChannel):
         stream = h2.streams.get(stream_id)
         if h2.state_machine.state is CONNECTION_CLOSED:
             stream = None
-        window = 0
-        if stream is not None:
-            window = min(stream.outbound_flow_control_window, h2.outbound_flow_control_window)
         try:
             if stream is None:
                 raise ProtocolError("stream closed")
-            if window > 0:
-                machine = stream.state_machine
-                data_out(machine)
-                frame = h2.max_outbound_frame_size
-                sent = 0
-                while pending and window > 0:
-                    chunk = pending[0]
-                    size = min(window, frame, len(chunk))
-                    if size == len(chunk):
-                        pending.pop(0)
-                    else:
-                        pending[0] = chunk[size:]
-                        chunk = chunk[:size]
-                    window -= size
-                    sent += size
-                    self.pending_bytes -= size
-                    if self.end_pending and not pending:
-                        self.local_ended = True
-                        end_stream_out(machine)
-                        conn.write_frame(DATA_FRAME, END_STREAM_FLAG, stream_id, chunk)
-                    else:
-                        conn.write_frame(DATA_FRAME, 0, stream_id, chunk)
-                stream.outbound_flow_control_window -= sent
-                h2.outbound_flow_control_window -= sent
+            had_pending = bool(pending)
+            self.pending_bytes -= send_within_windows(conn.transport, h2, stream, pending,
+                                                      self.end_pending)
+            if self.end_pending and had_pending and not pending:
+                self.local_ended = True  # END_STREAM went with the last of it
         except ProtocolError:  # the stream is closed: the upstream is done with the body
             pending.clear()
             self.pending_bytes = 0
