@@ -289,7 +289,7 @@ class Http1Connection(asyncio.Protocol):
         self.corker = plane.corker
         self.settings = plane.settings
         self.transport: CorkedTransport = None  # type: ignore[assignment]
-        self.parser = HttpRequestParser(self)
+        self.parser: HttpRequestParser = None  # type: ignore[assignment]  # connection_made
         self.current: Http1Exchange | None = None
         self.active: Http1Exchange | None = None
         # Pipelined requests waiting their turn; a deque only once one comes (most clients
@@ -317,13 +317,23 @@ class Http1Connection(asyncio.Protocol):
     # --- asyncio.Protocol -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        address = peer[0] if isinstance(peer, tuple) else "unix"
+        penalties = self.plane.penalties
+        if penalties.until and penalties.refuses(address, self.loop.time()):
+            # Cut for HTTP/2 abuse a moment ago, and back: closed before anything is read or
+            # set up, the way HAProxy's "tcp-request connection reject" does, so a client
+            # that reconnects as fast as it is cut costs little more than its accepts.
+            self.plane.stats.limits.http2_abuse += 1
+            self.closing = True
+            transport.abort()  # type: ignore[attr-defined]  # a Transport, from the server
+            return
+        self.parser = HttpRequestParser(self)
         if len(self.plane.connections) >= self.settings.max_connections:
             self.refuse(transport)
             return
         self.transport = CorkedTransport(transport, self.corker)
-        peer = transport.get_extra_info("peername")
-        self.peer = Peer(peer[0] if isinstance(peer, tuple) else "unix", self.settings,
-                         self.plane.scheme)
+        self.peer = Peer(address, self.settings, self.plane.scheme)
         if self.plane.listener_tls is not None:
             self.unsniffed = None  # TLS: ALPN says which protocol, before any byte
             ssl_object = transport.get_extra_info("ssl_object")
@@ -355,7 +365,7 @@ class Http1Connection(asyncio.Protocol):
     def hand_to_http2(self, data: bytes) -> None:
         penalties = self.plane.penalties
         if penalties.until and penalties.refuses(self.peer.address, self.loop.time()):
-            # Cut for abuse a moment ago: closed before any of its frames is parsed.
+            # Cut for abuse while this connection was being opened: no frame of it is parsed.
             self.plane.stats.limits.http2_abuse += 1
             self.transport.abort()
             return

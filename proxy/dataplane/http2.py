@@ -1483,11 +1483,11 @@ class Http2Connection(asyncio.Protocol):
         return False
 
     def penalize(self) -> float:
-        """Cut for abuse: the address gets no HTTP/2 connection for a while (see
-        context.Penalties); returns how long. Not a trusted proxy's (``trusted_proxies``):
-        every client behind it would pay for one."""
+        """Cut for abuse: the address gets no connection for a while (see
+        context.Penalties); returns how long. Not a trusted proxy's (``trusted_proxies``), nor
+        a Unix socket's: every client behind it would pay for one."""
         self.plane.stats.limits.http2_abuse += 1
-        if self.peer.trusted:
+        if self.peer.trusted or self.peer.address == "unix":
             return 0.0
         return self.plane.penalties.penalize(self.peer.address, self.loop.time())
 

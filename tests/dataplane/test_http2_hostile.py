@@ -1303,17 +1303,24 @@ async def rapid_reset_cut(port: int) -> None:
     await expect_connection_error(raw, {ErrorCodes.ENHANCE_YOUR_CALM}, "rapid reset")
 
 
-async def test_an_address_cut_for_rapid_reset_gets_no_http2_for_a_while(
+async def test_an_address_cut_for_rapid_reset_gets_no_connection_for_a_while(
         plain: tuple[ProxyServer, Backend]) -> None:
     """A client that reconnects as fast as it is cut would cost a core (bench/rapid_reset.py):
-    its address is refused HTTP/2 at once for a second, doubling while it keeps coming back.
-    HTTP/1.1 from it, and other addresses, are served meanwhile."""
+    its address is refused at once for a second, doubling while it keeps coming back. Other
+    addresses are served meanwhile."""
     proxy, _ = plain
     await rapid_reset_cut(proxy.port)
     again = await RawH2.open(proxy.port)
     await again.until_closed(5)
     assert not again.frames, f"closed before any frame of its was read: {again.summary()}"
     assert proxy.stats.limits.http2_abuse == 2  # the cut, then the refusal
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port,
+                                                   local_addr=(HOSTILE_ADDRESS, 0))
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    with contextlib.suppress(ConnectionError):
+        assert await asyncio.wait_for(reader.read(), 5) == b"", "HTTP/1.1 refused too"
+    writer.close()
+    assert proxy.stats.limits.http2_abuse == 3
     status, _ = await http11_get(proxy.port)  # from 127.0.0.1: the penalty is per address
     assert status == 200
     await assert_still_serving(proxy)
