@@ -33,6 +33,10 @@ log = logging.getLogger("weir.admin")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+# The name ``admin.token`` acts under in the rollout records and the log.
+ADMIN_TOKEN_NAME = "admin"
+
+
 def error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
@@ -149,6 +153,10 @@ class AdminServer:
         if scheme.lower() != "bearer" or not hmac.compare_digest(presented, token.encode()):
             raise web.HTTPUnauthorized(reason="missing or wrong bearer token")
 
+    def actor(self, request: web.Request) -> str:
+        """Who made an authorized change, for the records: the token's name."""
+        return ADMIN_TOKEN_NAME
+
     async def body(self, request: web.Request) -> dict[str, Any]:
         try:
             data = await request.json(loads=json.loads)
@@ -263,8 +271,14 @@ class AdminServer:
         return web.json_response(await self.control.undrain(address))
 
     async def rollout_status(self, request: web.Request) -> web.Response:
+        """``?events_after=SEQ``: only the events numbered above SEQ (what a client that
+        follows the rollout, like ``weir rollout wait``, has not seen yet)."""
         rollout = self.control.rollouts.get(request.match_info["name"])
-        return web.json_response(rollout.status())
+        after = request.query.get("events_after")
+        if after is not None and not (after.isascii() and after.isdigit()):
+            raise web.HTTPBadRequest(reason="events_after must be a whole number (an event's "
+                                            "seq)")
+        return web.json_response(rollout.status(int(after) if after is not None else None))
 
     async def rollout_action(self, request: web.Request) -> web.Response:
         await self.begin_change(request)
@@ -276,9 +290,14 @@ class AdminServer:
                 full = (await self.body(request)).get("full", False)
                 if not isinstance(full, bool):
                     raise web.HTTPBadRequest(reason='"full" must be true or false')
-            await rollout.promote(full=full)
+            await rollout.promote(full=full, by=self.actor(request))
         elif action in ("start", "abort", "pause", "resume", "retry"):
-            await getattr(rollout, action)()
+            if action == "start":
+                await rollout.start("api", by=self.actor(request))
+            elif action == "abort":
+                await rollout.abort(f"aborted by {self.actor(request)}", by=self.actor(request))
+            else:
+                await getattr(rollout, action)(by=self.actor(request))
         else:
             raise web.HTTPNotFound(reason=f"no rollout action {action!r} (start, promote, "
                                           f"abort, pause, resume, retry)")

@@ -104,8 +104,9 @@ class AdminClient:
         return self.request("POST", f"/api/services/{_seg(service)}/rollout/{_seg(action)}",
                             body if body is not None else {})
 
-    def rollout_status(self, service: str) -> dict[str, Any]:
-        return self.request("GET", f"/api/services/{_seg(service)}/rollout")
+    def rollout_status(self, service: str, events_after: int | None = None) -> dict[str, Any]:
+        query = "" if events_after is None else f"?events_after={int(events_after)}"
+        return self.request("GET", f"/api/services/{_seg(service)}/rollout{query}")
 
     def drain(self, upstream: str, force: bool = False) -> dict[str, Any]:
         return self.request("POST", "/api/upstreams/drain",

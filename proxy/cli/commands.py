@@ -239,6 +239,8 @@ def rollout_command(action: str) -> Callable[[argparse.Namespace], int]:
         if action == "status":
             data = client(args).rollout_status(args.service)
             return emit(args, data, f"{args.service}: {describe_rollout(data) or 'no rollout'}")
+        if action == "start":
+            return cmd_rollout_start(args)
         body = {"full": bool(args.full)} if action == "promote" else {}
         data = client(args).rollout(args.service, action, body)
         done = ROLLOUT_DONE[action] + (" fully" if action == "promote" and args.full else "")
@@ -250,6 +252,58 @@ def rollout_command(action: str) -> Callable[[argparse.Namespace], int]:
         return code
 
     return command
+
+
+def cmd_rollout_start(args: argparse.Namespace) -> int:
+    """``weir rollout start SERVICE [--revision R] [--upstreams A,B] [--wait]``."""
+    from .wait import Target
+
+    admin = AdminClient(args.admin, timeout=DEFAULT_TIMEOUT) if args.wait else client(args)
+    body: dict[str, Any] = {}
+    if args.revision is not None:
+        body["revision"] = args.revision
+    if args.upstreams is not None:
+        body["upstreams"] = args.upstreams
+    data = admin.rollout(args.service, "start", body)
+    detail = describe_rollout(data)
+    emit(args, data, f"{args.service}: rollout {data.get('number', '')} started".replace(
+        "  ", " ") + (f" ({detail})" if detail else ""))
+    if isinstance(data, dict) and data.get("warning"):
+        print(f"weir: warning: {data['warning']}", file=sys.stderr)
+    if not args.wait:
+        return 0
+    number = data.get("number")
+    target = Target(number=number if isinstance(number, int) and number > 0 else None,
+                    revision=args.revision)
+    return follow(admin, args, target)
+
+
+def cmd_rollout_wait(args: argparse.Namespace) -> int:
+    from .wait import Target
+
+    admin = AdminClient(args.admin, timeout=DEFAULT_TIMEOUT)
+    return follow(admin, args, Target(revision=args.revision))
+
+
+def follow(admin: AdminClient, args: argparse.Namespace, target: Any) -> int:
+    from .wait import USAGE, wait
+
+    out = sys.stderr if args.json else sys.stdout  # with --json, stdout is the JSON alone
+    try:
+        return wait(admin, args.service, target, args.timeout, args.until, out=out)
+    except AdminError as exc:
+        if exc.status == 404 or exc.unreachable:  # an unknown service is a usage error
+            print(f"weir: {exc.message}", file=sys.stderr)
+            return USAGE
+        raise
+
+
+def upstream_list(text: str) -> list[str]:
+    """'10.0.0.5:8080,10.0.0.6:8080' → the addresses (checked by the server)."""
+    addresses = [part.strip() for part in text.split(",") if part.strip()]
+    if not addresses:
+        raise argparse.ArgumentTypeError(f"expected host:port[,host:port...], got {text!r}")
+    return addresses
 
 
 def describe_rollout(data: Any) -> str:
@@ -490,13 +544,37 @@ def build_parser() -> argparse.ArgumentParser:
                             "nothing: its errors are shown and the exit code is 1.")
     reload.set_defaults(func=cmd_reload)
 
-    def rollout_parser(group: Any, action: str, help: str) -> None:
-        cmd = group.add_parser(action, parents=admin, help=help, description=help)
+    def rollout_parser(group: Any, action: str, help: str, description: str = "") -> None:
+        waits = action in ("start", "wait")
+        cmd = group.add_parser(action, help=help, description=description or help,
+                               parents=[admin_options(request_timeout=False)] if waits
+                               else admin)
         cmd.add_argument("service", metavar="SERVICE")
         if action == "promote":
             cmd.add_argument("--full", action="store_true",
                              help="skip the remaining steps and go to 100%%")
-        cmd.set_defaults(func=rollout_command(action))
+        if action == "start":
+            cmd.add_argument("--revision", metavar="R", default=None,
+                             help="the new version's revision (e.g. v2.4.0), set through the "
+                                  "API and kept in the runtime state")
+            cmd.add_argument("--upstreams", metavar="A,B", type=upstream_list, default=None,
+                             help="the new version's upstreams, host:port,...")
+            cmd.add_argument("--wait", action="store_true",
+                             help="then wait for the outcome, as weir rollout wait does")
+        if action == "wait":
+            cmd.add_argument("--revision", metavar="R", default=None,
+                             help="wait for the rollout of this revision: an earlier "
+                                  "rollout's outcome is never reported")
+        if waits:
+            cmd.add_argument("--timeout", metavar="D", type=wait_duration, default=None,
+                             help="give up after this long (exit 3): 30s, 5m or plain "
+                                  "seconds; without --wait, how long the call may take "
+                                  "(default: no limit for a wait, "
+                                  f"{DEFAULT_TIMEOUT:g}s for a call)")
+            cmd.add_argument("--until", choices=("promoted", "paused"), default="promoted",
+                             help="paused: a pause for a person ends the wait with 0, not 4")
+        cmd.set_defaults(func=cmd_rollout_wait if action == "wait"
+                         else rollout_command(action), unreachable_code=2 if waits else 1)
 
     helps = {"promote": "advance a rollout past its pause (--full: to the end)",
              "abort": "abort a rollout: all traffic back to stable",
@@ -511,6 +589,12 @@ def build_parser() -> argparse.ArgumentParser:
         rollout_parser(verbs, action, text)
     rollout_parser(verbs, "retry", "start an aborted rollout again")
     rollout_parser(verbs, "status", "show a rollout's phase, step and analysis")
+    rollout_parser(verbs, "wait", "wait for a rollout's outcome, with an exit code",
+                   "Follow a service's rollout, printing each step and analysis as it "
+                   "happens, until it ends. Exit codes: 0 promoted (or the --until point "
+                   "reached), 1 aborted or rolled back, 2 bad usage or the admin API "
+                   "unreachable, 3 timed out, 4 paused for a person (a pause: {} step, "
+                   "inconclusive analysis).")
 
     drain = sub.add_parser(
         "drain", parents=[admin_options(request_timeout=False)],

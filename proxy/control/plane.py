@@ -43,6 +43,8 @@ SAVE_RETRY_FIRST = 0.5
 SAVE_RETRY_MAX = 5.0
 # How long an API answer waits for its change's save, to say whether it was saved.
 SAVE_WAIT = 3.0
+# A rollout's latest events in /api/status (the rollout's own endpoint has all it keeps).
+STATUS_EVENTS = 10
 
 
 class StateConflictError(StateWriteError):
@@ -618,7 +620,8 @@ class ControlPlane:
                 "sticky": service.sticky is not None,
                 "mirror": [self._mirror_status(service.name, m.version, m.percent)
                            for m in service.mirror],
-                "rollout": (self.rollouts.rollouts[service.name].status()
+                "rollout": (self.rollouts.rollouts[service.name].status(
+                                last_events=STATUS_EVENTS)
                             if service.name in self.rollouts.rollouts else None),
             })
         draining = [{"upstream": p.address, "service": p.drain_label[0],

@@ -8,6 +8,10 @@ at the same step without repeating it.
 
 Phases, as Argo Rollouts names them: ``idle`` (nothing to do), ``progressing``, ``paused``
 (by a step, a person, or inconclusive analysis), ``completed`` and ``aborted``.
+
+Every transition is an event (see ``ServiceRollout.emit`` and ``EVENTS``): kept, numbered, in
+the record, where ``weir rollout wait`` and the dashboard read them, and handed to the
+notifications.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -50,6 +54,14 @@ PHASES = tuple(Phase)
 
 
 ANALYSES_KEPT = 20
+EVENTS_KEPT = 100  # a waiting client polls every second or so: it never falls this far behind
+
+# The transitions a rollout announces, in the order a rollout goes through them.
+EVENTS = ("started", "step", "analysis", "paused", "awaiting_promotion", "resumed",
+          "promoted", "aborted", "rolled_back", "completed")
+
+# Who acted when no person did: the controller's own decisions.
+CONTROLLER = "controller"
 
 
 class RolloutError(Exception):
@@ -77,6 +89,11 @@ class RolloutRecord:
     # The steps this record's step number counts in (see steps_digest): a restart with other
     # steps in the file holds the rollout rather than reading the number against them.
     steps_digest: str = ""
+    number: int = 0                     # rollouts of this service started so far
+    release: str = ""                   # the new version's ``revision`` when this one started
+    promoted_by: str | None = None      # who promoted it (a token's name), if a person did
+    event_seq: int = 0                  # the last event's number
+    events: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RolloutRecord:
@@ -86,7 +103,7 @@ class RolloutRecord:
         return record
 
 
-_COUNTS = ("step", "failures", "inconclusives")
+_COUNTS = ("step", "failures", "inconclusives", "number", "event_seq")
 
 
 _TIMES = ("step_started_at", "updated_at")
@@ -95,10 +112,10 @@ _TIMES = ("step_started_at", "updated_at")
 _OPTIONAL_TIMES = ("promoted_at", "started_at")
 
 
-_TEXTS = ("revision", "steps_digest")
+_TEXTS = ("revision", "steps_digest", "release")
 
 
-_OPTIONAL_TEXTS = ("paused_by", "aborted_revision", "reason", "active")
+_OPTIONAL_TEXTS = ("paused_by", "aborted_revision", "reason", "active", "promoted_by")
 
 
 def check_rollout_record(data: object) -> dict[str, Any]:
@@ -124,7 +141,7 @@ def check_rollout_record(data: object) -> dict[str, Any]:
             ok = isinstance(value, str)
         elif name in _OPTIONAL_TEXTS:
             ok = value is None or isinstance(value, str)
-        elif name == "analyses":
+        elif name in ("analyses", "events"):
             ok = isinstance(value, list) and all(isinstance(a, dict) for a in value)
         else:
             continue  # written by a newer Weir: ignored
@@ -143,6 +160,53 @@ def fingerprint(service: Service, version: str) -> str:
     config = service.versions[version]
     text = "\n".join([*sorted(config.upstreams), config.revision or ""])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# What each check compares, and how to say it: (the measured value's key, its name).
+CHECK_VALUES = {
+    "max_error_rate": ("canary_error_rate", "error rate"),
+    "max_error_rate_increase": ("error_rate_increase", "error rate over stable's"),
+    "max_p99": ("canary_p99", "p99"),
+    "max_p95": ("canary_p95", "p95"),
+    "max_p50": ("canary_p50", "p50"),
+    "max_p99_ratio": ("p99_ratio", "p99 over stable's"),
+}
+LATENCY_CHECKS = ("max_p99", "max_p95", "max_p50")
+
+
+def describe_step(step: Step) -> str:
+    if step.set_weight is not None:
+        return f"set_weight {step.set_weight}"
+    if step.pause is not None:
+        return (f"pause {step.pause.duration:g}s" if step.pause.duration is not None
+                else "pause until promoted")
+    return "analysis"
+
+
+def describe_analysis(result: dict[str, Any]) -> str:
+    """One line: the outcome, then each check's measured value against its threshold
+    ("failure: error rate 0.052 > 0.01 (max_error_rate); p99 0.012s <= 0.5s; 312 requests")."""
+    outcome = str(result.get("outcome", "?"))
+    values = result.get("values") or {}
+    thresholds = result.get("thresholds") or {}
+    failed = set(result.get("failed_checks") or [])
+    parts = []
+    for check, limit in thresholds.items():
+        key, label = CHECK_VALUES.get(check, (check, check))
+        value = values.get(key)
+        if not isinstance(value, int | float) or not isinstance(limit, int | float):
+            continue
+        unit = "s" if check in LATENCY_CHECKS else ""
+        if check in failed:
+            parts.append(f"{label} {value:g}{unit} > {limit:g}{unit} ({check})")
+        else:
+            parts.append(f"{label} {value:g}{unit} <= {limit:g}{unit}")
+    parts.sort(key=lambda part: not part.endswith(")"))  # the failed checks first
+    if isinstance(values.get("canary_requests"), int):
+        parts.append(f"{values['canary_requests']} canary requests")
+    if result.get("why"):
+        parts.append(str(result["why"]))
+    return f"{outcome}: " + "; ".join(parts) if parts else outcome
 
 
 class ServiceRollout:
@@ -225,6 +289,22 @@ class ServiceRollout:
         """The record into the runtime state, to go with the next save."""
         self.record.updated_at = time.time()
         self.control.state.rollouts[self.name] = asdict(self.record)
+
+    def emit(self, event: str, message: str, by: str = CONTROLLER, **details: Any) -> None:
+        """A transition (one of EVENTS): numbered into the record, which the caller saves next,
+        logged, and handed to the notifications. ``message`` is the one line a person reads."""
+        record = self.record
+        record.event_seq += 1
+        entry: dict[str, Any] = {
+            "seq": record.event_seq, "at": time.time(), "event": event, "service": self.name,
+            "rollout": record.number, "revision": record.release, "step": record.step,
+            "steps": len(self.spec.steps), "phase": str(record.phase), "by": by,
+            "message": message, **details}
+        record.events = [*record.events, entry][-EVENTS_KEPT:]
+        log.log(logging.WARNING if event in ("paused", "aborted") else logging.INFO,
+                "service %s: rollout %s: %s%s", self.name, event.replace("_", " "), message,
+                "" if by == CONTROLLER else f" (by {by})")
+        self.controller.announce(entry)
 
     @property
     def new_version(self) -> str:
@@ -316,8 +396,8 @@ class ServiceRollout:
                          f"without changing any weight; resume or promote to go on")
         self.step_window = self.background = None
         self.cancel_ramp()
+        self.emit("paused", record.reason, paused_by="config")
         self.save()
-        log.warning("service %s: rollout paused: %s", self.name, record.reason)
 
     def first_weights(self) -> dict[str, int]:
         steps = self.spec.steps
@@ -337,7 +417,7 @@ class ServiceRollout:
 
     # --- actions --------------------------------------------------------------------------
 
-    async def start(self, why: str = "api") -> None:
+    async def start(self, why: str = "api", by: str = CONTROLLER) -> None:
         """Saved before it counts: if the state cannot be saved, the rollout is as it was
         (a rollback ramp cut short goes on) and StateWriteError says nothing changed."""
         record = self.record
@@ -356,7 +436,10 @@ class ServiceRollout:
         record.started_at = time.time()
         record.promoted_at = None
         record.aborted_revision = None
+        record.promoted_by = None
         record.steps_digest = steps_digest(self.spec.steps)
+        record.number += 1
+        record.release = self.service.versions[self.new_version].revision or ""
         self.step_window = self.background = None
         if self.spec.strategy == "canary":
             # From the first step's weight at once: a new canary revision must not inherit
@@ -373,9 +456,10 @@ class ServiceRollout:
                 if ramp_cut:
                     self.ramp = self.controller.spawn(self.roll_back())
                 raise
-        else:
-            self.save()
-        log.info("service %s: rollout started (%s)", self.name, why)
+        release = f" of revision {record.release}" if record.release else ""
+        self.emit("started", f"rollout {record.number}{release} ({why}): {self.new_version} "
+                             f"replaces {self.old_version}", by=by, why=why)
+        self.save()
         if not await self.webhook("pre_rollout", required=True):
             await self.abort("the pre_rollout webhook failed")
             return
@@ -393,28 +477,37 @@ class ServiceRollout:
             log.error("service %s: rollout not started yet (%s): %s; trying again",
                       self.name, why, exc)
 
-    async def promote(self, full: bool = False) -> None:
+    async def promote(self, full: bool = False, by: str = CONTROLLER) -> None:
         record = self.record
         if record.phase not in (PROGRESSING, PAUSED):
             raise RolloutError(f"no rollout of {self.name} in progress (phase {record.phase})")
         if self.spec.strategy == "blue_green":
             if record.promoted_at is not None:
-                await self.complete("promoted past the post-promotion window")
+                record.promoted_by = by
+                await self.complete("promoted past the post-promotion window", by=by)
             else:
-                await self.switch_colours()
+                await self.switch_colours(by=by)
             return
         if full:
-            await self.complete("promoted in full")
+            record.promoted_by = by
+            self.emit("promoted", "promoted in full: the canary goes to 100%", by=by,
+                      full=True)
+            await self.complete("promoted in full", by=by)
             return
         steps = self.spec.steps
-        if record.step < len(steps) and steps[record.step].pause is not None:
+        at_pause = record.step < len(steps) and steps[record.step].pause is not None
+        if not at_pause and record.phase != PAUSED:
+            return  # progressing through a step that is no pause: nothing to promote past
+        record.promoted_by = by
+        self.emit("promoted", f"promoted past step {record.step + 1}", by=by, full=False)
+        if at_pause:
             await self.next_step()
-        elif record.phase == PAUSED:
+        else:
             record.phase, record.paused_by = PROGRESSING, None
             record.inconclusives = 0
             self.save()
 
-    async def abort(self, reason: str = "aborted by a person") -> None:
+    async def abort(self, reason: str = "aborted by a person", by: str = CONTROLLER) -> None:
         record = self.record
         if record.phase not in (PROGRESSING, PAUSED):
             raise RolloutError(f"no rollout of {self.name} in progress (phase {record.phase})")
@@ -422,8 +515,8 @@ class ServiceRollout:
         record.reason = reason
         record.aborted_revision = record.revision
         self.step_window = self.background = None
+        self.emit("aborted", reason, by=by, reason=reason)
         self.save()
-        log.warning("service %s: rollout aborted: %s", self.name, reason)
         await self.roll_back()
         await self.webhook("rollback")
 
@@ -442,6 +535,7 @@ class ServiceRollout:
         ramp = [w for w in self.spec.rollback_ramp if w > 0]
         if not ramp:
             await self.set_weights({old: 100, new: 0}, fail_safe=True)
+            self.rolled_back(old, new)
             return
 
         async def walk() -> None:
@@ -449,8 +543,14 @@ class ServiceRollout:
                 await self.set_weights({old: 100 - weight, new: weight}, fail_safe=True)
                 await asyncio.sleep(self.spec.rollback_ramp_interval)
             await self.set_weights({old: 100, new: 0}, fail_safe=True)
+            self.rolled_back(old, new)
 
         self.ramp = self.controller.spawn(walk())
+
+    def rolled_back(self, old: str, new: str) -> None:
+        self.emit("rolled_back", f"all traffic back on {old}; {new} has none",
+                  reason=self.record.reason)
+        self.save()
 
     def rollback_unfinished(self) -> bool:
         """An aborted canary that still has traffic: a restart cut its rollback ramp short."""
@@ -464,17 +564,20 @@ class ServiceRollout:
             self.ramp.cancel()
             self.ramp = None
 
-    async def pause(self) -> None:
+    async def pause(self, by: str = CONTROLLER) -> None:
         record = self.record
         if record.phase != PROGRESSING:
             raise RolloutError(f"no progressing rollout of {self.name} (phase {record.phase})")
         record.phase, record.paused_by = PAUSED, "user"
+        self.emit("paused", f"paused at step {record.step + 1} by a person; resume or promote "
+                            f"to go on", by=by, paused_by="user")
         self.save()
 
-    async def resume(self) -> None:
+    async def resume(self, by: str = CONTROLLER) -> None:
         record = self.record
         if record.phase != PAUSED:
             raise RolloutError(f"the rollout of {self.name} is not paused (phase {record.phase})")
+        self.emit("resumed", f"resumed at step {record.step + 1}", by=by)
         steps = self.spec.steps
         if (record.paused_by == "step" and record.step < len(steps)
                 and steps[record.step].pause is not None):
@@ -484,11 +587,11 @@ class ServiceRollout:
         record.inconclusives = 0
         self.save()
 
-    async def retry(self) -> None:
+    async def retry(self, by: str = CONTROLLER) -> None:
         if self.record.phase != ABORTED:
             raise RolloutError(f"only an aborted rollout can be retried "
                                f"(phase {self.record.phase})")
-        await self.start("retry")
+        await self.start("retry", by=by)
 
     # --- the engine -----------------------------------------------------------------------
 
@@ -518,6 +621,8 @@ class ServiceRollout:
             duration = step.pause.duration
             if duration is None:
                 record.phase, record.paused_by = PAUSED, "step"
+                self.emit("awaiting_promotion", f"paused at step {record.step + 1} of "
+                          f"{len(steps)} until promoted (weir promote {self.name})")
                 self.save()
             elif time.time() - record.step_started_at >= duration:
                 await self.next_step()
@@ -530,10 +635,15 @@ class ServiceRollout:
         record.step_started_at = time.time()
         record.phase, record.paused_by = PROGRESSING, None
         self.step_window = None
+        steps = self.spec.steps
+        if self.spec.strategy == "canary" and record.step < len(steps):
+            self.emit("step", f"step {record.step + 1} of {len(steps)}: "
+                              f"{describe_step(steps[record.step])} (canary at "
+                              f"{self.canary_percent():g}%)",
+                      detail=steps[record.step].model_dump(mode="json", exclude_none=True))
         self.save()
-        log.info("service %s: rollout at step %d", self.name, record.step)
 
-    async def complete(self, why: str) -> None:
+    async def complete(self, why: str, by: str = CONTROLLER) -> None:
         record = self.record
         if self.spec.strategy == "canary":
             await self.set_weights({self.spec.stable: 0, self.spec.canary: 100})
@@ -541,8 +651,9 @@ class ServiceRollout:
         record.phase, record.paused_by, record.reason = COMPLETED, None, why
         record.promoted_at = record.promoted_at or time.time()
         self.step_window = self.background = None
+        winner = self.spec.canary if self.spec.strategy == "canary" else self.active_colour
+        self.emit("completed", f"{winner} has all the traffic ({why})", by=by, reason=why)
         self.save()
-        log.info("service %s: rollout completed (%s)", self.name, why)
         await self.webhook("promoted")
 
     def windows(self, analysis: Analysis) -> MeasurementWindow | PrometheusWindow:
@@ -601,8 +712,9 @@ class ServiceRollout:
         result["step"] = record.step
         record.analyses = [*record.analyses, result][-ANALYSES_KEPT:]
         self.controller.count_analysis(self.name, result["outcome"])
-        log.info("service %s: analysis %s: %s %s", self.name, kind, result["outcome"],
-                 result.get("failed_checks") or result.get("why") or "")
+        self.emit("analysis", describe_analysis(result), outcome=result["outcome"], kind=kind,
+                  values=result.get("values", {}), thresholds=result.get("thresholds", {}),
+                  failed_checks=result.get("failed_checks", []))
         if result["outcome"] == "failure":
             record.failures += 1
             if record.failures > analysis.failure_limit:
@@ -616,6 +728,7 @@ class ServiceRollout:
                 record.phase, record.paused_by = PAUSED, "inconclusive"
                 record.reason = (f"analysis inconclusive {record.inconclusives} time(s): "
                                  f"{result.get('why')}; resume or promote to go on")
+                self.emit("paused", record.reason, paused_by="inconclusive")
                 self.save()
                 log.warning("service %s: rollout paused: %s", self.name, record.reason)
                 return False
@@ -645,9 +758,15 @@ class ServiceRollout:
                         failures.append(f"{check.method} {url} gave {status or 'no answer'}, "
                                         f"expected {check.status}")
                         break
+        outcome = "failure" if failures else "success"
         self.record.analyses = [*self.record.analyses, {
-            "at": time.time(), "kind": "smoke", "outcome": "failure" if failures else "success",
+            "at": time.time(), "kind": "smoke", "outcome": outcome,
             "failures": failures[:10]}][-ANALYSES_KEPT:]
+        checked = sum(c.count for c in self.spec.checks) * len(version.upstreams)
+        self.emit("analysis", f"pre-promotion checks of {preview}: {outcome}"
+                  + (f": {'; '.join(failures[:3])}" if failures
+                     else f" ({checked} request(s) answered as expected)"),
+                  outcome=outcome, kind="smoke", failures=failures[:10])
         if failures:
             await self.abort("pre-promotion checks failed: " + "; ".join(failures[:3]))
             return
@@ -655,6 +774,8 @@ class ServiceRollout:
         self.record.step_started_at = time.time()
         if not self.spec.promotion.auto:
             self.record.phase, self.record.paused_by = PAUSED, "step"
+            self.emit("awaiting_promotion", f"{preview} passed its checks; waiting to be "
+                      f"promoted (weir promote {self.name})")
         self.save()
 
     async def tick_blue_green(self) -> None:
@@ -668,12 +789,13 @@ class ServiceRollout:
         if time.time() - record.promoted_at >= self.spec.post_promotion_window:
             await self.complete("post-promotion analysis passed")
 
-    async def switch_colours(self) -> None:
+    async def switch_colours(self, by: str = CONTROLLER) -> None:
         record = self.record
         if record.step < 1 and self.spec.checks:
             raise RolloutError("the pre-promotion checks have not passed yet")
         new = self.idle_colour
         await self.set_weights({new: 100, self.active_colour: 0})
+        record.promoted_by = by if by != CONTROLLER else None
         record.active = new
         # The colour just vacated is the next rollout's; a change to it starts one.
         record.revision = fingerprint(self.service, self.idle_colour)
@@ -683,8 +805,8 @@ class ServiceRollout:
         self.background = None
         self.update_preview()
         self.control.apply()
+        self.emit("promoted", f"switched: {new} has all the traffic", by=by, full=False)
         self.save()
-        log.info("service %s: switched to %s", self.name, new)
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -702,9 +824,16 @@ class ServiceRollout:
             log.warning("service %s: %s webhook to %s failed", self.name, event, url)
         return ok or not required
 
-    def status(self) -> dict[str, Any]:
+    def status(self, events_after: int | None = None, last_events: int = EVENTS_KEPT
+               ) -> dict[str, Any]:
+        """The record for the API: with the events numbered above ``events_after`` when
+        given (what a waiting client has not seen yet), else the last ``last_events``."""
         spec = self.spec
         data = asdict(self.record)
+        events = data["events"]
+        data["events"] = ([e for e in events if e.get("seq", 0) > events_after]
+                          if events_after is not None else events[-last_events:] if last_events
+                          else [])
         data["strategy"] = spec.strategy
         data["steps"] = [s.model_dump(exclude_none=True) for s in spec.steps]
         data["versions"] = {"old": self.old_version, "new": self.new_version}
@@ -722,6 +851,9 @@ class RolloutController:
         self._clock: asyncio.Task[None] | None = None
         self._session: Any = None
         self._leading = False  # whether the clock acted as the controller last round
+        # Called with each transition of any rollout (see ServiceRollout.emit); a listener
+        # must not block: it queues what it needs to do.
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.sync(initial=True)
 
     def sync(self, initial: bool = False) -> None:
@@ -871,6 +1003,11 @@ class RolloutController:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    def announce(self, event: dict[str, Any]) -> None:
+        """A rollout's transition, to whoever listens (the notifications)."""
+        for listener in self.listeners:
+            listener(event)
 
     def count_analysis(self, service: str, outcome: str) -> None:
         key = (service, outcome)
