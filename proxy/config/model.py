@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import urllib.parse
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -114,6 +115,23 @@ ListenAddress = Annotated[
     str,
     BeforeValidator(parse_listen_address),
     WithJsonSchema({"type": "string", "examples": ["127.0.0.1:8080"]}),
+]
+
+
+def parse_web_url(value: object) -> str:
+    """An http:// or https:// URL with a host, kept as the text given."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a URL like http://hooks.example/go, got {value!r}")
+    parts = urllib.parse.urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL with a host, got {value!r}")
+    return value.strip()
+
+
+WebUrl = Annotated[
+    str,
+    BeforeValidator(parse_web_url),
+    WithJsonSchema({"type": "string", "examples": ["http://hooks.example/confirm"]}),
 ]
 
 
@@ -414,20 +432,72 @@ class Analysis(Strict):
 
 class Pause(Strict):
     duration: Duration | None = None  # none: until promoted
+    # Until promoted, but no longer: the rollout is aborted when nobody promoted it in time
+    # (argo-rollouts#2200). None: it waits as long as it takes.
+    timeout: Duration | None = None
+
+    @model_validator(mode="after")
+    def _timeout_without_duration(self) -> Pause:
+        if self.timeout is not None and self.duration is not None:
+            raise ValueError("timeout is for a pause until promoted (no duration): a pause "
+                             "with a duration ends by itself")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError("timeout must be above 0")
+        return self
+
+
+class Gate(Strict):
+    """Flagger's confirm-rollout: ``url`` gets a JSON POST every ``interval`` until it answers
+    2xx, which lets the rollout go on; past ``timeout`` the rollout is aborted."""
+
+    url: WebUrl
+    interval: Duration = 10.0
+    timeout: Duration | None = None  # None: as long as it takes (the state shows how long)
+    request_timeout: Duration = 5.0  # for each POST
+
+    @model_validator(mode="after")
+    def _positive(self) -> Gate:
+        if self.interval <= 0 or self.request_timeout <= 0:
+            raise ValueError("interval and request_timeout must be above 0")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError("timeout must be above 0")
+        return self
+
+
+class WebhookStep(Strict):
+    """A step whose answer is a check: ``url`` gets one JSON POST (start a load test, run smoke
+    tests) and its answer decides, 2xx going on and anything else (or none within
+    ``timeout``) aborting the rollout."""
+
+    url: WebUrl
+    timeout: Duration = 60.0
+
+    @field_validator("timeout")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("timeout must be above 0")
+        return value
+
+
+STEP_KINDS = ("set_weight", "pause", "analysis", "gate", "webhook")
 
 
 class Step(Strict):
-    """One of: set_weight, pause, analysis (a check run once, inline)."""
+    """One of: set_weight, pause, analysis (a check run once, inline), gate (wait for an
+    outside system's go), webhook (an outside check run once)."""
 
     set_weight: int | None = Field(default=None, ge=0, le=100)
     pause: Pause | None = None
     analysis: Analysis | None = None
+    gate: Gate | None = None
+    webhook: WebhookStep | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Step:
-        given = [k for k in ("set_weight", "pause", "analysis") if getattr(self, k) is not None]
+        given = [k for k in STEP_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"a step is exactly one of set_weight, pause or analysis "
+            raise ValueError(f"a step is exactly one of {', '.join(STEP_KINDS)} "
                              f"(got {given or 'none'})")
         return self
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from ..config.model import Analysis, Rollout, Service, Step
+from ..config.model import Analysis, Gate, Rollout, Service, Step, WebhookStep
 from ..dataplane.stats import VersionStats
 from ..errors import StateWriteError
 from .analysis import MeasurementWindow
@@ -94,6 +94,9 @@ class RolloutRecord:
     promoted_by: str | None = None      # who promoted it (a token's name), if a person did
     event_seq: int = 0                  # the last event's number
     events: list[dict[str, Any]] = field(default_factory=list)
+    # Where the current step stands when it waits on something outside (a gate's checks so
+    # far, a webhook step's call); None for the other steps.
+    step_state: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RolloutRecord:
@@ -143,6 +146,8 @@ def check_rollout_record(data: object) -> dict[str, Any]:
             ok = value is None or isinstance(value, str)
         elif name in ("analyses", "events"):
             ok = isinstance(value, list) and all(isinstance(a, dict) for a in value)
+        elif name == "step_state":
+            ok = value is None or isinstance(value, dict)
         else:
             continue  # written by a newer Weir: ignored
         if not ok:
@@ -178,8 +183,14 @@ def describe_step(step: Step) -> str:
     if step.set_weight is not None:
         return f"set_weight {step.set_weight}"
     if step.pause is not None:
-        return (f"pause {step.pause.duration:g}s" if step.pause.duration is not None
-                else "pause until promoted")
+        if step.pause.duration is not None:
+            return f"pause {step.pause.duration:g}s"
+        timeout = step.pause.timeout
+        return "pause until promoted" + (f" (at most {timeout:g}s)" if timeout else "")
+    if step.gate is not None:
+        return f"gate {step.gate.url}"
+    if step.webhook is not None:
+        return f"webhook {step.webhook.url}"
     return "analysis"
 
 
@@ -221,6 +232,8 @@ class ServiceRollout:
         self.step_window: MeasurementWindow | PrometheusWindow | None = None
         self.background: MeasurementWindow | PrometheusWindow | None = None
         self.ramp: asyncio.Task[None] | None = None
+        # The call a gate or webhook step has out (its HTTP status, 0 for no answer).
+        self.hook: asyncio.Task[int] | None = None
         self.pending_start = False
         self.pending_why = "the new version changed while Weir was stopped"
         self.tick_error = ""  # the last failure of this rollout's tick, logged once
@@ -276,6 +289,7 @@ class ServiceRollout:
         if (record.phase, record.step, record.started_at) != (old.phase, old.step,
                                                               old.started_at):
             self.step_window = self.background = None  # judged afresh from here
+            self.cancel_hook()
             if record.phase not in (PROGRESSING, PAUSED):
                 self.cancel_ramp()
         self.update_preview()
@@ -389,6 +403,8 @@ class ServiceRollout:
             held = index + 1
         record.step = held
         record.step_started_at = time.time()
+        record.step_state = None
+        self.cancel_hook()
         record.phase, record.paused_by = PAUSED, "config"
         record.steps_digest = steps_digest(steps)
         record.reason = (f"the rollout's steps changed in the config file {was}, with the "
@@ -437,6 +453,8 @@ class ServiceRollout:
         record.promoted_at = None
         record.aborted_revision = None
         record.promoted_by = None
+        record.step_state = None
+        self.cancel_hook()
         record.steps_digest = steps_digest(self.spec.steps)
         record.number += 1
         record.release = self.service.versions[self.new_version].revision or ""
@@ -495,9 +513,11 @@ class ServiceRollout:
             await self.complete("promoted in full", by=by)
             return
         steps = self.spec.steps
-        at_pause = record.step < len(steps) and steps[record.step].pause is not None
+        step = steps[record.step] if record.step < len(steps) else None
+        # A person's go skips what the rollout waits on: a pause, a gate, a webhook step.
+        at_pause = step is not None and (step.pause or step.gate or step.webhook) is not None
         if not at_pause and record.phase != PAUSED:
-            return  # progressing through a step that is no pause: nothing to promote past
+            return  # progressing through a step that waits on nothing: nothing to skip
         record.promoted_by = by
         self.emit("promoted", f"promoted past step {record.step + 1}", by=by, full=False)
         if at_pause:
@@ -515,6 +535,7 @@ class ServiceRollout:
         record.reason = reason
         record.aborted_revision = record.revision
         self.step_window = self.background = None
+        self.cancel_hook()
         self.emit("aborted", reason, by=by, reason=reason)
         self.save()
         await self.roll_back()
@@ -603,6 +624,8 @@ class ServiceRollout:
         if record.phase not in (PROGRESSING, PAUSED):
             return
         await self.run_background_analysis()
+        if record.phase == PAUSED:
+            await self.check_pause_timeout()
         if record.phase != PROGRESSING:
             return
         if self.spec.strategy == "blue_green":
@@ -628,12 +651,107 @@ class ServiceRollout:
                 await self.next_step()
         elif step.analysis is not None:
             await self.run_step_analysis(step.analysis)
+        elif step.gate is not None:
+            await self.run_gate(step.gate)
+        elif step.webhook is not None:
+            await self.run_webhook_step(step.webhook)
+
+    async def check_pause_timeout(self) -> None:
+        """A ``pause: {timeout}`` step nobody promoted in time aborts the rollout."""
+        record, steps = self.record, self.spec.steps
+        if (self.spec.strategy != "canary" or record.paused_by != "step"
+                or record.step >= len(steps)):
+            return
+        pause = steps[record.step].pause
+        if pause is None or pause.timeout is None:
+            return
+        if time.time() - record.step_started_at >= pause.timeout:
+            await self.abort(f"not promoted within {pause.timeout:g}s of reaching step "
+                             f"{record.step + 1} (its pause timeout)")
+
+    def hook_payload(self, kind: str) -> dict[str, Any]:
+        """What a gate or a webhook step is sent: the step, and the record without its long
+        lists (a receiver that wants them reads GET /api/services/{name}/rollout)."""
+        record = {k: v for k, v in asdict(self.record).items()
+                  if k not in ("events", "analyses")}
+        return {"event": kind, "service": self.name, "step": self.record.step + 1,
+                "canary_percent": self.canary_percent(), "rollout": record}
+
+    def call_hook(self, url: str, kind: str, timeout: float) -> None:
+        self.hook = self.controller.spawn_call(
+            self.controller.post_for_status(url, self.hook_payload(kind), timeout))
+
+    def hook_answer(self) -> int | None:
+        """The status the step's call got (0: none), once it has one."""
+        hook = self.hook
+        if hook is None or not hook.done():
+            return None
+        self.hook = None
+        return 0 if hook.cancelled() or hook.exception() is not None else hook.result()
+
+    def cancel_hook(self) -> None:
+        if self.hook is not None:
+            self.hook.cancel()
+            self.hook = None
+
+    async def run_gate(self, gate: Gate) -> None:
+        """Poll the gate every interval; its first 2xx opens it. Each check is counted in
+        the step's state, which the status and the dashboard show."""
+        record = self.record
+        now = time.time()
+        state = record.step_state or {"kind": "gate", "url": gate.url, "checks": 0}
+        answer = self.hook_answer()
+        if answer is not None:
+            state = {**state, "checks": state["checks"] + 1, "last_status": answer,
+                     "last_at": now}
+            record.step_state = state
+            if 200 <= answer < 300:
+                self.emit("analysis", f"gate open: {gate.url} answered {answer} after "
+                          f"{state['checks']} check(s)", outcome="success", kind="gate")
+                await self.next_step()
+                return
+            self.save()
+        if gate.timeout is not None and now - record.step_started_at >= gate.timeout:
+            last = state.get("last_status")
+            await self.abort(f"the gate at step {record.step + 1} did not open within "
+                             f"{gate.timeout:g}s ({state['checks']} check(s), the last "
+                             f"answered {last if last else 'nothing'})")
+            return
+        if self.hook is None and now - state.get("last_at", 0.0) >= gate.interval:
+            record.step_state = state
+            self.call_hook(gate.url, "gate", gate.request_timeout)
+
+    async def run_webhook_step(self, webhook: WebhookStep) -> None:
+        """One call; its answer is the check. A restart while it is out calls it again (the
+        receiver should take a repeat as the same request)."""
+        record = self.record
+        answer = self.hook_answer()
+        if answer is None:
+            if self.hook is None:
+                record.step_state = {"kind": "webhook", "url": webhook.url,
+                                     "sent_at": time.time()}
+                self.call_hook(webhook.url, "webhook", webhook.timeout)
+                self.save()
+            return
+        record.step_state = {**(record.step_state or {}), "status": answer,
+                             "answered_at": time.time()}
+        if 200 <= answer < 300:
+            self.emit("analysis", f"webhook step: {webhook.url} answered {answer}",
+                      outcome="success", kind="webhook")
+            await self.next_step()
+            return
+        why = f"answered {answer}" if answer else f"gave no answer within {webhook.timeout:g}s"
+        self.emit("analysis", f"webhook step: {webhook.url} {why}", outcome="failure",
+                  kind="webhook")
+        await self.abort(f"the webhook step {record.step + 1} failed: {webhook.url} {why}")
 
     async def next_step(self) -> None:
         record = self.record
         record.step += 1
         record.step_started_at = time.time()
         record.phase, record.paused_by = PROGRESSING, None
+        record.step_state = None
+        self.cancel_hook()
         self.step_window = None
         steps = self.spec.steps
         if self.spec.strategy == "canary" and record.step < len(steps):
@@ -940,6 +1058,9 @@ class RolloutController:
             intervals += [a.interval / 4 for a in analyses if a is not None]
             intervals += [s.pause.duration / 4 for s in spec.steps
                           if s.pause is not None and s.pause.duration]
+            intervals += [s.pause.timeout / 4 for s in spec.steps
+                          if s.pause is not None and s.pause.timeout]
+            intervals += [s.gate.interval / 4 for s in spec.steps if s.gate is not None]
         return max(0.05, min(intervals))
 
     async def take_over(self) -> None:
@@ -958,6 +1079,7 @@ class RolloutController:
         log.warning("rollout controller: no longer the leader; following the shared state")
         for rollout in self.rollouts.values():
             rollout.cancel_ramp()
+            rollout.cancel_hook()
             rollout.step_window = rollout.background = None
 
     async def _run(self) -> None:
@@ -1009,6 +1131,12 @@ class RolloutController:
         for listener in self.listeners:
             listener(event)
 
+    def spawn_call(self, coroutine: Coroutine[Any, Any, int]) -> asyncio.Task[int]:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     def count_analysis(self, service: str, outcome: str) -> None:
         key = (service, outcome)
         self.analysis_outcomes[key] = self.analysis_outcomes.get(key, 0) + 1
@@ -1036,12 +1164,17 @@ class RolloutController:
             return 0
 
     async def post_json(self, url: str, payload: dict[str, Any], timeout: float) -> bool:
+        return 200 <= await self.post_for_status(url, payload, timeout) < 300
+
+    async def post_for_status(self, url: str, payload: dict[str, Any], timeout: float) -> int:
+        """POST the payload as JSON; the answer's status, 0 when none came in time."""
         import aiohttp
 
         session = await self.client()
         try:
             async with session.post(url, json=payload,
                                     timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-                return 200 <= resp.status < 300
+                await resp.read()
+                return int(resp.status)
         except (aiohttp.ClientError, TimeoutError, OSError):
-            return False
+            return 0

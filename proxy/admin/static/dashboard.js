@@ -370,14 +370,35 @@
   function stepText(step) {
     if (step.set_weight !== undefined) return `set canary weight to ${step.set_weight}%`;
     if (step.pause !== undefined) {
-      return step.pause.duration ? `pause ${duration(step.pause.duration)}`
-                                 : 'pause until promoted';
+      if (step.pause.duration) return `pause ${duration(step.pause.duration)}`;
+      return 'pause until promoted' +
+             (step.pause.timeout ? ` (abort after ${duration(step.pause.timeout)})` : '');
     }
+    if (step.gate !== undefined) {
+      return `gate: wait for a 2xx from ${step.gate.url}` +
+             (step.gate.timeout ? ` (abort after ${duration(step.gate.timeout)})` : '');
+    }
+    if (step.webhook !== undefined) return `webhook check: ${step.webhook.url}`;
     if (step.analysis !== undefined) {
       return `analysis over ${duration(step.analysis.interval)} ` +
              `(at least ${step.analysis.min_requests} requests)`;
     }
     return JSON.stringify(step);
+  }
+
+  // Where a gate or webhook step stands: its checks so far and the last answer.
+  function stepState(state) {
+    if (!state) return '';
+    if (state.kind === 'gate') {
+      const last = state.last_status === undefined ? ''
+        : `, last answered ${state.last_status || 'nothing'}`;
+      return ` — ${state.checks} check(s)${last}`;
+    }
+    if (state.kind === 'webhook') {
+      return state.status === undefined ? ' — waiting for its answer'
+                                        : ` — answered ${state.status || 'nothing'}`;
+    }
+    return '';
   }
 
   function rolloutSteps(rollout) {
@@ -594,9 +615,10 @@
         cls = phase === 'aborted' ? 'current stopped' : 'current';
         mark = phase === 'aborted' ? '✕' : phase === 'paused' ? '‖' : '▶';
       }
+      const state = index === rollout.step && active ? stepState(rollout.step_state) : '';
       return h('li', {class: cls, 'data-step': index,
                       'aria-current': cls.startsWith('current') ? 'step' : null},
-               h('span', {class: 'mark'}, mark), `${index + 1}. ${text}`);
+               h('span', {class: 'mark'}, mark), `${index + 1}. ${text}${state}`);
     }));
 
     const buttons = refs.buttons;
