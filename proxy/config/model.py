@@ -380,6 +380,62 @@ class Mirror(Strict):
         return [m.upper() for m in value]
 
 
+class PrometheusCheck(Strict):
+    """A PromQL query whose one value is the check's measure. ``{{service}}``,
+    ``{{version}}`` and ``{{window}}`` (the analysis interval, e.g. ``30s``) are filled in,
+    once for the canary and once for stable."""
+
+    query: str = Field(min_length=1, max_length=10_000)
+    url: WebUrl | None = None  # default: the analysis source's url
+
+
+class HttpCheck(Strict):
+    """Argo's web provider: GET ``url`` (templated like a query) and read the number at
+    ``json_path`` (``data.value``, ``$.items[0].score``) of the JSON answer."""
+
+    url: WebUrl
+    json_path: str = Field(min_length=1, max_length=500)
+    headers: dict[str, str] = {}
+
+
+class CustomCheck(Strict):
+    """A check on your own metrics: the canary's value against ``max`` / ``min``, or against
+    stable's value in the same window (``max_increase``: canary minus stable; ``max_ratio``:
+    canary over stable). No data, or no answer, is inconclusive, never a failure."""
+
+    name: Name
+    prometheus: PrometheusCheck | None = None
+    http: HttpCheck | None = None
+    max: float | None = None
+    min: float | None = None
+    max_increase: float | None = None
+    max_ratio: float | None = Field(default=None, gt=0)
+    timeout: Duration = 5.0
+    dry_run: bool = False  # measured and shown, never fails the rollout
+
+    @model_validator(mode="after")
+    def _one_source_and_a_limit(self) -> CustomCheck:
+        if (self.prometheus is None) == (self.http is None):
+            raise ValueError(f"custom check {self.name!r} needs exactly one of prometheus or "
+                             f"http")
+        if all(limit is None for limit in (self.max, self.min, self.max_increase,
+                                           self.max_ratio)):
+            raise ValueError(f"custom check {self.name!r} needs a limit: max, min, "
+                             f"max_increase or max_ratio")
+        if self.timeout <= 0:
+            raise ValueError("timeout must be above 0")
+        return self
+
+    @property
+    def relative(self) -> bool:
+        return self.max_increase is not None or self.max_ratio is not None
+
+
+# The built-in checks, by the name a result's failed_checks and dry_run use.
+BUILTIN_CHECKS = ("max_error_rate", "max_error_rate_increase", "max_p99", "max_p99_ratio",
+                  "max_p95", "max_p50")
+
+
 class AnalysisChecks(Strict):
     """Absolute limits on the canary, or limits relative to stable in the same window."""
 
@@ -389,6 +445,35 @@ class AnalysisChecks(Strict):
     max_p99_ratio: float | None = Field(default=None, gt=0)
     max_p95: Duration | None = None
     max_p50: Duration | None = None
+    custom: list[CustomCheck] = []
+    # Checks (built-in or custom, by name) measured and shown but never failing the rollout:
+    # a new check's dry run before it may roll anything back.
+    dry_run: list[str] = []
+
+    @model_validator(mode="after")
+    def _known_names(self) -> AnalysisChecks:
+        names = [c.name for c in self.custom]
+        doubled = sorted({n for n in names if names.count(n) > 1})
+        if doubled:
+            raise ValueError(f"custom check names must be unique: {', '.join(doubled)}")
+        clash = sorted(set(names) & set(BUILTIN_CHECKS))
+        if clash:
+            raise ValueError(f"custom check names must differ from the built-in checks': "
+                             f"{', '.join(clash)}")
+        unknown = [n for n in self.dry_run if n not in BUILTIN_CHECKS and n not in names]
+        if unknown:
+            raise ValueError(f"dry_run names no check: {', '.join(unknown)} (the built-in "
+                             f"ones are {', '.join(BUILTIN_CHECKS)}; custom: "
+                             f"{', '.join(names) or 'none'})")
+        return self
+
+    def thresholds(self) -> dict[str, float]:
+        """The built-in checks that are set, with their limits."""
+        return {name: getattr(self, name) for name in BUILTIN_CHECKS
+                if getattr(self, name) is not None}
+
+    def is_dry_run(self, name: str) -> bool:
+        return name in self.dry_run or any(c.name == name and c.dry_run for c in self.custom)
 
 
 class AnalysisSource(Strict):
@@ -428,6 +513,14 @@ class Analysis(Strict):
         if value <= 0:
             raise ValueError("interval must be above 0")
         return value
+
+    @model_validator(mode="after")
+    def _prometheus_for_custom_queries(self) -> Analysis:
+        for check in self.checks.custom:
+            if check.prometheus is not None and not (check.prometheus.url or self.source.url):
+                raise ValueError(f"custom check {check.name!r} queries Prometheus: give it a "
+                                 f"prometheus.url, or the analysis a source.url")
+        return self
 
 
 class Pause(Strict):

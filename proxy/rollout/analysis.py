@@ -23,15 +23,16 @@ def judge(analysis: Analysis, canary: Window, stable: Window | None) -> dict[str
         values.update({"stable_requests": stable.requests,
                        "stable_error_rate": round(stable.error_rate, 5),
                        "stable_p99": round(stable.quantile(0.99), 5)})
-    thresholds = {k: v for k, v in checks.model_dump().items() if v is not None}
-    result: dict[str, Any] = {"at": time.time(), "values": values, "thresholds": thresholds,
-                              "min_requests": analysis.min_requests, "failed_checks": []}
+    result: dict[str, Any] = {"at": time.time(), "values": values,
+                              "thresholds": checks.thresholds(),
+                              "min_requests": analysis.min_requests, "failed_checks": [],
+                              "dry_run_failed": []}
     if canary.requests < analysis.min_requests:
         result["outcome"] = "inconclusive"
         result["why"] = f"{canary.requests} canary requests, fewer than {analysis.min_requests}"
         return result
     relative = (checks.max_error_rate_increase is not None or checks.max_p99_ratio is not None)
-    failed = result["failed_checks"]
+    failed = Failures(result["failed_checks"], result["dry_run_failed"], checks.dry_run)
     if checks.max_error_rate is not None and canary.error_rate > checks.max_error_rate:
         failed.append("max_error_rate")
     if checks.max_p99 is not None and values["canary_p99"] > checks.max_p99:
@@ -59,6 +60,20 @@ def judge(analysis: Analysis, canary: Window, stable: Window | None) -> dict[str
                 failed.append("max_p99_ratio")
     result["outcome"] = "failure" if failed else "success"
     return result
+
+
+class Failures:
+    """The failed checks of one measurement; a dry-run check's failure goes to its own list,
+    shown but never failing the rollout."""
+
+    def __init__(self, failed: list[str], dry: list[str], dry_run: list[str]) -> None:
+        self.failed, self.dry, self.dry_run = failed, dry, dry_run
+
+    def append(self, name: str) -> None:
+        (self.dry if name in self.dry_run else self.failed).append(name)
+
+    def __bool__(self) -> bool:
+        return bool(self.failed)
 
 
 class MeasurementWindow:

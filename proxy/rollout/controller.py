@@ -31,6 +31,7 @@ from ..config.model import Analysis, Gate, Rollout, Service, Step, WebhookStep
 from ..dataplane.stats import VersionStats
 from ..errors import StateWriteError
 from .analysis import MeasurementWindow
+from .checks import CustomChecks
 from .prometheus import PrometheusWindow
 
 if TYPE_CHECKING:
@@ -201,6 +202,7 @@ def describe_analysis(result: dict[str, Any]) -> str:
     values = result.get("values") or {}
     thresholds = result.get("thresholds") or {}
     failed = set(result.get("failed_checks") or [])
+    dry = set(result.get("dry_run_failed") or [])
     parts = []
     for check, limit in thresholds.items():
         key, label = CHECK_VALUES.get(check, (check, check))
@@ -210,8 +212,16 @@ def describe_analysis(result: dict[str, Any]) -> str:
         unit = "s" if check in LATENCY_CHECKS else ""
         if check in failed:
             parts.append(f"{label} {value:g}{unit} > {limit:g}{unit} ({check})")
+        elif check in dry:
+            parts.append(f"{label} {value:g}{unit} > {limit:g}{unit} (dry run, {check})")
         else:
             parts.append(f"{label} {value:g}{unit} <= {limit:g}{unit}")
+    for name, entry in (result.get("custom") or {}).items():
+        dry_run = entry.get("dry_run")
+        if entry.get("outcome") == "failure":
+            parts.append(f"{name} {entry.get('why')} ({name}{', dry run' if dry_run else ''})")
+        elif entry.get("outcome") == "success":
+            parts.append(f"{name} {entry.get('canary'):g} ok{' [dry run]' if dry_run else ''}")
     parts.sort(key=lambda part: not part.endswith(")"))  # the failed checks first
     if isinstance(values.get("canary_requests"), int):
         parts.append(f"{values['canary_requests']} canary requests")
@@ -774,12 +784,23 @@ class ServiceRollout:
         self.save()
         await self.webhook("promoted")
 
-    def windows(self, analysis: Analysis) -> MeasurementWindow | PrometheusWindow:
-        canary_version: str = self.new_version
-        baseline_version: str | None = self.old_version
+    def judged_versions(self) -> tuple[str, str | None]:
+        """The version the analysis judges, and the one it compares it with (if any)."""
         if self.spec.strategy == "blue_green" and self.record.promoted_at is not None:
-            canary_version = self.active_colour
-            baseline_version = None  # after a switch the old colour has no traffic to compare
+            # After a switch the old colour has no traffic to compare with.
+            return self.active_colour, None
+        return self.new_version, self.old_version
+
+    async def measure(self, window: MeasurementWindow | PrometheusWindow,
+                      analysis: Analysis) -> dict[str, Any]:
+        """A window's result, with the custom checks measured over the same window."""
+        result = await window.measure(analysis)
+        await self.controller.custom_checks.apply(analysis, result, self.name,
+                                                  *self.judged_versions())
+        return result
+
+    def windows(self, analysis: Analysis) -> MeasurementWindow | PrometheusWindow:
+        canary_version, baseline_version = self.judged_versions()
         if analysis.source.type == "prometheus":
             return PrometheusWindow(self.controller, analysis.source, self.name,
                                     canary_version, baseline_version, analysis.interval,
@@ -796,7 +817,7 @@ class ServiceRollout:
             return
         if not self.step_window.due():
             return
-        result = await self.step_window.measure(analysis)
+        result = await self.measure(self.step_window, analysis)
         self.step_window = None
         if await self.decide(analysis, result, "step") and result["outcome"] == "success":
             await self.next_step()
@@ -818,7 +839,7 @@ class ServiceRollout:
             return
         window = self.background
         self.background = self.windows(analysis)  # the next window starts now, not after
-        result = await window.measure(analysis)   # a query to Prometheus returns
+        result = await self.measure(window, analysis)  # a query to Prometheus returns
         await self.decide(analysis, result, "background")
 
     async def decide(self, analysis: Analysis, result: dict[str, Any], kind: str) -> bool:
@@ -972,6 +993,7 @@ class RolloutController:
         # Called with each transition of any rollout (see ServiceRollout.emit); a listener
         # must not block: it queues what it needs to do.
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.custom_checks = CustomChecks(self)
         self.sync(initial=True)
 
     def sync(self, initial: bool = False) -> None:

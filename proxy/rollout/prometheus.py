@@ -119,11 +119,10 @@ class PrometheusWindow:
         source = {"type": "prometheus", "url": self.source.url, "range": f"{self.seconds}s",
                   "queries": asked, "answers": answers}
         if why is not None:
-            thresholds = {k: v for k, v in analysis.checks.model_dump().items()
-                          if v is not None}
             return {"at": at, "outcome": "inconclusive", "why": why, "values": {},
-                    "thresholds": thresholds, "min_requests": analysis.min_requests,
-                    "failed_checks": [], "source": source}
+                    "thresholds": analysis.checks.thresholds(),
+                    "min_requests": analysis.min_requests, "failed_checks": [],
+                    "dry_run_failed": [], "source": source}
         canary = self.measured(answers["canary"])
         stable = self.measured(answers["stable"]) if "stable" in answers else None
         result = judge(analysis, canary, stable)  # type: ignore[arg-type]

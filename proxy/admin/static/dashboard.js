@@ -643,11 +643,14 @@
     const values = d.values || {};
     const limits = d.thresholds || {};
     const failed = new Set(d.failed_checks || []);
+    const dry = new Set(d.dry_run_failed || []);
     const check = (key, label, value, format) => {
       if (limits[key] === undefined) return;
       const shown = value === undefined ? '–' : format(value);
+      const over = failed.has(key) || dry.has(key);
       checks.push(h('span', {class: `check ${failed.has(key) ? 'failed' : ''}`},
-                    `${label} ${shown} ${failed.has(key) ? '>' : '≤'} ${format(limits[key])}`));
+                    `${label} ${shown} ${over ? '>' : '≤'} ${format(limits[key])}` +
+                    `${dry.has(key) ? ' (dry run)' : ''}`));
     };
     check('max_error_rate', 'error rate', values.canary_error_rate, pct);
     check('max_error_rate_increase', 'error increase', values.error_rate_increase, pct);
@@ -655,6 +658,14 @@
     check('max_p99_ratio', 'p99 ratio', values.p99_ratio, (r) => `×${trim(r)}`);
     check('max_p95', 'p95', values.canary_p95, (s) => ms(s * 1000));
     check('max_p50', 'p50', values.canary_p50, (s) => ms(s * 1000));
+    // Checks on the operator's own metrics: the canary's value, and why one failed.
+    for (const [name, c] of Object.entries(d.custom || {})) {
+      const value = c.canary === undefined ? '–' : trim(c.canary);
+      const text = c.outcome === 'failure' ? `${name} ${c.why}` : `${name} ${value}`;
+      checks.push(h('span', {class: `check ${c.outcome === 'failure' && !c.dry_run
+                                             ? 'failed' : ''}`},
+                    text + (c.dry_run ? ' (dry run)' : '')));
+    }
     if (d.why) checks.push(h('span', {class: 'check'}, d.why));
     if (d.failures && d.failures.length) {
       for (const failure of d.failures) checks.push(h('span', {class: 'check failed'}, failure));
