@@ -119,6 +119,19 @@ def _semantic_errors(data: dict[str, Any]) -> list[str]:
                 if isinstance(version, str) and version not in versions:
                     errors.append(f"{where}.{key}[{j}].version: no such version {version!r} "
                                   f"(versions: {known})")
+    errors += _notification_errors(data.get("notifications"), seen)
+    return errors
+
+
+def _notification_errors(notifications: Any, services: set[str]) -> list[str]:
+    """A notification's ``services`` name services of the file (a typo would silence it)."""
+    errors: list[str] = []
+    for i, item in enumerate(notifications if isinstance(notifications, list) else []):
+        names = item.get("services") if isinstance(item, dict) else None
+        for j, name in enumerate(names if isinstance(names, list) else []):
+            if isinstance(name, str) and name not in services:
+                errors.append(f"notifications[{i}].services[{j}]: no such service {name!r} "
+                              f"(services: {', '.join(sorted(services))})")
     return errors
 
 

@@ -8,8 +8,10 @@ import math
 import re
 import urllib.parse
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -640,6 +642,70 @@ class Rollout(Strict):
     webhooks: Webhooks = Webhooks()
 
 
+# The transitions a rollout announces, in the order a rollout goes through them. Defined here,
+# with the config, because ``notifications[].events`` names them; the controller emits them.
+ROLLOUT_EVENTS = ("started", "step", "analysis", "paused", "awaiting_promotion", "resumed",
+                  "promoted", "aborted", "rolled_back", "completed")
+
+
+def _rollout_event(value: str) -> str:
+    if value not in ROLLOUT_EVENTS:
+        raise ValueError(f"unknown event {value!r}; the events are "
+                         f"{', '.join(ROLLOUT_EVENTS)}")
+    return value
+
+
+RolloutEvent = Annotated[
+    str,
+    AfterValidator(_rollout_event),
+    WithJsonSchema({"type": "string", "enum": list(ROLLOUT_EVENTS)}),
+]
+
+
+def _http_url(value: str) -> str:
+    """An absolute http:// or https:// URL with a host (the notifier POSTs to it as is)."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError:
+        parts = None
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+            or any(c.isspace() for c in value)):
+        raise ValueError(f"expected an http:// or https:// URL with a host, got {value!r}")
+    return value
+
+
+HttpUrl = Annotated[
+    str,
+    AfterValidator(_http_url),
+    WithJsonSchema({"type": "string", "format": "uri"}),
+]
+
+
+class Notification(Strict):
+    """A receiver of rollout events (proxy/rollout/notify.py delivers them): a JSON POST of
+    each event, signed with ``secret`` when one is set, or a Slack incoming-webhook message."""
+
+    url: HttpUrl
+    format: Literal["json", "slack"] = "json"
+    events: list[RolloutEvent] = Field(default=list(ROLLOUT_EVENTS), min_length=1)
+    services: list[str] | None = Field(default=None, min_length=1)  # none: every service
+    secret: str | None = Field(default=None, repr=False)  # kept out of logs and reprs
+    timeout: Duration = 5.0  # for each try
+
+    @field_validator("secret")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value or None  # `secret: ${HOOK_SECRET:-}` with the variable unset
+
+    @field_validator("timeout")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be above 0")
+        return value
+
+
 class Timeouts(Strict):
     connect: Duration = 5.0
     read: Duration = 60.0
@@ -748,6 +814,9 @@ class Service(Strict):
 class Admin(Strict):
     listen: ListenAddress = "127.0.0.1:9901"
     token: str | None = None
+    # Where people reach the admin listener (behind a load balancer, say): the links in
+    # notifications point at its /dashboard. None: built from ``listen``.
+    public_url: HttpUrl | None = None
 
     @field_validator("token")
     @classmethod
@@ -832,6 +901,7 @@ class Config(Strict):
     upstream: UpstreamSettings = UpstreamSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: str | None = None  # a file path, or "-" for stdout; JSON lines
+    notifications: list[Notification] = []
     services: list[Service] = Field(min_length=1)
 
     @field_validator("trusted_proxies")

@@ -252,7 +252,7 @@ class LiveStateCollector(Collector):
 
 
 class RolloutCollector(Collector):
-    """The controller's phase and step per service, and its analysis outcomes."""
+    """The controller's phase and step per service, its analysis outcomes and notifications."""
 
     def __init__(self, control: ControlPlane) -> None:
         self.control = control
@@ -290,6 +290,13 @@ class RolloutCollector(Collector):
         save_failures = CounterMetricFamily(
             "weir_state_save_failures", "Attempts to save the runtime state that failed.")
         save_failures.add_metric([], control.save_failures)
+        notifications = CounterMetricFamily(
+            "weir_notifications", "Rollout event notifications by outcome: sent, retried (a "
+            "try that failed and was tried again), failed (given up after its tries), dropped "
+            "(the receiver's queue was full).", labels=["outcome"])
+        for outcome, count in rollouts.notifier.outcomes.items():
+            notifications.add_metric([outcome], count)
+        yield notifications
         yield unsaved
         yield save_failures
         yield step

@@ -27,11 +27,12 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from ..config.model import Analysis, Gate, Rollout, Service, Step, WebhookStep
+from ..config.model import ROLLOUT_EVENTS, Analysis, Gate, Rollout, Service, Step, WebhookStep
 from ..dataplane.stats import VersionStats
 from ..errors import StateWriteError
 from .analysis import MeasurementWindow
 from .checks import CustomChecks
+from .notify import Notifier
 from .prometheus import PrometheusWindow
 
 if TYPE_CHECKING:
@@ -57,9 +58,9 @@ PHASES = tuple(Phase)
 ANALYSES_KEPT = 20
 EVENTS_KEPT = 100  # a waiting client polls every second or so: it never falls this far behind
 
-# The transitions a rollout announces, in the order a rollout goes through them.
-EVENTS = ("started", "step", "analysis", "paused", "awaiting_promotion", "resumed",
-          "promoted", "aborted", "rolled_back", "completed")
+# The transitions a rollout announces, in the order a rollout goes through them (named in
+# config/model.py, where ``notifications[].events`` is checked against them).
+EVENTS = ROLLOUT_EVENTS
 
 # Who acted when no person did: the controller's own decisions.
 CONTROLLER = "controller"
@@ -994,10 +995,14 @@ class RolloutController:
         # must not block: it queues what it needs to do.
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.custom_checks = CustomChecks(self)
+        self.notifier = Notifier(self.client, control.config)
+        self.listeners.append(self.notifier.announce)
         self.sync(initial=True)
 
     def sync(self, initial: bool = False) -> None:
-        """Match the set of rollouts to the config (at start and after each reload)."""
+        """Match the set of rollouts, and the notifications' receivers, to the config (at
+        start and after each reload)."""
+        self.notifier.configure(self.control.config)
         services = {s.name: s for s in self.control.config.services if s.rollout is not None}
         for name in list(self.rollouts):
             if name not in services:
@@ -1050,6 +1055,7 @@ class RolloutController:
     def start(self) -> None:
         """Start the clock, and pick up what a restart interrupted."""
         self._clock = asyncio.get_running_loop().create_task(self._run())
+        self.notifier.start()
         if self.leading:
             self._leading = True
             self.resume_interrupted()
@@ -1067,6 +1073,9 @@ class RolloutController:
         for task in [self._clock, *self._tasks]:
             if task is not None:
                 task.cancel()
+        # The events already announced get a short, bounded moment to go out, on the session
+        # closed below.
+        await self.notifier.stop()
         # The last records, and whatever else is unsaved (a failure is logged: the stop goes on).
         await self.control.stop_saving()
         if self._session is not None:
@@ -1149,7 +1158,7 @@ class RolloutController:
         return task
 
     def announce(self, event: dict[str, Any]) -> None:
-        """A rollout's transition, to whoever listens (the notifications)."""
+        """A rollout's transition, to whoever listens (the notifier, see notify.py)."""
         for listener in self.listeners:
             listener(event)
 
