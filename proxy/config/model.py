@@ -582,14 +582,60 @@ class Service(Strict):
         return self
 
 
+# What a token of the admin API may do, from least to most: a viewer changes nothing (reads
+# need no token), a promoter drives a rollout that is under way (promote, pause, resume,
+# abort), an operator does everything.
+Role = Literal["viewer", "promoter", "operator"]
+ROLES: tuple[Role, ...] = ("viewer", "promoter", "operator")
+
+# The name ``admin.token`` acts under (an operator) in the rollout records, the log and the
+# actions in /api/status; no entry of ``admin.tokens`` may take it while ``admin.token`` is set.
+ADMIN_TOKEN_NAME = "admin"
+
+
+def role_allows(role: Role, needed: Role) -> bool:
+    return ROLES.index(role) >= ROLES.index(needed)
+
+
+class AdminToken(Strict):
+    """One bearer token of the admin API: ``name`` is who acted, in every record of a change
+    made with it (never the token itself)."""
+
+    name: Name
+    token: str
+    role: Role
+
+    @field_validator("token")
+    @classmethod
+    def _usable(cls, value: str) -> str:
+        if not value:
+            raise ValueError("a token must not be empty (is its environment variable set?)")
+        if value != value.strip():
+            # The Authorization header's value is read stripped: such a token never matches.
+            raise ValueError("a token must not start or end with whitespace")
+        return value
+
+
 class Admin(Strict):
     listen: ListenAddress = "127.0.0.1:9901"
-    token: str | None = None
+    token: str | None = None  # one operator token, named ADMIN_TOKEN_NAME
+    # Unique names and tokens (and none equal to ``token``): checked with the file's other
+    # cross-field rules in config/loader.py, each error at its entry's path.
+    tokens: list[AdminToken] = []
 
     @field_validator("token")
     @classmethod
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value or None  # `token: ${WEIR_ADMIN_TOKEN:-}` with the variable unset
+
+    def credentials(self) -> list[AdminToken]:
+        """Every token that is accepted, ``admin.token`` first as the operator named
+        ADMIN_TOKEN_NAME."""
+        # Built unchecked: admin.token has always been taken as written.
+        main = ([AdminToken.model_construct(name=ADMIN_TOKEN_NAME, token=self.token,
+                                            role="operator")]
+                if self.token is not None else [])
+        return main + list(self.tokens)
 
 
 class Limits(Strict):
