@@ -1,9 +1,12 @@
 """The admin listener (aiohttp.web): the JSON admin API, /metrics, /healthz, /readyz and the
 dashboard (``/`` and ``/dashboard``, fed by ``/api/status`` and ``/api/history``).
 
-Reads are open; every mutation needs ``Authorization: Bearer <admin.token>``. Errors are JSON
-``{"error": "..."}`` with 400 (bad body), 401 (token), 404 (unknown service, version or
-upstream), 409 (refused: a rollout's state, a conflicting write, a drain that would leave a
+Reads are open; every mutation needs ``Authorization: Bearer <token>``, one of
+``admin.tokens`` (or ``admin.token``, an operator named "admin") whose role is enough for it:
+a promoter may promote, pause, resume and abort a rollout; an operator may do everything; a
+viewer nothing. Errors are JSON ``{"error": "..."}`` with 400 (bad body), 401 (no token, or one
+that is not configured), 403 (a token whose role is too small), 404 (unknown service, version
+or upstream), 409 (refused: a rollout's state, a conflicting write, a drain that would leave a
 weighted version with no upstream).
 """
 
@@ -13,11 +16,19 @@ import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
-from ..config.model import MAX_WEIGHT, ConfigError, split_address
+from ..config.model import ADMIN_TOKEN_NAME as ADMIN_TOKEN_NAME  # the name admin.token acts as
+from ..config.model import (
+    MAX_WEIGHT,
+    AdminToken,
+    ConfigError,
+    Role,
+    role_allows,
+    split_address,
+)
 from ..control.plane import DrainRefused, StateConflictError, UnknownUpstream
 from ..dataplane.listen import ADMIN_API, ListenError
 from ..errors import StateWriteError, UnknownName
@@ -31,10 +42,63 @@ if TYPE_CHECKING:
 log = logging.getLogger("weir.admin")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# A handler as written in the class (unbound: self, then the request), for the decorators.
+H = TypeVar("H", bound=Callable[..., Awaitable[web.StreamResponse]])
+
+# The role each rollout action needs: a promoter drives a rollout that is under way; starting
+# one (or starting an aborted one again) sends a new version traffic, which is an operator's.
+ROLLOUT_ACTIONS: dict[str, Role] = {
+    "promote": "promoter", "pause": "promoter", "resume": "promoter", "abort": "promoter",
+    "start": "operator", "retry": "operator",
+}
+
+# Requests that change nothing: open to all, as they have always been (the dashboard and
+# `weir status` need no token). Every other method is a mutation and passes the guard.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+# A need: for a request, what it is (for the 403's message) and the role it takes.
+Need = Callable[[web.Request], tuple[str, Role]]
+NEED_ATTRIBUTE = "weir_needs"
+# The request's key for the AdminToken that authorized it: a typed key where aiohttp has them
+# (3.13 on; it warns about plain string keys), a string before.
+CALLER: Any = (web.RequestKey("weir_caller", AdminToken) if hasattr(web, "RequestKey")
+               else "weir_caller")
 
 
-# The name ``admin.token`` acts under in the rollout records and the log.
-ADMIN_TOKEN_NAME = "admin"
+def needs(role: Role, what: str) -> Callable[[H], H]:
+    """Declare the role a mutation's handler needs. A handler that declares none needs the
+    operator role: a new mutation is never open to a smaller role by being forgotten."""
+    return needs_per_request(lambda _request: (what, role))
+
+
+def needs_per_request(need: Need) -> Callable[[H], H]:
+    def mark(handler: H) -> H:
+        setattr(handler, NEED_ATTRIBUTE, need)
+        return handler
+    return mark
+
+
+def rollout_need(request: web.Request) -> tuple[str, Role]:
+    action = request.match_info.get("action", "")
+    role = ROLLOUT_ACTIONS.get(action)
+    if role is None:
+        raise web.HTTPNotFound(reason=f"no rollout action {action!r} "
+                                      f"({', '.join(ROLLOUT_ACTIONS)})")
+    return f"rollout {action}", role
+
+
+def identify(tokens: list[AdminToken], header: str) -> AdminToken | None:
+    """The configured token an ``Authorization: Bearer ...`` value presents, if any. Every
+    token is compared, each in constant time, whichever matches: how long the answer takes
+    does not tell which one (or how many) came before the match."""
+    scheme, _, value = header.partition(" ")
+    presented = value.strip().encode("utf-8", "surrogateescape")
+    found: AdminToken | None = None
+    for candidate in tokens:
+        match = hmac.compare_digest(presented, candidate.token.encode("utf-8", "surrogateescape"))
+        if match and found is None:
+            found = candidate
+    return found if scheme.lower() == "bearer" else None
 
 
 def error(status: int, message: str) -> web.Response:
@@ -95,7 +159,9 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 class AdminServer:
     def __init__(self, control: ControlPlane) -> None:
         self.control = control
-        self.app = web.Application(middlewares=[json_errors], client_max_size=1 << 20)
+        # The guard inside json_errors: its refusals are JSON errors like any other.
+        self.app = web.Application(middlewares=[json_errors, self.guard],
+                                   client_max_size=1 << 20)
         self.app.add_routes([
             web.get("/healthz", self.healthz),
             web.get("/readyz", self.readyz),
@@ -142,20 +208,42 @@ class AdminServer:
 
     # --- helpers --------------------------------------------------------------------------
 
-    def authorize(self, request: web.Request) -> None:
-        token = self.control.config.admin.token
-        if token is None:
-            raise web.HTTPUnauthorized(reason="mutations are disabled: set admin.token in "
-                                              "the config to enable them")
-        given = request.headers.get("Authorization", "")
-        scheme, _, value = given.partition(" ")
-        presented = value.strip().encode("utf-8", "surrogateescape")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(presented, token.encode()):
+    @web.middleware
+    async def guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every mutation (any method but GET, HEAD, OPTIONS) is authorized here, before its
+        handler runs: 401 without a configured token, 403 when its role is too small for
+        what the route's handler declares (see ``needs``; operator when it declares none).
+        A request no route takes (404, 405) goes on to be answered as such."""
+        if request.method in SAFE_METHODS or request.match_info.http_exception is not None:
+            return await handler(request)
+        caller = self.authorize(request)
+        need: Need | None = getattr(request.match_info.handler, NEED_ATTRIBUTE, None)
+        what, role = need(request) if need is not None else ("this change", "operator")
+        if not role_allows(caller.role, role):
+            log.warning("admin API: refused %s to token %s (a %s): it needs the %s role",
+                        what, caller.name, caller.role, role)
+            return web.json_response(
+                {"error": f"{what} needs the {role} role; token {caller.name} is a "
+                          f"{caller.role}", "needs": role, "role": caller.role}, status=403)
+        request[CALLER] = caller
+        return await handler(request)
+
+    def authorize(self, request: web.Request) -> AdminToken:
+        """The configured token the request presents (read from the config in force, so a
+        reload adds, removes and changes tokens); 401 when there is none."""
+        tokens = self.control.config.admin.credentials()
+        if not tokens:
+            raise web.HTTPUnauthorized(reason="mutations are disabled: set admin.token or "
+                                              "admin.tokens in the config to enable them")
+        caller = identify(tokens, request.headers.get("Authorization", ""))
+        if caller is None:
             raise web.HTTPUnauthorized(reason="missing or wrong bearer token")
+        return caller
 
     def actor(self, request: web.Request) -> str:
         """Who made an authorized change, for the records: the token's name."""
-        return ADMIN_TOKEN_NAME
+        caller: AdminToken = request[CALLER]
+        return caller.name
 
     async def body(self, request: web.Request) -> dict[str, Any]:
         try:
@@ -201,12 +289,13 @@ class AdminServer:
         return web.json_response(self.history.export(after))
 
     async def begin_change(self, request: web.Request) -> None:
-        """Every runtime change through the API: the token, then a config file edited before
-        this call taken in first (see ControlPlane.take_in_file_changes), so that names the
-        edit added are known and the two apply in the order they were made."""
-        self.authorize(request)
+        """Every runtime change through the API (authorized by ``guard`` already): a config
+        file edited before this call is taken in first (see
+        ControlPlane.take_in_file_changes), so that names the edit added are known and the
+        two apply in the order they were made."""
         await self.control.take_in_file_changes()
 
+    @needs("operator", "setting weights")
     async def set_weights(self, request: web.Request) -> web.Response:
         await self.begin_change(request)
         name = request.match_info["name"]
@@ -221,9 +310,10 @@ class AdminServer:
                                                 f"from 0 to {MAX_WEIGHT}, got {weight!r}")
         if not any(weights.values()):
             raise web.HTTPBadRequest(reason="at least one version needs a weight above 0")
-        applied = await self.control.set_weights(name, weights)
+        applied = await self.control.set_weights(name, weights, by=self.actor(request))
         return web.json_response({"service": name, "weights": applied})
 
+    @needs("operator", "a switch")
     async def switch(self, request: web.Request) -> web.Response:
         await self.begin_change(request)
         name = request.match_info["name"]
@@ -231,13 +321,13 @@ class AdminServer:
         to = (await self.body(request)).get("to")
         if not isinstance(to, str) or not to:
             raise web.HTTPBadRequest(reason='expected {"to": "<version>"}')
-        applied = await self.control.switch(name, to)
+        applied = await self.control.switch(name, to, by=self.actor(request))
         return web.json_response({"service": name, "weights": applied})
 
+    @needs("operator", "a reload")
     async def reload(self, request: web.Request) -> web.Response:
-        self.authorize(request)
         try:
-            result = await self.control.reload("api")
+            result = await self.control.reload("api", by=self.actor(request))
         except ConfigError as exc:
             return error(409, "; ".join(exc.errors))
         if result["outcome"] != "success":
@@ -259,16 +349,19 @@ class AdminServer:
             values[flag] = value
         return address.strip(), values
 
+    @needs("operator", "draining an upstream")
     async def drain(self, request: web.Request) -> web.Response:
         """One app instance out of rotation in every service and version (weir drain)."""
         await self.begin_change(request)
         address, flags = await self.upstream_body(request, "force")
-        return web.json_response(await self.control.drain(address, force=flags["force"]))
+        return web.json_response(await self.control.drain(address, force=flags["force"],
+                                                          by=self.actor(request)))
 
+    @needs("operator", "undraining an upstream")
     async def undrain(self, request: web.Request) -> web.Response:
         await self.begin_change(request)
         address, _ = await self.upstream_body(request)
-        return web.json_response(await self.control.undrain(address))
+        return web.json_response(await self.control.undrain(address, by=self.actor(request)))
 
     async def rollout_status(self, request: web.Request) -> web.Response:
         """``?events_after=SEQ``: only the events numbered above SEQ (what a client that
@@ -280,27 +373,18 @@ class AdminServer:
                                             "seq)")
         return web.json_response(rollout.status(int(after) if after is not None else None))
 
+    @needs_per_request(rollout_need)  # the role depends on the action: ROLLOUT_ACTIONS
     async def rollout_action(self, request: web.Request) -> web.Response:
         await self.begin_change(request)
-        rollout = await self.control.rollouts.for_operator(request.match_info["name"])
-        action = request.match_info["action"]
-        if action == "promote":
-            full = False
-            if request.can_read_body:
-                full = (await self.body(request)).get("full", False)
-                if not isinstance(full, bool):
-                    raise web.HTTPBadRequest(reason='"full" must be true or false')
-            await rollout.promote(full=full, by=self.actor(request))
-        elif action in ("start", "abort", "pause", "resume", "retry"):
-            if action == "start":
-                await rollout.start("api", by=self.actor(request))
-            elif action == "abort":
-                await rollout.abort(f"aborted by {self.actor(request)}", by=self.actor(request))
-            else:
-                await getattr(rollout, action)(by=self.actor(request))
-        else:
-            raise web.HTTPNotFound(reason=f"no rollout action {action!r} (start, promote, "
-                                          f"abort, pause, resume, retry)")
+        name, action = request.match_info["name"], request.match_info["action"]
+        self.control.rollouts.get(name)  # 404 before 400 for a service with no rollout
+        full = False
+        if action == "promote" and request.can_read_body:
+            full = (await self.body(request)).get("full", False)
+            if not isinstance(full, bool):
+                raise web.HTTPBadRequest(reason='"full" must be true or false')
+        rollout = await self.control.rollout_action(name, action, self.actor(request),
+                                                    full=full)
         # A move forward was saved before it counted (or refused: 500, nothing changed);
         # an abort or a pause is in force whatever the save does, and the answer says
         # whether it is saved yet.

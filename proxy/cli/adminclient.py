@@ -182,6 +182,8 @@ class AdminClient:
         message = f"{message} (HTTP {status})"
         if status == 401 and not self.token:
             message += f"; set {TOKEN_ENV} to the admin token"
+        elif status == 403:
+            message += f"; {TOKEN_ENV} must be a token with that role"
         return AdminError(message, status=status, body=body)
 
 

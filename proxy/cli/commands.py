@@ -341,6 +341,29 @@ def _when(at: Any) -> str:
     return time.strftime(" at %Y-%m-%d %H:%M:%S", time.localtime(at))
 
 
+# The last actions `weir status` shows per service and for the instance (/api/status has up
+# to 20 of each; --json shows them all).
+ACTIONS_SHOWN = 5
+
+
+def render_actions(actions: Any, indent_by: str) -> list[str]:
+    """The newest ``ACTIONS_SHOWN`` of an /api/status ``actions`` list, oldest first: when,
+    who (the token's name), what. Nothing for a missing or malformed list (an older Weir)."""
+    if not isinstance(actions, list):
+        return []
+    lines = []
+    for action in actions[-ACTIONS_SHOWN:]:
+        if not isinstance(action, dict):
+            continue
+        at = action.get("at")
+        when = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+                if isinstance(at, int | float) and not isinstance(at, bool) else "?")
+        detail = f": {action['detail']}" if action.get("detail") else ""
+        lines.append(f"{indent_by}{when}  {action.get('by', '?')}  "
+                     f"{action.get('action', '?')}{detail}")
+    return lines
+
+
 def render_status(data: dict[str, Any], url: str) -> str:
     """/api/status for people. Tolerant of missing fields: the API grows."""
     lines = []
@@ -404,6 +427,10 @@ def render_status(data: dict[str, Any], url: str) -> str:
             cells = [row[0].ljust(widths[0])]
             cells += [cell.rjust(width) for cell, width in zip(row[1:-1], widths[1:], strict=True)]
             lines.append(("  " + "  ".join(cells) + "  " + row[-1]).rstrip())
+        actions = render_actions(service.get("actions"), "    ")
+        if actions:
+            lines.append("  last actions:")
+            lines += actions
 
     drained = data.get("drained") or []
     if drained:
@@ -420,6 +447,12 @@ def render_status(data: dict[str, Any], url: str) -> str:
         for pool in draining:
             lines.append(f"  {pool.get('upstream', '?')} ({pool.get('service', '?')}/"
                          f"{pool.get('version', '?')}): {pool.get('open', '?')} open")
+
+    actions = render_actions(data.get("actions"), "  ")
+    if actions:
+        lines.append("")
+        lines.append("last actions on the instance (reloads, drains):")
+        lines += actions
     return "\n".join(lines)
 
 

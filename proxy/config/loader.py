@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .model import Config, ConfigError
+from .model import ADMIN_TOKEN_NAME, Config, ConfigError
 from .tls import TLSConfigError, compile_tls
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -53,6 +53,11 @@ def format_location(loc: tuple[Any, ...]) -> str:
     return path or "<root>"
 
 
+# Fields whose value is a credential: an error about one never shows the value (errors go to
+# the terminal, the log and /api/status).
+SECRET_FIELDS = frozenset({"token", "secret"})
+
+
 def _format_pydantic(exc: ValidationError) -> list[str]:
     lines = []
     for err in exc.errors(include_url=False):
@@ -61,7 +66,7 @@ def _format_pydantic(exc: ValidationError) -> list[str]:
         message = err["msg"].removeprefix("Value error, ")
         value = err.get("input")
         shown = ("" if isinstance(value, dict | list) or repr(value) in message
-                 else f" (got {value!r})")
+                 or (loc and loc[-1] in SECRET_FIELDS) else f" (got {value!r})")
         lines.append(f"{format_location(loc)}: {message}{shown}")
     return lines
 
@@ -72,7 +77,7 @@ def _semantic_errors(data: dict[str, Any]) -> list[str]:
     They read the raw data, tolerating wrong types that pydantic reports on its own, so that
     one run shows field errors and cross-field errors together.
     """
-    errors: list[str] = []
+    errors: list[str] = _admin_token_errors(data.get("admin"))
     services = data.get("services")
     if not isinstance(services, list):
         return errors
@@ -132,6 +137,40 @@ def _notification_errors(notifications: Any, services: set[str]) -> list[str]:
             if isinstance(name, str) and name not in services:
                 errors.append(f"notifications[{i}].services[{j}]: no such service {name!r} "
                               f"(services: {', '.join(sorted(services))})")
+    return errors
+
+
+def _admin_token_errors(admin: Any) -> list[str]:
+    """``admin.tokens``: every name and every token used once, and neither ``admin.token``
+    nor its name taken again. A change is recorded under its token's name, so two entries
+    that share a name or a token would make the record ambiguous. Errors never show a token."""
+    if not isinstance(admin, dict) or not isinstance(admin.get("tokens"), list):
+        return []
+    errors: list[str] = []
+    main = admin.get("token") or None
+    names: dict[str, int] = {}
+    secrets: dict[str, int] = {}
+    for i, entry in enumerate(admin["tokens"]):
+        if not isinstance(entry, dict):
+            continue
+        where = f"admin.tokens[{i}]"
+        name, token = entry.get("name"), entry.get("token")
+        if isinstance(name, str):
+            if name in names:
+                errors.append(f"{where}.name: duplicate token name {name!r} (admin.tokens"
+                              f"[{names[name]}] has it too)")
+            elif main is not None and name == ADMIN_TOKEN_NAME:
+                errors.append(f"{where}.name: {name!r} is the name admin.token acts under; "
+                              f"choose another")
+            names.setdefault(name, i)
+        if isinstance(token, str) and token:
+            if token in secrets:
+                errors.append(f"{where}.token: the same token as admin.tokens[{secrets[token]}]"
+                              f"; each entry needs a token of its own")
+            elif token == main:
+                errors.append(f"{where}.token: the same token as admin.token; each entry "
+                              f"needs a token of its own")
+            secrets.setdefault(token, i)
     return errors
 
 

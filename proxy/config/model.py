@@ -6,7 +6,6 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-import urllib.parse
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -120,20 +119,23 @@ ListenAddress = Annotated[
 ]
 
 
-def parse_web_url(value: object) -> str:
-    """An http:// or https:// URL with a host, kept as the text given."""
-    if not isinstance(value, str):
-        raise ValueError(f"expected a URL like http://hooks.example/go, got {value!r}")
-    parts = urllib.parse.urlsplit(value.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+def _http_url(value: str) -> str:
+    """An absolute http:// or https:// URL with a host (the notifier POSTs to it as is)."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError:
+        parts = None
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+            or any(c.isspace() for c in value)):
         raise ValueError(f"expected an http:// or https:// URL with a host, got {value!r}")
-    return value.strip()
+    return value
 
 
-WebUrl = Annotated[
+HttpUrl = Annotated[
     str,
-    BeforeValidator(parse_web_url),
-    WithJsonSchema({"type": "string", "examples": ["http://hooks.example/confirm"]}),
+    AfterValidator(_http_url),
+    WithJsonSchema({"type": "string", "format": "uri"}),
 ]
 
 
@@ -388,14 +390,14 @@ class PrometheusCheck(Strict):
     once for the canary and once for stable."""
 
     query: str = Field(min_length=1, max_length=10_000)
-    url: WebUrl | None = None  # default: the analysis source's url
+    url: HttpUrl | None = None  # default: the analysis source's url
 
 
 class HttpCheck(Strict):
     """Argo's web provider: GET ``url`` (templated like a query) and read the number at
     ``json_path`` (``data.value``, ``$.items[0].score``) of the JSON answer."""
 
-    url: WebUrl
+    url: HttpUrl
     json_path: str = Field(min_length=1, max_length=500)
     headers: dict[str, str] = {}
 
@@ -545,7 +547,7 @@ class Gate(Strict):
     """Flagger's confirm-rollout: ``url`` gets a JSON POST every ``interval`` until it answers
     2xx, which lets the rollout go on; past ``timeout`` the rollout is aborted."""
 
-    url: WebUrl
+    url: HttpUrl
     interval: Duration = 10.0
     timeout: Duration | None = None  # None: as long as it takes (the state shows how long)
     request_timeout: Duration = 5.0  # for each POST
@@ -564,7 +566,7 @@ class WebhookStep(Strict):
     tests) and its answer decides, 2xx going on and anything else (or none within
     ``timeout``) aborting the rollout."""
 
-    url: WebUrl
+    url: HttpUrl
     timeout: Duration = 60.0
 
     @field_validator("timeout")
@@ -659,26 +661,6 @@ RolloutEvent = Annotated[
     str,
     AfterValidator(_rollout_event),
     WithJsonSchema({"type": "string", "enum": list(ROLLOUT_EVENTS)}),
-]
-
-
-def _http_url(value: str) -> str:
-    """An absolute http:// or https:// URL with a host (the notifier POSTs to it as is)."""
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
-    except ValueError:
-        parts = None
-    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
-            or any(c.isspace() for c in value)):
-        raise ValueError(f"expected an http:// or https:// URL with a host, got {value!r}")
-    return value
-
-
-HttpUrl = Annotated[
-    str,
-    AfterValidator(_http_url),
-    WithJsonSchema({"type": "string", "format": "uri"}),
 ]
 
 
@@ -811,9 +793,46 @@ class Service(Strict):
         return self
 
 
+# What a token of the admin API may do, from least to most: a viewer changes nothing (reads
+# need no token), a promoter drives a rollout that is under way (promote, pause, resume,
+# abort), an operator does everything.
+Role = Literal["viewer", "promoter", "operator"]
+ROLES: tuple[Role, ...] = ("viewer", "promoter", "operator")
+
+# The name ``admin.token`` acts under (an operator) in the rollout records, the log and the
+# actions in /api/status; no entry of ``admin.tokens`` may take it while ``admin.token`` is set.
+ADMIN_TOKEN_NAME = "admin"
+
+
+def role_allows(role: Role, needed: Role) -> bool:
+    return ROLES.index(role) >= ROLES.index(needed)
+
+
+class AdminToken(Strict):
+    """One bearer token of the admin API: ``name`` is who acted, in every record of a change
+    made with it (never the token itself)."""
+
+    name: Name
+    token: str
+    role: Role
+
+    @field_validator("token")
+    @classmethod
+    def _usable(cls, value: str) -> str:
+        if not value:
+            raise ValueError("a token must not be empty (is its environment variable set?)")
+        if value != value.strip():
+            # The Authorization header's value is read stripped: such a token never matches.
+            raise ValueError("a token must not start or end with whitespace")
+        return value
+
+
 class Admin(Strict):
     listen: ListenAddress = "127.0.0.1:9901"
-    token: str | None = None
+    token: str | None = None  # one operator token, named ADMIN_TOKEN_NAME
+    # Unique names and tokens (and none equal to ``token``): checked with the file's other
+    # cross-field rules in config/loader.py, each error at its entry's path.
+    tokens: list[AdminToken] = []
     # Where people reach the admin listener (behind a load balancer, say): the links in
     # notifications point at its /dashboard. None: built from ``listen``.
     public_url: HttpUrl | None = None
@@ -822,6 +841,15 @@ class Admin(Strict):
     @classmethod
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value or None  # `token: ${WEIR_ADMIN_TOKEN:-}` with the variable unset
+
+    def credentials(self) -> list[AdminToken]:
+        """Every token that is accepted, ``admin.token`` first as the operator named
+        ADMIN_TOKEN_NAME."""
+        # Built unchecked: admin.token has always been taken as written.
+        main = ([AdminToken.model_construct(name=ADMIN_TOKEN_NAME, token=self.token,
+                                            role="operator")]
+                if self.token is not None else [])
+        return main + list(self.tokens)
 
 
 class Limits(Strict):

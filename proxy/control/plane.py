@@ -3,7 +3,8 @@
 Config reloads (file watch, SIGHUP, admin API) and runtime changes (weights, switches) all go
 through here. Each builds a new route table off to the side and hands it to the data plane in
 one assignment, persists runtime changes, and records what happened for /api/status and the
-metrics.
+metrics. A change made through the admin API names who made it (``by``, the token's name):
+logged, and kept in the last actions /api/status shows (control/audit.py).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from ..config.model import Config, ConfigError
 from ..config.tls import TLSConfigError, compile_tls
 from ..dataplane.build import request_path_build
 from ..errors import StateWriteError, UnknownName
-from ..rollout.controller import RolloutController
+from ..rollout.controller import RolloutController, ServiceRollout
 from ..tasks import cancel_and_wait
+from .audit import ActionLog
 from .metrics import Metrics
 from .redisstore import redacted
 from .state import SOURCE_API, RuntimeState
@@ -103,6 +105,8 @@ class ControlPlane:
         self.started_with = config
         self.restart_required: list[str] = []
         self.previews: dict[str, tuple[str, str]] = {}  # blue/green preview routes
+        # The changes made through the admin API and who made them, for /api/status.
+        self.actions = ActionLog()
         self.proxy = proxy
         self.metrics.attach(self.proxy)
         self.rollouts = RolloutController(self)
@@ -130,10 +134,23 @@ class ControlPlane:
         except ConfigError:
             return None
 
-    async def reload(self, trigger: str, unless_unchanged: bool = False) -> dict[str, Any]:
+    async def reload(self, trigger: str, unless_unchanged: bool = False,
+                     by: str | None = None) -> dict[str, Any]:
         """Re-read the config file. An invalid file changes nothing but the record of it.
         ``unless_unchanged``: only if its text differs from what was last read (decided under
-        the lock, so a watcher pass and an API change never both take in the same edit)."""
+        the lock, so a watcher pass and an API change never both take in the same edit).
+        ``by``: the token that asked for it through the admin API, recorded with the result."""
+        result = await self._reload(trigger, unless_unchanged, by)
+        if by is not None:
+            detail = (f"generation {result['generation']}" if result["outcome"] == "success"
+                      else f"failed ({len(result['errors'])} error(s)); still generation "
+                           f"{result['generation']}")
+            self.actions.record(by, "reload", detail)
+        return result
+
+    async def _reload(self, trigger: str, unless_unchanged: bool,
+                      by: str | None) -> dict[str, Any]:
+        why = trigger if by is None else f"{trigger}, by {by}"
         async with self._reload_lock:
             if self.config_path is None:
                 raise ConfigError("<config>", ["no config file to reload"])
@@ -164,7 +181,7 @@ class ControlPlane:
                                     "errors": exc.errors,
                                     "restart_required": list(self.restart_required)}
                 log.error("config reload (%s) failed; still serving generation %d:\n%s",
-                          trigger, self.generation, exc)
+                          why, self.generation, exc)
                 return self.last_reload
             self._warn_about_restart_only_changes(config)
             if self.state.reconcile(config):
@@ -181,7 +198,7 @@ class ControlPlane:
             self.last_reload = {"generation": self.generation, "outcome": "success",
                                 "trigger": trigger, "at": time.time(), "errors": [],
                                 "restart_required": list(self.restart_required)}
-            log.info("config reloaded (%s): generation %d", trigger, self.generation)
+            log.info("config reloaded (%s): generation %d", why, self.generation)
             return self.last_reload
 
     def apply(self, initial: bool = False) -> None:
@@ -325,11 +342,22 @@ class ControlPlane:
         raise UnknownName(f"no service named {name!r}")
 
     async def set_weights(self, name: str, weights: dict[str, int],
-                          source: str = SOURCE_API, fail_safe: bool = False) -> dict[str, int]:
+                          source: str = SOURCE_API, fail_safe: bool = False,
+                          by: str | None = None) -> dict[str, int]:
         """Replace a service's weights (versions left out get 0) and persist the change.
         ``fail_safe``: traffic going back to safety (a rollback): in force at once, without
-        waiting for the state lock or the save, and saved in the background (retried)."""
+        waiting for the state lock or the save, and saved in the background (retried).
+        ``source`` is what the runtime state and /api/status keep ("api", "controller");
+        ``by`` the token that made the change through the admin API, when one did."""
+        applied = await self._set_weights(name, weights, source, fail_safe, by)
+        if by is not None:
+            self.actions.record(by, "set_weights", describe_weights(applied), service=name)
+        return applied
+
+    async def _set_weights(self, name: str, weights: dict[str, int], source: str,
+                           fail_safe: bool, by: str | None) -> dict[str, int]:
         service = self.service(name)
+        who = source if by is None else f"{by} ({source})"
         unknown = sorted(set(weights) - set(service.versions))
         if unknown:
             raise UnknownName(f"service {name!r} has no version {unknown[0]!r} "
@@ -339,7 +367,7 @@ class ControlPlane:
             self.apply()
             self.changed()
             applied = self.state.weights[name].weights
-            log.info("service %s: weights set to %s by %s", name, applied, source)
+            log.info("service %s: weights set to %s by %s", name, applied, who)
             return applied
         async with self._state_lock:  # no change from another instance lands meanwhile
             previous = self.state.weights.get(name)
@@ -347,15 +375,49 @@ class ControlPlane:
             await self._persist_or_undo(restore(self.state.weights, name, previous))
             self.apply()
             applied = self.state.weights[name].weights
-        log.info("service %s: weights set to %s by %s", name, applied, source)
+        log.info("service %s: weights set to %s by %s", name, applied, who)
         return applied
 
-    async def switch(self, name: str, version: str, source: str = SOURCE_API) -> dict[str, int]:
+    async def switch(self, name: str, version: str, source: str = SOURCE_API,
+                     by: str | None = None) -> dict[str, int]:
         service = self.service(name)
         if version not in service.versions:
             raise UnknownName(f"service {name!r} has no version {version!r} "
                               f"(versions: {', '.join(service.versions)})")
-        return await self.set_weights(name, {version: 100}, source)
+        applied = await self._set_weights(name, {version: 100}, source, False, by)
+        if by is not None:
+            self.actions.record(by, "switch", f"to {version} ({describe_weights(applied)})",
+                                service=name)
+        return applied
+
+    async def rollout_action(self, name: str, action: str, by: str,
+                             full: bool = False) -> ServiceRollout:
+        """A person's action on a service's rollout through the admin API (start, promote,
+        abort, pause, resume, retry), recorded with what it did. RolloutError when it does
+        not apply to the rollout as it stands (nothing is recorded then)."""
+        rollout = await self.rollouts.for_operator(name)
+        seen = rollout.record.event_seq
+        if action == "promote":
+            await rollout.promote(full=full, by=by)
+        elif action == "start":
+            await rollout.start("api", by=by)
+        elif action == "abort":
+            await rollout.abort(f"aborted by {by}", by=by)
+        elif action in ("pause", "resume", "retry"):
+            await getattr(rollout, action)(by=by)
+        else:
+            raise ValueError(f"no rollout action {action!r}")
+        # What the action did, in the words of the events it added (a promotion in full
+        # adds "promoted" and "completed"); a promotion during a step that is no pause
+        # does nothing, and says so.
+        done = [e["message"] for e in rollout.record.events
+                if e.get("seq", 0) > seen and e.get("by") == by]
+        what = "; ".join(done) if done else f"nothing to do ({rollout.record.phase})"
+        number = f"rollout {rollout.record.number}"
+        self.actions.record(by, f"rollout_{action}",
+                            what if what.startswith(f"{number} ") else f"{number}: {what}",
+                            service=name)
+        return rollout
 
     async def _persist_or_undo(self, undo: Callable[[], None]) -> None:
         """Save a runtime change just made to ``self.state`` (under the state lock). Persisted
@@ -529,9 +591,11 @@ class ControlPlane:
                     stranded.append(f"{route.name}/{name}")
         return stranded
 
-    async def drain(self, address: str, force: bool = False) -> dict[str, Any]:
+    async def drain(self, address: str, force: bool = False,
+                    by: str | None = None) -> dict[str, Any]:
         """Take an upstream address out of rotation in every service and version, persisted.
-        Its requests in flight finish; its idle pooled connections close."""
+        Its requests in flight finish; its idle pooled connections close. ``by``: the token
+        that asked for it through the admin API."""
         users = self.upstream_users()
         if address not in users:
             known = sorted(users)
@@ -553,15 +617,19 @@ class ControlPlane:
                 await self._persist_or_undo(restore(self.state.drained, address, None))
                 self.apply_drained()
         entry = self.drained_entry(address)
+        forced = f"; forced: {', '.join(stranded)} left with no upstream" if stranded else ""
         if changed:
-            log.warning("upstream %s drained (used by %s): no new requests; %d in flight%s",
-                        address, ", ".join(entry["used_by"]), entry["inflight"],
-                        f"; forced: {', '.join(stranded)} left with no upstream"
-                        if stranded else "")
+            log.warning("upstream %s drained%s (used by %s): no new requests; %d in flight%s",
+                        address, f" by {by}" if by else "", ", ".join(entry["used_by"]),
+                        entry["inflight"], forced)
+        if by is not None:
+            outcome = forced if changed else ": already drained"
+            self.actions.record(by, "drain", f"{address} (used by "
+                                             f"{', '.join(entry['used_by'])}){outcome}")
         return {**entry, "changed": changed, "without_upstream": stranded,
                 "drained": sorted(self.state.drained)}
 
-    async def undrain(self, address: str) -> dict[str, Any]:
+    async def undrain(self, address: str, by: str | None = None) -> dict[str, Any]:
         """Put a drained address back into rotation everywhere, persisted."""
         users = self.upstream_users()
         async with self._state_lock:
@@ -574,9 +642,13 @@ class ControlPlane:
                 del self.state.drained[address]
                 await self._persist_or_undo(restore(self.state.drained, address, previous))
                 self.apply_drained()
+        used_by = ", ".join(users.get(address, [])) or "no service"
         if previous is not None:
-            log.warning("upstream %s undrained (used by %s): back in rotation", address,
-                        ", ".join(users.get(address, [])) or "no service")
+            log.warning("upstream %s undrained%s (used by %s): back in rotation", address,
+                        f" by {by}" if by else "", used_by)
+        if by is not None:
+            outcome = "" if previous is not None else ": was not drained"
+            self.actions.record(by, "undrain", f"{address} (used by {used_by}){outcome}")
         return {"upstream": address, "used_by": users.get(address, []),
                 "changed": previous is not None, "drained": sorted(self.state.drained)}
 
@@ -623,6 +695,9 @@ class ControlPlane:
                 "rollout": (self.rollouts.rollouts[service.name].status(
                                 last_events=STATUS_EVENTS)
                             if service.name in self.rollouts.rollouts else None),
+                # The last changes to this service through the admin API, and who made
+                # them (in memory: see control/audit.py).
+                "actions": self.actions.for_service(service.name),
             })
         draining = [{"upstream": p.address, "service": p.drain_label[0],
                      "version": p.drain_label[1], "open": p.inflight}
@@ -643,11 +718,18 @@ class ControlPlane:
             "drained": self.drained_status(),
             # Runtime changes in force here but not yet saved (null when all are saved).
             "state_unsaved": self.unsaved,
+            # The last changes through the admin API that concern the whole instance
+            # (reloads, drains), and who made them.
+            "actions": self.actions.for_instance(),
         }
         workers = getattr(self.proxy, "workers", None)  # only under `weir run --workers N`
         if workers is not None:
             status["workers"] = workers.describe()
         return status
+
+
+def describe_weights(weights: dict[str, int]) -> str:
+    return " ".join(f"{version}={weight}" for version, weight in weights.items())
 
 
 def restore(entries: dict[str, Any], key: str, previous: Any) -> Callable[[], None]:

@@ -597,3 +597,48 @@ async def test_dashboard_shows_a_drained_upstream_with_a_badge(start_backend, we
                    "the badge to go")
     assert "drained" not in await tab.evaluate("document.getElementById('summary').textContent")
     assert tab.errors() == []
+
+
+@needs_chromium
+@pytest.mark.timeout(90)
+async def test_dashboard_shows_a_403_with_the_role_the_button_needs(start_backend, weir,
+                                                                    browser):
+    """A token whose role is too small (admin.tokens): the API's message is shown, the token
+    is marked as lacking the role, and nothing changes; a promoter's token then pauses."""
+    stable, canary = await start_backend("stable"), await start_backend("canary")
+    data = base_config(shop(stable, canary, rollout={
+        "strategy": "canary", "steps": [{"set_weight": 30}, {"pause": {"duration": "10m"}}]}))
+    data["admin"]["tokens"] = [{"name": "wallboard", "token": "viewer-token", "role": "viewer"},
+                               {"name": "ci", "token": "promoter-token", "role": "promoter"}]
+    live: Weir = await weir(data)
+    api = live.api
+    await api.act("start", name="shop")
+    await poll(lambda: api.rollout("shop"),
+               lambda r: r["phase"] == "progressing" and r["step"] == 1, 10, "the timed pause")
+
+    tab = await browser.new_tab()
+    await tab.call("Page.navigate", url=api.base + "/dashboard")
+    await tab.wait("document.body && document.body.dataset.ready === 'true'",
+                   "the first status and history to render")
+    await tab.type_into("#token", "viewer-token")
+    await tab.click("#token-use")
+    await tab.click('section[data-service="shop"] button[data-action="pause"]')
+    message = await tab.wait(
+        "(() => { const m = document.getElementById('message');"
+        " return !m.hidden && m.classList.contains('bad') && m.textContent; })()",
+        "the 403 message")
+    assert "403" in message
+    assert "rollout pause needs the promoter role; token wallboard is a viewer" in message
+    assert await tab.evaluate(
+        "document.getElementById('token-state').dataset.state") == "limited"
+    assert (await api.rollout("shop"))["phase"] == "progressing"
+
+    await tab.type_into("#token", "promoter-token")
+    await tab.click("#token-use")
+    await tab.click('section[data-service="shop"] button[data-action="pause"]')
+    paused = await poll(lambda: api.rollout("shop"), lambda r: r["phase"] == "paused", 10,
+                        "the pause from the dashboard")
+    assert [e["by"] for e in paused["events"] if e["event"] == "paused"] == ["ci"]
+    await tab.wait("document.getElementById('token-state').dataset.state === 'accepted'",
+                   "the token accepted")
+    assert tab.errors() == []

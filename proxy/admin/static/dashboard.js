@@ -129,6 +129,9 @@
       set: ['token set', ''],
       accepted: ['token accepted', 'ok'],
       rejected: ['token rejected (401)', 'bad'],
+      // A known token whose role is too small for the button: it stays usable for the
+      // buttons its role allows.
+      limited: ['role too small (403)', 'bad'],
     };
     const [text, cls] = words[kind];
     $('token').placeholder = kind === 'none' ? 'needed for the buttons' : 'type to replace';
@@ -183,6 +186,12 @@
       tokenState('rejected');
       showMessage('bad', `${what}: 401 Unauthorized: ${data.error || 'wrong token'}. ` +
                          'Enter the right admin token.');
+      return;
+    }
+    if (response.status === 403) {
+      tokenState('limited');
+      const why = data.error || 'the token\'s role is too small for this';
+      showMessage('bad', `${what}: 403 Forbidden: ${why}.`);
       return;
     }
     if (!response.ok) {
