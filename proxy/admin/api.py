@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from ..config.model import MAX_WEIGHT, ConfigError, split_address
-from ..control.plane import DrainRefused, StateConflictError, UnknownUpstream
+from ..control.plane import DrainRefused, InvalidRelease, StateConflictError, UnknownUpstream
 from ..dataplane.listen import ADMIN_API, ListenError
 from ..errors import StateWriteError, UnknownName
 from ..rollout.controller import RolloutError
@@ -74,6 +74,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return web.json_response({"error": str(exc.args[0]), "known": exc.known}, status=404)
     except DrainRefused as exc:
         return web.json_response({"error": str(exc), "versions": exc.versions}, status=409)
+    except InvalidRelease as exc:
+        return error(400, str(exc))
     except UnknownName as exc:
         return error(404, str(exc.args[0]))
     except RolloutError as exc:
@@ -280,27 +282,51 @@ class AdminServer:
                                             "seq)")
         return web.json_response(rollout.status(int(after) if after is not None else None))
 
+    async def release_body(self, request: web.Request) -> tuple[str | None, list[str] | None]:
+        """A start's optional ``{"revision": "v2.4.0", "upstreams": ["host:port", ...]}``:
+        the release it brings in (None: the field is the new version's as it is). The
+        addresses are checked by the control plane, through the config's own model."""
+        if not request.can_read_body:
+            return None, None
+        body = await self.body(request)
+        unknown = sorted(set(body) - {"revision", "upstreams"})
+        if unknown:
+            raise web.HTTPBadRequest(reason=f"unknown field {unknown[0]!r} in a rollout start "
+                                            f"(revision, upstreams)")
+        revision = body.get("revision")
+        if revision is not None and (not isinstance(revision, str) or not revision.strip()):
+            raise web.HTTPBadRequest(reason='"revision" must be a non-empty string')
+        upstreams = body.get("upstreams")
+        if upstreams is not None and (not isinstance(upstreams, list) or not upstreams
+                                      or not all(isinstance(u, str) for u in upstreams)):
+            raise web.HTTPBadRequest(reason='"upstreams" must be a non-empty list of '
+                                            '"host:port" strings')
+        return revision, upstreams
+
     async def rollout_action(self, request: web.Request) -> web.Response:
         await self.begin_change(request)
-        rollout = await self.control.rollouts.for_operator(request.match_info["name"])
-        action = request.match_info["action"]
-        if action == "promote":
-            full = False
-            if request.can_read_body:
-                full = (await self.body(request)).get("full", False)
-                if not isinstance(full, bool):
-                    raise web.HTTPBadRequest(reason='"full" must be true or false')
-            await rollout.promote(full=full, by=self.actor(request))
-        elif action in ("start", "abort", "pause", "resume", "retry"):
-            if action == "start":
-                await rollout.start("api", by=self.actor(request))
-            elif action == "abort":
-                await rollout.abort(f"aborted by {self.actor(request)}", by=self.actor(request))
-            else:
-                await getattr(rollout, action)(by=self.actor(request))
+        name, action = request.match_info["name"], request.match_info["action"]
+        by = self.actor(request)
+        if action == "start":
+            self.control.rollouts.get(name)  # 404 before 400 for an unknown service
+            revision, upstreams = await self.release_body(request)
+            rollout = await self.control.start_release(name, by, revision, upstreams)
         else:
-            raise web.HTTPNotFound(reason=f"no rollout action {action!r} (start, promote, "
-                                          f"abort, pause, resume, retry)")
+            rollout = await self.control.rollouts.for_operator(name)
+            if action == "promote":
+                full = False
+                if request.can_read_body:
+                    full = (await self.body(request)).get("full", False)
+                    if not isinstance(full, bool):
+                        raise web.HTTPBadRequest(reason='"full" must be true or false')
+                await rollout.promote(full=full, by=by)
+            elif action == "abort":
+                await rollout.abort(f"aborted by {by}", by=by)
+            elif action in ("pause", "resume", "retry"):
+                await getattr(rollout, action)(by=by)
+            else:
+                raise web.HTTPNotFound(reason=f"no rollout action {action!r} (start, promote, "
+                                              f"abort, pause, resume, retry)")
         # A move forward was saved before it counted (or refused: 500, nothing changed);
         # an abort or a pause is in force whatever the save does, and the answer says
         # whether it is saved yet.
