@@ -429,7 +429,8 @@ class ControlPlane:
             await rollout.start("api", by=by)
             return rollout
         # No reload replaces the file's config between the release being checked against it
-        # and its start (a reload's own auto-start would otherwise start it too).
+        # and its start (a reload's own auto-start would otherwise start it too). Held for the
+        # start's save only: reloads need not wait for its pre_rollout webhook.
         async with self._reload_lock:
             rollout = await self.rollouts.for_operator(name)
             set_release: list[bool] = []
@@ -439,12 +440,13 @@ class ControlPlane:
                 set_release.append(undo is not None)
                 return undo
 
-            await rollout.start("api", by=by, prepare=prepare)
-        if any(set_release):  # saved and in force (a failed save raised above)
-            version = self.service(name).versions[rollout.new_version]
-            log.info("service %s version %s: release set by %s: revision %s, upstreams %s",
-                     name, rollout.new_version, by, version.revision,
-                     ", ".join(version.upstreams))
+            await rollout.begin("api", by=by, prepare=prepare)
+            if any(set_release):  # saved and in force (a failed save raised above)
+                version = self.service(name).versions[rollout.new_version]
+                log.info("service %s version %s: release set by %s: revision %s, upstreams "
+                         "%s", name, rollout.new_version, by, version.revision,
+                         ", ".join(version.upstreams))
+        await rollout.after_begin()
         return rollout
 
     def _set_release(self, rollout: ServiceRollout, revision: str | None,

@@ -422,7 +422,14 @@ class ServiceRollout:
         """Saved before it counts: the new record (and for a canary, the first step's weight)
         goes into the runtime state, and the data plane, only once the state is saved; if it
         cannot be, the rollout is as it was (a rollback ramp cut short goes on) and
-        StateWriteError says nothing changed.
+        StateWriteError says nothing changed. Then the pre_rollout webhook and, for blue/green,
+        the pre-promotion checks."""
+        await self.begin(why, by, prepare)
+        await self.after_begin()
+
+    async def begin(self, why: str = "api", by: str = CONTROLLER,
+                    prepare: Prepare | None = None) -> None:
+        """The start itself (see start), announced once saved.
 
         ``prepare``: another change to the runtime state that this start brings in and is
         saved with it, in the same write (a release's revision and upstreams, see
@@ -459,6 +466,10 @@ class ServiceRollout:
         self.emit("started", f"rollout {record.number}{release} ({why}): {self.new_version} "
                              f"replaces {self.old_version}{was}", by=by, why=why)
         self.save()
+
+    async def after_begin(self) -> None:
+        """What a start goes on with: the pre_rollout webhook (an abort if it fails), and for
+        blue/green the pre-promotion checks."""
         if not await self.webhook("pre_rollout", required=True):
             await self.abort("the pre_rollout webhook failed")
             return
