@@ -1,6 +1,7 @@
 """The rollout tests' harness: aiohttp backends that can fail or slow down on demand, a webhook
-receiver, rollout configs and a bounded client load. The Weir itself is conftest's ``weir``
-fixture, and its admin API client (``Weir.api``, an ``AdminApi``) polls with deadlines.
+receiver, the `weir` command run as a pipeline runs it, rollout configs and a bounded client
+load. The Weir itself is conftest's ``weir`` fixture, and its admin API client (``Weir.api``,
+an ``AdminApi``) polls with deadlines.
 
 Its fixtures (``backends``, ``hooks``) are made available to every test module by
 tests/conftest.py; the helpers are imported where they are used.
@@ -9,6 +10,8 @@ tests/conftest.py; the helpers are imported where they are used.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -111,6 +114,35 @@ async def hooks() -> AsyncIterator[Hooks]:
     receiver.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     yield receiver
     await runner.cleanup()
+
+
+# --- the weir command, as a pipeline runs it --------------------------------------------------
+
+
+@dataclass
+class Ran:
+    code: int
+    out: str
+    err: str
+    ended_at: float  # time.time() when the command exited
+
+
+async def weir_cli(admin_url: str, *args: str, timeout: float = 30) -> Ran:
+    """`weir ARGS --admin URL`, the token in the environment, as a pipeline runs it."""
+    env = {**os.environ, "WEIR_ADMIN_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", *args, "--admin", admin_url, env=env,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    ran = Ran(process.returncode or 0, out.decode(), err.decode(), time.time())
+    print(f"\n$ weir {' '.join(args)}  -> exit {ran.code}\n{ran.out}{ran.err}")
+    return ran
 
 
 # --- configs ----------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from ..config.model import (
     role_allows,
     split_address,
 )
-from ..control.plane import DrainRefused, StateConflictError, UnknownUpstream
+from ..control.plane import DrainRefused, InvalidRelease, StateConflictError, UnknownUpstream
 from ..dataplane.listen import ADMIN_API, ListenError
 from ..errors import StateWriteError, UnknownName
 from ..rollout.controller import RolloutError
@@ -138,6 +138,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return web.json_response({"error": str(exc.args[0]), "known": exc.known}, status=404)
     except DrainRefused as exc:
         return web.json_response({"error": str(exc), "versions": exc.versions}, status=409)
+    except InvalidRelease as exc:
+        return error(400, str(exc))
     except UnknownName as exc:
         return error(404, str(exc.args[0]))
     except RolloutError as exc:
@@ -373,18 +375,44 @@ class AdminServer:
                                             "seq)")
         return web.json_response(rollout.status(int(after) if after is not None else None))
 
+    async def release_body(self, request: web.Request) -> tuple[str | None, list[str] | None]:
+        """A start's optional ``{"revision": "v2.4.0", "upstreams": ["host:port", ...]}``:
+        the release it brings in (None: the field is the new version's as it is). The
+        addresses are checked by the control plane, through the config's own model."""
+        if not request.can_read_body:
+            return None, None
+        body = await self.body(request)
+        unknown = sorted(set(body) - {"revision", "upstreams"})
+        if unknown:
+            raise web.HTTPBadRequest(reason=f"unknown field {unknown[0]!r} in a rollout start "
+                                            f"(revision, upstreams)")
+        revision = body.get("revision")
+        if revision is not None and (not isinstance(revision, str) or not revision.strip()):
+            raise web.HTTPBadRequest(reason='"revision" must be a non-empty string')
+        upstreams = body.get("upstreams")
+        if upstreams is not None and (not isinstance(upstreams, list) or not upstreams
+                                      or not all(isinstance(u, str) for u in upstreams)):
+            raise web.HTTPBadRequest(reason='"upstreams" must be a non-empty list of '
+                                            '"host:port" strings')
+        return revision, upstreams
+
     @needs_per_request(rollout_need)  # the role depends on the action: ROLLOUT_ACTIONS
     async def rollout_action(self, request: web.Request) -> web.Response:
         await self.begin_change(request)
         name, action = request.match_info["name"], request.match_info["action"]
         self.control.rollouts.get(name)  # 404 before 400 for a service with no rollout
         full = False
-        if action == "promote" and request.can_read_body:
+        revision: str | None = None
+        upstreams: list[str] | None = None
+        if action == "start":
+            revision, upstreams = await self.release_body(request)
+        elif action == "promote" and request.can_read_body:
             full = (await self.body(request)).get("full", False)
             if not isinstance(full, bool):
                 raise web.HTTPBadRequest(reason='"full" must be true or false')
         rollout = await self.control.rollout_action(name, action, self.actor(request),
-                                                    full=full)
+                                                    full=full, revision=revision,
+                                                    upstreams=upstreams)
         # A move forward was saved before it counted (or refused: 500, nothing changed);
         # an abort or a pause is in force whatever the save does, and the answer says
         # whether it is saved yet.

@@ -266,7 +266,9 @@ def cmd_rollout_start(args: argparse.Namespace) -> int:
         body["upstreams"] = args.upstreams
     data = admin.rollout(args.service, "start", body)
     detail = describe_rollout(data)
-    emit(args, data, f"{args.service}: rollout {data.get('number', '')} started".replace(
+    release = data.get("release") if isinstance(data, dict) else None
+    of = f" of revision {release}" if isinstance(release, str) and release else ""
+    emit(args, data, f"{args.service}: rollout {data.get('number', '')}{of} started".replace(
         "  ", " ") + (f" ({detail})" if detail else ""))
     if isinstance(data, dict) and data.get("warning"):
         print(f"weir: warning: {data['warning']}", file=sys.stderr)
@@ -364,6 +366,11 @@ def render_actions(actions: Any, indent_by: str) -> list[str]:
     return lines
 
 
+def sourced(value: str, source: Any) -> str:
+    """A version's value, with who set it when not the config file ("v2.4.0 (api)")."""
+    return f"{value} ({source})" if isinstance(source, str) and source != "file" else value
+
+
 def render_status(data: dict[str, Any], url: str) -> str:
     """/api/status for people. Tolerant of missing fields: the API grows."""
     lines = []
@@ -415,17 +422,21 @@ def render_status(data: dict[str, Any], url: str) -> str:
         weights = service.get("weights") or {}
         versions = service.get("versions") or {v: {"weight": w} for v, w in weights.items()}
         total = sum(w for w in weights.values() if isinstance(w, int)) or 0
-        rows = [("VERSION", "WEIGHT", "SHARE", "IN-FLIGHT", "DRAINING", "UPSTREAMS")]
+        rows = [("VERSION", "WEIGHT", "SHARE", "IN-FLIGHT", "DRAINING", "REVISION",
+                 "UPSTREAMS")]
         for version, info in versions.items():
             weight = weights.get(version, info.get("weight", 0))
             share = f"{100 * weight / total:.0f}%" if total and isinstance(weight, int) else "-"
             rows.append((version, str(weight), share, str(info.get("inflight", "-")),
                          str(info.get("draining", "-")),
-                         ", ".join(info.get("upstreams") or [])))
+                         sourced(str(info.get("revision") or "-"), info.get("revision_source")),
+                         sourced(", ".join(info.get("upstreams") or []),
+                                 info.get("upstreams_source"))))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
         for row in rows:
-            cells = [row[0].ljust(widths[0])]
-            cells += [cell.rjust(width) for cell, width in zip(row[1:-1], widths[1:], strict=True)]
+            # Names and revisions to the left, numbers to the right; the upstreams last.
+            cells = [cell.ljust(width) if i in (0, 5) else cell.rjust(width)
+                     for i, (cell, width) in enumerate(zip(row[:-1], widths, strict=True))]
             lines.append(("  " + "  ".join(cells) + "  " + row[-1]).rstrip())
         actions = render_actions(service.get("actions"), "    ")
         if actions:

@@ -58,7 +58,9 @@ def format_location(loc: tuple[Any, ...]) -> str:
 SECRET_FIELDS = frozenset({"token", "secret"})
 
 
-def _format_pydantic(exc: ValidationError) -> list[str]:
+def format_validation_errors(exc: ValidationError) -> list[str]:
+    """One line per error, "field.path: message (got value)", as `weir validate` prints them
+    (also what the admin API answers for a value it builds through the same model)."""
     lines = []
     for err in exc.errors(include_url=False):
         # Drop pydantic's internal tags ('function-before[...]') so the path is the user's.
@@ -186,7 +188,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         config = Config.model_validate(data)
     except ValidationError as exc:
         # A field whose variable was unset already has its error; don't report it twice.
-        errors += [e for e in _format_pydantic(exc) if e.split(":", 1)[0] not in env_paths]
+        errors += [e for e in format_validation_errors(exc) if e.split(":", 1)[0] not in env_paths]
     errors += _semantic_errors(data)
     if config is not None:
         # Certificates and keys are loaded here, so that `weir validate`, start and reload all

@@ -17,17 +17,30 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config.loader import config_from_bytes, load_config, read_config_file
+from pydantic import ValidationError
+
+from ..config.loader import (
+    config_from_bytes,
+    format_validation_errors,
+    load_config,
+    read_config_file,
+)
 from ..config.model import Config, ConfigError
 from ..config.tls import TLSConfigError, compile_tls
 from ..dataplane.build import request_path_build
 from ..errors import StateWriteError, UnknownName
-from ..rollout.controller import RolloutController, ServiceRollout
+from ..rollout.controller import RolloutController, ServiceRollout, fingerprint
 from ..tasks import cancel_and_wait
 from .audit import ActionLog
 from .metrics import Metrics
 from .redisstore import redacted
-from .state import SOURCE_API, RuntimeState
+from .state import (
+    SOURCE_API,
+    RuntimeState,
+    build_version,
+    effective_config,
+    merged_override,
+)
 from .store import RemoteState, StateStore, StoreConflict, make_store
 
 if TYPE_CHECKING:
@@ -61,6 +74,10 @@ class UnknownUpstream(UnknownName):
         self.known = known
 
 
+class InvalidRelease(ValueError):
+    """A release's revision or upstreams the config's model refuses (400), with its message."""
+
+
 class DrainRefused(RuntimeError):
     """Draining would leave a version that has weight with no upstream (409, unless forced);
     ``versions`` names them as "service/version"."""
@@ -77,8 +94,13 @@ class ControlPlane:
         (under --workers, the supervisor's, which forwards every change to the workers and
         sums their statistics); the runtime state's weights are applied to it here.
         ``store``: an opened store (serve() opens a shared one before this); by default the
-        state file, read here."""
+        state file, read here.
+
+        ``config`` is the file's (kept as ``file_config``); ``self.config`` is what is served
+        and what the controller reads: the file's with the releases set through the API
+        applied (see use_effective_config)."""
         self.config_path = config_path
+        self.file_config = config
         self.config = config
         self.loop = proxy.loop
         self.metrics = Metrics()
@@ -86,6 +108,7 @@ class ControlPlane:
         self.state = RuntimeState(self.store.path)
         self.store.load_into(self.state)
         self._reconciled_at_start = bool(self.state.reconcile(config))
+        self.use_effective_config()
         self._state_lock = asyncio.Lock()  # one change or save of the runtime state at a time
         # Saving: changes made in memory are counted, and each save records up to which
         # count it wrote; the state is unsaved while the two differ after a failed save.
@@ -111,7 +134,7 @@ class ControlPlane:
         self.metrics.attach(self.proxy)
         self.rollouts = RolloutController(self)
         self.metrics.attach_control(self)
-        if self.state.weights or self.previews:
+        if self.state.weights or self.previews or self.config is not config:
             self.apply(initial=True)
         self.apply_drained()
         self.last_reload: dict[str, Any] = {"generation": 1, "outcome": "success",
@@ -190,7 +213,8 @@ class ControlPlane:
                 self.changed()
                 await self.save_or_report()
             self.generation += 1
-            self.config = config
+            self.file_config = config
+            self.use_effective_config()
             self.proxy.use_tls(tls, config)
             self.rollouts.sync()
             self.apply()
@@ -200,6 +224,15 @@ class ControlPlane:
                                 "restart_required": list(self.restart_required)}
             log.info("config reloaded (%s): generation %d", why, self.generation)
             return self.last_reload
+
+    def use_effective_config(self) -> bool:
+        """``config`` from the file's and the releases set through the API (the one place it
+        is built: at start, on a reload, on adopting another instance's change, and with an API
+        change); whether it changed. The caller syncs the controller and applies it."""
+        config = effective_config(self.file_config, self.state.versions)
+        changed = config != self.config
+        self.config = config
+        return changed
 
     def apply(self, initial: bool = False) -> None:
         """Compile the config with the runtime changes and hand it to the data plane."""
@@ -264,18 +297,24 @@ class ControlPlane:
         """Another instance changed the shared state: take it (called with the state lock
         held, so no local change is half-made meanwhile). Only the rollout records that
         changed there are taken: the controller's own record may be ahead of the store."""
-        weights, rollouts, drained = remote
+        weights, rollouts, drained, versions = remote
         self.state.weights = dict(weights)
         self.state.drained = dict(drained)
+        self.state.versions = {name: dict(own) for name, own in versions.items()}
         # An override that does not fit this instance's config is not applied here; it is
         # left in the store for the instances whose config it fits.
-        self.state.reconcile(self.config)
+        self.state.reconcile(self.file_config)
         for name in rollouts_changed:
             if name in rollouts:
                 self.state.rollouts[name] = rollouts[name]
             else:
                 self.state.rollouts.pop(name, None)
         self.rollouts.adopt(rollouts_changed)
+        # A release started on another instance comes with its rollout record, in the same
+        # write, and that record (adopted just above) already counts the new version: the
+        # controller here does not start it a second time.
+        if self.use_effective_config():
+            self.rollouts.sync()
         self.apply()
         self.apply_drained()
         log.info("state store: applied a change from another instance (weights %s)",
@@ -390,8 +429,9 @@ class ControlPlane:
                                 service=name)
         return applied
 
-    async def rollout_action(self, name: str, action: str, by: str,
-                             full: bool = False) -> ServiceRollout:
+    async def rollout_action(self, name: str, action: str, by: str, full: bool = False,
+                             revision: str | None = None,
+                             upstreams: list[str] | None = None) -> ServiceRollout:
         """A person's action on a service's rollout through the admin API (start, promote,
         abort, pause, resume, retry), recorded with what it did. RolloutError when it does
         not apply to the rollout as it stands (nothing is recorded then)."""
@@ -400,7 +440,7 @@ class ControlPlane:
         if action == "promote":
             await rollout.promote(full=full, by=by)
         elif action == "start":
-            await rollout.start("api", by=by)
+            rollout = await self.start_release(name, by, revision, upstreams)
         elif action == "abort":
             await rollout.abort(f"aborted by {by}", by=by)
         elif action in ("pause", "resume", "retry"):
@@ -418,6 +458,102 @@ class ControlPlane:
                             what if what.startswith(f"{number} ") else f"{number}: {what}",
                             service=name)
         return rollout
+
+    async def commit(self, change: Callable[[], Callable[[], None]]) -> None:
+        """A change to the runtime state that sends traffic somewhere new, as one unit: made in
+        memory under the state lock (``change`` returns what undoes it), saved, and only then
+        handed to the data plane. If the save fails it is undone, StateWriteError says nothing
+        changed, and a table something else applied meanwhile (a rollback elsewhere, which
+        does not wait for the lock) is replaced by one without the change."""
+        async with self._state_lock:
+            table = self.proxy.table
+            undo = change()
+            try:
+                await self._persist_or_undo(undo)
+            except StateWriteError:
+                if self.proxy.table is not table:
+                    self.apply()
+                raise
+            self.apply()
+
+    async def start_release(self, name: str, by: str, revision: str | None = None,
+                            upstreams: list[str] | None = None) -> ServiceRollout:
+        """Start a service's rollout through the API, optionally of a new release: the new
+        version's ``revision`` and/or ``upstreams`` (weir rollout start --revision R
+        --upstreams A,B). The release is a runtime change like weights (kept per field until
+        the file's value of that field changes, see state.py), saved in the same write as the
+        new rollout's record, so that no instance, and no restart, starts it a second time.
+        A release that differs from what the new version runs starts a new rollout from the
+        first step even while one is in progress; one that does not is a plain start (refused
+        while a rollout is in progress)."""
+        self.rollouts.get(name)  # 404 before waiting for anything
+        if revision is None and upstreams is None:
+            rollout = await self.rollouts.for_operator(name)
+            await rollout.start("api", by=by)
+            return rollout
+        # No reload replaces the file's config between the release being checked against it
+        # and its start (a reload's own auto-start would otherwise start it too). Held for the
+        # start's save only: reloads need not wait for its pre_rollout webhook.
+        async with self._reload_lock:
+            rollout = await self.rollouts.for_operator(name)
+            set_release: list[bool] = []
+
+            def prepare() -> Callable[[], None] | None:
+                undo = self._set_release(rollout, revision, upstreams)
+                set_release.append(undo is not None)
+                return undo
+
+            await rollout.begin("api", by=by, prepare=prepare)
+            if any(set_release):  # saved and in force (a failed save raised above)
+                version = self.service(name).versions[rollout.new_version]
+                log.info("service %s version %s: release set by %s: revision %s, upstreams "
+                         "%s", name, rollout.new_version, by, version.revision,
+                         ", ".join(version.upstreams))
+        await rollout.after_begin()
+        return rollout
+
+    def _set_release(self, rollout: ServiceRollout, revision: str | None,
+                     upstreams: list[str] | None) -> Callable[[], None] | None:
+        """The release into the runtime state and the config (not saved, not applied: see
+        commit); what undoes it, or None if the new version already runs exactly that.
+        Raises InvalidRelease for a value the config's model refuses."""
+        name, version = rollout.name, rollout.new_version
+        configured = next(s for s in self.file_config.services if s.name == name)
+        file_version = configured.versions[version]
+        current = self.state.versions.get(name, {}).get(version)
+        override = merged_override(current, file_version, revision, upstreams)
+        try:
+            built = build_version(file_version, override.revision if override else None,
+                                  override.upstreams if override else None)
+        except ValidationError as exc:
+            raise InvalidRelease(f"service {name!r} version {version!r}: "
+                                 + "; ".join(format_validation_errors(exc))) from None
+        running = self.service(name).versions[version]
+        if (sorted(built.upstreams), built.revision) == (sorted(running.upstreams),
+                                                         running.revision):
+            return None
+        before_versions = {n: dict(own) for n, own in self.state.versions.items()}
+        before_config, before_revision = self.config, rollout.record.revision
+        own = self.state.versions.setdefault(name, {})
+        if override is None:  # back to what the file says
+            own.pop(version, None)
+        else:
+            own[version] = override
+        if not own:
+            del self.state.versions[name]
+        self.use_effective_config()
+        # The start this goes with brings the version in: the controller's check for a changed
+        # version (config_changed, in sync) must not start it as well.
+        rollout.record.revision = fingerprint(self.service(name), version)
+        self.rollouts.sync()
+
+        def undo() -> None:
+            self.state.versions = before_versions
+            self.config = before_config
+            rollout.record.revision = before_revision
+            self.rollouts.sync()
+
+        return undo
 
     async def _persist_or_undo(self, undo: Callable[[], None]) -> None:
         """Save a runtime change just made to ``self.state`` (under the state lock). Persisted
@@ -669,8 +805,12 @@ class ControlPlane:
             versions = {}
             for name, target in route.versions.items():
                 pools = target.balancer.pools
+                configured = service.versions.get(name)
                 versions[name] = {
                     "upstreams": list(target.upstreams),
+                    "revision": configured.revision if configured is not None else None,
+                    # "file", or who set them (a release started through the API).
+                    **self.state.version_sources(service.name, name),
                     "weight": route.weights.get(name, 0),
                     "inflight": sum(p.inflight for p in pools),
                     "draining": sum(p.inflight for p in pools if p.draining),

@@ -3,7 +3,9 @@ timestamps, rollout records), shared by every instance behind one load balancer.
 
 Layout under ``key_prefix`` (default ``weir``):
   ``weir:state``    hash, one JSON value per field: ``weights:<service>``, ``rollout:<service>``,
-                    ``drained:<host:port>`` (an upstream an operator drained: ``{"at": time}``)
+                    ``drained:<host:port>`` (an upstream an operator drained: ``{"at": time}``),
+                    ``version:<service>/<version>`` (a release's revision and/or upstreams
+                    set through the API, as the state file's ``versions`` entries)
   ``weir:revs``     hash, a write counter per field (the compare-and-set below)
   ``weir:version``  a counter bumped by every write; ``weir:changes`` is published with it
   ``weir:leader``   the controller lock (leader.py)
@@ -45,7 +47,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ..config.model import StateStoreSettings
 from .leader import Lease
-from .state import RuntimeState, WeightOverride, parse_drained, parse_override
+from .state import (
+    RuntimeState,
+    VersionOverride,
+    WeightOverride,
+    parse_drained,
+    parse_override,
+    parse_version_override,
+)
 from .store import OnChange, RemoteState, StateStore, StoreConflict, StoreError, StoreUnavailable
 
 log = logging.getLogger("weir.store")
@@ -123,6 +132,11 @@ def document_fields(state: RuntimeState) -> dict[str, str]:
     # One field per address, so that two instances draining two addresses never conflict.
     fields.update({f"drained:{address}": json.dumps({"at": at})
                    for address, at in state.drained.items()})
+    # One field per version (service and version names cannot hold "/" or ":"), so that two
+    # instances starting releases of two services never conflict.
+    fields.update({f"version:{name}/{version}": json.dumps(asdict(o), sort_keys=True)
+                   for name, overrides in state.versions.items()
+                   for version, o in overrides.items()})
     return fields
 
 
@@ -130,11 +144,17 @@ def parse_fields(fields: dict[str, str]) -> RemoteState:
     weights: dict[str, WeightOverride] = {}
     rollouts: dict[str, dict[str, Any]] = {}
     drained: dict[str, float] = {}
+    versions: dict[str, dict[str, VersionOverride]] = {}
     for field, text in fields.items():
         kind, _, service = field.partition(":")
         try:
             value = json.loads(text)
-            if kind == "weights":
+            if kind == "version":
+                name, slash, version = service.partition("/")
+                if not (name and slash and version):
+                    raise ValueError("expected version:<service>/<version>")
+                versions.setdefault(name, {})[version] = parse_version_override(value)
+            elif kind == "weights":
                 weights[service] = parse_override(value)
             elif kind == "rollout" and isinstance(value, dict):
                 rollouts[service] = value
@@ -142,7 +162,7 @@ def parse_fields(fields: dict[str, str]) -> RemoteState:
                 drained.update(parse_drained({service: value.get("at")}))
         except (ValueError, TypeError) as exc:
             log.error("Redis state: ignoring the unreadable field %s (%s)", field, exc)
-    return weights, rollouts, drained
+    return weights, rollouts, drained, versions
 
 
 class RedisClock:
@@ -195,7 +215,7 @@ class RedisStore(StateStore):
         self.synced: dict[str, str] = {}  # each field as last read from or written to Redis
         self.revs: dict[str, int] = {}
         self.version = 0
-        self.initial: RemoteState = ({}, {}, {})
+        self.initial: RemoteState = ({}, {}, {}, {})
         self.connected = False
         self.last_error: str | None = None
         self.clock = RedisClock()
@@ -268,9 +288,10 @@ class RedisStore(StateStore):
         return fields, revs, int(raw_version) if raw_version is not None else None
 
     def load_into(self, state: RuntimeState) -> None:
-        weights, rollouts, drained = self.initial
+        weights, rollouts, drained, versions = self.initial
         state.weights, state.rollouts = dict(weights), dict(rollouts)
         state.drained = dict(drained)
+        state.versions = {name: dict(own) for name, own in versions.items()}
 
     def start(self, state: RuntimeState, on_change: OnChange, lock: Lock) -> None:
         self._state, self._on_change, self._outer = state, on_change, lock

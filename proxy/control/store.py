@@ -14,16 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from ..config.model import Config
-from .state import RuntimeState, WeightOverride
+from .state import RuntimeState, VersionOverride, WeightOverride
 
 # How long a stopping process waits for its store to close (the Redis store: its last
 # writes, releasing the controller lock, its connections) before it stops without it.
 STORE_CLOSE_SECONDS = 5.0
 
 # What a shared store hands over when another instance changed the state: the weights
-# overrides, the rollout records and the drained upstreams (address → when), whole (the control
-# plane adopts them), and the services whose rollout record is what changed.
-RemoteState = tuple[dict[str, WeightOverride], dict[str, dict[str, Any]], dict[str, float]]
+# overrides, the rollout records, the drained upstreams (address → when) and the versions'
+# overrides (service → version → override), whole (the control plane adopts them), and the
+# services whose rollout record is what changed.
+RemoteState = tuple[dict[str, WeightOverride], dict[str, dict[str, Any]], dict[str, float],
+                    dict[str, dict[str, VersionOverride]]]
 OnChange = Callable[[RemoteState, set[str]], Awaitable[None]]
 
 

@@ -36,7 +36,7 @@ from .notify import Notifier
 from .prometheus import PrometheusWindow
 
 if TYPE_CHECKING:
-    from .surface import ControlSurface
+    from .surface import ControlSurface, Prepare, Undo
 
 log = logging.getLogger("weir.rollout")
 
@@ -444,14 +444,77 @@ class ServiceRollout:
 
     # --- actions --------------------------------------------------------------------------
 
-    async def start(self, why: str = "api", by: str = CONTROLLER) -> None:
-        """Saved before it counts: if the state cannot be saved, the rollout is as it was
-        (a rollback ramp cut short goes on) and StateWriteError says nothing changed."""
+    async def start(self, why: str = "api", by: str = CONTROLLER,
+                    prepare: Prepare | None = None) -> None:
+        """Saved before it counts: the new record (and for a canary, the first step's weight)
+        goes into the runtime state, and the data plane, only once the state is saved; if it
+        cannot be, the rollout is as it was (a rollback ramp cut short goes on) and
+        StateWriteError says nothing changed. Then the pre_rollout webhook and, for blue/green,
+        the pre-promotion checks."""
+        await self.begin(why, by, prepare)
+        await self.after_begin()
+
+    async def begin(self, why: str = "api", by: str = CONTROLLER,
+                    prepare: Prepare | None = None) -> None:
+        """The start itself (see start), announced once saved.
+
+        ``prepare``: another change to the runtime state that this start brings in and is
+        saved with it, in the same write (a release's revision and upstreams, see
+        ControlPlane.start_release). Called first, under the state lock; it returns what undoes
+        it, or None when it changed nothing. A change is a new version to roll out: it starts
+        a new rollout from the first step even while one is in progress, as an edit of the file
+        does; without one, a start through the API while a rollout is in progress is refused."""
+        replaced: tuple[int, int] | None = None
+
+        def change() -> Undo:
+            nonlocal replaced
+            undo_prepared = prepare() if prepare is not None else None
+            try:
+                if undo_prepared is not None and self.record.phase in (PROGRESSING, PAUSED):
+                    replaced = (self.record.number, self.record.step)
+                undo_start = self.stage_start(why, replace=undo_prepared is not None)
+            except BaseException:
+                if undo_prepared is not None:
+                    undo_prepared()
+                raise
+
+            def undo() -> None:
+                undo_start()
+                if undo_prepared is not None:
+                    undo_prepared()
+
+            return undo
+
+        await self.control.commit(change)
         record = self.record
-        if record.phase in (PROGRESSING, PAUSED) and why == "api":
+        release = f" of revision {record.release}" if record.release else ""
+        was = (f"; replaces rollout {replaced[0]}, which was at step {replaced[1] + 1}"
+               if replaced else "")
+        self.emit("started", f"rollout {record.number}{release} ({why}): {self.new_version} "
+                             f"replaces {self.old_version}{was}", by=by, why=why)
+        self.save()
+
+    async def after_begin(self) -> None:
+        """What a start goes on with: the pre_rollout webhook (an abort if it fails), and for
+        blue/green the pre-promotion checks."""
+        if not await self.webhook("pre_rollout", required=True):
+            await self.abort("the pre_rollout webhook failed")
+            return
+        if self.spec.strategy == "blue_green":
+            self.controller.spawn(self.run_smoke_checks())
+
+    def stage_start(self, why: str, replace: bool = False) -> Undo:
+        """A new rollout in the record, and for a canary the first step's weight, in the
+        runtime state (not saved, not applied: see start). Returns what puts them back.
+        ``replace``: a new version replaces a rollout in progress (otherwise refused through
+        the API)."""
+        record = self.record
+        if record.phase in (PROGRESSING, PAUSED) and why == "api" and not replace:
             raise RolloutError(f"a rollout of {self.name} is already {record.phase}")
+        state = self.control.state
         before = copy.deepcopy(record)
-        before_entry = self.control.state.rollouts.get(self.name)
+        before_entry = state.rollouts.get(self.name)
+        before_weights = state.weights.get(self.name)
         ramp_cut = self.ramp is not None and not self.ramp.done()
         self.cancel_ramp()
         record.phase = PROGRESSING
@@ -468,32 +531,32 @@ class ServiceRollout:
         self.cancel_hook()
         record.steps_digest = steps_digest(self.spec.steps)
         record.number += 1
+        # What this rollout brings in: a restart with the same version does not start it again.
+        record.revision = fingerprint(self.service, self.new_version)
         record.release = self.service.versions[self.new_version].revision or ""
         self.step_window = self.background = None
+        self.stage()
         if self.spec.strategy == "canary":
             # From the first step's weight at once: a new canary revision must not inherit
             # the traffic share the previous one had reached. Saved with the record.
-            self.stage()
-            try:
-                await self.set_weights(self.first_weights())
-            except StateWriteError:
-                self.record = before
-                if before_entry is None:
-                    self.control.state.rollouts.pop(self.name, None)
-                else:
-                    self.control.state.rollouts[self.name] = before_entry
-                if ramp_cut:
-                    self.ramp = self.controller.spawn(self.roll_back())
-                raise
-        release = f" of revision {record.release}" if record.release else ""
-        self.emit("started", f"rollout {record.number}{release} ({why}): {self.new_version} "
-                             f"replaces {self.old_version}", by=by, why=why)
-        self.save()
-        if not await self.webhook("pre_rollout", required=True):
-            await self.abort("the pre_rollout webhook failed")
-            return
-        if self.spec.strategy == "blue_green":
-            self.controller.spawn(self.run_smoke_checks())
+            state.set_weights(self.control.config, self.name, self.first_weights(),
+                              CONTROLLER)
+
+        def undo() -> None:
+            self.record = before
+            self.step_window = self.background = None
+            if before_entry is None:
+                state.rollouts.pop(self.name, None)
+            else:
+                state.rollouts[self.name] = before_entry
+            if before_weights is None:
+                state.weights.pop(self.name, None)
+            else:
+                state.weights[self.name] = before_weights
+            if ramp_cut:
+                self.ramp = self.controller.spawn(self.roll_back())
+
+        return undo
 
     async def start_or_retry(self, why: str) -> None:
         """A start the operator did not ask for through the API (a config change, a restart):

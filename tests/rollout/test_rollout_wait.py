@@ -9,46 +9,18 @@ Exit codes: 0 promoted (or --until reached), 1 aborted, 2 usage or admin API unr
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import time
-from dataclasses import dataclass
 
 import pytest
 
-from ..conftest import TOKEN, free_port
-from ..rollout_harness import Load, analyses, canary_config
+from ..conftest import free_port
+from ..rollout_harness import Load, analyses, canary_config, weir_cli
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="subprocesses")
 
 ANALYSIS = {"interval": "1s", "min_requests": 10, "failure_limit": 1,
             "checks": {"max_error_rate": 0.01}}
-
-
-@dataclass
-class Ran:
-    code: int
-    out: str
-    err: str
-    ended_at: float  # time.time() when the command exited
-
-
-async def weir_cli(admin_url: str, *args: str, timeout: float = 30) -> Ran:
-    """`weir ARGS --admin URL`, the token in the environment, as a pipeline runs it."""
-    env = {**os.environ, "WEIR_ADMIN_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", *args, "--admin", admin_url, env=env,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), timeout)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    ran = Ran(process.returncode or 0, out.decode(), err.decode(), time.time())
-    print(f"\n$ weir {' '.join(args)}  -> exit {ran.code}\n{ran.out}{ran.err}")
-    return ran
 
 
 async def test_start_wait_exits_0_at_promotion_and_prints_each_transition(backends, weir):
