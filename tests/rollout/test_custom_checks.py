@@ -80,6 +80,17 @@ def web_check(port: int, **extra: Any) -> dict[str, Any]:
                      "json_path": "$.data.items[0].score"}}
 
 
+async def rollout_to_its_end(weir: Any, stable: Any, canary: Any,
+                             analysis: dict[str, Any]) -> dict[str, Any]:
+    """A two-step rollout under load, to completion or abort: its record."""
+    live = await weir(canary_config(stable, canary, [{"set_weight": 50},
+                                                     {"pause": {"duration": "2s"}}], analysis))
+    async with Load(live.port, workers=3, gap=0.01):
+        await live.api.act("start")
+        return await live.api.wait_rollout(lambda r: r["phase"] in ("aborted", "completed"),
+                                           timeout=15, what="the rollout's end")
+
+
 @pytest.mark.parametrize("dry_run", [False, True])
 async def test_a_web_check_fails_a_canary_unless_it_is_a_dry_run(backends, weir, scores,
                                                                   dry_run):
@@ -87,12 +98,7 @@ async def test_a_web_check_fails_a_canary_unless_it_is_a_dry_run(backends, weir,
     analysis = {"interval": "500ms", "min_requests": 5, "failure_limit": 0,
                 "checks": {"max_error_rate": 0.01,
                            "custom": [web_check(scores["port"], dry_run=dry_run)]}}
-    live = await weir(canary_config(stable, canary, [{"set_weight": 50},
-                                                     {"pause": {"duration": "2s"}}], analysis))
-    async with Load(live.port, workers=3, gap=0.01):
-        await live.api.act("start")
-        done = await live.api.wait_rollout(lambda r: r["phase"] in ("aborted", "completed"),
-                                           timeout=15, what="the rollout's end")
+    done = await rollout_to_its_end(weir, stable, canary, analysis)
     judged = [a for a in done["analyses"] if "custom" in a]
     assert judged, done["analyses"]
     measured = judged[-1]["custom"]["apdex"]
@@ -114,12 +120,7 @@ async def test_a_builtin_check_in_dry_run_is_recorded_but_never_fails(backends, 
     stable, canary = await backends("stable"), await backends("canary", fail_every=5)
     analysis = {"interval": "500ms", "min_requests": 5, "failure_limit": 0,
                 "checks": {"max_error_rate": 0.01, "dry_run": ["max_error_rate"]}}
-    live = await weir(canary_config(stable, canary, [{"set_weight": 50},
-                                                     {"pause": {"duration": "2s"}}], analysis))
-    async with Load(live.port, workers=3, gap=0.01):
-        await live.api.act("start")
-        done = await live.api.wait_rollout(lambda r: r["phase"] in ("aborted", "completed"),
-                                           timeout=15, what="the rollout's end")
+    done = await rollout_to_its_end(weir, stable, canary, analysis)
     assert done["phase"] == "completed", done["reason"]
     dry = [a for a in done["analyses"] if a.get("dry_run_failed")]
     assert dry and dry[-1]["dry_run_failed"] == ["max_error_rate"], done["analyses"]
