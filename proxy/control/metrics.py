@@ -92,12 +92,19 @@ class LiveStateCollector(Collector):
             "weir_mirror_requests", "Shadow copies by outcome: success (answered, whatever "
             "the status), error, timeout, dropped (over a limit, or the shadow backing off).",
             labels=["service", "version", "outcome"])
+        dropped = CounterMetricFamily(
+            "weir_mirror_dropped", "Shadow copies dropped, by reason: max_concurrent, "
+            "max_queued_bytes, max_body_bytes (the mirror's limits), shadow_unreachable (it "
+            "refuses connections, or none of its upstreams is available).",
+            labels=["service", "version", "reason"])
         comparisons = CounterMetricFamily(
             "weir_mirror_comparisons", "Shadow answers compared with the primary's (status "
             "and body digest).", labels=["service", "version", "result"])
         for (service, version), ms in sorted(stats.mirrors.items()):
             for outcome, count in ms.outcomes.items():
                 mirrors.add_metric([service, version, outcome], count)
+            for reason, count in ms.dropped.items():
+                dropped.add_metric([service, version, reason], count)
             for result, count in ms.comparisons.items():
                 comparisons.add_metric([service, version, result], count)
         yield requests
@@ -106,6 +113,7 @@ class LiveStateCollector(Collector):
         yield unrouted
         yield limits
         yield mirrors
+        yield dropped
         yield comparisons
 
     def collect_upstreams(self) -> Iterator[Metric]:

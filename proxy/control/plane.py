@@ -792,7 +792,15 @@ class ControlPlane:
 
     def _mirror_status(self, service: str, version: str, percent: float) -> dict[str, Any]:
         stats = self.proxy.stats.for_mirror(service, version)
-        return {"version": version, "percent": percent, "outcomes": dict(stats.outcomes),
+        outcomes = stats.outcomes
+        selected = sum(outcomes.values())  # every copy the percent chose
+        return {"version": version, "percent": percent, "outcomes": dict(outcomes),
+                # Shares of the copies selected: sent to the shadow, and dropped (why:
+                # dropped_by_reason). None until a copy was selected.
+                "delivered_share": (round(1 - outcomes["dropped"] / selected, 4)
+                                    if selected else None),
+                "dropped_share": round(outcomes["dropped"] / selected, 4) if selected else None,
+                "dropped_by_reason": dict(stats.dropped),
                 "comparisons": dict(stats.comparisons),
                 "last_mismatches": list(stats.mismatches)}
 

@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("weir.mirror")
 
 OUTCOMES = ("success", "error", "timeout", "dropped")
+# Why copies were dropped: only ever at a configured limit, or while the shadow cannot be
+# reached (max_concurrent copies in flight, max_queued_bytes of their bodies, a body over
+# max_body_bytes; the shadow refusing connections, or none of its upstreams available).
+DROP_REASONS = ("max_concurrent", "max_queued_bytes", "max_body_bytes", "shadow_unreachable")
 MIRROR_SKIP = REQUEST_REWRITTEN | {b"host", b"content-length"}
 # After this many connect failures in a row, mirroring to that shadow pauses for a while:
 # a shadow that refuses connections must not cost a failed connect per user request.
@@ -51,6 +55,7 @@ class MirrorStats:
         self.service = service
         self.version = version
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
+        self.dropped = dict.fromkeys(DROP_REASONS, 0)  # outcomes["dropped"], by reason
         self.comparisons = {"match": 0, "mismatch": 0}
         self.mismatches: deque[dict[str, Any]] = deque(maxlen=MISMATCHES_KEPT)
 
@@ -61,7 +66,7 @@ class MirrorPolicy:
     __slots__ = ("average_seconds", "backoff_until", "compare", "consecutive_failures",
                  "fraction", "host_suffix", "inflight", "max_body", "max_concurrent",
                  "max_queued", "methods", "next_start", "queued_bytes", "stats", "target",
-                 "timeout")
+                 "timeout", "waiting")
 
     def __init__(self, config: Mirror, target: VersionTarget, stats: MirrorStats) -> None:
         self.target = target
@@ -74,7 +79,8 @@ class MirrorPolicy:
         self.timeout = config.timeout
         self.host_suffix = config.host_suffix
         self.compare = config.compare
-        self.inflight = 0
+        self.inflight = 0  # copies sent to the shadow and not answered yet
+        self.waiting = 0   # copies held back by the pacing (at most max_concurrent)
         self.queued_bytes = 0
         self.consecutive_failures = 0
         self.backoff_until = 0.0
@@ -83,7 +89,9 @@ class MirrorPolicy:
         # answers come back in bursts that delay the users' requests around them. Instead
         # copies start no closer together than average_seconds / max_concurrent: the rate
         # at which the shadow finishes them, spread evenly (PACING_BURST may go together).
-        # A shadow that keeps up holds few slots and is not paced at all (see has_room).
+        # A copy not due yet waits for its turn (up to max_concurrent of them wait): pacing
+        # spreads copies out, it does not drop them (only the limits do). A shadow that keeps
+        # up holds few slots and is not paced at all (see start_delay).
         self.average_seconds = 0.0  # of a copy, from sending to its end; 0 until one ends
         self.next_start = 0.0
 
@@ -95,27 +103,29 @@ class MirrorPolicy:
         self.stats.outcomes[outcome] += 1
 
     def has_room(self) -> bool:
-        """Whether a copy could be sent now: fewer than max_concurrent in flight, not backing
-        off from a shadow that refuses connections, and due by the pacing. Checked before a
-        copy is built, so that while the shadow is busy or down the copies it cannot take
-        cost a counter, not an object per request."""
-        inflight = self.inflight
-        if inflight >= self.max_concurrent:
+        """Whether a copy could be sent: fewer than max_concurrent in flight, and not backing
+        off from a shadow that refuses connections. Checked before a copy is built, so that
+        while the shadow is full or down the copies it cannot take cost a counter, not an
+        object per request."""
+        if self.inflight >= self.max_concurrent:
             return False
-        # Paced only once the shadow holds half its slots: below that it keeps up, and the
-        # copies go out as the requests come.
-        paced = self.average_seconds and inflight * 2 >= self.max_concurrent
-        if self.backoff_until or paced:
-            now = monotonic()
-            return now >= self.backoff_until and (not paced or now >= self.next_start)
-        return True
+        return not self.backoff_until or monotonic() >= self.backoff_until
 
-    def started(self, now: float) -> None:
-        """A copy is on its way: the next one is due one spacing later (a token bucket that
-        holds PACING_BURST spacings)."""
-        if self.average_seconds:
-            spacing = self.average_seconds / self.max_concurrent
-            self.next_start = max(self.next_start, now - PACING_BURST * spacing) + spacing
+    def room_reason(self) -> str:
+        """Why has_room said no."""
+        return ("max_concurrent" if self.inflight >= self.max_concurrent
+                else "shadow_unreachable")
+
+    def start_delay(self, now: float) -> float:
+        """A copy is about to go: how long it waits for its turn (0: now). Paced only once the
+        shadow holds half its slots: below that it keeps up, and copies go out as requests
+        come. The next copy is due one spacing later (a token bucket of PACING_BURST)."""
+        if not self.average_seconds or self.inflight * 2 < self.max_concurrent:
+            return 0.0
+        spacing = self.average_seconds / self.max_concurrent
+        due = max(self.next_start, now - PACING_BURST * spacing)
+        self.next_start = due + spacing
+        return due - now
 
     def ended(self, seconds: float) -> None:
         """A sent copy was answered or timed out after ``seconds``."""
@@ -127,6 +137,7 @@ class MirrorPolicy:
     def drop(self, exchange: Exchange) -> None:
         """Count a copy dropped before it was built (see has_room)."""
         self.stats.outcomes["dropped"] += 1
+        self.stats.dropped[self.room_reason()] += 1
         access_log = exchange.plane.access_log
         if access_log is not None:
             access_log.mirror(self.target, 0, "dropped", exchange.url, exchange.method)
@@ -136,8 +147,8 @@ class MirrorCopy(ResponseSink):
     """The copy of one request; it implements what UpstreamConnection reports to."""
 
     __slots__ = ("access_log", "body", "body_size", "conn", "digest", "done", "exchange",
-                 "h2_head", "keep_alive", "method", "path", "payload", "policy", "pool",
-                 "primary", "sent_at", "shadow_status", "too_large")
+                 "h2_head", "keep_alive", "method", "on_wire", "path", "payload", "policy",
+                 "pool", "primary", "sent_at", "shadow_status", "too_large", "waiting")
 
     def __init__(self, policy: MirrorPolicy, exchange: Exchange) -> None:
         self.policy = policy
@@ -161,6 +172,8 @@ class MirrorCopy(ResponseSink):
         self.keep_alive = False
         self.primary: tuple[int, str] | None = None  # (status, body digest) once known
         self.done = False
+        self.waiting = False  # held back by the pacing (counted in policy.waiting)
+        self.on_wire = False  # sent (counted in policy.inflight)
         self.sent_at = 0.0
 
     # --- fed by the primary exchange ------------------------------------------------------
@@ -182,14 +195,17 @@ class MirrorCopy(ResponseSink):
         if exchange is None:
             return
         now = monotonic()
-        if (self.too_large or policy.inflight >= policy.max_concurrent
-                or policy.queued_bytes + self.body_size > policy.max_queued
-                or now < policy.backoff_until):
-            self.finish("dropped")
+        reason = ("max_body_bytes" if self.too_large
+                  else "max_concurrent" if policy.inflight >= policy.max_concurrent
+                  else "max_queued_bytes" if policy.queued_bytes + self.body_size
+                  > policy.max_queued
+                  else "shadow_unreachable" if now < policy.backoff_until else "")
+        if reason:
+            self.drop_as(reason)
             return
         pool: UpstreamPool | None = policy.target.balancer.pick()  # type: ignore[assignment]
         if pool is None:  # the shadow's upstreams are down, ejected or full
-            self.finish("dropped")
+            self.drop_as("shadow_unreachable")
             return
         if pool.protocol == "http1":
             self.payload = self.build_head(exchange) + b"".join(self.body)
@@ -200,12 +216,39 @@ class MirrorCopy(ResponseSink):
             self.payload = b"".join(self.body)
         self.exchange = None  # no reference cycle with the exchange: refcounting frees both
         self.body = []
-        policy.inflight += 1
+        delay = policy.start_delay(now)
+        if delay > 0 and policy.waiting >= policy.max_concurrent:
+            self.drop_as("max_concurrent")  # as many wait as the shadow has slots
+            return
         policy.queued_bytes += self.body_size
-        policy.started(now)
-        self.sent_at = now
         self.pool = pool
         pool.active.add(self)  # type: ignore[arg-type]
+        if delay > 0:
+            self.waiting = True
+            policy.waiting += 1
+            asyncio.get_running_loop().call_later(delay, self.go)
+        else:
+            self.go()
+
+    def drop_as(self, reason: str) -> None:
+        self.policy.stats.dropped[reason] += 1
+        self.finish("dropped")
+
+    def go(self) -> None:
+        """On the wire: over an idle connection of the shadow's pool, or a new one."""
+        pool = self.pool
+        if self.done or pool is None:
+            return  # ended while it waited its turn (a drain closed its pool)
+        policy = self.policy
+        if self.waiting:
+            self.waiting = False
+            policy.waiting -= 1
+            if policy.inflight >= policy.max_concurrent:
+                self.drop_as("max_concurrent")
+                return
+        policy.inflight += 1
+        self.on_wire = True
+        self.sent_at = monotonic()
         conn = pool.take_idle()
         if conn is not None:
             self.attach(conn)
@@ -326,7 +369,10 @@ class MirrorCopy(ResponseSink):
             if outcome in ("success", "timeout"):
                 policy.ended(monotonic() - self.sent_at)
             self.pool.active.discard(self)  # type: ignore[arg-type]
-            policy.inflight -= 1
+            if self.on_wire:
+                policy.inflight -= 1
+            if self.waiting:
+                policy.waiting -= 1
             policy.queued_bytes -= self.body_size
             self.pool = None
         if outcome == "success" and self.digest is not None:

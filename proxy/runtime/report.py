@@ -40,6 +40,7 @@ class MirrorGain(NamedTuple):
     outcomes: dict[str, int]
     comparisons: dict[str, int]
     mismatches: list[Any]                # the newest mismatch examples
+    dropped: dict[str, int] = {}         # dropped copies by reason
 
 
 @dataclass
@@ -108,10 +109,11 @@ class ReportBuilder:
         for key, ms in list(stats.mirrors.items()):
             outcomes = self._flat_gain(f"mirror.outcomes.{key}", ms.outcomes)
             comparisons = self._flat_gain(f"mirror.comparisons.{key}", ms.comparisons)
+            dropped = self._flat_gain(f"mirror.dropped.{key}", ms.dropped)
             if outcomes or comparisons:
                 new = comparisons.get("mismatch", 0)
                 mismatches = list(ms.mismatches)[-new:] if new else []
-                mirrors.append(MirrorGain(key, outcomes, comparisons, mismatches))
+                mirrors.append(MirrorGain(key, outcomes, comparisons, mismatches, dropped))
         pools = self.proxy.pools.pools
         health = self.proxy.health
         return WorkerReport(
@@ -151,6 +153,7 @@ def merge(proxy: ProxyServer, worker: int, report: WorkerReport) -> None:
         ms = stats.for_mirror(*mirror.key)
         _add(ms.outcomes, mirror.outcomes)
         _add(ms.comparisons, mirror.comparisons)
+        _add(ms.dropped, mirror.dropped)
         ms.mismatches.extend(mirror.mismatches)
     _add(stats.retries, report.retries)
     _add(stats.retry_budget_exhausted, report.retry_budget_exhausted)
