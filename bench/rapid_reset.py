@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""Rapid reset (CVE-2023-44487) against Weir: the attacker is cut off, a legitimate client is not.
+"""Rapid reset (CVE-2023-44487) against Weir (or nginx): the attacker is cut off, a legitimate
+client is not.
 
 Issue 19's done-when: "A client opening and resetting 100,000 streams is cut off with GOAWAY
 while a second client keeps its p99 within 2x of before."
 
 Starts on 127.0.0.1 a small keep-alive HTTP/1.1 backend (this file, ``--serve-backend``; it
-counts the requests and connections it gets) pinned to the load CPU, and Weir from this
-checkout (``python -m proxy run``, one process, one service to the backend; HTTP/2 clients
-reach it with prior knowledge, h2c) pinned to the proxy CPU. Then:
+counts the requests and connections it gets) pinned to the load CPU, and the proxy under test
+pinned to the proxy CPU: by default (``--target weir``) Weir from this checkout (``python -m
+proxy run``, one process, one service to the backend; HTTP/2 clients reach it with prior
+knowledge, h2c). Then:
 
 1. **Baseline** (``--baseline`` s, after a 1 s warm-up): a legitimate client on one h2c
    connection (the ``h2`` package) sends GETs at a fixed rate (``--rate``, 500/s by default:
@@ -16,31 +18,53 @@ reach it with prior knowledge, h2c) pinned to the proxy CPU. Then:
 2. **Attack**: the same client goes on while an attacker (this file, ``--attack``, its own
    process on the load CPU at ``--attacker-nice``) opens h2c connections, ``--parallel`` at a
    time, and on each writes HEADERS (a whole GET) then RST_STREAM(CANCEL) for new streams as
-   fast as it can, in batches of ``--batch``, until Weir sends GOAWAY or closes (at most
-   ``--ahead`` pairs before Weir's answer); then it opens another, from its own address
+   fast as it can, in batches of ``--batch``, until the proxy sends GOAWAY or closes (at most
+   ``--ahead`` pairs before the proxy's answer); then it opens another, from its own address
    (``--attacker-address``, 127.0.0.2: Weir refuses HTTP/2 to an address it has just cut, and
    the legit client is on 127.0.0.1). It stops once it has written ``--streams`` (100,000)
-   streams, or after ``--max-attack-seconds``. Connections Weir closes before sending anything
-   (the address refused) are counted apart from those cut with GOAWAY.
-3. **After** (``--after`` s): the client alone again, to see Weir recover.
+   streams, or after ``--max-attack-seconds``. Connections the proxy closes before sending
+   anything (the address refused) are counted apart from those cut with GOAWAY.
+3. **After** (``--after`` s): the client alone again, to see the proxy recover.
+
+``--target nginx`` runs the same against nginx instead (it must be installed), to see whether
+a mature proxy meets the 2x target on the same machine in the same conditions: one worker
+(``worker_processes 1``, ``master_process on``, ``daemon off``) pinned to the proxy CPU with
+taskset as Weir is, ``listen ... http2`` (h2c with prior knowledge, nginx 1.22's syntax), an
+``upstream`` to the same backend over HTTP/1.1 with ``keepalive 32``, config, pid and logs in
+the run's temp dir (bench/run.py's ``nginx_proxy_conf``, so ``keepalive_requests 1000000`` as
+in every bench here: nginx's own default, 1000, would end each connection, the legit client's
+too, after 1,000 streams). The attacker is the same, with the same bounds. nginx has no
+per-address penalty, so every reconnection is served. It refuses (RST_STREAM REFUSED_STREAM)
+the new streams past 256 in one pass of its event loop (``2 * http2_max_concurrent_streams``:
+the per-iteration limit nginx 1.25.3 added for this CVE, which Debian's 1.22.1 has as a
+backport), and once it has refused about 130 on a connection it ends it with GOAWAY(NO_ERROR)
+("client sent too many refused streams", at info level in its log). nginx's equivalents
+of Weir's numbers come from its access log (``$msec $status $uri``, buffered, read when the
+run is over): its requests by status per phase (a stream reset before its answer is a 499)
+and the attack's streams it took (its requests for the attack's path; a refused stream is no
+request). Weir's log count of cuts has no equivalent (nginx logs its cuts at info level only,
+with a line per refused stream, too costly to turn on here) and is left out.
 
 Reported: the client's p50/p99/max and errors per phase, p99 during / p99 before (the target is
 at most 2); the attacker's streams sent and taken, connections, how each ended (GOAWAY and its
-error code; ENHANCE_YOUR_CALM is 0xb), streams per connection before the cut; Weir's own count
-of the cuts (its log) and of the reset streams (``http_requests_total`` with status 499); the
-backend's requests; CPU seconds of Weir, the attacker and the rest per phase; /proc/loadavg.
+error code; ENHANCE_YOUR_CALM is 0xb), streams per connection before the cut; the proxy's own
+count of the cuts (Weir's log) and of the reset streams (Weir's ``http_requests_total`` with
+status 499; nginx's access log); the backend's requests; CPU seconds of the proxy (all its
+processes), the attacker and the rest per phase; /proc/loadavg.
 
 Placement: by default the backend and the attacker share the load CPU, and this process (the
 legit client) goes where the scheduler puts it. On a 2-CPU machine the attack's own cost (its
 connects and writes, and the kernel's work for them) then lands on the client's or the
 backend's CPU. ``--load-cpus 0 --attacker-cpus 1 --client-cpus 0`` gives the attacker a CPU of
-its own and puts the client and backend beside Weir, which then pays for its own part only.
+its own and puts the client and backend beside the proxy, which then pays for its own part only.
 
 Everything listens on 127.0.0.1 and is stopped at the end, on Ctrl-C or an error; the run is
-bounded (``--max-attack-seconds`` plus about 20 s). Standard library plus ``h2`` (the client).
+bounded (``--max-attack-seconds`` plus about 20 s). Standard library plus ``h2`` (the client);
+``--target nginx`` also needs nginx and nghttp (nghttp2-client: the check that nginx answers).
 
     python bench/rapid_reset.py
     python bench/rapid_reset.py --streams 20000 --json reset.json
+    python bench/rapid_reset.py --target nginx
 """
 
 from __future__ import annotations
@@ -257,10 +281,10 @@ def cuts_in_log(log_text: str) -> LogCuts:
 
 @dataclass
 class ConnRecord:
-    """One attacker connection: streams written, what Weir said, how it ended."""
+    """One attacker connection: streams written, what the server said, how it ended."""
 
     sent: int = 0
-    heard: bool = False  # Weir sent something (its SETTINGS) before it closed
+    heard: bool = False  # the server sent something (its SETTINGS) before it closed
     goaway_last_stream: int | None = None
     goaway_code: int | None = None
     # goaway, reset, eof (closed without GOAWAY), connect-failed, stopped (by the attack's
@@ -437,9 +461,9 @@ class AttackState:
 async def attack_one(port: int, block: bytes, batch: int, ahead: int,
                      state: AttackState) -> None:
     """One connection: pairs of HEADERS + RST_STREAM, ``batch`` at a time, as fast as the
-    connection takes them, until Weir sends GOAWAY or closes (or the deadline passes); at most
-    ``ahead`` pairs, then it waits for Weir's answer (a server reads only so much before it
-    decides: more written is thrown away unread, and costs the attacker's CPU)."""
+    connection takes them, until the server sends GOAWAY or closes (or the deadline passes); at
+    most ``ahead`` pairs, then it waits for the server's answer (a server reads only so much
+    before it decides: more written is thrown away unread, and costs the attacker's CPU)."""
     loop = asyncio.get_running_loop()
     record = ConnRecord()
     state.records.append(record)
@@ -471,7 +495,7 @@ async def attack_one(port: int, block: bytes, batch: int, ahead: int,
             await proto.writable.wait()
             await asyncio.sleep(0)  # let the reader see a GOAWAY
         if record.end != "stopped":
-            # Weir closes after its GOAWAY; wait for that, briefly.
+            # A server closes after its GOAWAY; wait for that, briefly.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(proto.lost), 2.0)
     finally:
@@ -674,13 +698,13 @@ class PhaseResult:
     errors: dict[str, int]
     unanswered: int  # sent, and no answer by the end of the run
     unsent: int  # still waiting for a stream slot at the end of the run
-    weir_cpu_s: float
-    weir_cpu_pct: float
+    proxy_cpu_s: float  # the proxy's processes (Weir; nginx's master and worker)
+    proxy_cpu_pct: float
     backend_cpu_s: float
     proxy_cpu_busy_pct: float | None
     load_cpu_busy_pct: float | None
     other_cpu_pct: float  # CPU (% of one core) of processes this benchmark did not start
-    weir_requests: dict[str, float]
+    proxy_requests: dict[str, float]  # by status: Weir's /metrics, nginx's access log
     backend: dict[str, int]
 
 
@@ -726,13 +750,15 @@ class Snapshot:
     """What is read at a phase boundary."""
 
     t: float  # loop.time() == time.monotonic()
-    weir_cpu: float
+    wall: float  # time.time(), to place the lines of nginx's access log
+    proxy_cpu: float
     backend_cpu: float
     proxy_ticks: tuple[int, int]
     load_ticks: tuple[int, int]
     all_ticks: tuple[int, int]
-    own_cpu: float  # Weir, the backend, this process and its children waited for (the attacker)
-    weir_requests: dict[str, float]
+    own_cpu: float  # the proxy, the backend, this process and its children waited for (the
+    # attacker)
+    proxy_requests: dict[str, float]  # Weir's, by status; nginx's come from its log afterwards
     backend: dict[str, int]
 
 
@@ -769,6 +795,76 @@ services:
 """
 
 
+NGINX_KEEPALIVE = 32  # idle upstream connections nginx keeps (``keepalive`` in ``upstream``)
+NGINX_LOG_FLUSH_S = 1.5  # its access log is flushed every second (``flush=1s``)
+
+
+@dataclass
+class Proxy:
+    """The proxy under test, as started."""
+
+    name: str  # weir or nginx
+    proc: bench.Proc
+    port: int
+    admin_port: int | None = None  # Weir's admin listener (/metrics)
+    access_log: Path | None = None  # nginx's
+    error_log: Path | None = None  # nginx's
+
+    def requests(self) -> dict[str, float]:
+        """Weir's requests by status so far; nginx's are read from its access log once the run
+        is over ({} here)."""
+        return weir_requests(self.admin_port) if self.admin_port is not None else {}
+
+
+def access_log_lines(text: str) -> list[tuple[float, str, str]]:
+    """(end time, status, path) of each line of nginx's access log (``$msec $status $uri``)."""
+    out = []
+    for line in text.splitlines():
+        parts = line.split(" ", 2)
+        if len(parts) == 3:
+            with contextlib.suppress(ValueError):
+                out.append((float(parts[0]), parts[1], parts[2]))
+    return out
+
+
+def statuses_between(lines: list[tuple[float, str, str]], t0: float,
+                     t1: float) -> dict[str, float]:
+    """Requests by status that ended in [t0, t1) (time.time())."""
+    return {k: float(v) for k, v in sorted(Counter(st for t, st, _ in lines
+                                                   if t0 <= t < t1).items())}
+
+
+def start_weir(args: argparse.Namespace, pm: bench.ProcessManager, taskset: str,
+               workdir: Path, backend_port: int) -> Proxy:
+    port, admin_port = bench.free_port(), bench.free_port()
+    conf = workdir / "weir.yaml"
+    conf.write_text(weir_conf(port, admin_port, backend_port))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(bench.REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    proc = pm.start("weir", [taskset, "-c", args.proxy_cpus, sys.executable, "-m", "proxy",
+                             "run", "-c", str(conf), *args.weir_args],
+                    cwd=bench.REPO_ROOT, env=env)
+    bench.wait_for_port(proc, port, args.startup_timeout)
+    bench.wait_for_http_ok(proc, port, args.startup_timeout)
+    return Proxy("weir", proc, port, admin_port=admin_port)
+
+
+def start_nginx(args: argparse.Namespace, pm: bench.ProcessManager, tools: dict[str, str],
+                workdir: Path, backend_port: int) -> Proxy:
+    """nginx as bench/run.py runs it, with h2c clients, one worker under a master process, and
+    an access log to count what it did."""
+    port = bench.free_port()
+    prefix = workdir / "nginx"
+    access_log = prefix / "access.log"
+    text = bench.nginx_proxy_conf(prefix, port, backend_port, workers=1, master_process=True,
+                                  http2=True, keepalive=NGINX_KEEPALIVE, access_log=access_log)
+    proc = bench.start_nginx(pm, tools, workdir, "nginx", args.proxy_cpus, text)
+    bench.wait_for_port(proc, port, args.startup_timeout)
+    bench.wait_for_h2_ok(proc, port, args.startup_timeout, tools["nghttp"])
+    return Proxy("nginx", proc, port, access_log=access_log, error_log=prefix / "error.log")
+
+
 def loadavg() -> str:
     try:
         return Path("/proc/loadavg").read_text().strip()
@@ -778,14 +874,17 @@ def loadavg() -> str:
 
 @dataclass
 class Outcome:
+    target: str  # weir or nginx
     phases: list[PhaseResult]
     attack: AttackSummary
     attack_seconds: float
     attacker_cpu_s: float
-    cuts: LogCuts
+    cuts: LogCuts | None  # Weir's log; None for nginx
+    proxy_taken: int | None  # nginx: the attack's requests in its access log; None for Weir
+    proxy_log_lines: list[str]  # nginx's error log (warn and above); empty for Weir
     legit_reconnects: int
     legit_max_in_flight: int
-    backend_attack_requests: int  # the attack's streams Weir passed on to the backend
+    backend_attack_requests: int  # the attack's streams the proxy passed on to the backend
     loadavg_start: str
     loadavg_end: str
     ratio: float | None  # p99 during the attack / before, from the requests' sending
@@ -794,26 +893,28 @@ class Outcome:
 
 
 async def drive(args: argparse.Namespace, pm: bench.ProcessManager, tools: dict[str, str],
-                weir: bench.Proc, backend: bench.Proc, port: int, admin_port: int,
-                backend_port: int, workdir: Path) -> tuple[list[PhaseResult], dict[str, Any]]:
+                proxy: Proxy, backend: bench.Proc, backend_port: int,
+                workdir: Path) -> tuple[list[PhaseResult], dict[str, Any]]:
     loop = asyncio.get_running_loop()
     proxy_cpus = bench.parse_cpu_list(args.proxy_cpus)
     load_cpus = bench.parse_cpu_list(args.load_cpus)
 
     def snapshot() -> Snapshot:
-        weir_cpu = bench.group_cpu_seconds(weir.pid)
+        proxy_cpu = bench.group_cpu_seconds(proxy.proc.pid)
         backend_cpu = bench.group_cpu_seconds(backend.pid)
         me = resource.getrusage(resource.RUSAGE_SELF)
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-        own = (weir_cpu + backend_cpu + me.ru_utime + me.ru_stime + kids.ru_utime
+        own = (proxy_cpu + backend_cpu + me.ru_utime + me.ru_stime + kids.ru_utime
                + kids.ru_stime)
-        return Snapshot(t=loop.time(), weir_cpu=weir_cpu, backend_cpu=backend_cpu,
+        return Snapshot(t=loop.time(), wall=time.time(), proxy_cpu=proxy_cpu,
+                        backend_cpu=backend_cpu,
                         proxy_ticks=bench.cpu_ticks(proxy_cpus),
                         load_ticks=bench.cpu_ticks(load_cpus), all_ticks=bench.cpu_ticks(),
                         own_cpu=own,
-                        weir_requests=weir_requests(admin_port),
+                        proxy_requests=proxy.requests(),
                         backend=backend_counts(backend_port))
 
+    port = proxy.port
     client = LegitClient(port, args.rate)
     task = asyncio.create_task(client.run())
     phases: list[PhaseResult] = []
@@ -877,6 +978,15 @@ async def drive(args: argparse.Namespace, pm: bench.ProcessManager, tools: dict[
                                          not math.isnan(s.sent) for s in client.samples):
         await asyncio.sleep(0.05)
     client.close()
+    logged: list[tuple[float, str, str]] = []  # nginx's access log
+    if proxy.access_log is not None:
+        await asyncio.sleep(NGINX_LOG_FLUSH_S)  # until its buffer is written out
+        with contextlib.suppress(FileNotFoundError):
+            logged = access_log_lines(proxy.access_log.read_text(errors="replace"))
+        # The attack's streams nginx took: those it made a request of (it logs each, a 499
+        # when reset before the answer; those it refused at once it does not).
+        attack_doc["proxy_taken"] = sum(1 for t, _, path in logged
+                                        if path == ATTACK_PATH and t >= s0.wall)
 
     for i in range(0, len(marks), 2):
         name, start = marks[i]
@@ -887,16 +997,19 @@ async def drive(args: argparse.Namespace, pm: bench.ProcessManager, tools: dict[
         phases.append(PhaseResult(
             name=name, seconds=seconds, latency=pl.from_sent, from_due=pl.from_due,
             lag_p99_ms=pl.lag_p99_ms, due=len(samples), errors=pl.errors,
-            unanswered=pl.unanswered, unsent=pl.unsent, weir_cpu_s=end.weir_cpu - start.weir_cpu,
-            weir_cpu_pct=100.0 * (end.weir_cpu - start.weir_cpu) / seconds,
+            unanswered=pl.unanswered, unsent=pl.unsent,
+            proxy_cpu_s=end.proxy_cpu - start.proxy_cpu,
+            proxy_cpu_pct=100.0 * (end.proxy_cpu - start.proxy_cpu) / seconds,
             backend_cpu_s=end.backend_cpu - start.backend_cpu,
             proxy_cpu_busy_pct=busy_pct(start.proxy_ticks, end.proxy_ticks),
             load_cpu_busy_pct=busy_pct(start.load_ticks, end.load_ticks),
             other_cpu_pct=other_pct(start, end),
-            weir_requests=diff_counts(start.weir_requests, end.weir_requests),
+            proxy_requests=(statuses_between(logged, start.wall, end.wall)
+                            if proxy.access_log is not None
+                            else diff_counts(start.proxy_requests, end.proxy_requests)),
             backend=diff_counts(start.backend, end.backend)))
     # The backend's requests from the baseline on, once every answer is in, less the client's:
-    # the attack's streams that Weir passed on to the backend before the reset reached it.
+    # the attack's streams that the proxy passed on to the backend before the reset reached it.
     legit_sent = sum(1 for s in client.samples if s.due >= s0.t and not math.isnan(s.sent))
     backend_total = backend_counts(backend_port)["requests"] - s0.backend["requests"]
     attack_doc["legit"] = {"reconnects": client.reconnects,
@@ -906,9 +1019,13 @@ async def drive(args: argparse.Namespace, pm: bench.ProcessManager, tools: dict[
 
 
 def run(args: argparse.Namespace) -> Outcome:
-    tools = bench.find_tools(("taskset", "nice"), "apt-get install -y util-linux coreutils")
+    if args.target == "nginx":
+        tools = bench.find_tools(("taskset", "nice", "nginx", "nghttp"),
+                                 "apt-get install -y util-linux coreutils nginx nghttp2-client")
+    else:
+        tools = bench.find_tools(("taskset", "nice"), "apt-get install -y util-linux coreutils")
     if tools is None:
-        raise bench.BenchError("taskset and nice are needed")
+        raise bench.BenchError("a tool is missing (above)")
     start_load = loadavg()
     print(f"loadavg {start_load}", file=sys.stderr)
     if args.client_cpus:
@@ -924,23 +1041,18 @@ def run(args: argparse.Namespace) -> Outcome:
         bench.wait_for_port(backend, backend_port, args.startup_timeout)
         bench.wait_for_http_ok(backend, backend_port, args.startup_timeout)
 
-        port, admin_port = bench.free_port(), bench.free_port()
-        conf = workdir / "weir.yaml"
-        conf.write_text(weir_conf(port, admin_port, backend_port))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(bench.REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-        weir = pm.start("weir", [taskset, "-c", args.proxy_cpus, sys.executable, "-m", "proxy",
-                                 "run", "-c", str(conf), *args.weir_args],
-                        cwd=bench.REPO_ROOT, env=env)
-        bench.wait_for_port(weir, port, args.startup_timeout)
-        bench.wait_for_http_ok(weir, port, args.startup_timeout)
-        print(f"weir on {HOST}:{port} (cpu {args.proxy_cpus}), backend on {backend_port} "
-              f"(cpu {args.load_cpus})", file=sys.stderr)
-        phases, attack_doc = asyncio.run(drive(args, pm, tools, weir, backend, port,
-                                               admin_port, backend_port, workdir))
-        bench._check_alive(weir)
-        weir_log = weir.log.read_text(errors="replace")
+        if args.target == "nginx":
+            proxy = start_nginx(args, pm, tools, workdir, backend_port)
+        else:
+            proxy = start_weir(args, pm, taskset, workdir, backend_port)
+        print(f"{proxy.name} on {HOST}:{proxy.port} (cpu {args.proxy_cpus}), backend on "
+              f"{backend_port} (cpu {args.load_cpus})", file=sys.stderr)
+        phases, attack_doc = asyncio.run(drive(args, pm, tools, proxy, backend, backend_port,
+                                               workdir))
+        bench._check_alive(proxy.proc)
+        proxy_log = proxy.proc.log.read_text(errors="replace")
+        error_log = ([] if proxy.error_log is None or not proxy.error_log.exists()
+                     else proxy.error_log.read_text(errors="replace").splitlines())
     finally:
         bench.cleanup(pm, workdir, args.keep_tmp)
 
@@ -951,9 +1063,11 @@ def run(args: argparse.Namespace) -> Outcome:
     ratio = p99_ratio(before.latency, during.latency)
     ratio_due = p99_ratio(before.from_due, during.from_due)
     legit = attack_doc["legit"]
-    outcome = Outcome(phases=phases, attack=summary,
+    outcome = Outcome(target=args.target, phases=phases, attack=summary,
                       attack_seconds=attack_doc["end"] - attack_doc["start"],
-                      attacker_cpu_s=attack_doc["cpu_s"], cuts=cuts_in_log(weir_log),
+                      attacker_cpu_s=attack_doc["cpu_s"],
+                      cuts=cuts_in_log(proxy_log) if args.target == "weir" else None,
+                      proxy_taken=attack_doc.get("proxy_taken"), proxy_log_lines=error_log,
                       legit_reconnects=legit["reconnects"],
                       legit_max_in_flight=legit["max_in_flight"],
                       backend_attack_requests=attack_doc["backend_attack_requests"],
@@ -1004,8 +1118,8 @@ def verdict_notes(o: Outcome, args: argparse.Namespace) -> list[str]:
                                       *([f"{p.unanswered} unanswered"] if p.unanswered else [])]))
         if p.unsent:
             notes.append(f"legit client, {p.name}: {p.unsent} request(s) due were never sent: "
-                         "they still waited for a stream slot (100 streams unanswered) when "
-                         f"the run ended, {DRAIN_S:g} s after the last phase")
+                         "they still waited for a stream slot (the server's limit of streams "
+                         f"unanswered) when the run ended, {DRAIN_S:g} s after the last phase")
     if o.legit_reconnects:
         notes.append(f"the legit client lost its connection {o.legit_reconnects} time(s)")
     for p in o.phases:
@@ -1013,21 +1127,24 @@ def verdict_notes(o: Outcome, args: argparse.Namespace) -> list[str]:
             notes.append(f"{p.name}: other processes used {p.other_cpu_pct:.0f}% of a core: "
                          "the numbers are unreliable (rerun on a quiet machine)")
     during = next(p for p in o.phases if p.name == "attack")
-    if during.weir_cpu_pct >= 90:
-        notes.append(f"Weir used {during.weir_cpu_pct:.0f}% of its core during the attack")
+    if during.proxy_cpu_pct >= 90:
+        notes.append(f"{o.target} used {during.proxy_cpu_pct:.0f}% of its core during the "
+                     "attack")
     if during.load_cpu_busy_pct is not None and during.load_cpu_busy_pct >= 95:
         notes.append(f"the load cpu ({args.load_cpus}) was {during.load_cpu_busy_pct:.0f}% busy "
                      "during the attack: the client's own timing may be part of its latency")
+    if o.proxy_log_lines:
+        notes.append(f"nginx's error log has {len(o.proxy_log_lines):,} line(s), the last: "
+                     f"{o.proxy_log_lines[-1][:300]}")
     return notes
 
 
 def render(o: Outcome, args: argparse.Namespace) -> str:
     rows: list[tuple[str, ...]] = [("phase", "seconds", "requests", "p50 ms", "p99 ms",
                                     "max ms", "p99 from due", "errors", "send lag p99",
-                                    "weir cpu s",
-                                    "weir cpu%",
+                                    f"{o.target} cpu s", f"{o.target} cpu%",
                                     "proxy cpu busy", "load cpu busy", "other%",
-                                    "weir 499s", "backend reqs", "backend conns")]
+                                    f"{o.target} 499s", "backend reqs", "backend conns")]
 
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{v:.0f}%"
@@ -1038,10 +1155,10 @@ def render(o: Outcome, args: argparse.Namespace) -> str:
                      f"{p.latency.max_ms:.3f}", f"{p.from_due.p99_ms:.3f}",
                      str(sum(p.errors.values()) + p.unanswered),
                      f"{p.lag_p99_ms:.3f}",
-                     f"{p.weir_cpu_s:.2f}", f"{p.weir_cpu_pct:.0f}",
+                     f"{p.proxy_cpu_s:.2f}", f"{p.proxy_cpu_pct:.0f}",
                      pct(p.proxy_cpu_busy_pct), pct(p.load_cpu_busy_pct),
                      f"{p.other_cpu_pct:.0f}",
-                     f"{p.weir_requests.get('499', 0):,.0f}",
+                     f"{p.proxy_requests.get('499', 0):,.0f}",
                      f"{p.backend.get('requests', 0):,}",
                      f"{p.backend.get('connections', 0):,}"))
     a = o.attack
@@ -1056,8 +1173,11 @@ def render(o: Outcome, args: argparse.Namespace) -> str:
 
     lines.append(f"p99 during the attack / before: {said(o.ratio)} the {TARGET_RATIO:g}x target "
                  f"(from when they were due: {said(o.ratio_due)})")
-    rate = a.taken / o.attack_seconds if o.attack_seconds > 0 else 0.0
-    lines.append(f"attacker: {a.taken:,} streams taken by Weir ({a.sent:,} written) on "
+    # Weir: streams up to its GOAWAYs' last stream ids; nginx: the requests it logged.
+    taken = a.taken if o.proxy_taken is None else o.proxy_taken
+    how = "" if o.proxy_taken is None else " (its access log)"
+    rate = taken / o.attack_seconds if o.attack_seconds > 0 else 0.0
+    lines.append(f"attacker: {taken:,} streams taken by {o.target}{how} ({a.sent:,} written) on "
                  f"{a.connections:,} connections in {o.attack_seconds:.1f} s ({rate:,.0f} "
                  f"streams/s), attacker CPU {o.attacker_cpu_s:.1f} s")
     lines.append(f"  GOAWAY: {a.goaways or 'none'}; refused at once (the address penalized): "
@@ -1070,15 +1190,15 @@ def render(o: Outcome, args: argparse.Namespace) -> str:
 
     lines.append(f"  streams per connection before the cut (GOAWAY's last stream id): "
                  f"{fmt(a.taken_per_cut)}; written per connection: {fmt(a.sent_per_conn)}")
-    c = o.cuts
-    if c.warnings:
+    c = o.cuts  # None for nginx: no log of its cuts to count
+    if c is not None and c.warnings:
         lines.append(f"  Weir's log: {c.warnings:,} rapid-reset warnings for "
                      f"{len(c.opened_at_cut):,} connections; streams opened when cut: "
                      f"{fmt(spread(c.opened_at_cut))}; opened in all, after the cut too: "
                      f"{fmt(spread(c.opened_in_all))}")
-    else:
+    elif c is not None:
         lines.append("  Weir's log: no connection closed for rapid reset")
-    lines.append(f"  the attack's streams Weir passed on to the backend: "
+    lines.append(f"  the attack's streams {o.target} passed on to the backend: "
                  f"{o.backend_attack_requests:,} (its requests less the client's)")
     lines.append(f"legit client: {o.legit_reconnects} reconnects, at most "
                  f"{o.legit_max_in_flight} streams in flight")
@@ -1090,6 +1210,9 @@ def render(o: Outcome, args: argparse.Namespace) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/rapid_reset.py",
                                 description=__doc__.split("\n\n")[0])
+    p.add_argument("--target", choices=("weir", "nginx"), default="weir",
+                   help="the proxy attacked (default weir); nginx for comparison, configured "
+                        "as this file's doc says")
     p.add_argument("--streams", type=int, default=100_000,
                    help="streams the attacker opens and resets (default 100000)")
     p.add_argument("--max-attack-seconds", type=float, default=120.0,
@@ -1099,12 +1222,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=20,
                    help="HEADERS+RST_STREAM pairs per write (default 20)")
     p.add_argument("--ahead", type=int, default=10_000,
-                   help="pairs written on a connection before the attacker waits for Weir's "
-                        "GOAWAY (default 10000, about 550 KB: twice what uvloop reads at once)")
+                   help="pairs written on a connection before the attacker waits for the "
+                        "proxy's GOAWAY (default 10000, about 550 KB: twice what uvloop reads "
+                        "at once)")
     p.add_argument("--attacker-address", default="127.0.0.2",
                    help="the attacker's source address (default 127.0.0.2): Weir refuses HTTP/2 "
                         "to an address it cut for abuse, which must not be the legit client's "
-                        "(127.0.0.1)")
+                        "(127.0.0.1); nginx has no such penalty")
     p.add_argument("--attacker-nice", type=int, default=10,
                    help="nice value of the attacker, which shares the load cpu with the "
                         "client and the backend (default 10)")
@@ -1113,7 +1237,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--baseline", type=float, default=5.0, help="seconds (default 5)")
     p.add_argument("--after", type=float, default=3.0,
                    help="seconds measured after the attack (default 3)")
-    p.add_argument("--proxy-cpus", default="0", help="taskset CPU list for Weir (default 0)")
+    p.add_argument("--proxy-cpus", default="0",
+                   help="taskset CPU list for the proxy, Weir or nginx (default 0)")
     p.add_argument("--load-cpus", default="1",
                    help="taskset CPU list for the backend and the attacker (default 1)")
     p.add_argument("--attacker-cpus", default=None,

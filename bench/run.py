@@ -493,6 +493,7 @@ def nginx_proxy_conf(
     http2: bool = False,
     keepalive: int = 64,
     grpc: bool = False,
+    access_log: Path | None = None,
 ) -> str:
     """nginx as a keep-alive proxy to the backend; ``reuseport``: one listening socket per
     worker, spread by the kernel, as Weir's workers do (instead of one shared socket);
@@ -501,7 +502,9 @@ def nginx_proxy_conf(
     upstream connections kept, which must cover the requests in flight, or nginx closes the
     surplus after each answer and opens new ones; ``grpc`` (implies ``http2``): ``grpc_pass``
     to the backend over h2c instead (nginx's gRPC proxy runs one stream per upstream
-    connection, so ``keepalive`` matters as much there)."""
+    connection, so ``keepalive`` matters as much there); ``access_log``: log each request's
+    end time, status and path there (``$msec $status $uri``, buffered, flushed every second)
+    instead of nothing."""
     http2 = http2 or grpc
     listen = f"{HOST}:{port}" + (" http2" if http2 else "") + " backlog=4096"
     listen += " reuseport" if reuseport else ""
@@ -512,10 +515,15 @@ def nginx_proxy_conf(
             proxy_http_version 1.1;
             proxy_set_header Connection "";
 """
+    # In the server block: an access_log beside the http block's "access_log off" is off too.
+    log_format = "" if access_log is None else "    log_format timed '$msec $status $uri';\n"
+    log = "" if access_log is None else (
+        f"        access_log {access_log} timed buffer=64k flush=1s;\n")
     return (
         _nginx_common(prefix, workers, master_process)
         + "http {\n"
         + nginx_http_common(prefix)
+        + log_format
         + f"""    upstream backend {{
         server {HOST}:{backend_port};
         keepalive {keepalive};
@@ -523,12 +531,25 @@ def nginx_proxy_conf(
     }}
     server {{
         listen {listen};
-        location / {{
+{log}        location / {{
 {location}        }}
     }}
 }}
 """
     )
+
+
+def start_nginx(pm: ProcessManager, tools: dict[str, str], workdir: Path, name: str, cpus: str,
+                conf_text: str) -> Proc:
+    """nginx with ``conf_text`` as its config, under ``workdir/name`` (the prefix the configs
+    above were made for, with the temp dirs they name), pinned to ``cpus`` with taskset."""
+    prefix = workdir / name
+    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (prefix / "tmp" / sub).mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(conf_text)
+    argv = [tools["nginx"], "-p", f"{prefix}/", "-e", str(prefix / "error.log"), "-c", str(conf)]
+    return pm.start(name, [tools["taskset"], "-c", cpus, *argv])
 
 
 def haproxy_conf(port: int, backend_port: int, http2: bool = False,
@@ -1164,8 +1185,6 @@ def start_servers(
     def nginx(name: str, port: int, upstream_port: int | None) -> Proc:
         """nginx as the backend (no upstream) or as a proxy to upstream_port."""
         prefix = workdir / name
-        for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (prefix / "tmp" / sub).mkdir(parents=True, exist_ok=True)
         if upstream_port is None:
             text, cpus = nginx_backend_conf(prefix, port, backend_h2_port), args.load_cpus
         else:
@@ -1176,21 +1195,7 @@ def start_servers(
             text = nginx_proxy_conf(prefix, port, upstream_port, http2=h2,
                                     keepalive=max(64, in_flight), grpc=grpc)
             cpus = args.proxy_cpus
-        conf = prefix / "nginx.conf"
-        conf.write_text(text)
-        return pm.start(
-            name,
-            pinned(
-                cpus,
-                tools["nginx"],
-                "-p",
-                f"{prefix}/",
-                "-e",
-                str(prefix / "error.log"),
-                "-c",
-                str(conf),
-            ),
-        )
+        return start_nginx(pm, tools, workdir, name, cpus, text)
 
     def weir(name: str, port: int, tree: Path) -> Proc:
         """Weir from the checkout at tree (this one, or another for an A/B run)."""

@@ -333,19 +333,6 @@ def check_workers(server: Server) -> None:
         )
 
 
-def start_nginx(
-    pm: bench.ProcessManager, tools: dict[str, str], workdir: Path, name: str, cpus: str,
-    conf_text: str,
-) -> bench.Proc:
-    prefix = workdir / name
-    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (prefix / "tmp" / sub).mkdir(parents=True, exist_ok=True)
-    conf = prefix / "nginx.conf"
-    conf.write_text(conf_text)
-    argv = [tools["nginx"], "-p", f"{prefix}/", "-e", str(prefix / "error.log"), "-c", str(conf)]
-    return pm.start(name, [tools["taskset"], "-c", cpus, *argv])
-
-
 def start_servers(
     args: argparse.Namespace,
     pm: bench.ProcessManager,
@@ -355,8 +342,8 @@ def start_servers(
 ) -> list[Server]:
     timeout = args.startup_timeout
     backend_port = bench.free_port()
-    proc = start_nginx(pm, tools, workdir, "backend", args.load_cpus,
-                       bench.nginx_backend_conf(workdir / "backend", backend_port))
+    proc = bench.start_nginx(pm, tools, workdir, "backend", args.load_cpus,
+                             bench.nginx_backend_conf(workdir / "backend", backend_port))
     bench.wait_for_port(proc, backend_port, timeout)
     bench.wait_for_http_ok(proc, backend_port, timeout)
     print(f"backend nginx on {HOST}:{backend_port} (cpu {args.load_cpus})", file=sys.stderr)
@@ -384,7 +371,7 @@ def start_servers(
             else:
                 text = bench.nginx_proxy_conf(workdir / slug, port, backend_port, workers=n,
                                               master_process=True, reuseport=True)
-                proc = start_nginx(pm, tools, workdir, slug, args.proxy_cpus, text)
+                proc = bench.start_nginx(pm, tools, workdir, slug, args.proxy_cpus, text)
             server = Server(kind, n, port, proc)
             bench.wait_for_port(proc, port, timeout)
             bench.wait_for_http_ok(proc, port, timeout, headers)
