@@ -577,7 +577,36 @@ class WebhookStep(Strict):
         return value
 
 
-STEP_KINDS = ("set_weight", "pause", "analysis", "gate", "webhook")
+class MirrorStep(Strict):
+    """Shadow as a rollout step (argo-rollouts#563): for ``duration``, copies of ``percent``
+    of the service's requests go to the canary while users are still answered by stable;
+    then the canary's answers to them are judged against stable's own in the same window.
+    Failing aborts the rollout before any user reaches the canary."""
+
+    percent: float = Field(default=100.0, gt=0, le=100)
+    duration: Duration
+    methods: list[str] = ["GET", "HEAD", "OPTIONS"]  # copied requests: idempotent ones
+    min_requests: int = Field(default=20, ge=1)      # fewer copies answered: inconclusive
+    max_error_rate: float | None = Field(default=None, ge=0, le=1)
+    max_p99_ratio: float | None = Field(default=None, gt=0)  # canary's over stable's
+    max_mismatch_rate: float | None = Field(default=None, ge=0, le=1)  # answers that differ
+
+    @field_validator("methods")
+    @classmethod
+    def _upper(cls, value: list[str]) -> list[str]:
+        return [m.upper() for m in value]
+
+    @model_validator(mode="after")
+    def _checks(self) -> MirrorStep:
+        if self.duration <= 0:
+            raise ValueError("duration must be above 0")
+        if (self.max_error_rate, self.max_p99_ratio, self.max_mismatch_rate) == (None,) * 3:
+            raise ValueError("a mirror step judges the canary: give it max_error_rate, "
+                             "max_p99_ratio or max_mismatch_rate")
+        return self
+
+
+STEP_KINDS = ("set_weight", "pause", "analysis", "gate", "webhook", "mirror")
 
 
 class Step(Strict):
@@ -589,6 +618,7 @@ class Step(Strict):
     analysis: Analysis | None = None
     gate: Gate | None = None
     webhook: WebhookStep | None = None
+    mirror: MirrorStep | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Step:

@@ -25,7 +25,7 @@ from ..config.loader import (
     load_config,
     read_config_file,
 )
-from ..config.model import Config, ConfigError
+from ..config.model import Config, ConfigError, Mirror
 from ..config.tls import TLSConfigError, compile_tls
 from ..dataplane.build import request_path_build
 from ..errors import StateWriteError, UnknownName
@@ -102,6 +102,9 @@ class ControlPlane:
         self.config_path = config_path
         self.file_config = config
         self.config = config
+        # A rollout's mirror step in progress, per service: copies to its canary on top of
+        # the file's mirror list (see set_rollout_mirror).
+        self.rollout_mirrors: dict[str, Mirror] = {}
         self.loop = proxy.loop
         self.metrics = Metrics()
         self.store = store if store is not None else make_store(config)
@@ -230,9 +233,25 @@ class ControlPlane:
         is built: at start, on a reload, on adopting another instance's change, and with an API
         change); whether it changed. The caller syncs the controller and applies it."""
         config = effective_config(self.file_config, self.state.versions)
+        if self.rollout_mirrors:
+            config = config.model_copy(update={"services": [
+                s.model_copy(update={"mirror": [*s.mirror, self.rollout_mirrors[s.name]]})
+                if s.name in self.rollout_mirrors else s for s in config.services]})
         changed = config != self.config
         self.config = config
         return changed
+
+    def set_rollout_mirror(self, service: str, mirror: Mirror | None) -> None:
+        """A rollout's mirror step begins (copies of the service's requests to its canary, as
+        ``mirror`` says) or ends (None). Not part of the runtime state: the step's own record
+        says it is on, and the controller sets it again after a restart."""
+        if mirror is None:
+            if self.rollout_mirrors.pop(service, None) is None:
+                return
+        else:
+            self.rollout_mirrors[service] = mirror
+        if self.use_effective_config():
+            self.apply()
 
     def apply(self, initial: bool = False) -> None:
         """Compile the config with the runtime changes and hand it to the data plane."""

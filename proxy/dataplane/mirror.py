@@ -15,13 +15,15 @@ import asyncio
 import hashlib
 import logging
 import random
-from collections import deque
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..config.model import Mirror
 from .http11 import REQUEST_REWRITTEN
+from .stats import MirrorStats
 from .upstream import ResponseSink
+
+MIRROR_SKIP = REQUEST_REWRITTEN | {b"host", b"content-length"}
 
 if TYPE_CHECKING:
     from .accesslog import AccessLog
@@ -31,33 +33,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("weir.mirror")
 
-OUTCOMES = ("success", "error", "timeout", "dropped")
-# Why copies were dropped: only ever at a configured limit, or while the shadow cannot be
-# reached (max_concurrent copies in flight, max_queued_bytes of their bodies, a body over
-# max_body_bytes; the shadow refusing connections, or none of its upstreams available).
-DROP_REASONS = ("max_concurrent", "max_queued_bytes", "max_body_bytes", "shadow_unreachable")
-MIRROR_SKIP = REQUEST_REWRITTEN | {b"host", b"content-length"}
 # After this many connect failures in a row, mirroring to that shadow pauses for a while:
 # a shadow that refuses connections must not cost a failed connect per user request.
 FAILURES_BEFORE_BACKOFF = 5
 BACKOFF_SECONDS = 1.0
-MISMATCHES_KEPT = 20
 # Weight of the newest copy in the running average of how long a copy takes (see pacing).
 DURATION_SMOOTHING = 0.1
 # Copies that may start back to back, after a lull, before the pacing spaces them out.
 PACING_BURST = 4
-
-
-class MirrorStats:
-    """Counters for one (service, shadow version); lives as long as the process."""
-
-    def __init__(self, service: str, version: str) -> None:
-        self.service = service
-        self.version = version
-        self.outcomes = dict.fromkeys(OUTCOMES, 0)
-        self.dropped = dict.fromkeys(DROP_REASONS, 0)  # outcomes["dropped"], by reason
-        self.comparisons = {"match": 0, "mismatch": 0}
-        self.mismatches: deque[dict[str, Any]] = deque(maxlen=MISMATCHES_KEPT)
 
 
 class MirrorPolicy:
@@ -365,6 +348,12 @@ class MirrorCopy(ResponseSink):
         self.exchange = None
         policy = self.policy
         policy.count(outcome)
+        if self.on_wire:
+            # The shadow's answer as a request of its version: its status, or 502 and 504
+            # for a copy it refused or did not answer in time (see MirrorStats.answers).
+            status = (self.shadow_status if outcome == "success"
+                      else 504 if outcome == "timeout" else 502)
+            policy.stats.answers.observe(self.method, status, monotonic() - self.sent_at)
         if self.pool is not None:
             if outcome in ("success", "timeout"):
                 policy.ended(monotonic() - self.sent_at)

@@ -4,9 +4,9 @@ microseconds; a dict increment costs a fraction of one)."""
 
 from __future__ import annotations
 
-from typing import Final
+from collections import deque
+from typing import Any, Final
 
-from .mirror import MirrorStats
 from .retry import RetryBudget
 
 # Upper bounds (seconds) of the exported request duration histogram; a proxy's interesting
@@ -175,6 +175,29 @@ class LimitStats:
         # once from an address cut a moment before (see context.Penalties)
         self.http2_abuse = 0
         self.last_warning = 0.0     # loop time of the last "max_connections reached" log line
+
+
+MIRROR_OUTCOMES = ("success", "error", "timeout", "dropped")
+# Why copies were dropped: only ever at a configured limit, or while the shadow cannot be
+# reached (max_concurrent copies in flight, max_queued_bytes of their bodies, a body over
+# max_body_bytes; the shadow refusing connections, or none of its upstreams available).
+DROP_REASONS = ("max_concurrent", "max_queued_bytes", "max_body_bytes", "shadow_unreachable")
+MISMATCHES_KEPT = 20
+
+
+class MirrorStats:
+    """Counters for one (service, shadow version); lives as long as the process."""
+
+    def __init__(self, service: str, version: str) -> None:
+        self.service = service
+        self.version = version
+        self.outcomes = dict.fromkeys(MIRROR_OUTCOMES, 0)
+        self.dropped = dict.fromkeys(DROP_REASONS, 0)  # outcomes["dropped"], by reason
+        self.comparisons = {"match": 0, "mismatch": 0}
+        self.mismatches: deque[dict[str, Any]] = deque(maxlen=MISMATCHES_KEPT)
+        # The shadow's answers as a version's requests (status, duration; a copy that failed
+        # or timed out as 502 or 504): what a rollout's mirror step judges the canary on.
+        self.answers = VersionStats(service, version)
 
 
 class StatsRegistry:

@@ -27,10 +27,21 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from ..config.model import ROLLOUT_EVENTS, Analysis, Gate, Rollout, Service, Step, WebhookStep
+from ..config.model import (
+    ROLLOUT_EVENTS,
+    Analysis,
+    AnalysisChecks,
+    Gate,
+    Mirror,
+    MirrorStep,
+    Rollout,
+    Service,
+    Step,
+    WebhookStep,
+)
 from ..dataplane.stats import VersionStats
 from ..errors import StateWriteError
-from .analysis import MeasurementWindow
+from .analysis import MeasurementWindow, judge
 from .checks import CustomChecks
 from .notify import Notifier
 from .prometheus import PrometheusWindow
@@ -177,6 +188,7 @@ CHECK_VALUES = {
     "max_p95": ("canary_p95", "p95"),
     "max_p50": ("canary_p50", "p50"),
     "max_p99_ratio": ("p99_ratio", "p99 over stable's"),
+    "max_mismatch_rate": ("mismatch_rate", "answers unlike the users'"),
 }
 LATENCY_CHECKS = ("max_p99", "max_p95", "max_p50")
 
@@ -193,6 +205,9 @@ def describe_step(step: Step) -> str:
         return f"gate {step.gate.url}"
     if step.webhook is not None:
         return f"webhook {step.webhook.url}"
+    if step.mirror is not None:
+        return (f"mirror {step.mirror.percent:g}% of requests to the canary for "
+                f"{step.mirror.duration:g}s")
     return "analysis"
 
 
@@ -245,6 +260,9 @@ class ServiceRollout:
         self.ramp: asyncio.Task[None] | None = None
         # The call a gate or webhook step has out (its HTTP status, 0 for no answer).
         self.hook: asyncio.Task[int] | None = None
+        # A mirror step's window: where the canary's answers to copies, stable's requests
+        # and the comparisons stood when it began (None: no mirror step running here).
+        self.mirror_window: tuple[Any, Any, dict[str, int], float] | None = None
         self.pending_start = False
         self.pending_why = "the new version changed while Weir was stopped"
         self.tick_error = ""  # the last failure of this rollout's tick, logged once
@@ -589,7 +607,8 @@ class ServiceRollout:
         steps = self.spec.steps
         step = steps[record.step] if record.step < len(steps) else None
         # A person's go skips what the rollout waits on: a pause, a gate, a webhook step.
-        at_pause = step is not None and (step.pause or step.gate or step.webhook) is not None
+        at_pause = step is not None and (step.pause or step.gate or step.webhook
+                                         or step.mirror) is not None
         if not at_pause and record.phase != PAUSED:
             return  # progressing through a step that waits on nothing: nothing to skip
         record.promoted_by = by
@@ -729,6 +748,8 @@ class ServiceRollout:
             await self.run_gate(step.gate)
         elif step.webhook is not None:
             await self.run_webhook_step(step.webhook)
+        elif step.mirror is not None:
+            await self.run_mirror_step(step.mirror)
 
     async def check_pause_timeout(self) -> None:
         """A ``pause: {timeout}`` step nobody promoted in time aborts the rollout."""
@@ -764,9 +785,54 @@ class ServiceRollout:
         return 0 if hook.cancelled() or hook.exception() is not None else hook.result()
 
     def cancel_hook(self) -> None:
+        """End what the current step has out: a gate's or webhook's call, a mirror."""
         if self.hook is not None:
             self.hook.cancel()
             self.hook = None
+        if self.mirror_window is not None:
+            self.mirror_window = None
+            self.control.set_rollout_mirror(self.name, None)
+
+    async def run_mirror_step(self, step: MirrorStep) -> None:
+        """Copies of the service's requests go to the canary for ``duration`` while users are
+        answered by stable; then the canary's answers are judged against stable's requests
+        of the same window (error rate, p99 ratio) and against the users' answers
+        (mismatch rate). A failure aborts the rollout before any user reached the canary."""
+        record = self.record
+        stats = self.control.proxy.stats
+        copies = stats.for_mirror(self.name, self.spec.canary)
+        stable = stats.for_version(self.name, self.spec.stable)
+        now = time.time()
+        if self.mirror_window is None:
+            self.mirror_window = (copies.answers.snapshot(), stable.snapshot(),
+                                  dict(copies.comparisons), now)
+            record.step_state = {"kind": "mirror", "percent": step.percent, "since": now,
+                                 "duration": step.duration}
+            self.control.set_rollout_mirror(self.name, Mirror(
+                version=self.spec.canary, percent=step.percent, methods=step.methods,
+                compare=step.max_mismatch_rate is not None))
+            self.save()
+            return
+        canary_start, stable_start, compared, since = self.mirror_window
+        if now - since < step.duration:
+            return
+        analysis = Analysis(interval=step.duration, min_requests=step.min_requests,
+                            checks=AnalysisChecks(max_error_rate=step.max_error_rate,
+                                                  max_p99_ratio=step.max_p99_ratio))
+        result = judge(analysis, copies.answers.since(canary_start), stable.since(stable_start))
+        matched = copies.comparisons["match"] - compared["match"]
+        mismatched = copies.comparisons["mismatch"] - compared["mismatch"]
+        if step.max_mismatch_rate is not None:
+            rate = mismatched / (matched + mismatched) if matched + mismatched else 0.0
+            result["values"].update(mismatch_rate=round(rate, 5), compared=matched + mismatched)
+            result["thresholds"]["max_mismatch_rate"] = step.max_mismatch_rate
+            if rate > step.max_mismatch_rate and result["outcome"] != "inconclusive":
+                result["failed_checks"].append("max_mismatch_rate")
+                result["outcome"] = "failure"
+        self.cancel_hook()  # the copies stop with the step's judgement
+        limits = Analysis(interval=step.duration, min_requests=step.min_requests)
+        if await self.decide(limits, result, "mirror") and result["outcome"] == "success":
+            await self.next_step()
 
     async def run_gate(self, gate: Gate) -> None:
         """Poll the gate every interval; its first 2xx opens it. Each check is counted in
@@ -895,6 +961,10 @@ class ServiceRollout:
             return  # judged after the switch, on real traffic
         if record.phase == PAUSED and record.paused_by != "step":
             self.background = None  # held by a person or for inconclusive: not judging
+            return
+        steps = self.spec.steps
+        if record.step < len(steps) and steps[record.step].mirror is not None:
+            self.background = None  # no user reaches the canary yet: its step judges it
             return
         if self.background is None:
             self.background = self.windows(analysis)
@@ -1155,6 +1225,7 @@ class RolloutController:
             intervals += [s.pause.timeout / 4 for s in spec.steps
                           if s.pause is not None and s.pause.timeout]
             intervals += [s.gate.interval / 4 for s in spec.steps if s.gate is not None]
+            intervals += [s.mirror.duration / 4 for s in spec.steps if s.mirror is not None]
         return max(0.05, min(intervals))
 
     async def take_over(self) -> None:

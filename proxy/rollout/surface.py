@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from ..config.model import Config, Service
+    from ..config.model import Config, Mirror, Service
     from ..dataplane.proxyserver import ProxyServer
 
 # What puts a change to the runtime state back, should its save fail.
@@ -50,6 +50,8 @@ class ControlSurface(Protocol):
     def service(self, name: str) -> Service: ...
 
     def apply(self) -> None: ...
+
+    def set_rollout_mirror(self, service: str, mirror: Mirror | None) -> None: ...
 
     def changed(self) -> None: ...
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from ..dataplane.proxyserver import ProxyServer
+    from ..dataplane.stats import VersionStats
 
 REPORT_INTERVAL = 0.25
 POOL_COUNTERS = ("connect_errors", "timeouts", "retries")
@@ -24,7 +25,7 @@ POOL_COUNTERS = ("connect_errors", "timeouts", "retries")
 class VersionGain(NamedTuple):
     """What one version's counters gained since the worker's last report."""
 
-    key: tuple[str, str]                 # (service, version)
+    key: tuple[str, ...]                 # (service, version), or (.., "mirror"): its copies
     requests: int
     errors: int
     duration: float                      # seconds, summed
@@ -73,7 +74,7 @@ class ReportBuilder:
 
     def __init__(self, proxy: ProxyServer) -> None:
         self.proxy = proxy
-        self._versions: dict[tuple[str, str], tuple[int, int, float, dict[Any, int],
+        self._versions: dict[tuple[str, ...], tuple[int, int, float, dict[Any, int],
                                                     list[int], dict[int, int]]] = {}
         self._flat: dict[str, dict[Any, int]] = {}
 
@@ -87,7 +88,11 @@ class ReportBuilder:
         stats = self.proxy.stats
         versions = []
         requests = 0
-        for key, vs in list(stats.versions.items()):
+        # A shadow's answers (MirrorStats.answers) travel as a version's, keyed (service,
+        # version, "mirror").
+        counted: list[tuple[Any, VersionStats]] = list(stats.versions.items())
+        counted += [((*key, "mirror"), ms.answers) for key, ms in stats.mirrors.items()]
+        for key, vs in counted:
             then = self._versions.get(key)
             if then is not None and then[0] == vs.total:
                 continue  # nothing new; the usual case for most versions
@@ -139,7 +144,8 @@ def merge(proxy: ProxyServer, worker: int, report: WorkerReport) -> None:
     """Supervisor side: add one worker's report into the supervisor's registries."""
     stats = proxy.stats
     for gain in report.versions:
-        vs = stats.for_version(*gain.key)
+        vs = (stats.for_version(*gain.key) if len(gain.key) == 2
+              else stats.for_mirror(*gain.key[:2]).answers)
         vs.total += gain.requests
         vs.errors += gain.errors
         vs.duration_sum += gain.duration

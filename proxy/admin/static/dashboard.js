@@ -388,6 +388,10 @@
              (step.gate.timeout ? ` (abort after ${duration(step.gate.timeout)})` : '');
     }
     if (step.webhook !== undefined) return `webhook check: ${step.webhook.url}`;
+    if (step.mirror !== undefined) {
+      return `mirror ${step.mirror.percent}% of requests to the canary for ` +
+             `${duration(step.mirror.duration)}, no user on it`;
+    }
     if (step.analysis !== undefined) {
       return `analysis over ${duration(step.analysis.interval)} ` +
              `(at least ${step.analysis.min_requests} requests)`;
@@ -403,6 +407,7 @@
         : `, last answered ${state.last_status || 'nothing'}`;
       return ` — ${state.checks} check(s)${last}`;
     }
+    if (state.kind === 'mirror') return ` — copies since ${clock(state.since)}`;
     if (state.kind === 'webhook') {
       return state.status === undefined ? ' — waiting for its answer'
                                         : ` — answered ${state.status || 'nothing'}`;
