@@ -61,6 +61,16 @@ async def get(session: aiohttp.ClientSession, port: int, path: str, count: int =
 # === /api/history ===============================================================================
 
 
+
+async def pause_refused(tab: Any, token: str, what: str) -> str:
+    """Use ``token`` and press shop's pause button: the refusal the page shows."""
+    await tab.type_into("#token", token)
+    await tab.click("#token-use")
+    await tab.click('section[data-service="shop"] button[data-action="pause"]')
+    return str(await tab.wait(
+        "(() => { const m = document.getElementById('message');"
+        " return !m.hidden && m.classList.contains('bad') && m.textContent; })()", what))
+
 async def test_history_records_rate_errors_p99_weight_and_follows_reloads(start_backend, weir):
     stable, canary, green = (await start_backend("stable"), await start_backend("canary"),
                              await start_backend("green"))
@@ -511,13 +521,7 @@ async def test_dashboard_in_headless_chromium_draws_charts_and_drives_the_rollou
         assert "error rate" in decision and "p99" in decision and "(min 5)" in decision
 
         # A wrong token: the button's 401 is shown, and nothing changes.
-        await tab.type_into("#token", "not-the-token")
-        await tab.click("#token-use")
-        await tab.click('section[data-service="shop"] button[data-action="pause"]')
-        message = await tab.wait(
-            "(() => { const m = document.getElementById('message');"
-            " return !m.hidden && m.classList.contains('bad') && m.textContent; })()",
-            "the 401 message")
+        message = await pause_refused(tab, "not-the-token", "the 401 message")
         assert "401" in message
         assert await tab.evaluate(
             "document.getElementById('token-state').dataset.state") == "rejected"
@@ -620,13 +624,7 @@ async def test_dashboard_shows_a_403_with_the_role_the_button_needs(start_backen
     await tab.call("Page.navigate", url=api.base + "/dashboard")
     await tab.wait("document.body && document.body.dataset.ready === 'true'",
                    "the first status and history to render")
-    await tab.type_into("#token", "viewer-token")
-    await tab.click("#token-use")
-    await tab.click('section[data-service="shop"] button[data-action="pause"]')
-    message = await tab.wait(
-        "(() => { const m = document.getElementById('message');"
-        " return !m.hidden && m.classList.contains('bad') && m.textContent; })()",
-        "the 403 message")
+    message = await pause_refused(tab, "viewer-token", "the 403 message")
     assert "403" in message
     assert "rollout pause needs the promoter role; token wallboard is a viewer" in message
     assert await tab.evaluate(
