@@ -126,6 +126,14 @@ def _semantic_errors(data: dict[str, Any]) -> list[str]:
                 if isinstance(version, str) and version not in versions:
                     errors.append(f"{where}.{key}[{j}].version: no such version {version!r} "
                                   f"(versions: {known})")
+                baseline = item.get("baseline") if key == "mirror" and isinstance(
+                    item, dict) else None
+                if isinstance(baseline, str) and baseline not in versions:
+                    errors.append(f"{where}.mirror[{j}].baseline: no such version "
+                                  f"{baseline!r} (versions: {known})")
+                elif isinstance(baseline, str) and baseline == version:
+                    errors.append(f"{where}.mirror[{j}].baseline: the primary version the "
+                                  f"users' answers come from, not the shadow itself")
     errors += _notification_errors(data.get("notifications"), seen)
     return errors
 

@@ -365,6 +365,14 @@ class Drain(Strict):
     timeout: Duration = 30.0
 
 
+class MirrorIgnore(Strict):
+    """Fields never compared: headers by name, JSON paths (``meta.request_id``,
+    ``items[*].updated_at``) with everything under them."""
+
+    headers: list[str] = []
+    json_paths: list[str] = []
+
+
 class Mirror(Strict):
     """Copy a share of requests to a shadow version and throw its answers away."""
 
@@ -377,6 +385,16 @@ class Mirror(Strict):
     timeout: Duration = 5.0
     host_suffix: bool = False               # send Host as "<host>-shadow"
     compare: bool = False                   # compare status and body digest with the primary
+    # Diffy's noise: copies of baseline_percent of the compared requests go to this version
+    # (the primary) once more; a field that differs between two of its answers is noise.
+    # Implies compare.
+    baseline: str | None = None
+    baseline_percent: float = Field(default=20.0, gt=0, le=100)
+    ignore: MirrorIgnore = MirrorIgnore()
+
+    @property
+    def compares(self) -> bool:
+        return self.compare or self.baseline is not None
 
     @field_validator("methods")
     @classmethod

@@ -4,7 +4,7 @@ pays nothing for them; counters are bumped only off the request path."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import (
@@ -115,6 +115,30 @@ class LiveStateCollector(Collector):
         yield mirrors
         yield dropped
         yield comparisons
+        yield from self._mirror_diffs(stats)
+
+    @staticmethod
+    def _mirror_diffs(stats: Any) -> Iterator[Metric]:
+        """Field diffs per shadow (dataplane/diff.py): the mismatch share after noise, and the
+        top fields that really differ, a handful per shadow (bounded cardinality)."""
+        mismatch = GaugeMetricFamily(
+            "weir_mirror_mismatch_ratio", "Share of a shadow's recent compared answers that "
+            "differ from the users' in a field that is not noise.",
+            labels=["service", "version"])
+        fields = GaugeMetricFamily(
+            "weir_mirror_field_difference_ratio", "Share of a shadow's compared answers in "
+            "which this field differs from the users' answer (the top fields that are not "
+            "noise).", labels=["service", "version", "field"])
+        for (service, version), ms in sorted(stats.mirrors.items()):
+            if not ms.diff.compared:
+                continue
+            report = ms.diff.report()
+            if report["mismatch_rate"] is not None:
+                mismatch.add_metric([service, version], report["mismatch_rate"])
+            for entry in report["fields"]:
+                fields.add_metric([service, version, entry["field"]], entry["rate"])
+        yield mismatch
+        yield fields
 
     def collect_upstreams(self) -> Iterator[Metric]:
         labels = ["upstream"]

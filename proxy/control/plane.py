@@ -820,6 +820,9 @@ class ControlPlane:
                                     if selected else None),
                 "dropped_share": round(outcomes["dropped"] / selected, 4) if selected else None,
                 "dropped_by_reason": dict(stats.dropped),
+                # Field by field against the users' answers, with the noise learnt from the
+                # baseline (see dataplane/diff.py); empty until a copy was compared.
+                "diff": stats.diff.report() if stats.diff.compared else None,
                 "comparisons": dict(stats.comparisons),
                 "last_mismatches": list(stats.mismatches)}
 

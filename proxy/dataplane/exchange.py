@@ -24,11 +24,11 @@ other, independent side (``request_complete``): a response may be over before it
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Final
 
+from .diff import Captured
 from .http11 import (
     ALLOW_WITHOUT_TRACE,
     CRLF,
@@ -144,7 +144,8 @@ class Exchange(ResponseSink):
         self.trailers: list[tuple[bytes, bytes]] | None = None
         self.grpc_status = -1
         self.mirrors: list[MirrorCopy] | None = None
-        self.primary_digest: Any = None  # a hashlib object when a mirror compares bodies
+        # The user's answer as comparisons need it (a diff.Captured) when a mirror compares.
+        self.primary_digest: Any = None
 
     # --- the protocol's half ----------------------------------------------------------------
     # Besides these, ResponseSink's on_upstream_body, on_upstream_tunnel_data, flush and
@@ -288,7 +289,7 @@ class Exchange(ResponseSink):
                     self.mirrors = []
                 self.mirrors.append(MirrorCopy(policy, self))
                 if policy.compare and self.primary_digest is None:
-                    self.primary_digest = hashlib.sha256()
+                    self.primary_digest = Captured()
 
     async def connect(self, pool: UpstreamPool) -> None:
         route = self.route
@@ -528,6 +529,8 @@ class Exchange(ResponseSink):
             return  # this response is dropped unseen; another attempt is under way
         self.status = status
         self.upstream_keep_alive = keep_alive
+        if self.primary_digest is not None:
+            self.primary_digest.take_head(lines)
         self.relay_head(status, lines, noted)
 
     def on_upstream_complete(self) -> None:
@@ -720,12 +723,13 @@ class Exchange(ResponseSink):
     def settle_mirrors(self, status: int) -> None:
         """Copies not yet sent (the request never completed) are dropped; copies that compare
         get the primary's status and body digest."""
-        digest = self.primary_digest.hexdigest() if self.primary_digest is not None else ""
+        answer = self.primary_digest
+        digest = answer.hexdigest() if answer is not None else ""
         for copy in self.mirrors or ():
             if copy.pool is None and not copy.done and not self.request_complete:
                 copy.finish("dropped")
             elif copy.digest is not None:
-                copy.primary_finished(status, digest)
+                copy.primary_finished(status, digest, answer)
         self.mirrors = None  # the copies no longer need the exchange, nor it them
 
     def release_pool_slot(self) -> None:

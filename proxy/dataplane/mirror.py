@@ -12,13 +12,13 @@ request costs, which is what keeps mirroring 100% of traffic affordable.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import random
 from time import monotonic
 from typing import TYPE_CHECKING
 
 from ..config.model import Mirror
+from .diff import Captured, Differ, DiffStats
 from .http11 import REQUEST_REWRITTEN
 from .stats import MirrorStats
 from .upstream import ResponseSink
@@ -47,9 +47,9 @@ class MirrorPolicy:
     """One compiled ``mirror`` entry of a service, with its shared limits."""
 
     __slots__ = ("average_seconds", "backoff_until", "compare", "consecutive_failures",
-                 "fraction", "host_suffix", "inflight", "max_body", "max_concurrent",
-                 "max_queued", "methods", "next_start", "queued_bytes", "stats", "target",
-                 "timeout", "waiting")
+                 "differ", "fraction", "host_suffix", "inflight", "max_body", "max_concurrent",
+                 "max_queued", "methods", "next_start", "noise_of", "queued_bytes", "stats",
+                 "target", "timeout", "waiting")
 
     def __init__(self, config: Mirror, target: VersionTarget, stats: MirrorStats) -> None:
         self.target = target
@@ -61,7 +61,12 @@ class MirrorPolicy:
         self.max_queued = config.max_queued_bytes
         self.timeout = config.timeout
         self.host_suffix = config.host_suffix
-        self.compare = config.compare
+        self.compare = config.compares
+        self.differ: Differ | None = (Differ(config.ignore.headers, config.ignore.json_paths)
+                                      if self.compare else None)
+        # A baseline policy (copies to the primary once more): its comparisons are the
+        # noise of this shadow's field diffs, not a shadow's own (see diff.py).
+        self.noise_of: DiffStats | None = None
         self.inflight = 0  # copies sent to the shadow and not answered yet
         self.waiting = 0   # copies held back by the pacing (at most max_concurrent)
         self.queued_bytes = 0
@@ -131,7 +136,8 @@ class MirrorCopy(ResponseSink):
 
     __slots__ = ("access_log", "body", "body_size", "conn", "digest", "done", "exchange",
                  "h2_head", "keep_alive", "method", "on_wire", "path", "payload", "policy",
-                 "pool", "primary", "sent_at", "shadow_status", "too_large", "waiting")
+                 "pool", "primary", "primary_answer", "sent_at", "shadow_status",
+                 "too_large", "waiting")
 
     def __init__(self, policy: MirrorPolicy, exchange: Exchange) -> None:
         self.policy = policy
@@ -150,7 +156,8 @@ class MirrorCopy(ResponseSink):
         self.payload = b""
         self.h2_head: list[tuple[bytes, bytes]] | None = None
         self.pool: UpstreamPool | None = None
-        self.digest = hashlib.sha256() if policy.compare else None
+        self.digest: Captured | None = Captured() if policy.compare else None
+        self.primary_answer: Captured | None = None
         self.shadow_status = 0
         self.keep_alive = False
         self.primary: tuple[int, str] | None = None  # (status, body digest) once known
@@ -299,6 +306,8 @@ class MirrorCopy(ResponseSink):
                          noted: list[bytes], keep_alive: bool) -> None:
         self.shadow_status = status
         self.keep_alive = keep_alive
+        if self.digest is not None:
+            self.digest.take_head(lines)
 
     def on_upstream_body(self, data: bytes) -> None:
         if self.digest is not None:
@@ -370,8 +379,9 @@ class MirrorCopy(ResponseSink):
             self.access_log.mirror(policy.target, self.shadow_status, outcome, self.path,
                                    self.method)
 
-    def primary_finished(self, status: int, digest: str) -> None:
+    def primary_finished(self, status: int, digest: str, answer: Captured | None) -> None:
         self.primary = (status, digest)
+        self.primary_answer = answer
         if self.done and self.shadow_status:
             self.compare_when_ready()
 
@@ -379,9 +389,22 @@ class MirrorCopy(ResponseSink):
         if self.primary is None or self.digest is None:
             return
         status, digest = self.primary
-        shadow_digest = self.digest.hexdigest()
+        shadow = self.digest
+        shadow_digest = shadow.hexdigest()
         self.digest = None
-        stats = self.policy.stats
+        policy = self.policy
+        differ, primary = policy.differ, self.primary_answer
+        self.primary_answer = None
+        if differ is not None and primary is not None:
+            fields, mine, theirs = differ.differences(status, primary, self.shadow_status,
+                                                      shadow)
+            request = f"{self.method.decode()} {self.path[:200].decode('latin-1')}"
+            noise = policy.noise_of
+            if noise is not None:
+                noise.record(fields, True, request, mine, theirs)
+                return  # a baseline copy: the primary against itself
+            policy.stats.diff.record(fields, False, request, mine, theirs)
+        stats = policy.stats
         if status == self.shadow_status and digest == shadow_digest:
             stats.comparisons["match"] += 1
             return

@@ -217,9 +217,21 @@ class Route:
             rules.insert(0, CompiledRule(match, versions[version]))
         self.rules = tuple(rules)
         stats = stats if stats is not None else StatsRegistry()
-        self.mirrors = tuple(
-            MirrorPolicy(m, versions[m.version], stats.for_mirror(service.name, m.version))
-            for m in service.mirror if m.percent > 0)
+        mirrors = [MirrorPolicy(m, versions[m.version], stats.for_mirror(service.name,
+                                                                        m.version))
+                   for m in service.mirror if m.percent > 0]
+        for m in service.mirror:
+            if m.percent > 0 and m.baseline is not None and m.baseline in versions:
+                # Diffy's noise: a share of the copies go to the primary once more, and
+                # what differs between its two answers is noise for this shadow's diffs.
+                again = m.model_copy(update={
+                    "version": m.baseline, "percent": m.percent * m.baseline_percent / 100,
+                    "compare": True, "baseline": None})
+                baseline = MirrorPolicy(again, versions[m.baseline],
+                                        stats.for_mirror(service.name, m.baseline))
+                baseline.noise_of = stats.for_mirror(service.name, m.version).diff
+                mirrors.append(baseline)
+        self.mirrors = tuple(mirrors)
         # None when the service has no `retries` block: the request path then tests one
         # attribute and does nothing else for retries.
         self.retry = (RetryPolicy(service.retries,

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Final
 
+from .diff import DiffStats
 from .retry import RetryBudget
 
 # Upper bounds (seconds) of the exported request duration histogram; a proxy's interesting
@@ -195,6 +196,7 @@ class MirrorStats:
         self.dropped = dict.fromkeys(DROP_REASONS, 0)  # outcomes["dropped"], by reason
         self.comparisons = {"match": 0, "mismatch": 0}
         self.mismatches: deque[dict[str, Any]] = deque(maxlen=MISMATCHES_KEPT)
+        self.diff = DiffStats()  # field by field, with the noise learnt (see diff.py)
         # The shadow's answers as a version's requests (status, duration; a copy that failed
         # or timed out as 502 or 504): what a rollout's mirror step judges the canary on.
         self.answers = VersionStats(service, version)
