@@ -158,8 +158,8 @@ class DiffStats:
         else:
             self.compared += 1
         kept = set()
-        for field in differ:
-            key = pattern_of(field)
+        # Counted once per comparison by pattern: items of one list count as one field.
+        for key, field in {pattern_of(f): f for f in sorted(differ)}.items():
             if key not in counts and len(counts) >= FIELDS_KEPT:
                 key = OTHER
             counts[key] = counts.get(key, 0) + 1

@@ -558,6 +558,35 @@ async def test_dashboard_in_headless_chromium_draws_charts_and_drives_the_rollou
 
 @needs_chromium
 @pytest.mark.timeout(90)
+async def test_dashboard_shows_each_shadows_delivery_and_diff(start_backend, weir, browser):
+    stable, shadow = await start_backend("stable"), await start_backend("shadow")
+    live: Weir = await weir(base_config({
+        "name": "shop",
+        "versions": {"stable": {"upstreams": [stable.address]},
+                     "shadow": {"upstreams": [shadow.address]}},
+        "weights": {"stable": 100, "shadow": 0},
+        "mirror": [{"version": "shadow", "percent": 100, "compare": True}]}))
+    for i in range(20):
+        assert (await live.request(f"/item/{i}", host="shop.test")).status == 200
+    stats = live.control.proxy.stats.for_mirror("shop", "shadow")
+    await wait_for(lambda: stats.diff.compared >= 20, timeout=5)
+
+    tab = await browser.new_tab()
+    await tab.call("Page.navigate", url=live.api.base + "/dashboard")
+    line = await tab.wait(
+        "(() => { const li = document.querySelector("
+        "'section[data-service=\"shop\"] .shadows li[data-shadow=\"shadow\"]');"
+        " return li && li.textContent; })()", "the shadow's line")
+    # Each backend says its name in its JSON answer: every answer differs there, and nothing
+    # is noise without a baseline.
+    assert line.startswith("shadow shadow · delivered 100%"), line
+    assert "differs in 100% (body.backend 100%" in line, line
+    assert "noise" not in line
+    assert tab.errors() == []
+
+
+@needs_chromium
+@pytest.mark.timeout(90)
 async def test_dashboard_shows_a_drained_upstream_with_a_badge(start_backend, weir, browser,
                                                                tmp_path):
     one, two, canary = (await start_backend("one"), await start_backend("two"),

@@ -482,7 +482,8 @@
       charts.append(h('figure', {class: 'chart'}, h('figcaption', {}, spec.title), canvas));
     }
 
-    const parts = [head, table, charts];
+    refs.shadows = h('ul', {class: 'shadows muted'});
+    const parts = [head, table, refs.shadows, charts];
     if (service.rollout) parts.push(buildRollout(service, refs));
     const el = h('section', {class: 'service', 'data-service': name}, parts);
     return {el, refs};
@@ -554,8 +555,31 @@
     });
   }
 
+  // Per shadow: the share of the selected copies delivered, why others were dropped, and how
+  // its answers differ from the users' once the noise is set aside.
+  function shadowLine(m) {
+    const parts = [`shadow ${m.version}`];
+    if (m.delivered_share !== null && m.delivered_share !== undefined) {
+      parts.push(`delivered ${pct(m.delivered_share)}`);
+      const reasons = Object.entries(m.dropped_by_reason || {}).filter(([, n]) => n > 0)
+        .map(([reason, n]) => `${reason} ${n}`);
+      if (reasons.length) parts.push(`dropped ${pct(m.dropped_share)} (${reasons.join(', ')})`);
+    }
+    const diff = m.diff;
+    if (diff && diff.mismatch_rate !== null) {
+      const fields = (diff.fields || []).slice(0, 3)
+        .map((f) => `${f.field} ${pct(f.rate)}`).join(', ');
+      parts.push(`differs in ${pct(diff.mismatch_rate)}${fields ? ` (${fields})` : ''}`);
+      if (diff.noise && diff.noise.length) {
+        parts.push(`noise: ${diff.noise.map((f) => f.field).join(', ')}`);
+      }
+    }
+    return h('li', {'data-shadow': m.version}, parts.join(' · '));
+  }
+
   function updateCard(card, service) {
     const {refs} = card;
+    setChildren(refs.shadows, (service.mirror || []).map(shadowLine));
     const match = service.match || {};
     refs.match.textContent = `${match.hosts && match.hosts.length ? match.hosts.join(', ')
                                                                   : 'any host'}` +
