@@ -182,10 +182,23 @@ class DiffStats:
         noise = self.noise_rate(field)
         return noise > 0 and noise >= NOISE_SHARE * rate
 
+    def noise_fields(self) -> set[str]:
+        return {f for f in self.differing if self.is_noise(f)}
+
+    def mismatches_since(self, compared: int) -> tuple[int, int]:
+        """Of the comparisons after the ``compared``-th (the last RECENT at most): how many
+        differ in a field that is not noise, and how many there were."""
+        count = min(self.compared - compared, len(self.recent))
+        if count <= 0:
+            return 0, 0
+        noise = self.noise_fields()
+        recent = list(self.recent)[-count:]
+        return sum(1 for fields in recent if fields - noise), count
+
     def report(self) -> dict[str, Any]:
         """For /api/status: the mismatch rate after noise over the recent comparisons, and
         the fields that differ most (noise included, marked), each with an example."""
-        noise = {f for f in self.differing if self.is_noise(f)}
+        noise = self.noise_fields()
         recent = self.recent
         mismatched = sum(1 for fields in recent if fields - noise)
         fields = sorted(self.differing.items(), key=lambda item: -item[1])[:TOP_FIELDS * 2]

@@ -261,8 +261,8 @@ class ServiceRollout:
         # The call a gate or webhook step has out (its HTTP status, 0 for no answer).
         self.hook: asyncio.Task[int] | None = None
         # A mirror step's window: where the canary's answers to copies, stable's requests
-        # and the comparisons stood when it began (None: no mirror step running here).
-        self.mirror_window: tuple[Any, Any, dict[str, int], float] | None = None
+        # and the field comparisons stood when it began (None: no mirror step running here).
+        self.mirror_window: tuple[Any, Any, int, float] | None = None
         self.pending_start = False
         self.pending_why = "the new version changed while Weir was stopped"
         self.tick_error = ""  # the last failure of this rollout's tick, logged once
@@ -805,12 +805,15 @@ class ServiceRollout:
         now = time.time()
         if self.mirror_window is None:
             self.mirror_window = (copies.answers.snapshot(), stable.snapshot(),
-                                  dict(copies.comparisons), now)
+                                  copies.diff.compared, now)
             record.step_state = {"kind": "mirror", "percent": step.percent, "since": now,
                                  "duration": step.duration}
+            # With a mismatch check, copies to stable too: what differs between two of its
+            # answers (a timestamp, an id) is noise, not the canary's (see dataplane/diff.py).
+            judged = step.max_mismatch_rate is not None
             self.control.set_rollout_mirror(self.name, Mirror(
                 version=self.spec.canary, percent=step.percent, methods=step.methods,
-                compare=step.max_mismatch_rate is not None))
+                compare=judged, baseline=self.spec.stable if judged else None))
             self.save()
             return
         canary_start, stable_start, compared, since = self.mirror_window
@@ -820,11 +823,11 @@ class ServiceRollout:
                             checks=AnalysisChecks(max_error_rate=step.max_error_rate,
                                                   max_p99_ratio=step.max_p99_ratio))
         result = judge(analysis, copies.answers.since(canary_start), stable.since(stable_start))
-        matched = copies.comparisons["match"] - compared["match"]
-        mismatched = copies.comparisons["mismatch"] - compared["mismatch"]
         if step.max_mismatch_rate is not None:
-            rate = mismatched / (matched + mismatched) if matched + mismatched else 0.0
-            result["values"].update(mismatch_rate=round(rate, 5), compared=matched + mismatched)
+            mismatched, count = copies.diff.mismatches_since(compared)
+            rate = mismatched / count if count else 0.0
+            result["values"].update(mismatch_rate=round(rate, 5), compared=count,
+                                    noise=sorted(copies.diff.noise_fields())[:10])
             result["thresholds"]["max_mismatch_rate"] = step.max_mismatch_rate
             if rate > step.max_mismatch_rate and result["outcome"] != "inconclusive":
                 result["failed_checks"].append("max_mismatch_rate")
