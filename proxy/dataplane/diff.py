@@ -171,6 +171,19 @@ class DiffStats:
         if not baseline:
             self.recent.append(frozenset(kept))
 
+    def merge(self, compared: int, baseline_compared: int, differing: dict[str, int],
+              noise: dict[str, int], recent: list[frozenset[str]],
+              examples: dict[str, dict[str, str]]) -> None:
+        """A worker's gains (runtime/report.py), into the supervisor's."""
+        self.compared += compared
+        self.baseline_compared += baseline_compared
+        for counts, gains in ((self.differing, differing), (self.noise, noise)):
+            for field, count in gains.items():
+                counts[field] = counts.get(field, 0) + count
+        self.recent.extend(recent)
+        for field, example in examples.items():
+            self.examples.setdefault(field, example)
+
     def noise_rate(self, field: str) -> float:
         return (self.noise.get(field, 0) / self.baseline_compared
                 if self.baseline_compared else 0.0)

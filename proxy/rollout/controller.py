@@ -828,6 +828,10 @@ class ServiceRollout:
             rate = mismatched / count if count else 0.0
             result["values"].update(mismatch_rate=round(rate, 5), compared=count,
                                     noise=sorted(copies.diff.noise_fields())[:10])
+            if count < step.min_requests and result["outcome"] != "failure":
+                result["outcome"] = "inconclusive"  # too few answers compared to tell
+                result["why"] = (f"{count} answers compared with the users', fewer than "
+                                 f"{step.min_requests}")
             result["thresholds"]["max_mismatch_rate"] = step.max_mismatch_rate
             if rate > step.max_mismatch_rate and result["outcome"] != "inconclusive":
                 result["failed_checks"].append("max_mismatch_rate")

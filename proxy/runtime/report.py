@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
+    from ..dataplane.diff import DiffStats
     from ..dataplane.proxyserver import ProxyServer
     from ..dataplane.stats import VersionStats
 
@@ -42,6 +43,18 @@ class MirrorGain(NamedTuple):
     comparisons: dict[str, int]
     mismatches: list[Any]                # the newest mismatch examples
     dropped: dict[str, int] = {}         # dropped copies by reason
+    diff: DiffGain | None = None         # field diffs (dataplane/diff.py)
+
+
+class DiffGain(NamedTuple):
+    """What one shadow's field diffs gained since the last report."""
+
+    compared: int
+    baseline_compared: int
+    differing: dict[str, int]
+    noise: dict[str, int]
+    recent: list[frozenset[str]]         # the new comparisons' differing fields
+    examples: dict[str, dict[str, str]]  # examples of fields not reported before
 
 
 @dataclass
@@ -77,12 +90,28 @@ class ReportBuilder:
         self._versions: dict[tuple[str, ...], tuple[int, int, float, dict[Any, int],
                                                     list[int], dict[int, int]]] = {}
         self._flat: dict[str, dict[Any, int]] = {}
+        self._diffs: dict[tuple[str, str], tuple[int, int]] = {}
+        self._examples_sent: dict[tuple[str, str], set[str]] = {}
 
     def _flat_gain(self, name: str, now: dict[Any, int]) -> dict[Any, int]:
         gain = _gain(now, self._flat.get(name, {}))
         if gain:
             self._flat[name] = dict(now)
         return gain
+
+    def _diff_gain(self, key: tuple[str, str], diff: DiffStats) -> DiffGain | None:
+        compared, baseline = self._diffs.get(key, (0, 0))
+        if (diff.compared, diff.baseline_compared) == (compared, baseline):
+            return None
+        self._diffs[key] = (diff.compared, diff.baseline_compared)
+        new = diff.compared - compared
+        sent = self._examples_sent.setdefault(key, set())
+        examples = {k: v for k, v in diff.examples.items() if k not in sent}
+        sent.update(examples)
+        return DiffGain(new, diff.baseline_compared - baseline,
+                        self._flat_gain(f"diff.differing.{key}", diff.differing),
+                        self._flat_gain(f"diff.noise.{key}", diff.noise),
+                        list(diff.recent)[-new:] if new > 0 else [], examples)
 
     def build(self) -> WorkerReport:
         stats = self.proxy.stats
@@ -115,10 +144,12 @@ class ReportBuilder:
             outcomes = self._flat_gain(f"mirror.outcomes.{key}", ms.outcomes)
             comparisons = self._flat_gain(f"mirror.comparisons.{key}", ms.comparisons)
             dropped = self._flat_gain(f"mirror.dropped.{key}", ms.dropped)
-            if outcomes or comparisons:
+            diff = self._diff_gain(key, ms.diff)
+            if outcomes or comparisons or diff:
                 new = comparisons.get("mismatch", 0)
                 mismatches = list(ms.mismatches)[-new:] if new else []
-                mirrors.append(MirrorGain(key, outcomes, comparisons, mismatches, dropped))
+                mirrors.append(MirrorGain(key, outcomes, comparisons, mismatches, dropped,
+                                          diff))
         pools = self.proxy.pools.pools
         health = self.proxy.health
         return WorkerReport(
@@ -160,6 +191,8 @@ def merge(proxy: ProxyServer, worker: int, report: WorkerReport) -> None:
         _add(ms.outcomes, mirror.outcomes)
         _add(ms.comparisons, mirror.comparisons)
         _add(ms.dropped, mirror.dropped)
+        if mirror.diff is not None:
+            ms.diff.merge(*mirror.diff)
         ms.mismatches.extend(mirror.mismatches)
     _add(stats.retries, report.retries)
     _add(stats.retry_budget_exhausted, report.retry_budget_exhausted)

@@ -323,3 +323,33 @@ async def test_workers_exit_when_the_supervisor_dies(
     weir.process.wait()
     await wait_for(lambda: not any(alive_pid(pid) for pid in pids), timeout=10,
                    interval=0.05)
+
+
+async def test_shadow_diffs_from_every_worker_reach_the_status(
+        supervised: Callable[..., Awaitable[Supervised]],
+        start_backend: Callable[[str], Awaitable[Backend]]) -> None:
+    """Field diffs are counted where the copies are made, in the workers: their reports
+    carry them to the supervisor's /api/status, as they do the copies' outcomes."""
+    stable, canary = await start_backend("stable"), await start_backend("canary")
+    weir = await supervised([{
+        "name": "app",
+        "versions": {"stable": {"upstreams": [stable.address]},
+                     "canary": {"upstreams": [canary.address]}},
+        "weights": {"stable": 100, "canary": 0},
+        "mirror": [{"version": "canary", "percent": 100, "baseline": "stable",
+                    "baseline_percent": 100}]}])
+    results = await burst(weir.port, 60)
+    assert all(status == 200 for status, _ in results)
+
+    async def diff() -> dict[str, Any]:
+        service = (await weir.get("/api/status"))["services"][0]
+        return next(m for m in service["mirror"] if m["version"] == "canary")["diff"] or {}
+
+    async with asyncio.timeout(10):
+        while (report := await diff()).get("compared", 0) < 60 or report.get(
+                "baseline_compared", 0) < 60:
+            await asyncio.sleep(0.1)
+    fields = {f["field"] for f in report["fields"]}
+    assert "body.backend" in fields, report  # each backend names itself in its answer
+    assert report["mismatch_rate"] == 1.0
+    assert report["fields"][0]["example"]["request"].startswith("GET /")
