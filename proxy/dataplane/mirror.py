@@ -193,7 +193,15 @@ class MirrorCopy(ResponseSink):
         if reason:
             self.drop_as(reason)
             return
-        pool: UpstreamPool | None = policy.target.balancer.pick()  # type: ignore[assignment]
+        balancer = policy.target.balancer
+        user_pool = exchange.pool
+        if policy.noise_of is not None and user_pool is not None:
+            # A baseline copy: to another upstream of the primary than the user's answer came
+            # from, where it has several, so that their differences are learnt as noise too.
+            pool: UpstreamPool | None = balancer.pick_excluding(  # type: ignore[attr-defined,assignment]
+                (user_pool,))
+        else:
+            pool = balancer.pick()  # type: ignore[assignment]
         if pool is None:  # the shadow's upstreams are down, ejected or full
             self.drop_as("shadow_unreachable")
             return

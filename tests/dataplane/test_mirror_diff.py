@@ -17,15 +17,19 @@ from ..conftest import StartWeir, run_all, serve_on_loopback, wait_for
 REQUESTS = 500
 
 
-async def json_app(changes_every: int = 0) -> tuple[web.AppRunner, int]:
+async def json_app(changes_every: int = 0, instance: str = "") -> tuple[web.AppRunner, int]:
     """Answers GET /item/N with {"id": N, "value": ..., "ts": <now, ns>, "tags": [...]}:
-    "value" is "a", or "b" for every `changes_every`th N; "ts" differs in every answer."""
+    "value" is "a", or "b" for every `changes_every`th N; "ts" differs in every answer; with
+    `instance`, also {"instance": instance}."""
 
     async def item(request: web.Request) -> web.Response:
         number = int(request.match_info["n"])
         changed = changes_every and number % changes_every == 0
-        return web.json_response({"id": number, "value": "b" if changed else "a",
-                                  "ts": time.time_ns(), "tags": ["x", "y"]})
+        answer: dict[str, Any] = {"id": number, "value": "b" if changed else "a",
+                                  "ts": time.time_ns(), "tags": ["x", "y"]}
+        if instance:
+            answer["instance"] = instance
+        return web.json_response(answer)
 
     app = web.Application()
     app.add_routes([web.get("/item/{n}", item)])
@@ -109,3 +113,26 @@ async def test_without_a_baseline_nothing_is_noise_and_ignored_paths_are_never_c
     assert "body.ts" in fields  # no baseline: a timestamp counts against the candidate
     assert report["noise"] == [] and report["baseline_compared"] == 0
     assert report["mismatch_rate"] > 0.9
+
+
+async def test_baseline_copies_go_to_another_upstream_of_the_primary(weir: StartWeir) -> None:
+    """What differs between two instances of the primary (a hostname in the answer) is noise
+    too: a baseline copy goes to another upstream than the one that answered the user."""
+    one, one_port = await json_app(instance="one")
+    two, two_port = await json_app(instance="two")
+    candidate, candidate_port = await json_app(instance="three")
+    try:
+        config = diffed(one_port, candidate_port, baseline="stable", baseline_percent=100)
+        config[0]["versions"]["stable"]["upstreams"].append(f"127.0.0.1:{two_port}")
+        w = await weir(config)
+        await run_requests(w)
+        diff_stats = w.control.proxy.stats.for_mirror("app", "shadow").diff
+        await wait_for(lambda: diff_stats.compared >= REQUESTS
+                       and diff_stats.baseline_compared >= REQUESTS, timeout=10)
+        report = await shadow_diff(w)
+    finally:
+        for runner in (one, two, candidate):
+            await runner.cleanup()
+    assert diff_stats.noise_rate("body.instance") == 1.0  # never the same instance twice
+    assert "body.instance" in {f["field"] for f in report["noise"]}
+    assert report["fields"] == [] and report["mismatch_rate"] == 0.0, report
