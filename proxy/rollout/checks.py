@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..config.model import Analysis, CustomCheck
+from .prometheus import PrometheusUnavailable, instant_query
 
 if TYPE_CHECKING:
     from .controller import RolloutController
@@ -144,12 +145,10 @@ class CustomChecks:
                       f"{check.http.json_path} of {url}")
 
     async def prometheus(self, base: str, query: str, at: float, timeout: float) -> float:
-        body = await self.get_json(f"{base.rstrip('/')}/api/v1/query", {}, timeout,
-                                   params={"query": query, "time": f"{at:.3f}"})
-        if not isinstance(body, dict) or body.get("status") != "success":
-            error = body.get("error") if isinstance(body, dict) else body
-            raise Unmeasured(f"the query failed: {error!r:.200}")
-        data = body.get("data") or {}
+        try:
+            data = await instant_query(self.controller, base, query, at, timeout)
+        except PrometheusUnavailable as exc:
+            raise Unmeasured(f"Prometheus at {base} gave no answer: {exc}"[:300]) from None
         result = data.get("result")
         if data.get("resultType") == "scalar" and isinstance(result, list):
             return number(result[1], "the query's value")
@@ -160,18 +159,17 @@ class CustomChecks:
                              f"(sum, avg, max)")
         return number(result[0]["value"][1], "the query's value")
 
-    async def get_json(self, url: str, headers: dict[str, str], timeout: float,
-                       params: dict[str, str] | None = None) -> Any:
+    async def get_json(self, url: str, headers: dict[str, str], timeout: float) -> Any:
         import aiohttp
 
         session = await self.controller.client()
         try:
-            async with session.get(url, params=params,
+            async with session.get(url,
                                    # The shared session leaves bodies as they come.
                                    headers={"Accept": "application/json",
                                             "Accept-Encoding": "identity", **headers},
                                    timeout=aiohttp.ClientTimeout(total=timeout)) as response:
-                if response.status >= 400 and "/api/v1/query" not in url:
+                if response.status >= 400:
                     raise Unmeasured(f"{url} answered {response.status}")
                 return await response.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:

@@ -78,6 +78,29 @@ class PrometheusUnavailable(Exception):
     pass
 
 
+async def instant_query(controller: RolloutController, base_url: str, promql: str, at: float,
+                        timeout: float) -> dict[str, Any]:
+    """One instant query at ``at``: the answer's ``data`` (``resultType``, ``result``).
+    PrometheusUnavailable when no answer came, or an error answer did."""
+    import aiohttp
+
+    session = await controller.client()
+    url = f"{base_url.rstrip('/')}/api/v1/query"
+    try:
+        async with session.get(url, params={"query": promql, "time": f"{at:.3f}"},
+                               # The shared session leaves bodies as they come.
+                               headers={"Accept-Encoding": "identity"},
+                               timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+            body = await response.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+        raise PrometheusUnavailable(str(exc) or type(exc).__name__) from None
+    if not isinstance(body, dict) or body.get("status") != "success":
+        error = body.get("error") if isinstance(body, dict) else body
+        raise PrometheusUnavailable(f"query failed: {error}")
+    data = body.get("data")
+    return data if isinstance(data, dict) else {}
+
+
 class PrometheusWindow:
     """The same face as MeasurementWindow: ``due()``, then ``await measure()``."""
 
@@ -136,22 +159,9 @@ class PrometheusWindow:
 
     async def query(self, promql: str, at: float) -> float | None:
         """One instant query; None for an empty result (or NaN: no requests to rank)."""
-        import aiohttp
-
-        session = await self.controller.client()
-        url = f"{(self.source.url or '').rstrip('/')}/api/v1/query"
-        try:
-            async with session.get(url, params={"query": promql, "time": f"{at:.3f}"},
-                                   headers={"Accept-Encoding": "identity"},
-                                   timeout=aiohttp.ClientTimeout(total=self.source.timeout),
-                                   ) as response:
-                body = await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-            raise PrometheusUnavailable(str(exc) or type(exc).__name__) from None
-        if not isinstance(body, dict) or body.get("status") != "success":
-            error = body.get("error") if isinstance(body, dict) else body
-            raise PrometheusUnavailable(f"query failed: {error}")
-        result = body.get("data", {}).get("result") or []
+        data = await instant_query(self.controller, self.source.url or "", promql, at,
+                                   self.source.timeout)
+        result = data.get("result") or []
         if not result:
             return None
         value = float(result[0]["value"][1])
