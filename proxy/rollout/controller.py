@@ -9,9 +9,9 @@ at the same step without repeating it.
 Phases, as Argo Rollouts names them: ``idle`` (nothing to do), ``progressing``, ``paused``
 (by a step, a person, or inconclusive analysis), ``completed`` and ``aborted``.
 
-Every transition is an event (see ``ServiceRollout.emit`` and ``EVENTS``): kept, numbered, in
-the record, where ``weir rollout wait`` and the dashboard read them, and handed to the
-notifications.
+Every transition is an event (see ``ServiceRollout.emit``, and ``ROLLOUT_EVENTS`` in
+config/model.py): kept, numbered, in the record, where ``weir rollout wait`` and the dashboard
+read them, and handed to the notifications.
 """
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..config.model import (
-    ROLLOUT_EVENTS,
     Analysis,
     AnalysisChecks,
     Gate,
@@ -51,6 +50,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("weir.rollout")
 
+T = TypeVar("T")
+
 
 class Phase(StrEnum):
     """A rollout's phase, named as Argo Rollouts names them (stored and shown as the text)."""
@@ -68,10 +69,6 @@ PHASES = tuple(Phase)
 
 ANALYSES_KEPT = 20
 EVENTS_KEPT = 100  # a waiting client polls every second or so: it never falls this far behind
-
-# The transitions a rollout announces, in the order a rollout goes through them (named in
-# config/model.py, where ``notifications[].events`` is checked against them).
-EVENTS = ROLLOUT_EVENTS
 
 # Who acted when no person did: the controller's own decisions.
 CONTROLLER = "controller"
@@ -334,8 +331,9 @@ class ServiceRollout:
         self.control.state.rollouts[self.name] = asdict(self.record)
 
     def emit(self, event: str, message: str, by: str = CONTROLLER, **details: Any) -> None:
-        """A transition (one of EVENTS): numbered into the record, which the caller saves next,
-        logged, and handed to the notifications. ``message`` is the one line a person reads."""
+        """A transition (one of ROLLOUT_EVENTS): numbered into the record, which the caller
+        saves next, logged, and handed to the notifications. ``message`` is the one line a
+        person reads."""
         record = self.record
         record.event_seq += 1
         entry: dict[str, Any] = {
@@ -348,6 +346,12 @@ class ServiceRollout:
                 "service %s: rollout %s: %s%s", self.name, event.replace("_", " "), message,
                 "" if by == CONTROLLER else f" (by {by})")
         self.controller.announce(entry)
+
+    @property
+    def current_step(self) -> Step | None:
+        """The canary step the rollout is at; None past the last one."""
+        steps, step = self.spec.steps, self.record.step
+        return steps[step] if step < len(steps) else None
 
     @property
     def new_version(self) -> str:
@@ -604,8 +608,7 @@ class ServiceRollout:
                       full=True)
             await self.complete("promoted in full", by=by)
             return
-        steps = self.spec.steps
-        step = steps[record.step] if record.step < len(steps) else None
+        step = self.current_step
         # A person's go skips what the rollout waits on: a pause, a gate, a webhook step.
         at_pause = step is not None and (step.pause or step.gate or step.webhook
                                          or step.mirror) is not None
@@ -692,9 +695,8 @@ class ServiceRollout:
         if record.phase != PAUSED:
             raise RolloutError(f"the rollout of {self.name} is not paused (phase {record.phase})")
         self.emit("resumed", f"resumed at step {record.step + 1}", by=by)
-        steps = self.spec.steps
-        if (record.paused_by == "step" and record.step < len(steps)
-                and steps[record.step].pause is not None):
+        step = self.current_step
+        if record.paused_by == "step" and step is not None and step.pause is not None:
             await self.next_step()
             return
         record.phase, record.paused_by = PROGRESSING, None
@@ -724,11 +726,10 @@ class ServiceRollout:
         if self.spec.strategy == "blue_green":
             await self.tick_blue_green()
             return
-        steps = self.spec.steps
-        if record.step >= len(steps):
+        step = self.current_step
+        if step is None:
             await self.complete("all steps done")
             return
-        step = steps[record.step]
         if step.set_weight is not None:
             new = step.set_weight
             await self.set_weights({self.spec.stable: 100 - new, self.spec.canary: new})
@@ -738,7 +739,7 @@ class ServiceRollout:
             if duration is None:
                 record.phase, record.paused_by = PAUSED, "step"
                 self.emit("awaiting_promotion", f"paused at step {record.step + 1} of "
-                          f"{len(steps)} until promoted (weir promote {self.name})")
+                          f"{len(self.spec.steps)} until promoted (weir promote {self.name})")
                 self.save()
             elif time.time() - record.step_started_at >= duration:
                 await self.next_step()
@@ -753,11 +754,10 @@ class ServiceRollout:
 
     async def check_pause_timeout(self) -> None:
         """A ``pause: {timeout}`` step nobody promoted in time aborts the rollout."""
-        record, steps = self.record, self.spec.steps
-        if (self.spec.strategy != "canary" or record.paused_by != "step"
-                or record.step >= len(steps)):
+        record, step = self.record, self.current_step
+        if self.spec.strategy != "canary" or record.paused_by != "step" or step is None:
             return
-        pause = steps[record.step].pause
+        pause = step.pause
         if pause is None or pause.timeout is None:
             return
         if time.time() - record.step_started_at >= pause.timeout:
@@ -773,7 +773,7 @@ class ServiceRollout:
                 "canary_percent": self.canary_percent(), "rollout": record}
 
     def call_hook(self, url: str, kind: str, timeout: float) -> None:
-        self.hook = self.controller.spawn_call(
+        self.hook = self.controller.spawn(
             self.controller.post_for_status(url, self.hook_payload(kind), timeout))
 
     def hook_answer(self) -> int | None:
@@ -900,12 +900,11 @@ class ServiceRollout:
         record.step_state = None
         self.cancel_hook()
         self.step_window = None
-        steps = self.spec.steps
-        if self.spec.strategy == "canary" and record.step < len(steps):
-            self.emit("step", f"step {record.step + 1} of {len(steps)}: "
-                              f"{describe_step(steps[record.step])} (canary at "
-                              f"{self.canary_percent():g}%)",
-                      detail=steps[record.step].model_dump(mode="json", exclude_none=True))
+        step = self.current_step
+        if self.spec.strategy == "canary" and step is not None:
+            self.emit("step", f"step {record.step + 1} of {len(self.spec.steps)}: "
+                              f"{describe_step(step)} (canary at {self.canary_percent():g}%)",
+                      detail=step.model_dump(mode="json", exclude_none=True))
         self.save()
 
     async def complete(self, why: str, by: str = CONTROLLER) -> None:
@@ -969,8 +968,8 @@ class ServiceRollout:
         if record.phase == PAUSED and record.paused_by != "step":
             self.background = None  # held by a person or for inconclusive: not judging
             return
-        steps = self.spec.steps
-        if record.step < len(steps) and steps[record.step].mirror is not None:
+        step = self.current_step
+        if step is not None and step.mirror is not None:
             self.background = None  # no user reaches the canary yet: its step judges it
             return
         if self.background is None:
@@ -1010,7 +1009,6 @@ class ServiceRollout:
                                  f"{result.get('why')}; resume or promote to go on")
                 self.emit("paused", record.reason, paused_by="inconclusive")
                 self.save()
-                log.warning("service %s: rollout paused: %s", self.name, record.reason)
                 return False
         self.save()
         return True
@@ -1292,7 +1290,7 @@ class RolloutController:
             log.exception("service %s: rollout tick failed (repeats are not logged)",
                           rollout.name)
 
-    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def spawn(self, coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -1302,12 +1300,6 @@ class RolloutController:
         """A rollout's transition, to whoever listens (the notifier, see notify.py)."""
         for listener in self.listeners:
             listener(event)
-
-    def spawn_call(self, coroutine: Coroutine[Any, Any, int]) -> asyncio.Task[int]:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
     def count_analysis(self, service: str, outcome: str) -> None:
         key = (service, outcome)
