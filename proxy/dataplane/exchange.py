@@ -282,8 +282,9 @@ class Exchange(ResponseSink):
         method = self.method
         for policy in policies:
             if policy.wants(method):
-                if not policy.has_room():
-                    policy.drop(self)
+                refused = policy.refusal()
+                if refused:
+                    policy.drop(self, refused)
                     continue
                 if self.mirrors is None:
                     self.mirrors = []

@@ -90,19 +90,18 @@ class MirrorPolicy:
     def count(self, outcome: str) -> None:
         self.stats.outcomes[outcome] += 1
 
-    def has_room(self) -> bool:
-        """Whether a copy could be sent: fewer than max_concurrent in flight, and not backing
-        off from a shadow that refuses connections. Checked before a copy is built, so that
-        while the shadow is full or down the copies it cannot take cost a counter, not an
-        object per request."""
+    def refusal(self, body_size: int = 0) -> str:
+        """Why a copy of ``body_size`` bytes cannot be sent now (a DROP_REASONS entry), or ""
+        when it can. Checked first before a copy is built (no body yet), so that while the
+        shadow is full or down the copies it cannot take cost a counter, not an object per
+        request; then again with its body, once the request is complete."""
         if self.inflight >= self.max_concurrent:
-            return False
-        return not self.backoff_until or monotonic() >= self.backoff_until
-
-    def room_reason(self) -> str:
-        """Why has_room said no."""
-        return ("max_concurrent" if self.inflight >= self.max_concurrent
-                else "shadow_unreachable")
+            return "max_concurrent"
+        if self.queued_bytes + body_size > self.max_queued:
+            return "max_queued_bytes"
+        if self.backoff_until and monotonic() < self.backoff_until:
+            return "shadow_unreachable"
+        return ""
 
     def start_delay(self, now: float) -> float:
         """A copy is about to go: how long it waits for its turn (0: now). Paced only once the
@@ -122,10 +121,10 @@ class MirrorPolicy:
         else:
             self.average_seconds = seconds
 
-    def drop(self, exchange: Exchange) -> None:
-        """Count a copy dropped before it was built (see has_room)."""
+    def drop(self, exchange: Exchange, reason: str) -> None:
+        """Count a copy dropped before it was built (see refusal)."""
         self.stats.outcomes["dropped"] += 1
-        self.stats.dropped[self.room_reason()] += 1
+        self.stats.dropped[reason] += 1
         access_log = exchange.plane.access_log
         if access_log is not None:
             access_log.mirror(self.target, 0, "dropped", exchange.url, exchange.method)
@@ -184,12 +183,7 @@ class MirrorCopy(ResponseSink):
         exchange = self.exchange
         if exchange is None:
             return
-        now = monotonic()
-        reason = ("max_body_bytes" if self.too_large
-                  else "max_concurrent" if policy.inflight >= policy.max_concurrent
-                  else "max_queued_bytes" if policy.queued_bytes + self.body_size
-                  > policy.max_queued
-                  else "shadow_unreachable" if now < policy.backoff_until else "")
+        reason = "max_body_bytes" if self.too_large else policy.refusal(self.body_size)
         if reason:
             self.drop_as(reason)
             return
@@ -214,7 +208,7 @@ class MirrorCopy(ResponseSink):
             self.payload = b"".join(self.body)
         self.exchange = None  # no reference cycle with the exchange: refcounting frees both
         self.body = []
-        delay = policy.start_delay(now)
+        delay = policy.start_delay(monotonic())
         if delay > 0 and policy.waiting >= policy.max_concurrent:
             self.drop_as("max_concurrent")  # as many wait as the shadow has slots
             return
@@ -365,15 +359,16 @@ class MirrorCopy(ResponseSink):
         self.exchange = None
         policy = self.policy
         policy.count(outcome)
+        seconds = monotonic() - self.sent_at
         if self.on_wire:
             # The shadow's answer as a request of its version: its status, or 502 and 504
             # for a copy it refused or did not answer in time (see MirrorStats.answers).
             status = (self.shadow_status if outcome == "success"
                       else 504 if outcome == "timeout" else 502)
-            policy.stats.answers.observe(self.method, status, monotonic() - self.sent_at)
+            policy.stats.answers.observe(self.method, status, seconds)
         if self.pool is not None:
             if outcome in ("success", "timeout"):
-                policy.ended(monotonic() - self.sent_at)
+                policy.ended(seconds)
             self.pool.active.discard(self)  # type: ignore[arg-type]
             if self.on_wire:
                 policy.inflight -= 1
