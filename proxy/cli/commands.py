@@ -92,9 +92,11 @@ def format_weights(weights: dict[str, Any]) -> str:
     return " ".join(f"{version}={weight}" for version, weight in weights.items()) or "(none)"
 
 
-def client(args: argparse.Namespace) -> AdminClient:
+def client(args: argparse.Namespace, timeout: float | None = None) -> AdminClient:
+    """The admin API client for a command. ``timeout``: each call's, for a command whose own
+    --timeout bounds a whole wait; else its --timeout, else the default."""
     try:
-        return AdminClient(args.admin, timeout=args.timeout)
+        return AdminClient(args.admin, timeout=timeout or args.timeout or DEFAULT_TIMEOUT)
     except ValueError as exc:  # a malformed $WEIR_ADMIN_URL (--admin is checked by argparse)
         raise UsageError(f"{URL_ENV}: {exc}") from None
 
@@ -258,7 +260,7 @@ def cmd_rollout_start(args: argparse.Namespace) -> int:
     """``weir rollout start SERVICE [--revision R] [--upstreams A,B] [--wait]``."""
     from .wait import Target
 
-    admin = AdminClient(args.admin, timeout=DEFAULT_TIMEOUT) if args.wait else client(args)
+    admin = client(args, DEFAULT_TIMEOUT if args.wait else None)
     body: dict[str, Any] = {}
     if args.revision is not None:
         body["revision"] = args.revision
@@ -283,7 +285,7 @@ def cmd_rollout_start(args: argparse.Namespace) -> int:
 def cmd_rollout_wait(args: argparse.Namespace) -> int:
     from .wait import Target
 
-    admin = AdminClient(args.admin, timeout=DEFAULT_TIMEOUT)
+    admin = client(args, DEFAULT_TIMEOUT)
     return follow(admin, args, Target(revision=args.revision))
 
 
