@@ -29,6 +29,7 @@ from .adminclient import (
     AdminError,
     normalize_url,
 )
+from .wait import USAGE, Target, wait
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -258,8 +259,6 @@ def rollout_command(action: str) -> Callable[[argparse.Namespace], int]:
 
 def cmd_rollout_start(args: argparse.Namespace) -> int:
     """``weir rollout start SERVICE [--revision R] [--upstreams A,B] [--wait]``."""
-    from .wait import Target
-
     admin = client(args, DEFAULT_TIMEOUT if args.wait else None)
     body: dict[str, Any] = {}
     if args.revision is not None:
@@ -283,15 +282,11 @@ def cmd_rollout_start(args: argparse.Namespace) -> int:
 
 
 def cmd_rollout_wait(args: argparse.Namespace) -> int:
-    from .wait import Target
-
     admin = client(args, DEFAULT_TIMEOUT)
     return follow(admin, args, Target(revision=args.revision))
 
 
-def follow(admin: AdminClient, args: argparse.Namespace, target: Any) -> int:
-    from .wait import USAGE, wait
-
+def follow(admin: AdminClient, args: argparse.Namespace, target: Target) -> int:
     out = sys.stderr if args.json else sys.stdout  # with --json, stdout is the JSON alone
     try:
         return wait(admin, args.service, target, args.timeout, args.until, out=out)
